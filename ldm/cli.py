@@ -1,0 +1,217 @@
+"""Command line shared by `train_ae.py` and `train_ldm.py`: the flags of the original latent-diffusion `main.py`.
+
+    python train_ae.py --base configs/demo/ae_3d.yaml -t --name demo_ae trainer.max_steps=10
+
+Order of work: parse flags, merge configs, start Fabric (every rank exists from here), agree on the log dir,
+build data and model, then train (`-t`) and/or test.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint
+from ldm.engine.config import trainer_config_from
+from ldm.util import ConfigError, instantiate_from_config
+
+SECTIONS = ("model", "data", "trainer")
+MODEL_KEYS = ("target", "params", "base_learning_rate", "train_target", "test_target", "test_only_params")
+
+
+def str2bool(value: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Any further KEY=VALUE arguments are OmegaConf dotlist overrides merged last, e.g. "
+               "model.params.base_learning_rate=1e-4 trainer.max_steps=10 data.params.batch_size=2.",
+    )
+    parser.add_argument("-n", "--name", default="", help="run name: logs/<timestamp>_<name><postfix>/")
+    parser.add_argument("-r", "--resume", default="",
+                        help="a log dir (restores its configs/ and checkpoints/last.ckpt) or a checkpoint file")
+    parser.add_argument("-b", "--base", nargs="*", metavar="config.yaml", default=[],
+                        help="config files, merged left to right (after a resumed run's saved configs)")
+    parser.add_argument("-t", "--train", action="store_true", help="train; without it only the test stage runs")
+    parser.add_argument("--no_test", action="store_true", help="skip the test stage after training")
+    parser.add_argument("-p", "--postfix", default="", help="appended to the log dir name")
+    parser.add_argument("-d", "--debug", action="store_true", help="write the run under <logdir>/debug_runs/")
+    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for weights, data order and noise")
+    parser.add_argument("-l", "--logdir", default="logs", help="parent folder of run folders")
+    parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
+                        help="lr = accumulate_grad_batches * devices * num_nodes * batch_size * base_learning_rate "
+                             "(default true; --scale_lr false uses base_learning_rate as is)")
+    return parser
+
+
+def load_config(paths: list[str], dotlist: list[str]) -> DictConfig:
+    """Merge YAML files in order, then the dotlist; errors name the file or argument at fault."""
+    configs = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"--base {path}: no such file")
+        try:
+            configs.append(OmegaConf.load(path))
+        except Exception as err:
+            raise ConfigError(f"--base {path}: cannot parse YAML ({err})") from err
+    bad = [arg for arg in dotlist if "=" not in arg or arg.startswith("-")]
+    if bad:
+        raise ConfigError(f"unrecognised argument(s) {' '.join(bad)}: overrides are KEY=VALUE, see --help")
+    try:
+        config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(dotlist))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot merge configs: {err}") from err
+    return port_lightning_section(config)
+
+
+def port_lightning_section(config: DictConfig) -> DictConfig:
+    """Move an original config's `lightning: {trainer, callbacks}` into our `trainer` section."""
+    if "lightning" in config:
+        lightning = config.pop("lightning")
+        unknown = sorted(set(lightning.keys()) - {"trainer", "callbacks"})
+        if unknown:
+            raise ConfigError(f"lightning: unsupported key(s) {', '.join(unknown)} (supported: trainer, callbacks)")
+        ported = OmegaConf.merge(lightning.get("trainer", {}), {"callbacks": lightning.get("callbacks", {})})
+        config.trainer = OmegaConf.merge(ported, config.get("trainer", {}))
+    unknown = sorted(set(config.keys()) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown top-level config section(s) {', '.join(unknown)} (expected: {', '.join(SECTIONS)})")
+    for section in ("model", "data"):
+        if section not in config:
+            raise ConfigError(f"config has no '{section}' section (given: {', '.join(config.keys()) or 'none'})")
+    return config
+
+
+def model_config_for(model: DictConfig, training: bool) -> DictConfig:
+    """`target`+`params` for this stage: `train_target` when training, `test_target` + `test_only_params` otherwise."""
+    unknown = sorted(set(model.keys()) - set(MODEL_KEYS))
+    if unknown:
+        raise ConfigError(f"model: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(MODEL_KEYS)})")
+    chosen = OmegaConf.create({"model": {"target": model.target, "params": model.get("params", {}) or {}}})
+    if training and "train_target" in model:
+        chosen.model.target = model.train_target
+    if not training:
+        if "test_target" in model:
+            chosen.model.target = model.test_target
+        chosen.model.params = OmegaConf.merge(chosen.model.params, model.get("test_only_params", {}) or {})
+    return chosen.model
+
+
+def resolve_resume(resume: str) -> tuple[Path, Path]:
+    """(log dir, checkpoint path) for `-r`, which names a log dir or a checkpoint file inside one."""
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"-r {resume}: no such file or folder")
+    if path.is_file():
+        return path.parent.parent, path
+    checkpoint = path / "checkpoints" / LAST
+    if not checkpoint.is_file():
+        raise CheckpointError(f"-r {resume}: the log dir has no checkpoints/{LAST} to resume from")
+    return path, checkpoint
+
+
+def scaled_learning_rate(base_lr: float, accumulate: int, devices: int, num_nodes: int, batch_size: int,
+                         scale: bool) -> tuple[float, str]:
+    """The learning rate the model gets, and a line saying how it was computed."""
+    if not scale:
+        return base_lr, f"learning rate {base_lr:.2e} (base_learning_rate, not scaled)"
+    lr = accumulate * devices * num_nodes * batch_size * base_lr
+    return lr, (f"learning rate {lr:.2e} = {accumulate} (accumulate_grad_batches) * {devices} (devices) * "
+                f"{num_nodes} (num_nodes) * {batch_size} (batch_size) * {base_lr:.2e} (base_learning_rate)")
+
+
+def run_name(opt: argparse.Namespace, now: str) -> str:
+    if opt.name:
+        name = "_" + opt.name
+    elif opt.base:
+        name = "_" + Path(opt.base[0]).stem
+    else:
+        name = ""
+    return now + name + opt.postfix
+
+
+def main(description: str, argv: list[str] | None = None) -> int:
+    parser = build_parser(description)
+    opt, dotlist = parser.parse_known_args(argv)
+    try:
+        return run(opt, dotlist)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
+    from ldm.engine.loop import Trainer  # heavy imports after argument errors are out of the way
+
+    if opt.name and opt.resume:
+        raise ConfigError("-n/--name and -r/--resume cannot be combined: a resumed run keeps its name")
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    checkpoint_path = None
+    if opt.resume:
+        logdir, checkpoint_path = resolve_resume(opt.resume)
+        opt.base = sorted(glob.glob(str(logdir / "configs" / "*.yaml"))) + list(opt.base)
+    else:
+        parent = Path(opt.logdir) / "debug_runs" if opt.debug else Path(opt.logdir)
+        logdir = parent / run_name(opt, now)
+    if not opt.base:
+        raise ConfigError("no config given: pass --base config.yaml (or -r a log dir)")
+
+    config = load_config(opt.base, dotlist)
+    trainer_cfg = trainer_config_from(config.get("trainer", {}))
+    trainer = Trainer(trainer_cfg, seed=opt.seed)
+    fabric = trainer.fabric
+    logdir = Path(fabric.broadcast(str(logdir), src=0))  # every rank writes into rank 0's folder
+    fabric.seed_everything(opt.seed)
+
+    callbacks = [instantiate_from_config(cfg) for cfg in (config.trainer.callbacks.values()
+                                                         if "trainer" in config and "callbacks" in config.trainer else [])]
+    run_config = OmegaConf.to_container(config, resolve=True)
+    if fabric.is_global_zero:
+        (logdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (logdir / "configs").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.masked_copy(config, ["model", "data"]), logdir / "configs" / f"{now}-project.yaml")
+        OmegaConf.save(OmegaConf.create({"trainer": config.get("trainer", {})}),
+                       logdir / "configs" / f"{now}-trainer.yaml")
+        print(f"run folder: {logdir}")
+    fabric.barrier()
+    trainer.attach(logdir, callbacks, run_config)
+
+    datamodule = instantiate_from_config(config.data)
+    if fabric.is_global_zero:
+        print(f"data: {type(datamodule).__name__}\n{datamodule.describe()}")
+    model = instantiate_from_config(model_config_for(config.model, training=opt.train))
+    base_lr = float(config.model.get("base_learning_rate", 0.0))
+    model.learning_rate, how = scaled_learning_rate(
+        base_lr, trainer_cfg.accumulate_grad_batches, fabric.world_size // trainer_cfg.num_nodes,
+        trainer_cfg.num_nodes, datamodule.batch_size, opt.scale_lr)
+    if fabric.is_global_zero:
+        parameters = sum(p.numel() for p in model.parameters())
+        print(f"model: {type(model).__name__}, {parameters / 1e6:.2f}M parameters\n{how}")
+
+    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    try:
+        if opt.train:
+            trainer.fit(model, datamodule, resume=checkpoint)
+        elif checkpoint is not None:
+            model.load_state_dict(checkpoint["state_dict"])
+        if not opt.no_test:
+            if datamodule.has("test"):
+                trainer.test(model, datamodule)
+            elif fabric.is_global_zero:
+                print("test: skipped, the data section has no 'test' split")
+    finally:
+        trainer.logger.close()
+    return 0

@@ -1,0 +1,58 @@
+"""Callbacks: small hooks the loop calls at fixed points. Configured under `trainer.callbacks` (name -> target/params).
+
+Hooks (all optional): `on_train_batch_end(trainer, batch, batch_idx)`, `on_validation_batch_end(trainer, batch,
+batch_idx)`. `trainer` is the running `ldm.engine.loop.Trainer`.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from ldm.engine.images import save_images, to_grid
+
+
+class ImageLogger:
+    """Saves `model.log_images(...)` as PNG grids (3D: orthogonal mid-slices; also NIfTI) under `images/<split>/`.
+
+    Train images every `batch_frequency` optimizer steps (and at steps 1, 2, 4, ... before that when
+    `increase_log_steps`), validation images for the first batch of every validation. Rank zero only.
+    """
+
+    def __init__(self, batch_frequency: int, max_images: int = 4, clamp: bool = True, increase_log_steps: bool = True,
+                 log_first_step: bool = False, disabled: bool = False, nifti: bool = True):
+        if batch_frequency < 1:
+            raise ValueError(f"ImageLogger: batch_frequency must be >= 1, got {batch_frequency}")
+        self.batch_frequency = batch_frequency
+        self.max_images = max_images
+        self.clamp = clamp
+        self.log_first_step = log_first_step
+        self.disabled = disabled
+        self.nifti = nifti
+        self.early_steps = {2 ** n for n in range(batch_frequency.bit_length())} if increase_log_steps else set()
+
+    def _due(self, step: int) -> bool:
+        return (step > 0 and step % self.batch_frequency == 0) or step in self.early_steps or \
+            (step == 0 and self.log_first_step)
+
+    def _log(self, trainer, batch, split: str) -> None:
+        model = trainer.raw_model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), (trainer.fabric.autocast() if trainer.fabric is not None else nullcontext()):
+            images = model.log_images(batch, split=split, max_images=self.max_images)
+        model.train(was_training)
+        images = {name: value[: self.max_images] for name, value in images.items() if torch.is_tensor(value)}
+        step = trainer.global_step
+        save_images(images, trainer.logdir / "images" / split, f"gs-{step:06d}_e-{trainer.epoch:03d}",
+                    clamp=self.clamp, nifti=self.nifti)
+        for name, value in images.items():
+            trainer.logger.log_image(f"{split}/{name}", to_grid(value, clamp=self.clamp), step)
+
+    def on_train_batch_end(self, trainer, batch, batch_idx: int) -> None:
+        if not self.disabled and trainer.is_global_zero and self._due(trainer.global_step):
+            self._log(trainer, batch, "train")
+
+    def on_validation_batch_end(self, trainer, batch, batch_idx: int) -> None:
+        if not self.disabled and trainer.is_global_zero and batch_idx == 0:
+            self._log(trainer, batch, "val")

@@ -1,0 +1,91 @@
+"""The `trainer` config section: a strict dataclass (a misspelt key is an error) and its mapping onto Fabric."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.util import ConfigError
+
+PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 1000   # also saved at the end of training and on SIGUSR1/SIGTERM/exceptions
+    keep_last_k: int = 3        # step=N.ckpt files kept besides last.ckpt; <= 0 keeps all
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"        # auto = ddp on more than one device; or ddp, fsdp, single_device
+    precision: str = "32"
+    max_epochs: int = -1          # -1: no epoch limit (max_steps decides)
+    max_steps: int = -1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 0.0
+    limit_train_batches: int = -1  # batches per epoch; -1 = all
+    limit_val_batches: int = -1
+    limit_test_batches: int = -1
+    val_check_interval: int = 0    # validate every N optimizer steps; 0 = at the end of each epoch
+    log_every_n_steps: int = 10
+    max_bad_steps: int = 5         # consecutive non-finite losses tolerated (steps skipped) before the run stops
+    benchmark: bool = True         # cudnn.benchmark
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    callbacks: dict = field(default_factory=dict)  # name -> {target, params}, e.g. image_logger
+    logger: list = field(default_factory=lambda: ["tensorboard", "csv"])
+
+    def __post_init__(self) -> None:
+        self.precision = str(self.precision)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.accumulate_grad_batches < 1:
+            raise ConfigError(f"trainer.accumulate_grad_batches: must be >= 1, got {self.accumulate_grad_batches}")
+        unknown_loggers = set(self.logger) - {"tensorboard", "csv"}
+        if unknown_loggers:
+            raise ConfigError(f"trainer.logger: unknown logger(s) {sorted(unknown_loggers)} (known: tensorboard, csv)")
+        if self.max_steps < 0 and self.max_epochs < 0:
+            raise ConfigError("trainer: set max_steps or max_epochs (both are -1, the run would never end)")
+
+
+def _strict(cls: type, values: dict, where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                          f"(known: {', '.join(names)})")
+    kwargs = dict(values)
+    for name, value in kwargs.items():
+        default = names[name].default
+        expected = (int, float) if type(default) is float else type(default)
+        if default is not dataclasses.MISSING and default is not None and type(default) in (int, float, bool) \
+                and (not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool)):
+            raise ConfigError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}")
+    if isinstance(kwargs.get("checkpoint"), dict):
+        kwargs["checkpoint"] = _strict(CheckpointConfig, kwargs["checkpoint"], f"{where}.checkpoint")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def trainer_config_from(section: DictConfig | dict | None) -> TrainerConfig:
+    """Parse the `trainer` section; unknown keys and bad values raise ConfigError naming them."""
+    values = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section or {})
+    return _strict(TrainerConfig, values, "trainer")
+
+
+def fabric_kwargs(cfg: TrainerConfig) -> dict:
+    """Arguments for `lightning.fabric.Fabric` from the trainer section."""
+    strategy: Any = cfg.strategy
+    if strategy == "fsdp":
+        from lightning.fabric.strategies import FSDPStrategy
+        # One full state dict on rank 0: checkpoints stay plain files readable without our code.
+        strategy = FSDPStrategy(state_dict_type="full", use_orig_params=True)
+    return dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                strategy=strategy, precision=cfg.precision)

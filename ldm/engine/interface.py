@@ -1,0 +1,49 @@
+"""The narrow interface between a model and the training loop (`ldm.engine.loop.Trainer`).
+
+A model is a plain `torch.nn.Module` that also has the methods below. The loop owns devices, precision,
+distribution, gradient accumulation, clipping, checkpoints and logging; the model owns its losses.
+
+Batches are dicts of tensors (plus lists of strings such as `path`), already on the model's device.
+Images are `(B, C, H, W)` or `(B, C, D, H, W)` floats in [-1, 1].
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+
+Batch = dict[str, Any]
+Scalars = dict[str, "float | torch.Tensor"]
+Images = dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class TrainableModel(Protocol):
+    #: Set by the CLI before `configure_optimizers`: base_learning_rate, scaled when `--scale_lr` is on.
+    learning_rate: float
+    #: Kept current by the loop before every `training_step` (optimizer steps taken so far).
+    global_step: int
+
+    def configure_optimizers(self) -> "Sequence[torch.optim.Optimizer] | tuple[Sequence[torch.optim.Optimizer], Sequence[Any]]":
+        """Optimizers, or (optimizers, schedulers). Schedulers are `torch.optim.lr_scheduler` objects stepped after
+        every optimizer step of their optimizer (the i-th scheduler belongs to the i-th optimizer)."""
+
+    def training_step(self, batch: Batch, batch_idx: int, optimizer_idx: int) -> "tuple[torch.Tensor, Scalars]":
+        """Loss for optimizer `optimizer_idx` (0 for single-optimizer models) and scalars to log.
+
+        With several optimizers (a GAN) the loop calls this once per optimizer for the same batch, in order, and
+        only the parameters of that optimizer require gradients during the call."""
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> Scalars:
+        """Scalars; the loop logs their mean over the validation set under `val/`."""
+
+    def test_step(self, batch: Batch, batch_idx: int) -> Images:
+        """Images to save under `images/test/` (PNG grids; 3D also as NIfTI files)."""
+
+    def log_images(self, batch: Batch, split: str, max_images: int) -> Images:
+        """Images to show in the logs for this batch, at most `max_images` per entry."""
+
+
+def optional_hook(model: torch.nn.Module, name: str):
+    """`model.<name>` if the model defines that optional hook (e.g. `on_train_batch_end(batch, batch_idx)` for EMA)."""
+    return getattr(model, name, None)

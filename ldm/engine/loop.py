@@ -1,0 +1,344 @@
+"""The training / validation / test loop on Lightning Fabric.
+
+Fabric owns devices, distribution and precision; this file owns the order of things: accumulate, clip, step,
+log, validate, checkpoint, and resume exactly where a run stopped. Models plug in through
+`ldm.engine.interface.TrainableModel`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.strategies import DDPStrategy
+from tqdm.auto import tqdm
+
+from ldm.engine import checkpoint as ckpt
+from ldm.engine.config import TrainerConfig, fabric_kwargs
+from ldm.engine.images import save_images
+from ldm.engine.interface import optional_hook
+from ldm.engine.loggers import RunLogger
+from ldm.engine.signals import PreemptionFlags
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive steps with a NaN/Inf loss; the last good checkpoint is left as it was."""
+
+
+def _as_optimizers(configured: Any) -> tuple[list, list]:
+    """Normalise `configure_optimizers()` output to (optimizers, schedulers)."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return [configured], []
+    if isinstance(configured, tuple) and len(configured) == 2 and isinstance(configured[1], (list, tuple)):
+        return list(configured[0]), list(configured[1])
+    return list(configured), []
+
+
+class Trainer:
+    """Runs `fit` and `test` for one model. Build it before the model so that every rank exists (`fabric.launch`)."""
+
+    def __init__(self, config: TrainerConfig, seed: int = 23):
+        self.config = config
+        self.seed = seed
+        self.fabric = Fabric(**fabric_kwargs(config))
+        self.fabric.launch()
+        torch.backends.cudnn.benchmark = config.benchmark
+        self.logdir: Path | None = None
+        self.logger = RunLogger(".", [], enabled=False)
+        self.callbacks: list = []
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.bad_steps = 0
+        self.raw_model: torch.nn.Module | None = None
+        self.module = None  # the Fabric-wrapped model, once set up
+        self.run_config: dict = {}
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    @property
+    def is_global_zero(self) -> bool:
+        return self.fabric.is_global_zero
+
+    def attach(self, logdir: Path, callbacks: list, run_config: dict) -> None:
+        """Where to write (the same folder on every rank) and what to save in checkpoints."""
+        self.logdir = Path(logdir)
+        self.callbacks = callbacks
+        self.run_config = run_config
+        self.logger = RunLogger(self.logdir, self.config.logger, enabled=self.is_global_zero)
+
+    def _setup(self, model: torch.nn.Module):
+        optimizers, schedulers = _as_optimizers(model.configure_optimizers())
+        if isinstance(self.fabric.strategy, DDPStrategy) and len(optimizers) > 1:
+            # Each optimizer's step leaves the other's parameters without gradients.
+            self.fabric.strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
+        module, *optimizers = self.fabric.setup(model, *optimizers)
+        self.raw_model, self.module = model, module
+        return module, optimizers, schedulers
+
+    # --------------------------------------------------------------------------------------- checkpoints
+    def state(self, optimizers, schedulers) -> dict:
+        return {
+            "state_dict": self.raw_model.state_dict(),
+            "optimizer_states": [opt.state_dict() for opt in optimizers],
+            "lr_schedulers": [s.state_dict() for s in schedulers],
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": ckpt.capture_rng_state(),
+            "config": self.run_config,
+        }
+
+    def save_checkpoint(self, optimizers, schedulers) -> None:
+        state = self.state(optimizers, schedulers)
+        if self.is_global_zero:
+            path = ckpt.save_rotating(state, self.logdir / "checkpoints", self.global_step,
+                                      self.config.checkpoint.keep_last_k)
+            tqdm.write(f"saved checkpoint {path}")
+        self.fabric.barrier()
+
+    def _restore(self, checkpoint: dict, optimizers, schedulers) -> None:
+        if len(checkpoint.get("optimizer_states", [])) != len(optimizers):
+            raise ckpt.CheckpointError(f"checkpoint has {len(checkpoint.get('optimizer_states', []))} optimizer "
+                                       f"states, the model configures {len(optimizers)}")
+        for optimizer, state in zip(optimizers, checkpoint["optimizer_states"]):
+            optimizer.load_state_dict(state)
+        for scheduler, state in zip(schedulers, checkpoint.get("lr_schedulers", [])):
+            scheduler.load_state_dict(state)
+        self.global_step = int(checkpoint["global_step"])
+        self.epoch = int(checkpoint["epoch"])
+        self.batch_in_epoch = int(checkpoint.get("batch_in_epoch", 0))
+        if "rng" in checkpoint:
+            ckpt.restore_rng_state(checkpoint["rng"])
+
+    # -------------------------------------------------------------------------------------------- training
+    @contextmanager
+    def _only_optimizing(self, optimizers, index: int):
+        """With several optimizers, freeze the others' parameters for this step (their gradients are not wanted)."""
+        if len(optimizers) == 1:
+            yield
+            return
+        others = {id(p): p for i, o in enumerate(optimizers) if i != index for g in o.param_groups for p in g["params"]}
+        mine = {id(p) for g in optimizers[index].param_groups for p in g["params"]}
+        frozen = [p for key, p in others.items() if key not in mine and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _check_finite(self, loss: torch.Tensor, scalars: dict, optimizer_idx: int) -> bool:
+        finite = torch.isfinite(loss.detach()).all().float()
+        finite = self.fabric.all_reduce(finite, reduce_op="min") if self.fabric.world_size > 1 else finite
+        if finite.item() == 1.0:
+            self.bad_steps = 0
+            return True
+        self.bad_steps += 1
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in scalars.items())
+        message = (f"non-finite loss at global step {self.global_step} (optimizer {optimizer_idx}): "
+                   f"loss={float(loss.detach()):.4g}; terms: {terms or 'none logged'}")
+        if self.bad_steps > self.config.max_bad_steps:
+            raise NonFiniteLossError(f"{message}. {self.bad_steps} bad steps in a row (trainer.max_bad_steps="
+                                     f"{self.config.max_bad_steps}); stopping, the last checkpoint is untouched")
+        tqdm.write(f"skipping step: {message}")
+        return False
+
+    def _max_steps_reached(self) -> bool:
+        return 0 <= self.config.max_steps <= self.global_step
+
+    def fit(self, model: torch.nn.Module, datamodule, resume: dict | None = None) -> None:
+        """Train until max_steps / max_epochs; resume from a loaded checkpoint dict when given."""
+        cfg = self.config
+        if resume is not None:
+            model.load_state_dict(resume["state_dict"])
+        module, optimizers, schedulers = self._setup(model)
+        if resume is not None:
+            self._restore(resume, optimizers, schedulers)
+        # After set-up (all ranks hold the same weights), let each rank draw its own noise.
+        torch.manual_seed(self.seed + 1000003 * self.fabric.global_rank + self.global_step)
+
+        loader = datamodule.dataloader("train", self.fabric.global_rank, self.fabric.world_size, self.seed,
+                                       drop_last=False)
+        sampler = loader.sampler
+        loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+        val_loader = None
+        if datamodule.has("validation"):
+            val_loader = self.fabric.setup_dataloaders(
+                datamodule.dataloader("validation", self.fabric.global_rank, self.fabric.world_size, self.seed),
+                use_distributed_sampler=False)
+
+        batches_per_epoch = math.ceil(len(sampler.shard()) / datamodule.batch_size)
+        if cfg.limit_train_batches > 0:
+            batches_per_epoch = min(batches_per_epoch, cfg.limit_train_batches)
+        flags = PreemptionFlags().install()
+        progress = tqdm(total=cfg.max_steps if cfg.max_steps > 0 else None, initial=self.global_step,
+                        disable=not self.is_global_zero, desc="train", dynamic_ncols=True)
+        module.train()
+        try:
+            self._train_epochs(module, optimizers, schedulers, loader, sampler, datamodule.batch_size, val_loader,
+                               batches_per_epoch, flags, progress)
+        except (NonFiniteLossError, SystemExit):
+            raise
+        except BaseException:
+            # Keep what was learnt: the state at the last optimizer step is consistent, save it and re-raise.
+            if self.is_global_zero and self.logdir is not None:
+                state = self.state(optimizers, schedulers)
+                ckpt.atomic_torch_save(state, self.logdir / "checkpoints" / ckpt.LAST)
+                tqdm.write(f"exception: saved {self.logdir / 'checkpoints' / ckpt.LAST} at step {self.global_step}")
+            raise
+        finally:
+            flags.uninstall()
+            progress.close()
+
+    def _train_epochs(self, module, optimizers, schedulers, loader, sampler, batch_size: int, val_loader,
+                      batches_per_epoch: int, flags, progress) -> None:
+        cfg = self.config
+        accumulate = cfg.accumulate_grad_batches
+        while not self._max_steps_reached() and (cfg.max_epochs < 0 or self.epoch < cfg.max_epochs):
+            sampler.set_epoch(self.epoch)
+            sampler.start_at(self.batch_in_epoch * batch_size)
+            epoch_start = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            step_start = time.perf_counter()
+            micro = 0
+            for batch_idx, batch in enumerate(loader, start=self.batch_in_epoch):
+                if batch_idx >= batches_per_epoch:
+                    break
+                boundary = micro == accumulate - 1 or batch_idx == batches_per_epoch - 1
+                scalars = self._micro_step(module, optimizers, schedulers, batch, batch_idx, accumulate, boundary)
+                micro += 1
+                if not boundary:
+                    continue
+                micro = 0
+                self.global_step += 1
+                self.batch_in_epoch = batch_idx + 1
+                hook = optional_hook(self.raw_model, "on_train_batch_end")
+                if hook is not None:
+                    hook(batch, batch_idx)
+                for callback in self.callbacks:
+                    if hasattr(callback, "on_train_batch_end"):
+                        callback.on_train_batch_end(self, batch, batch_idx)
+                rate = 1.0 / max(time.perf_counter() - step_start, 1e-9)
+                step_start = time.perf_counter()
+                self._log_step(scalars, optimizers, rate, progress)
+                if val_loader is not None and cfg.val_check_interval > 0 and \
+                        self.global_step % cfg.val_check_interval == 0:
+                    self.validate(module, val_loader)
+                save_now = self.fabric.strategy.reduce_boolean_decision(flags.save_requested, all=False) \
+                    if self.fabric.world_size > 1 else flags.save_requested
+                exit_now = self.fabric.strategy.reduce_boolean_decision(flags.exit_requested, all=False) \
+                    if self.fabric.world_size > 1 else flags.exit_requested
+                if save_now or self.global_step % cfg.checkpoint.every_n_steps == 0 or self._max_steps_reached():
+                    self.save_checkpoint(optimizers, schedulers)
+                    flags.clear_save()
+                if exit_now:
+                    tqdm.write(f"SIGTERM: checkpoint saved at step {self.global_step}, exiting")
+                    raise SystemExit(0)
+                if self._max_steps_reached():
+                    return
+            self._end_epoch(epoch_start)
+            if val_loader is not None and cfg.val_check_interval <= 0:
+                self.validate(module, val_loader)
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            if cfg.max_epochs >= 0 and self.epoch >= cfg.max_epochs:
+                self.save_checkpoint(optimizers, schedulers)
+
+    def _micro_step(self, module, optimizers, schedulers, batch, batch_idx: int, accumulate: int,
+                    boundary: bool) -> dict:
+        """Forward and backward of one batch for every optimizer; optimizer steps on accumulation boundaries."""
+        logged: dict = {}
+        for index, optimizer in enumerate(optimizers):
+            self.raw_model.global_step = self.global_step
+            with self._only_optimizing(optimizers, index):
+                with self.fabric.no_backward_sync(module, enabled=not boundary):
+                    loss, scalars = module.training_step(batch, batch_idx, index)
+                    if self._check_finite(loss, scalars, index):
+                        self.fabric.backward(loss / accumulate)
+                    else:
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+                logged.update({k: float(v) for k, v in scalars.items()})
+                if boundary:
+                    if self.config.gradient_clip_val > 0:
+                        norm = self.fabric.clip_gradients(module, optimizer, max_norm=self.config.gradient_clip_val)
+                        logged[f"train/grad_norm_{index}"] = float(norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if index < len(schedulers):
+                        schedulers[index].step()
+        return logged
+
+    def _log_step(self, scalars: dict, optimizers, rate: float, progress) -> None:
+        lrs = {f"lr/optimizer_{i}": opt.param_groups[0]["lr"] for i, opt in enumerate(optimizers)}
+        self.logger.log_scalars(lrs, self.global_step)
+        if self.global_step % max(self.config.log_every_n_steps, 1) == 0:
+            self.logger.log_scalars({**scalars, "perf/steps_per_s": rate, "epoch": self.epoch}, self.global_step)
+        loss_keys = [k for k in scalars if k.endswith("loss")][:2]
+        progress.set_postfix({k.split("/")[-1]: f"{scalars[k]:.4g}" for k in loss_keys} | {"it/s": f"{rate:.2f}"},
+                             refresh=False)
+        progress.update(1)
+
+    def _end_epoch(self, epoch_start: float) -> None:
+        stats = {"perf/epoch_time_s": time.perf_counter() - epoch_start}
+        if torch.cuda.is_available():
+            stats["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        self.logger.log_scalars(stats, self.global_step)
+        if self.is_global_zero:
+            tqdm.write(f"epoch {self.epoch}: " + ", ".join(f"{k.split('/')[-1]}={v:.3g}" for k, v in stats.items()))
+
+    # ----------------------------------------------------------------------------------- validation / test
+    @torch.no_grad()
+    def validate(self, module, val_loader) -> dict:
+        """Mean of `validation_step` scalars over the (limited) validation set, reduced over ranks, logged as val/."""
+        module.eval()
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for batch_idx, batch in enumerate(val_loader):
+            if 0 <= self.config.limit_val_batches <= batch_idx:
+                break
+            scalars = module.validation_step(batch, batch_idx)
+            for key, value in scalars.items():
+                sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+            count += 1
+            for callback in self.callbacks:
+                if hasattr(callback, "on_validation_batch_end"):
+                    callback.on_validation_batch_end(self, batch, batch_idx)
+        means = {k if k.startswith("val/") else f"val/{k}": v / max(count, 1) for k, v in sums.items()}
+        if self.fabric.world_size > 1 and means:
+            means = {k: self.fabric.all_reduce(v.to(self.fabric.device), reduce_op="mean").cpu() for k, v in means.items()}
+        means = {k: float(v) for k, v in means.items()}
+        self.logger.log_scalars(means, self.global_step)
+        if self.is_global_zero and means:
+            tqdm.write(f"validation @ step {self.global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in means.items()))
+        module.train()
+        return means
+
+    @torch.no_grad()
+    def test(self, model: torch.nn.Module, datamodule) -> list[Path]:
+        """Run `test_step` over the test split and save what it returns under `images/test/`."""
+        if self.raw_model is not model:
+            self.raw_model, self.module = model, self.fabric.setup_module(model)
+        module = self.module
+        loader = self.fabric.setup_dataloaders(
+            datamodule.dataloader("test", self.fabric.global_rank, self.fabric.world_size, self.seed),
+            use_distributed_sampler=False)
+        module.eval()
+        written: list[Path] = []
+        limit = self.config.limit_test_batches
+        total = len(loader) if limit < 0 else min(limit, len(loader))
+        for batch_idx, batch in enumerate(tqdm(loader, total=total, desc="test", disable=not self.is_global_zero)):
+            if batch_idx >= total:
+                break
+            images = module.test_step(batch, batch_idx)
+            written += save_images(images, self.logdir / "images" / "test",
+                                   f"b-{batch_idx:04d}_r-{self.fabric.global_rank}", nifti=True)
+        if self.is_global_zero:
+            tqdm.write(f"test: wrote {len(written)} files to {self.logdir / 'images' / 'test'} (rank 0)")
+        return written

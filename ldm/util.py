@@ -1,0 +1,115 @@
+"""Build objects from `target:` + `params:` configs, with errors that name the config path."""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+# Strings accepted in place of a `cond_stage_config` mapping (CompVis latent-diffusion vocabulary).
+CONFIG_SENTINELS = ("__is_first_stage__", "__is_unconditional__")
+
+# Targets of the original repo's main.py, so that its configs port unchanged.
+TARGET_ALIASES = {
+    "main.DataModuleFromConfig": "ldm.data.base.DataModuleFromConfig",
+    "main.ImageLogger": "ldm.engine.callbacks.ImageLogger",
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built; the message starts with the config path of the culprit."""
+
+
+def config_path(config: Any, key: str | None = None, default: str = "<config>") -> str:
+    """Full dotted path of `config` (or of `config[key]`) inside its root OmegaConf node, e.g. `model.params.unet_config`."""
+    if isinstance(config, (DictConfig, ListConfig)):
+        try:
+            full = config._get_full_key(key) if key is not None else config._get_full_key(None)
+        except Exception:
+            full = ""
+        if full:
+            return str(full)
+    return f"{default}.{key}" if key else default
+
+
+def get_obj_from_str(name: str, where: str = "target") -> Any:
+    """Import `package.module.Attr` and return `Attr`; a failure names `where` and the missing piece."""
+    if not isinstance(name, str) or "." not in name:
+        raise ConfigError(f"{where}: {name!r} is not a dotted import path like 'package.module.Class'")
+    module_name, attr = TARGET_ALIASES.get(name, name).rsplit(".", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"{where}: cannot import {name!r} (no module {err.name})") from err
+    if not hasattr(module, attr):
+        raise ConfigError(f"{where}: cannot import {name!r} (module {module_name} has no attribute {attr!r})")
+    return getattr(module, attr)
+
+
+def _plain(value: Any) -> Any:
+    """Nested configs that build objects stay OmegaConf nodes (they keep their path); other values become plain."""
+    if isinstance(value, DictConfig):
+        return value if _builds_objects(value) else OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _builds_objects(node: DictConfig) -> bool:
+    if "target" in node:
+        return True
+    return any(isinstance(v, DictConfig) and _builds_objects(v) for v in node.values())
+
+
+def check_arguments(cls: Any, params: Mapping[str, Any], where: str) -> None:
+    """Raise ConfigError naming the argument and the class when `params` do not fit `cls`'s constructor."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    accepted = [n for n, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not accepts_any:
+        unknown = sorted(set(params) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                f"for {cls.__qualname__} (accepted: {', '.join(accepted)})"
+            )
+    missing = [
+        n for n, p in signature.parameters.items()
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in params
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required argument{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(map(repr, missing))} for {cls.__qualname__}")
+
+
+def instantiate_from_config(config: Any, **extra_params: Any) -> Any:
+    """Build `config.target(**config.params, **extra_params)`.
+
+    `config` is a mapping with `target` (dotted import path) and optional `params`. The sentinel strings in
+    `CONFIG_SENTINELS` return None. Errors are `ConfigError`s whose message starts with the config path.
+    """
+    if isinstance(config, str) and config in CONFIG_SENTINELS:
+        return None
+    where = config_path(config)
+    if not isinstance(config, (Mapping, DictConfig)):
+        raise ConfigError(f"{where}: expected a mapping with 'target' and 'params', got {type(config).__name__}")
+    if "target" not in config:
+        raise ConfigError(f"{where}: missing 'target' (keys given: {', '.join(map(str, config.keys())) or 'none'})")
+    unknown_keys = sorted(set(map(str, config.keys())) - {"target", "params"})
+    if unknown_keys:
+        raise ConfigError(f"{where}: unknown keys {', '.join(map(repr, unknown_keys))} next to 'target' "
+                          f"(parameters go under 'params')")
+    cls = get_obj_from_str(config["target"], where=config_path(config, "target", f"{where}.target")
+                           if isinstance(config, DictConfig) else f"{where}.target")
+    raw_params = config.get("params", None) or {}
+    if not isinstance(raw_params, (Mapping, DictConfig)):
+        raise ConfigError(f"{where}.params: expected a mapping, got {type(raw_params).__name__}")
+    params = {str(k): _plain(raw_params[k]) for k in raw_params}
+    params.update(extra_params)
+    params_where = config_path(config, "params", f"{where}.params") if isinstance(config, DictConfig) else f"{where}.params"
+    check_arguments(cls, params, params_where)
+    return cls(**params)
