@@ -18,8 +18,9 @@ class ShardedResumableSampler(Sampler[int]):
     """Indices of one rank's shard, reshuffled each epoch from (seed, epoch), startable mid-epoch.
 
     Every rank draws the same permutation and takes every `world_size`-th index (the list is padded by wrapping so
-    all ranks see as many items), so ranks see distinct items. `start_at(n)` skips the first n indices of this
-    epoch's shard: a resumed run continues where it stopped instead of replaying the epoch.
+    all ranks see as many items), so ranks see distinct items. `begin_epoch(epoch, start)` skips the first `start`
+    indices of that epoch's shard: a resumed run continues where it stopped instead of replaying the epoch.
+    (Not named `set_epoch`: Fabric's loader wrapper calls that with its own count of iterations.)
     """
 
     def __init__(self, length: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -27,12 +28,9 @@ class ShardedResumableSampler(Sampler[int]):
         self.epoch = 0
         self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def begin_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch = epoch
-        self.start = 0
-
-    def start_at(self, position: int) -> None:
-        self.start = position
+        self.start = start
 
     def shard(self) -> list[int]:
         if self.shuffle:

@@ -200,8 +200,7 @@ class Trainer:
         cfg = self.config
         accumulate = cfg.accumulate_grad_batches
         while not self._max_steps_reached() and (cfg.max_epochs < 0 or self.epoch < cfg.max_epochs):
-            sampler.set_epoch(self.epoch)
-            sampler.start_at(self.batch_in_epoch * batch_size)
+            sampler.begin_epoch(self.epoch, start=self.batch_in_epoch * batch_size)
             epoch_start = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()

@@ -1,6 +1,8 @@
 """A tiny model and dataset implementing the loop interface, so engine tests need no real network."""
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -24,14 +26,18 @@ class RegressionData(Dataset):
 
 class ToyRegressor(nn.Module):
     """Linear regression; `two_optimizers` adds a second parameter group stepped by its own optimizer (a GAN's shape);
-    `nan_from_step` makes the loss NaN from that global step on."""
+    `nan_from_step` makes the loss NaN from that global step on; `sleep_s` slows each step (signal tests);
+    `raise_at_step` raises an exception at that step."""
 
-    def __init__(self, two_optimizers: bool = False, nan_from_step: int = -1, use_scheduler: bool = False):
+    def __init__(self, two_optimizers: bool = False, nan_from_step: int = -1, use_scheduler: bool = False,
+                 sleep_s: float = 0.0, raise_at_step: int = -1):
         super().__init__()
         self.linear = nn.Linear(16, 1)
         self.critic = nn.Linear(16, 1) if two_optimizers else None
         self.nan_from_step = nan_from_step
         self.use_scheduler = use_scheduler
+        self.sleep_s = sleep_s
+        self.raise_at_step = raise_at_step
         self.learning_rate = 0.0
         self.global_step = 0
         self.seen_indices: list[int] = []
@@ -52,6 +58,9 @@ class ToyRegressor(nn.Module):
         return loss
 
     def training_step(self, batch, batch_idx: int, optimizer_idx: int):
+        time.sleep(self.sleep_s)
+        if self.global_step == self.raise_at_step:
+            raise RuntimeError(f"toy failure at step {self.global_step}")
         if optimizer_idx == 0:
             self.seen_indices += batch["index"].tolist()
             loss = self._loss(batch)

@@ -1,0 +1,61 @@
+"""Checkpoint files: atomic replace, rotation, safe loading with clear errors, RNG round trip."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.engine import checkpoint as ckpt
+
+
+def test_atomic_save_replaces_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "last.ckpt"
+    ckpt.atomic_torch_save({"state_dict": {"w": torch.ones(2)}}, path)
+    ckpt.atomic_torch_save({"state_dict": {"w": torch.zeros(2)}}, path)
+    assert torch.equal(ckpt.load_checkpoint(path)["state_dict"]["w"], torch.zeros(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_failed_save_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "last.ckpt"
+    ckpt.atomic_torch_save({"state_dict": {"w": torch.ones(2)}}, path)
+    with pytest.raises(Exception):
+        ckpt.atomic_torch_save({"state_dict": {"w": lambda: None}}, path)  # not picklable
+    assert torch.equal(ckpt.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_rotation_keeps_the_newest_k(tmp_path):
+    for step in (1, 2, 10, 11):
+        ckpt.save_rotating({"state_dict": {}, "global_step": step}, tmp_path, step, keep_last_k=2)
+    assert [p.name for p in ckpt.step_checkpoints(tmp_path)] == ["step=10.ckpt", "step=11.ckpt"]
+    assert ckpt.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 11
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.load_checkpoint(tmp_path / "missing.ckpt")
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a zip file at all")
+    with pytest.raises(ckpt.CheckpointError, match=r"corrupt.ckpt cannot be read"):
+        ckpt.load_checkpoint(corrupt)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": {}}, foreign)
+    with pytest.raises(ckpt.CheckpointError, match="has no 'state_dict'"):
+        ckpt.load_checkpoint(foreign)
+
+
+def test_weights_only_refuses_pickled_code(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": ckpt.CheckpointError("x")}, path)
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read"):
+        ckpt.load_checkpoint(path)
+
+
+def test_rng_state_round_trip_through_a_file(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    ckpt.atomic_torch_save({"state_dict": {}, "rng": ckpt.capture_rng_state()}, tmp_path / "r.ckpt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    ckpt.restore_rng_state(ckpt.load_checkpoint(tmp_path / "r.ckpt")["rng"])
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])

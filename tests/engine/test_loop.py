@@ -1,0 +1,125 @@
+"""Training-loop behaviour: several optimizers, accumulation, NaN guard, crash saves, signals, 2-process DDP."""
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from ldm.data.base import ShardedResumableSampler
+from ldm.engine.checkpoint import step_checkpoints
+from ldm.engine.config import trainer_config_from
+from ldm.engine.loop import NonFiniteLossError, Trainer
+from tests.engine.helpers import cli_command, load_last, only_run_dir, run_cli, subprocess_env
+from tests.engine.toy import ToyRegressor
+
+
+def test_each_optimizer_only_gets_its_own_gradients():
+    trainer = Trainer(trainer_config_from({"accelerator": "cpu", "max_steps": 1}))
+    model = ToyRegressor(two_optimizers=True)
+    model.learning_rate = 0.1
+    module, optimizers, _ = trainer._setup(model)
+    batch = {"image": torch.randn(2, 1, 4, 4), "target": torch.randn(2, 1), "index": torch.tensor([0, 1])}
+    with trainer._only_optimizing(optimizers, 0):
+        assert not model.critic.weight.requires_grad and model.linear.weight.requires_grad
+        loss = module.training_step(batch, 0, 0)[0] + model.critic(batch["image"].flatten(1)).sum()
+        trainer.fabric.backward(loss)
+    assert model.critic.weight.grad is None and model.linear.weight.grad is not None
+    assert model.critic.weight.requires_grad  # restored
+
+
+def test_gan_shaped_model_steps_both_optimizers(tmp_path):
+    assert run_cli(tmp_path, "-t", "--no_test", "model.params.two_optimizers=true", "trainer.max_steps=3") == 0
+    checkpoint = load_last(only_run_dir(tmp_path))
+    assert len(checkpoint["optimizer_states"]) == 2
+    assert all(state["state"][0]["step"] == 3 for state in checkpoint["optimizer_states"])
+
+
+def test_accumulation_equals_a_larger_batch(tmp_path):
+    assert run_cli(tmp_path / "big", "-t", "--no_test", "trainer.max_steps=4", "data.params.batch_size=4") == 0
+    assert run_cli(tmp_path / "acc", "-t", "--no_test", "trainer.max_steps=4", "data.params.batch_size=2",
+                   "trainer.accumulate_grad_batches=2") == 0
+    big, acc = load_last(only_run_dir(tmp_path / "big")), load_last(only_run_dir(tmp_path / "acc"))
+    assert acc["global_step"] == big["global_step"] == 4
+    for key in big["state_dict"]:
+        torch.testing.assert_close(acc["state_dict"][key], big["state_dict"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_skips_then_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 6 .*terms: train/loss=nan"):
+        run_cli(tmp_path, "-t", "--no_test", "model.params.nan_from_step=4", "trainer.max_bad_steps=2",
+                "trainer.checkpoint.every_n_steps=4", "trainer.max_steps=20")
+    run = only_run_dir(tmp_path)
+    checkpoint = load_last(run)
+    assert checkpoint["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+    assert capsys.readouterr().out.count("skipping step") == 2
+
+
+def test_an_exception_saves_the_last_consistent_state(tmp_path):
+    with pytest.raises(RuntimeError, match="toy failure at step 5"):
+        run_cli(tmp_path, "-t", "--no_test", "model.params.raise_at_step=5", "trainer.checkpoint.every_n_steps=100")
+    assert load_last(only_run_dir(tmp_path))["global_step"] == 5
+
+
+def test_sampler_shards_are_disjoint_and_resumable():
+    shards = [ShardedResumableSampler(10, shuffle=True, seed=3, rank=r, world_size=3) for r in range(3)]
+    for s in shards:
+        s.begin_epoch(2)
+    items = [list(s) for s in shards]
+    assert all(len(i) == 4 for i in items)
+    assert set(sum(items, [])) == set(range(10))  # all items covered (two repeated as padding)
+    resumed = ShardedResumableSampler(10, shuffle=True, seed=3, rank=1, world_size=3)
+    resumed.begin_epoch(2, start=3)
+    assert list(resumed) == items[1][3:] and len(resumed) == 1
+    other_epoch = ShardedResumableSampler(10, shuffle=True, seed=3)
+    other_epoch.begin_epoch(3)
+    first = ShardedResumableSampler(10, shuffle=True, seed=3)
+    first.begin_epoch(2)
+    assert list(other_epoch) != list(first)
+
+
+def _wait_for(predicate, process, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_sigusr1_saves_and_continues_then_sigterm_saves_and_exits(tmp_path):
+    process = subprocess.Popen(
+        cli_command(tmp_path, "-t", "--no_test", "model.params.sleep_s=0.05", "trainer.max_steps=100000",
+                    "trainer.checkpoint.every_n_steps=100000"),
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = lambda: next(tmp_path.glob("*/metrics.csv"), None)
+        _wait_for(lambda: metrics() is not None and metrics().read_text().count("lr/optimizer_0") >= 3, process)
+        process.send_signal(signal.SIGUSR1)
+        _wait_for(lambda: any(tmp_path.glob("*/checkpoints/step=*.ckpt")), process)
+        time.sleep(0.5)
+        assert process.poll() is None  # still training
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    run = only_run_dir(tmp_path)
+    usr1_step = int(step_checkpoints(run / "checkpoints")[0].stem.split("=")[1])
+    final = load_last(run)["global_step"]
+    assert 3 <= usr1_step < final < 100000
+    assert f"SIGTERM: checkpoint saved at step {final}, exiting" in output
+
+
+def test_two_process_cpu_ddp_run(tmp_path):
+    result = subprocess.run(
+        cli_command(tmp_path, "-t", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=4",
+                    "model.params.two_optimizers=true"),
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = only_run_dir(tmp_path)
+    checkpoint = load_last(run)
+    assert checkpoint["global_step"] == 4
+    assert "learning rate 8.00e-02 = 1 (accumulate_grad_batches) * 2 (devices)" in result.stdout
+    # each rank wrote its own test images into rank 0's folder
+    assert {p.name.split("_r-")[1] for p in (run / "images" / "test").glob("*.png")} == {"0.png", "1.png"}
