@@ -5,8 +5,6 @@ batch_idx)`. `trainer` is the running `ldm.engine.loop.Trainer`.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
 from ldm.engine.images import save_images, to_grid
@@ -16,7 +14,8 @@ class ImageLogger:
     """Saves `model.log_images(...)` as PNG grids (3D: orthogonal mid-slices; also NIfTI) under `images/<split>/`.
 
     Train images every `batch_frequency` optimizer steps (and at steps 1, 2, 4, ... before that when
-    `increase_log_steps`), validation images for the first batch of every validation. Rank zero only.
+    `increase_log_steps`), validation images for the first batch of every validation. Every rank runs the model
+    (a sharded model needs all of them); rank zero writes the files.
     """
 
     def __init__(self, batch_frequency: int, max_images: int = 4, clamp: bool = True, increase_log_steps: bool = True,
@@ -36,12 +35,14 @@ class ImageLogger:
             (step == 0 and self.log_first_step)
 
     def _log(self, trainer, batch, split: str) -> None:
-        model = trainer.raw_model
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), (trainer.fabric.autocast() if trainer.fabric is not None else nullcontext()):
-            images = model.log_images(batch, split=split, max_images=self.max_images)
-        model.train(was_training)
+        module = trainer.module
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            images = module.log_images(batch, split=split, max_images=self.max_images)
+        module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         images = {name: value[: self.max_images] for name, value in images.items() if torch.is_tensor(value)}
         step = trainer.global_step
         save_images(images, trainer.logdir / "images" / split, f"gs-{step:06d}_e-{trainer.epoch:03d}",
@@ -50,9 +51,9 @@ class ImageLogger:
             trainer.logger.log_image(f"{split}/{name}", to_grid(value, clamp=self.clamp), step)
 
     def on_train_batch_end(self, trainer, batch, batch_idx: int) -> None:
-        if not self.disabled and trainer.is_global_zero and self._due(trainer.global_step):
+        if not self.disabled and self._due(trainer.global_step):
             self._log(trainer, batch, "train")
 
     def on_validation_batch_end(self, trainer, batch, batch_idx: int) -> None:
-        if not self.disabled and trainer.is_global_zero and batch_idx == 0:
+        if not self.disabled and batch_idx == 0:
             self._log(trainer, batch, "val")

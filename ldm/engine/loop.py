@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from tqdm.auto import tqdm
 
 from ldm.engine import checkpoint as ckpt
@@ -70,20 +70,48 @@ class Trainer:
         self.run_config = run_config
         self.logger = RunLogger(self.logdir, self.config.logger, enabled=self.is_global_zero)
 
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.fabric.strategy, FSDPStrategy)
+
     def _setup(self, model: torch.nn.Module):
-        optimizers, schedulers = _as_optimizers(model.configure_optimizers())
-        if isinstance(self.fabric.strategy, DDPStrategy) and len(optimizers) > 1:
-            # Each optimizer's step leaves the other's parameters without gradients.
-            self.fabric.strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
-        module, *optimizers = self.fabric.setup(model, *optimizers)
+        if self.sharded:  # FSDP: optimizers must see the wrapped (sharded) parameters
+            module = self.fabric.setup_module(model)
+            optimizers, schedulers = _as_optimizers(model.configure_optimizers())
+            optimizers = [self.fabric.setup_optimizers(opt) for opt in optimizers]
+        else:
+            optimizers, schedulers = _as_optimizers(model.configure_optimizers())
+            if isinstance(self.fabric.strategy, DDPStrategy) and len(optimizers) > 1:
+                # Each optimizer's step leaves the other's parameters without gradients.
+                self.fabric.strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
+            module, *optimizers = self.fabric.setup(model, *optimizers)
+        self._mark_forward_methods(module, model)
         self.raw_model, self.module = model, module
         return module, optimizers, schedulers
 
+    @staticmethod
+    def _mark_forward_methods(module, model) -> None:
+        """Route `log_images` through the strategy wrapper too (FSDP gathers weights there)."""
+        if hasattr(model, "log_images"):
+            module.mark_forward_method("log_images")
+
     # --------------------------------------------------------------------------------------- checkpoints
+    def _model_and_optimizer_states(self, optimizers) -> tuple[dict, list]:
+        """Full (unsharded) states; under FSDP every rank must call this, rank 0 gets the tensors on CPU."""
+        if not self.sharded:
+            return self.raw_model.state_dict(), [opt.state_dict() for opt in optimizers]
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        wrapped = self.module._forward_module
+        return (get_model_state_dict(wrapped, options=options),
+                [get_optimizer_state_dict(wrapped, opt.optimizer, options=options) for opt in optimizers])
+
     def state(self, optimizers, schedulers) -> dict:
+        model_state, optimizer_states = self._model_and_optimizer_states(optimizers)
         return {
-            "state_dict": self.raw_model.state_dict(),
-            "optimizer_states": [opt.state_dict() for opt in optimizers],
+            "state_dict": model_state,
+            "optimizer_states": optimizer_states,
             "lr_schedulers": [s.state_dict() for s in schedulers],
             "global_step": self.global_step,
             "epoch": self.epoch,
@@ -105,7 +133,12 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint has {len(checkpoint.get('optimizer_states', []))} optimizer "
                                        f"states, the model configures {len(optimizers)}")
         for optimizer, state in zip(optimizers, checkpoint["optimizer_states"]):
-            optimizer.load_state_dict(state)
+            if self.sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+                set_optimizer_state_dict(self.module._forward_module, optimizer.optimizer, state,
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(state)
         for scheduler, state in zip(schedulers, checkpoint.get("lr_schedulers", [])):
             scheduler.load_state_dict(state)
         self.global_step = int(checkpoint["global_step"])
@@ -186,7 +219,7 @@ class Trainer:
             raise
         except BaseException:
             # Keep what was learnt: the state at the last optimizer step is consistent, save it and re-raise.
-            if self.is_global_zero and self.logdir is not None:
+            if self.is_global_zero and self.logdir is not None and not self.sharded:
                 state = self.state(optimizers, schedulers)
                 ckpt.atomic_torch_save(state, self.logdir / "checkpoints" / ckpt.LAST)
                 tqdm.write(f"exception: saved {self.logdir / 'checkpoints' / ckpt.LAST} at step {self.global_step}")
@@ -324,6 +357,7 @@ class Trainer:
         """Run `test_step` over the test split and save what it returns under `images/test/`."""
         if self.raw_model is not model:
             self.raw_model, self.module = model, self.fabric.setup_module(model)
+            self._mark_forward_methods(self.module, model)
         module = self.module
         loader = self.fabric.setup_dataloaders(
             datamodule.dataloader("test", self.fabric.global_rank, self.fabric.world_size, self.seed),
