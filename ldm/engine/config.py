@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,5 +88,7 @@ def fabric_kwargs(cfg: TrainerConfig) -> dict:
         from lightning.fabric.strategies import FSDPStrategy
         # One full state dict on rank 0: checkpoints stay plain files readable without our code.
         strategy = FSDPStrategy(state_dict_type="full", use_orig_params=True)
-    return dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                strategy=strategy, precision=cfg.precision)
+    kwargs = dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                  strategy=strategy, precision=cfg.precision)
+    # Under `fabric run --devices 2 ...` the launcher's flags (LT_* variables) win over the config.
+    return {name: value for name, value in kwargs.items() if os.environ.get(f"LT_{name.upper()}") is None}

@@ -7,6 +7,7 @@ log, validate, checkpoint, and resume exactly where a run stopped. Models plug i
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +46,8 @@ class Trainer:
         self.config = config
         self.seed = seed
         self.fabric = Fabric(**fabric_kwargs(config))
-        self.fabric.launch()
+        if os.environ.get("LT_CLI_USED") != "1":  # `fabric run` has already started every process
+            self.fabric.launch()
         torch.backends.cudnn.benchmark = config.benchmark
         self.logdir: Path | None = None
         self.logger = RunLogger(".", [], enabled=False)

@@ -73,3 +73,12 @@ def test_model_targets_per_stage():
     assert test.target == "a.Test" and OmegaConf.to_container(test.params) == {"x": 1, "out": "o"}
     with pytest.raises(ConfigError, match=r"model: unknown key\(s\) parms"):
         model_config_for(OmegaConf.create({"target": "a.B", "parms": {}}), training=True)
+
+
+def test_fabric_run_flags_win_over_the_config(monkeypatch):
+    from ldm.engine.config import fabric_kwargs
+    cfg = trainer_config_from({"max_steps": 1, "devices": 1, "precision": "bf16-mixed"})
+    assert fabric_kwargs(cfg)["devices"] == 1
+    monkeypatch.setenv("LT_DEVICES", "2")
+    kwargs = fabric_kwargs(cfg)
+    assert "devices" not in kwargs and kwargs["precision"] == "bf16-mixed"

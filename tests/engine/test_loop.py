@@ -1,7 +1,9 @@
 """Training-loop behaviour: several optimizers, accumulation, NaN guard, crash saves, signals, 2-process DDP."""
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,11 +113,16 @@ def test_sigusr1_saves_and_continues_then_sigterm_saves_and_exits(tmp_path):
     assert f"SIGTERM: checkpoint saved at step {final}, exiting" in output
 
 
-def test_two_process_cpu_ddp_run(tmp_path):
-    result = subprocess.run(
-        cli_command(tmp_path, "-t", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=4",
-                    "model.params.two_optimizers=true"),
-        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("launcher", ["fabric.launch", "fabric run"])
+def test_two_process_cpu_ddp_run(tmp_path, launcher):
+    args = ["-t", "trainer.max_steps=4", "model.params.two_optimizers=true"]
+    if launcher == "fabric run":
+        command = cli_command(tmp_path, *args)
+        command = [str(Path(sys.executable).with_name("fabric")), "run", "--accelerator", "cpu", "--devices", "2",
+                   *command[1:]]
+    else:
+        command = cli_command(tmp_path, *args, "trainer.devices=2", "trainer.strategy=ddp")
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = only_run_dir(tmp_path)
     checkpoint = load_last(run)
