@@ -1,0 +1,286 @@
+"""The diffusion UNet of latent diffusion (Dhariwal & Nichol's ADM UNet), for 2D and 3D, keeping its config keys.
+
+Differences from the CompVis original, on purpose:
+- in 3D, down- and upsampling halve and double all three spatial axes (the original kept depth, for video);
+- the self-attention block uses the same q/k/v projections as the transformer (`CrossAttention`, no q/k/v bias);
+- precision belongs to the training loop, so `use_fp16` is rejected rather than converting blocks;
+- gradient checkpointing works per UNet block with `torch.utils.checkpoint` (non-reentrant).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.modules.attention import CrossAttention, SpatialTransformer
+from ldm.modules.diffusionmodules.embeddings import timestep_embedding
+from ldm.modules.nn_dims import avg_pool_nd, conv_nd, spatial_dims, upsample_nearest, zero_module
+from ldm.modules.normalization import GroupNormAct
+
+# The original UNet's GroupNorm32 uses PyTorch's default eps, unlike the autoencoder and the transformer (1e-6).
+UNET_NORM_EPS = 1e-5
+
+
+def _norm(channels: int, act: bool) -> GroupNormAct:
+    return GroupNormAct(channels, eps=UNET_NORM_EPS, act=act)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 on every spatial axis, then a 3x3 convolution when `use_conv`."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int):
+        super().__init__()
+        self.conv = conv_nd(dims, channels, channels, 3, padding=1) if use_conv else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, *spatial) -> (B, C, *(2 * spatial))."""
+        return self.conv(upsample_nearest(x, 2))
+
+
+class Downsample(nn.Module):
+    """Halve every spatial axis: a stride-2 3x3 convolution when `use_conv`, else 2x average pooling."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int):
+        super().__init__()
+        self.op = (conv_nd(dims, channels, channels, 3, stride=2, padding=1) if use_conv
+                   else avg_pool_nd(dims, kernel_size=2, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, *spatial) with even spatial sizes -> (B, C, *(spatial / 2))."""
+        return self.op(x)
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep (and class) embedding, optionally resampling (`up` / `down`).
+
+    With `use_scale_shift_norm` the embedding gives (scale, shift) applied as norm(h) * (1 + scale) + shift;
+    otherwise it is added to h before the second norm. The last convolution is zero-initialised.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
+                 dims: int = 2, use_scale_shift_norm: bool = False, up: bool = False, down: bool = False):
+        super().__init__()
+        if up and down:
+            raise ValueError("ResBlock: up and down cannot both be True")
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_norm = _norm(channels, act=True)
+        if up:
+            self.resample = Upsample(channels, False, dims)
+        elif down:
+            self.resample = Downsample(channels, False, dims)
+        else:
+            self.resample = nn.Identity()
+        self.in_conv = conv_nd(dims, channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        # With scale-shift, SiLU must follow the modulation, so the norm itself has no activation.
+        self.out_norm = _norm(out_channels, act=not use_scale_shift_norm)
+        self.dropout = nn.Dropout(dropout)
+        self.out_conv = zero_module(conv_nd(dims, out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if out_channels == channels else conv_nd(dims, channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x: (B, channels, *spatial), emb: (B, emb_channels) -> (B, out_channels, *spatial resampled)."""
+        # Resample between the norm and the conv, as the original does, so the conv runs at the new resolution.
+        h = self.in_conv(self.resample(self.in_norm(x)))
+        x = self.resample(x)
+        emb_out = self.emb_proj(emb).to(h.dtype)
+        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = nn.functional.silu(self.out_norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_norm(h + emb_out)
+        return self.skip(x) + self.out_conv(self.dropout(h))
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the voxels of a feature map, as a residual block (zero-initialised output)."""
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"AttentionBlock: channels={channels} is not divisible by heads={heads}")
+        self.norm = _norm(channels, act=False)
+        self.attn = CrossAttention(channels, None, heads, channels // heads)
+        zero_module(self.attn.to_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, *spatial) -> same shape."""
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        return x + self.attn(tokens).transpose(1, 2).reshape(x.shape)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers; ResBlocks also get the embedding and SpatialTransformers the context."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """Noise-prediction UNet: `forward(x, timesteps, context=None, y=None)` -> (B, out_channels, *spatial).
+
+    `attention_resolutions` are the downsampling factors (1, 2, 4, ...) at which attention follows the ResBlocks;
+    `use_spatial_transformer` picks the cross-attention transformer (needs `context_dim`) over plain self-attention.
+    Heads: `num_heads` per block, or `num_head_channels` channels per head when that is set. With `legacy` (the
+    original default) a transformer's head width is channels // heads even when `num_head_channels` is set.
+    `image_size` (int or one size per axis) is only checked: every size must halve `len(channel_mult) - 1` times.
+    """
+
+    def __init__(self, image_size: int | Sequence[int], in_channels: int, model_channels: int, out_channels: int,
+                 num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float = 0.0,
+                 channel_mult: Sequence[int] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
+                 num_classes: int | None = None, use_checkpoint: bool = False, num_heads: int = -1,
+                 num_head_channels: int = -1, num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
+                 resblock_updown: bool = False, use_spatial_transformer: bool = False, transformer_depth: int = 1,
+                 context_dim: int | None = None, legacy: bool = True, use_fp16: bool = False):
+        super().__init__()
+        if dims not in (2, 3):
+            raise ValueError(f"UNetModel: dims must be 2 or 3, got {dims}")
+        self.dims = dims
+        if use_fp16:
+            raise ValueError("UNetModel: use_fp16=True is not supported; set the precision of the trainer instead "
+                             "(e.g. trainer.precision: bf16-mixed) and drop use_fp16 from unet_config")
+        if num_heads == -1 and num_head_channels == -1:
+            raise ValueError("UNetModel: set num_heads or num_head_channels (both are -1)")
+        if use_spatial_transformer and context_dim is None:
+            raise ValueError("UNetModel: use_spatial_transformer=True needs context_dim (the width of the context)")
+        if context_dim is not None and not use_spatial_transformer:
+            raise ValueError("UNetModel: context_dim is set but use_spatial_transformer is False; "
+                             "cross-attention only exists in the spatial transformer")
+        self.down_factor = 2 ** (len(channel_mult) - 1)
+        sizes = [image_size] * dims if isinstance(image_size, int) else list(image_size)
+        if len(sizes) != dims or any(s % self.down_factor for s in sizes):
+            raise ValueError(f"UNetModel: image_size={image_size} must be an int or {dims} ints, each divisible by "
+                             f"{self.down_factor} (channel_mult has {len(channel_mult)} levels)")
+        reachable = [2 ** level for level in range(len(channel_mult))]
+        unreachable = sorted(set(attention_resolutions) - set(reachable))
+        if unreachable:
+            raise ValueError(f"UNetModel: attention_resolutions {unreachable} are never reached; with channel_mult "
+                             f"{list(channel_mult)} the downsampling factors are {reachable}")
+
+        self.image_size = tuple(sizes)
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.num_classes = num_classes
+        self.context_dim = context_dim
+        self.use_checkpoint = use_checkpoint
+
+        def attention_block(ch: int, heads_if_no_width: int) -> nn.Module:
+            heads = heads_if_no_width if num_head_channels == -1 else ch // num_head_channels
+            if not 1 <= heads <= ch:
+                raise ValueError(f"UNetModel: cannot split {ch} channels into attention heads with "
+                                 f"num_heads={heads_if_no_width}, num_head_channels={num_head_channels}")
+            if not use_spatial_transformer:
+                if num_head_channels != -1 and ch % num_head_channels:
+                    raise ValueError(f"UNetModel: {ch} channels are not divisible by "
+                                     f"num_head_channels={num_head_channels}")
+                return AttentionBlock(ch, heads)
+            d_head = ch // heads if legacy or num_head_channels == -1 else num_head_channels
+            return SpatialTransformer(ch, heads, d_head, transformer_depth, dropout, context_dim, dims)
+
+        def res_block(ch: int, out_ch: int, up: bool = False, down: bool = False) -> ResBlock:
+            return ResBlock(ch, time_embed_dim, dropout, out_ch, dims, use_scale_shift_norm, up=up, down=down)
+
+        time_embed_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
+                                        nn.Linear(time_embed_dim, time_embed_dim))
+        self.label_emb = nn.Embedding(num_classes, time_embed_dim) if num_classes is not None else None
+
+        ch = model_channels
+        factor = 1
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
+        skip_channels = [ch]
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res_block(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if factor in attention_resolutions:
+                    layers.append(attention_block(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_channels.append(ch)
+                factor *= 2
+
+        self.middle_block = TimestepEmbedSequential(res_block(ch, ch), attention_block(ch, num_heads),
+                                                    res_block(ch, ch))
+
+        heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [res_block(ch + skip_channels.pop(), mult * model_channels)]
+                ch = mult * model_channels
+                if factor in attention_resolutions:
+                    # The original gives transformers num_heads and self-attention blocks num_heads_upsample here.
+                    layers.append(attention_block(ch, num_heads if use_spatial_transformer else heads_up))
+                if level and i == num_res_blocks:
+                    layers.append(res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims))
+                    factor //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(_norm(ch, act=True), zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)))
+
+    def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
+                      y: torch.Tensor | None) -> None:
+        spatial = spatial_dims(x, self.dims)
+        batch = x.shape[0]
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"UNetModel: x has {x.shape[1]} channels, expected in_channels={self.in_channels}")
+        if any(s % self.down_factor for s in spatial):
+            raise ValueError(f"UNetModel: spatial size {spatial} of x must be divisible by {self.down_factor}")
+        if timesteps.shape != (batch,):
+            raise ValueError(f"UNetModel: timesteps must have shape ({batch},), got {tuple(timesteps.shape)}")
+        if self.context_dim is None and context is not None:
+            raise ValueError("UNetModel: context given but the model has no cross-attention "
+                             "(set use_spatial_transformer and context_dim)")
+        if self.context_dim is not None and (context is None or context.ndim != 3 or context.shape[0] != batch
+                                             or context.shape[2] != self.context_dim):
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"UNetModel: context must be ({batch}, L, {self.context_dim}), got {got}")
+        if self.num_classes is None and y is not None:
+            raise ValueError("UNetModel: class labels y given but num_classes is not set")
+        if self.num_classes is not None and (y is None or y.shape != (batch,)
+                                             or y.dtype not in (torch.int32, torch.int64)):
+            got = None if y is None else f"{tuple(y.shape)} {y.dtype}"
+            raise ValueError(f"UNetModel: num_classes={self.num_classes} needs class labels y of shape ({batch},) "
+                             f"and an integer dtype (int64), got {got}")
+
+    def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
+             context: torch.Tensor | None) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, in_channels, *spatial), timesteps: (B,) int or float, context: (B, L, context_dim),
+        y: (B,) int64 class labels -> (B, out_channels, *spatial)."""
+        self._check_inputs(x, timesteps, context, y)
+        t_emb = timestep_embedding(timesteps, self.model_channels)
+        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y)
+        h = x
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)

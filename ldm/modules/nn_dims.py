@@ -1,0 +1,61 @@
+"""Layers picked by spatial dimensionality (`dims` 1, 2 or 3), so 2D and 3D networks share one code path."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def check_dims(dims: int, where: str = "dims") -> int:
+    """Return `dims` if it is 1, 2 or 3; raise a ValueError naming `where` otherwise."""
+    if dims not in _CONV:
+        raise ValueError(f"{where}: unsupported dims={dims!r} (expected 1, 2 or 3)")
+    return dims
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """`nn.Conv{dims}d(*args, **kwargs)`."""
+    return _CONV[check_dims(dims, "conv_nd")](*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """`nn.AvgPool{dims}d(*args, **kwargs)`."""
+    return _AVG_POOL[check_dims(dims, "avg_pool_nd")](*args, **kwargs)
+
+
+def batch_norm_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """`nn.BatchNorm{dims}d(*args, **kwargs)`."""
+    return _BATCH_NORM[check_dims(dims, "batch_norm_nd")](*args, **kwargs)
+
+
+def spatial_dims(x: torch.Tensor, dims: int) -> tuple[int, ...]:
+    """Spatial shape of x: (B, C, *spatial) with len(spatial) == dims; a tensor of another rank raises."""
+    if x.ndim != dims + 2:
+        raise ValueError(f"expected a (B, C, {', '.join('DHW'[3 - dims:])}) tensor for dims={dims}, "
+                         f"got shape {tuple(x.shape)}")
+    return tuple(x.shape[2:])
+
+
+def upsample_nearest(x: torch.Tensor, scale_factor: int | Sequence[int] = 2) -> torch.Tensor:
+    """Nearest-neighbour upsampling of x: (B, C, *spatial) -> (B, C, *spatial * scale_factor), any dims, any dtype.
+
+    The output size is given explicitly so that odd sizes map to exactly `size * factor` (no float rounding).
+    """
+    spatial = x.shape[2:]
+    factors = [scale_factor] * len(spatial) if isinstance(scale_factor, int) else list(scale_factor)
+    if len(factors) != len(spatial):
+        raise ValueError(f"upsample_nearest: {len(factors)} scale factors for {len(spatial)} spatial dims")
+    return F.interpolate(x, size=[s * f for s, f in zip(spatial, factors)], mode="nearest")
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero all parameters of `module` in place and return it (residual branches that start as the identity)."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
