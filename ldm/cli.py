@@ -34,6 +34,31 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
 
 
+BOOLEAN_LITERALS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
+SWITCHES = ("-t", "--train", "--no_test", "--no-test", "-d", "--debug")
+
+
+def normalise_boolean_flags(argv: list[str]) -> list[str]:
+    """Accept the original main.py's optional booleans (`-t True`, `--no-test false`, bare `--scale_lr`) without
+    letting a flag swallow the KEY=VALUE override that follows it."""
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        value = argv[index + 1] if index + 1 < len(argv) else None
+        has_literal = value is not None and value.lower() in BOOLEAN_LITERALS
+        if token in SWITCHES and has_literal:
+            out += [token] if str2bool(value) else []
+            index += 2
+            continue
+        if token == "--scale_lr" and not has_literal:
+            out += [token, "true"]
+        else:
+            out.append(token)
+        index += 1
+    return out
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description,
@@ -46,12 +71,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("-b", "--base", nargs="*", metavar="config.yaml", default=[],
                         help="config files, merged left to right (after a resumed run's saved configs)")
     parser.add_argument("-t", "--train", action="store_true", help="train; without it only the test stage runs")
-    parser.add_argument("--no_test", action="store_true", help="skip the test stage after training")
+    parser.add_argument("--no_test", "--no-test", action="store_true", help="skip the test stage after training")
     parser.add_argument("-p", "--postfix", default="", help="appended to the log dir name")
     parser.add_argument("-d", "--debug", action="store_true", help="write the run under <logdir>/debug_runs/")
     parser.add_argument("-s", "--seed", type=int, default=23, help="seed for weights, data order and noise")
     parser.add_argument("-l", "--logdir", default="logs", help="parent folder of run folders")
-    parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
+    parser.add_argument("--scale_lr", type=str2bool, default=True,
                         help="lr = accumulate_grad_batches * devices * num_nodes * batch_size * base_learning_rate "
                              "(default true; --scale_lr false uses base_learning_rate as is)")
     return parser
@@ -145,7 +170,7 @@ def run_name(opt: argparse.Namespace, now: str) -> str:
 
 def main(description: str, argv: list[str] | None = None) -> int:
     parser = build_parser(description)
-    opt, dotlist = parser.parse_known_args(argv)
+    opt, dotlist = parser.parse_known_args(normalise_boolean_flags(sys.argv[1:] if argv is None else argv))
     try:
         return run(opt, dotlist)
     except (ConfigError, CheckpointError) as err:
@@ -194,9 +219,10 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
         print(f"data: {type(datamodule).__name__}\n{datamodule.describe()}")
     model = instantiate_from_config(model_config_for(config.model, training=opt.train))
     base_lr = float(config.model.get("base_learning_rate", 0.0))
+    num_nodes = getattr(fabric.strategy, "num_nodes", 1)  # `fabric run --num-nodes` may override the config
     model.learning_rate, how = scaled_learning_rate(
-        base_lr, trainer_cfg.accumulate_grad_batches, fabric.world_size // trainer_cfg.num_nodes,
-        trainer_cfg.num_nodes, datamodule.batch_size, opt.scale_lr)
+        base_lr, trainer_cfg.accumulate_grad_batches, fabric.world_size // num_nodes, num_nodes,
+        datamodule.batch_size, opt.scale_lr)
     if fabric.is_global_zero:
         parameters = sum(p.numel() for p in model.parameters())
         print(f"model: {type(model).__name__}, {parameters / 1e6:.2f}M parameters\n{how}")

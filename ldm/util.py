@@ -112,4 +112,9 @@ def instantiate_from_config(config: Any, **extra_params: Any) -> Any:
     params.update(extra_params)
     params_where = config_path(config, "params", f"{where}.params") if isinstance(config, DictConfig) else f"{where}.params"
     check_arguments(cls, params, params_where)
-    return cls(**params)
+    try:
+        return cls(**params)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:  # the constructor refused a value: say which config it came from
+        raise ConfigError(f"{params_where}: {cls.__qualname__}: {err}") from err

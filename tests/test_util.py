@@ -82,3 +82,14 @@ def test_original_main_targets_are_aliased():
     from ldm.data.base import DataModuleFromConfig
     from ldm.util import get_obj_from_str
     assert get_obj_from_str("main.DataModuleFromConfig") is DataModuleFromConfig
+
+
+class Picky:
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+
+
+def test_a_constructor_refusing_a_value_names_the_config():
+    with pytest.raises(ConfigError, match=r"^model.params: Picky: size must be >= 1, got 0$"):
+        build("model: {target: tests.test_util.Picky, params: {size: 0}}")

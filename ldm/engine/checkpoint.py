@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,31 @@ def step_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def atomic_link(source: Path, target: Path) -> None:
+    """Make `target` the same file as `source` in one rename (a copy where hard links are not supported)."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Temporary files a killed writer left behind (ours never outlive the call that made them)."""
+    for stale in directory.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
 def save_rotating(state: dict, directory: str | Path, step: int, keep_last_k: int) -> Path:
-    """Save `step=<step>.ckpt` and `last.ckpt` (both atomic), then delete step files beyond the newest `keep_last_k`."""
+    """Save `step=<step>.ckpt` and point `last.ckpt` at it (both atomic, the state serialised once), then delete
+    step files beyond the newest `keep_last_k`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory)
     step_path = directory / f"step={step}.ckpt"
     atomic_torch_save(state, step_path)
-    atomic_torch_save(state, directory / LAST)
+    atomic_link(step_path, directory / LAST)
     if keep_last_k > 0:
         for old in step_checkpoints(directory)[:-keep_last_k]:
             old.unlink()

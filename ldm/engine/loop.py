@@ -20,14 +20,11 @@ from tqdm.auto import tqdm
 
 from ldm.engine import checkpoint as ckpt
 from ldm.engine.config import TrainerConfig, fabric_kwargs
+from ldm.engine.guard import NonFiniteLossError, StepGuard, describe_loss, gradient_norm
 from ldm.engine.images import save_images
 from ldm.engine.interface import optional_hook
 from ldm.engine.loggers import RunLogger
 from ldm.engine.signals import PreemptionFlags
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Too many consecutive steps with a NaN/Inf loss; the last good checkpoint is left as it was."""
 
 
 def _as_optimizers(configured: Any) -> tuple[list, list]:
@@ -55,7 +52,8 @@ class Trainer:
         self.global_step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
-        self.bad_steps = 0
+        self.guard = StepGuard(self.fabric, config.max_bad_steps)
+        self.mid_step = False  # between the first and the last optimizer.step() of one global step
         self.raw_model: torch.nn.Module | None = None
         self.module = None  # the Fabric-wrapped model, once set up
         self.run_config: dict = {}
@@ -118,9 +116,19 @@ class Trainer:
             "global_step": self.global_step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "rng": ckpt.capture_rng_state(),
+            "rng": self._rng_states(),
+            "precision": self.fabric.strategy.precision.state_dict(),  # the fp16 grad scaler, if any
             "config": self.run_config,
         }
+
+    def _rng_states(self, gather: bool = True) -> list[dict]:
+        """Every rank's RNG state, in rank order (each rank draws its own noise)."""
+        local = ckpt.capture_rng_state()
+        if not gather or self.fabric.world_size == 1:
+            return [local]
+        states: list = [None] * self.fabric.world_size
+        torch.distributed.all_gather_object(states, local)
+        return states
 
     def save_checkpoint(self, optimizers, schedulers) -> None:
         state = self.state(optimizers, schedulers)
@@ -146,8 +154,14 @@ class Trainer:
         self.global_step = int(checkpoint["global_step"])
         self.epoch = int(checkpoint["epoch"])
         self.batch_in_epoch = int(checkpoint.get("batch_in_epoch", 0))
-        if "rng" in checkpoint:
-            ckpt.restore_rng_state(checkpoint["rng"])
+        self.fabric.strategy.precision.load_state_dict(checkpoint.get("precision", {}))
+        rng = checkpoint.get("rng", [])
+        if len(rng) == self.fabric.world_size:
+            ckpt.restore_rng_state(rng[self.fabric.global_rank])
+        else:
+            tqdm.write(f"resume: the checkpoint holds RNG states of {len(rng)} rank(s), this run has "
+                       f"{self.fabric.world_size}; reseeding (noise will differ from an uninterrupted run)")
+            self._seed_rank()
 
     # -------------------------------------------------------------------------------------------- training
     @contextmanager
@@ -167,21 +181,13 @@ class Trainer:
             for p in frozen:
                 p.requires_grad_(True)
 
-    def _check_finite(self, loss: torch.Tensor, scalars: dict, optimizer_idx: int) -> bool:
-        finite = torch.isfinite(loss.detach()).all().float()
-        finite = self.fabric.all_reduce(finite, reduce_op="min") if self.fabric.world_size > 1 else finite
-        if finite.item() == 1.0:
-            self.bad_steps = 0
-            return True
-        self.bad_steps += 1
-        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in scalars.items())
-        message = (f"non-finite loss at global step {self.global_step} (optimizer {optimizer_idx}): "
-                   f"loss={float(loss.detach()):.4g}; terms: {terms or 'none logged'}")
-        if self.bad_steps > self.config.max_bad_steps:
-            raise NonFiniteLossError(f"{message}. {self.bad_steps} bad steps in a row (trainer.max_bad_steps="
-                                     f"{self.config.max_bad_steps}); stopping, the last checkpoint is untouched")
-        tqdm.write(f"skipping step: {message}")
-        return False
+    def _seed_rank(self) -> None:
+        """After set-up (all ranks hold the same weights), let each rank draw its own noise."""
+        torch.manual_seed(self.seed + 1000003 * self.fabric.global_rank + self.global_step)
+
+    @property
+    def _scaler(self):
+        return getattr(self.fabric.strategy.precision, "scaler", None)
 
     def _max_steps_reached(self) -> bool:
         return 0 <= self.config.max_steps <= self.global_step
@@ -192,10 +198,11 @@ class Trainer:
         if resume is not None:
             model.load_state_dict(resume["state_dict"])
         module, optimizers, schedulers = self._setup(model)
+        self.problems: list[list[str]] = [[] for _ in optimizers]
         if resume is not None:
             self._restore(resume, optimizers, schedulers)
-        # After set-up (all ranks hold the same weights), let each rank draw its own noise.
-        torch.manual_seed(self.seed + 1000003 * self.fabric.global_rank + self.global_step)
+        else:
+            self._seed_rank()
 
         loader = datamodule.dataloader("train", self.fabric.global_rank, self.fabric.world_size, self.seed,
                                        drop_last=False)
@@ -220,15 +227,27 @@ class Trainer:
         except (NonFiniteLossError, SystemExit):
             raise
         except BaseException:
-            # Keep what was learnt: the state at the last optimizer step is consistent, save it and re-raise.
-            if self.is_global_zero and self.logdir is not None and not self.sharded:
-                state = self.state(optimizers, schedulers)
-                ckpt.atomic_torch_save(state, self.logdir / "checkpoints" / ckpt.LAST)
-                tqdm.write(f"exception: saved {self.logdir / 'checkpoints' / ckpt.LAST} at step {self.global_step}")
+            self._save_after_exception(optimizers, schedulers)
             raise
         finally:
             flags.uninstall()
             progress.close()
+
+    def _save_after_exception(self, optimizers, schedulers) -> None:
+        """Keep what was learnt: the state after the last complete optimizer step is consistent, save it.
+
+        Not when the exception came between two optimizers' steps of one global step (a GAN's generator stepped,
+        its discriminator not), nor under FSDP (gathering needs every rank, which may be gone)."""
+        path = self.logdir / "checkpoints" / ckpt.LAST if self.logdir is not None else None
+        if not self.is_global_zero or path is None:
+            return
+        if self.mid_step or self.sharded:
+            tqdm.write(f"exception at step {self.global_step}: {path} left as it was "
+                       f"({'mid-step' if self.mid_step else 'sharded model'})")
+            return
+        state = self.state(optimizers, schedulers) | {"rng": self._rng_states(gather=False)}
+        ckpt.atomic_torch_save(state, path)
+        tqdm.write(f"exception: saved {path} at step {self.global_step}")
 
     def _train_epochs(self, module, optimizers, schedulers, loader, sampler, batch_size: int, val_loader,
                       batches_per_epoch: int, flags, progress) -> None:
@@ -264,10 +283,7 @@ class Trainer:
                 if val_loader is not None and cfg.val_check_interval > 0 and \
                         self.global_step % cfg.val_check_interval == 0:
                     self.validate(module, val_loader)
-                save_now = self.fabric.strategy.reduce_boolean_decision(flags.save_requested, all=False) \
-                    if self.fabric.world_size > 1 else flags.save_requested
-                exit_now = self.fabric.strategy.reduce_boolean_decision(flags.exit_requested, all=False) \
-                    if self.fabric.world_size > 1 else flags.exit_requested
+                save_now, exit_now = self._signalled(flags)
                 if save_now or self.global_step % cfg.checkpoint.every_n_steps == 0 or self._max_steps_reached():
                     self.save_checkpoint(optimizers, schedulers)
                     flags.clear_save()
@@ -284,30 +300,57 @@ class Trainer:
             if cfg.max_epochs >= 0 and self.epoch >= cfg.max_epochs:
                 self.save_checkpoint(optimizers, schedulers)
 
+    def _signalled(self, flags) -> tuple[bool, bool]:
+        """(save, exit) requested on any rank; one snapshot of both flags, one collective."""
+        requested = torch.tensor([flags.save_requested or flags.exit_requested, flags.exit_requested],
+                                 dtype=torch.float32, device=self.fabric.device)
+        if self.fabric.world_size > 1:
+            requested = self.fabric.all_reduce(requested, reduce_op="max") * self.fabric.world_size
+        return bool(requested[0] > 0), bool(requested[1] > 0)
+
     def _micro_step(self, module, optimizers, schedulers, batch, batch_idx: int, accumulate: int,
                     boundary: bool) -> dict:
-        """Forward and backward of one batch for every optimizer; optimizer steps on accumulation boundaries."""
+        """Forward and backward of one batch for every optimizer; optimizer steps on accumulation boundaries.
+
+        A non-finite loss in any micro-batch marks that optimizer's step bad: its later micro-batches add no
+        gradient and the step is skipped (no partial step on the remaining micro-batches)."""
         logged: dict = {}
         for index, optimizer in enumerate(optimizers):
             self.raw_model.global_step = self.global_step
             with self._only_optimizing(optimizers, index):
                 with self.fabric.no_backward_sync(module, enabled=not boundary):
                     loss, scalars = module.training_step(batch, batch_idx, index)
-                    if self._check_finite(loss, scalars, index):
+                    if not self.problems[index] and not self.guard.all_finite(loss):
+                        self.problems[index].append(describe_loss(loss, scalars, index))
+                    if not self.problems[index]:
                         self.fabric.backward(loss / accumulate)
-                    else:
-                        optimizer.zero_grad(set_to_none=True)
-                        continue
                 logged.update({k: float(v) for k, v in scalars.items()})
                 if boundary:
-                    if self.config.gradient_clip_val > 0:
-                        norm = self.fabric.clip_gradients(module, optimizer, max_norm=self.config.gradient_clip_val)
-                        logged[f"train/grad_norm_{index}"] = float(norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if index < len(schedulers):
-                        schedulers[index].step()
+                    self._optimizer_step(module, optimizer, index, schedulers, logged)
+        if boundary:
+            self.mid_step = False
+            self.guard.end_step(self.global_step, [p for problems in self.problems for p in problems])
+            self.problems = [[] for _ in optimizers]
         return logged
+
+    def _optimizer_step(self, module, optimizer, index: int, schedulers, logged: dict) -> None:
+        """Clip, check the gradients (unless the fp16 grad scaler does), then step, or skip a bad step."""
+        problems = self.problems[index]
+        if not problems:
+            if self.config.gradient_clip_val > 0:
+                norm = self.fabric.clip_gradients(module, optimizer, max_norm=self.config.gradient_clip_val,
+                                                  error_if_nonfinite=False)
+                logged[f"train/grad_norm_{index}"] = float(norm)
+            elif self._scaler is None:
+                norm = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
+            if self._scaler is None and not self.guard.all_finite(norm):
+                problems.append(f"gradient norm of optimizer {index} = {float(norm):.4g}")
+        if not problems:
+            self.mid_step = True
+            optimizer.step()  # with fp16 the scaler skips steps whose gradients overflowed
+            if index < len(schedulers):
+                schedulers[index].step()
+        optimizer.zero_grad(set_to_none=True)
 
     def _log_step(self, scalars: dict, optimizers, rate: float, progress) -> None:
         lrs = {f"lr/optimizer_{i}": opt.param_groups[0]["lr"] for i, opt in enumerate(optimizers)}

@@ -59,3 +59,14 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     ckpt.restore_rng_state(ckpt.load_checkpoint(tmp_path / "r.ckpt")["rng"])
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_last_is_the_newest_step_file_and_survives_its_rotation(tmp_path):
+    (tmp_path / ".last.ckpt.tmp-999999").write_bytes(b"torn")  # left by a killed writer
+    ckpt.save_rotating({"state_dict": {}, "global_step": 1}, tmp_path, 1, keep_last_k=1)
+    assert not list(tmp_path.glob(".*.tmp-*"))
+    ckpt.save_rotating({"state_dict": {}, "global_step": 2}, tmp_path, 2, keep_last_k=1)
+    assert (tmp_path / "last.ckpt").samefile(tmp_path / "step=2.ckpt")
+    ckpt.save_rotating({"state_dict": {}, "global_step": 3}, tmp_path, 3, keep_last_k=1)
+    assert not (tmp_path / "step=2.ckpt").exists()
+    assert ckpt.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 3

@@ -29,10 +29,12 @@ def test_train_writes_the_run_folder(tmp_path):
 
 
 def test_resume_from_logdir_matches_a_straight_run(tmp_path):
+    # noise_std: the loss depends on the RNG, so the RNG state must be resumed too
+    options = ("model.params.use_scheduler=true", "model.params.noise_std=0.5")
     straight = tmp_path / "straight"
-    assert run_cli(straight, "-t", "--no_test", "trainer.max_steps=10", "model.params.use_scheduler=true") == 0
+    assert run_cli(straight, "-t", "--no_test", "trainer.max_steps=10", *options) == 0
     split = tmp_path / "split"
-    assert run_cli(split, "-t", "--no_test", "trainer.max_steps=6", "model.params.use_scheduler=true") == 0
+    assert run_cli(split, "-t", "--no_test", "trainer.max_steps=6", *options) == 0
     run = only_run_dir(split)
     assert load_last(run)["global_step"] == 6
     assert main_resume(run, "trainer.max_steps=10") == 0
@@ -76,7 +78,8 @@ def test_scale_lr_reaches_the_model(tmp_path, capsys):
 
 
 def test_debug_runs_go_to_their_own_folder(tmp_path):
-    assert run_cli(tmp_path / "logs", "-t", "--no_test", "-d", "-n", "dbg", "trainer.max_steps=1") == 0
+    # original main.py spellings: optional booleans and --no-test
+    assert run_cli(tmp_path / "logs", "-t", "True", "--no-test", "-d", "-n", "dbg", "trainer.max_steps=1") == 0
     runs = list((tmp_path / "logs" / "debug_runs").iterdir())
     assert len(runs) == 1 and runs[0].name.endswith("_dbg")
 
@@ -88,6 +91,8 @@ def test_debug_runs_go_to_their_own_folder(tmp_path):
     (["model.params.two_optimisers=true", "-t"], "model.params: unknown argument 'two_optimisers' for ToyRegressor"),
     (["data.params.train.target=ldm.data.nope.Data", "-t"],
      "data.params.train.target: cannot import 'ldm.data.nope.Data' (no module ldm.data.nope)"),
+    (["data.params.train.params.length=0", "-t"],
+     "data.params: DataModuleFromConfig: data.params.train: the train dataset (RegressionData) is empty"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, args, message):
     assert run_cli(tmp_path / "logs", *args) == 2

@@ -82,3 +82,11 @@ def test_fabric_run_flags_win_over_the_config(monkeypatch):
     monkeypatch.setenv("LT_DEVICES", "2")
     kwargs = fabric_kwargs(cfg)
     assert "devices" not in kwargs and kwargs["precision"] == "bf16-mixed"
+
+
+def test_original_optional_boolean_spellings():
+    from ldm.cli import normalise_boolean_flags
+    assert normalise_boolean_flags(["-t", "True", "--no-test", "false", "a=1"]) == ["-t", "a=1"]
+    assert normalise_boolean_flags(["-t", "trainer.max_steps=3", "--scale_lr"]) == \
+        ["-t", "trainer.max_steps=3", "--scale_lr", "true"]
+    assert normalise_boolean_flags(["--scale_lr", "False", "-d"]) == ["--scale_lr", "False", "-d"]

@@ -48,7 +48,8 @@ def test_accumulation_equals_a_larger_batch(tmp_path):
 
 
 def test_nan_loss_skips_then_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 6 .*terms: train/loss=nan"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite values at global step 6: loss of optimizer 0 = nan "
+                                                 r"\(terms: train/loss=nan\)"):
         run_cli(tmp_path, "-t", "--no_test", "model.params.nan_from_step=4", "trainer.max_bad_steps=2",
                 "trainer.checkpoint.every_n_steps=4", "trainer.max_steps=20")
     run = only_run_dir(tmp_path)
@@ -56,6 +57,33 @@ def test_nan_loss_skips_then_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
     assert checkpoint["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
     assert capsys.readouterr().out.count("skipping step") == 2
+
+
+def test_nan_guard_counts_steps_not_losses_with_two_optimizers(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="3 bad steps in a row"):
+        run_cli(tmp_path, "-t", "--no_test", "model.params.two_optimizers=true", "model.params.nan_from_step=4",
+                "trainer.max_bad_steps=2", "trainer.max_steps=20")
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_infinite_gradients_are_skipped_not_stepped(tmp_path, capsys, clip):
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm of optimizer 0 = (inf|nan)"):
+        run_cli(tmp_path, "-t", "--no_test", "model.params.inf_grad_from_step=3", "trainer.max_bad_steps=2",
+                f"trainer.gradient_clip_val={clip}", "trainer.checkpoint.every_n_steps=1", "trainer.max_steps=20")
+    run = only_run_dir(tmp_path)
+    for path in run.glob("checkpoints/*.ckpt"):
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), path
+    assert load_last(run)["global_step"] == 5  # steps 3 and 4 skipped (and saved unchanged), step 5 stops
+
+
+def test_a_bad_micro_batch_skips_the_whole_accumulated_step(tmp_path):
+    # The second of four micro-batches is NaN: the step is skipped entirely, not taken on the other three.
+    second_item = torch.randperm(32, generator=torch.Generator().manual_seed(23)).tolist()[1]  # sampler order
+    assert run_cli(tmp_path, "-t", "--no_test", "trainer.max_steps=2", "trainer.accumulate_grad_batches=4",
+                   "data.params.batch_size=1", f"model.params.nan_item={second_item}") == 0
+    checkpoint = load_last(only_run_dir(tmp_path))
+    assert checkpoint["optimizer_states"][0]["state"][0]["step"] == 1  # 2 global steps, 1 optimizer step
 
 
 def test_an_exception_saves_the_last_consistent_state(tmp_path):

@@ -24,13 +24,27 @@ class RegressionData(Dataset):
         return {"image": self.x[index], "target": self.y[index : index + 1], "index": index}
 
 
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
 class ToyRegressor(nn.Module):
     """Linear regression; `two_optimizers` adds a second parameter group stepped by its own optimizer (a GAN's shape);
     `nan_from_step` makes the loss NaN from that global step on; `sleep_s` slows each step (signal tests);
-    `raise_at_step` raises an exception at that step."""
+    `raise_at_step` raises an exception at that step; `inf_grad_from_step` gives infinite gradients from that step
+    on; `nan_item` makes the loss NaN for batches holding that dataset item; `noise_std` adds random noise to the prediction (so the run depends on the RNG state)."""
 
     def __init__(self, two_optimizers: bool = False, nan_from_step: int = -1, use_scheduler: bool = False,
-                 sleep_s: float = 0.0, raise_at_step: int = -1):
+                 sleep_s: float = 0.0, raise_at_step: int = -1, inf_grad_from_step: int = -1,
+                 noise_std: float = 0.0, nan_item: int = -1):
         super().__init__()
         self.linear = nn.Linear(16, 1)
         self.critic = nn.Linear(16, 1) if two_optimizers else None
@@ -38,6 +52,9 @@ class ToyRegressor(nn.Module):
         self.use_scheduler = use_scheduler
         self.sleep_s = sleep_s
         self.raise_at_step = raise_at_step
+        self.inf_grad_from_step = inf_grad_from_step
+        self.noise_std = noise_std
+        self.nan_item = nan_item
         self.learning_rate = 0.0
         self.global_step = 0
         self.seen_indices: list[int] = []
@@ -52,8 +69,11 @@ class ToyRegressor(nn.Module):
 
     def _loss(self, batch) -> torch.Tensor:
         prediction = self.linear(batch["image"].flatten(1))
+        prediction = prediction + self.noise_std * torch.randn_like(prediction)
+        if 0 <= self.inf_grad_from_step <= self.global_step:
+            prediction = InfiniteGradient.apply(prediction)
         loss = (prediction - batch["target"]).pow(2).mean()
-        if 0 <= self.nan_from_step <= self.global_step:
+        if 0 <= self.nan_from_step <= self.global_step or self.nan_item in batch["index"].tolist():
             loss = loss * float("nan")
         return loss
 

@@ -1,0 +1,54 @@
+"""The NaN/Inf guard: decide, identically on every rank, whether a step's losses and gradients are finite."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive steps with a NaN/Inf loss or gradient; the last good checkpoint is left as it was."""
+
+
+def gradient_norm(parameters) -> torch.Tensor:
+    """2-norm of this rank's gradients (a local shard under FSDP: enough to tell finite from not)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads]))
+
+
+class StepGuard:
+    """Counts consecutive bad optimizer steps; the step after more than `max_bad_steps` of them raises.
+
+    A step is bad when any of its losses (any optimizer, any micro-batch) or any gradient is not finite; a bad step
+    is skipped on every rank (the decision is all-reduced, so ranks never disagree about stepping).
+    """
+
+    def __init__(self, fabric, max_bad_steps: int):
+        self.fabric = fabric
+        self.max_bad_steps = max_bad_steps
+        self.bad_in_a_row = 0
+
+    def all_finite(self, value: torch.Tensor) -> bool:
+        finite = torch.isfinite(value.detach()).all().float().to(self.fabric.device)
+        if self.fabric.world_size > 1:
+            finite = self.fabric.all_reduce(finite, reduce_op="min")
+        return bool(finite.item() == 1.0)
+
+    def end_step(self, global_step: int, problems: list[str]) -> None:
+        """Record one optimizer step; `problems` describes what was not finite (empty for a good step)."""
+        if not problems:
+            self.bad_in_a_row = 0
+            return
+        self.bad_in_a_row += 1
+        message = f"non-finite values at global step {global_step}: " + "; ".join(problems)
+        if self.bad_in_a_row > self.max_bad_steps:
+            raise NonFiniteLossError(f"{message}. {self.bad_in_a_row} bad steps in a row (trainer.max_bad_steps="
+                                     f"{self.max_bad_steps}); stopping, the last checkpoint is untouched")
+        if self.fabric.is_global_zero:
+            tqdm.write(f"skipping step: {message}")
+
+
+def describe_loss(loss: torch.Tensor, scalars: dict, optimizer_idx: int) -> str:
+    terms = ", ".join(f"{k}={float(v):.4g}" for k, v in scalars.items())
+    return f"loss of optimizer {optimizer_idx} = {float(loss.detach()):.4g} (terms: {terms or 'none logged'})"
