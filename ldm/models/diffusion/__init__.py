@@ -1,0 +1,1 @@
+"""Diffusion models: schedules, the Gaussian process and its losses, conditioning, samplers, DDPM / LatentDiffusion."""

@@ -1,0 +1,189 @@
+"""Samplers of the reverse process, all with one signature (k-diffusion style):
+
+    sample_<name>(model, x, timesteps, diffusion, extra_args=None, callback=None, generator=None, **options) -> x0
+
+- `model(x_t, t, **extra_args)` returns the raw network output, x_t: (B, C, *spatial), t: (B,) int64;
+- `x`: the starting noise x_T, (B, C, *spatial), 2D or 3D;
+- `timesteps`: the timesteps to visit, strictly decreasing (see `timestep_schedule`); after the last one the sampler
+  steps to clean data (index -1, alpha_bar = 1);
+- `diffusion`: the `GaussianDiffusion` that says what the output means (eps, x0 or v);
+- `callback({"i", "t", "x", "x0"})` after every step, `generator` for the injected noise (the deterministic samplers
+  take it and draw nothing).
+Adding a solver is adding one function to `SAMPLERS`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from ldm.models.diffusion.gaussian_diffusion import GaussianDiffusion
+
+ModelFn = Callable[..., torch.Tensor]
+SPACINGS = ("uniform", "trailing", "quad")
+
+
+def timestep_schedule(num_timesteps: int, steps: int, spacing: str = "uniform") -> torch.Tensor:
+    """Up to `steps` distinct timesteps out of 0..num_timesteps-1, decreasing: (n,) int64.
+
+    uniform: floor(i T / steps) (DDIM's "leading" spacing, starts at 0); trailing: ends at T - 1, which a zero
+    terminal SNR schedule needs; quad: floor((i sqrt(0.8 T) / (steps - 1))^2) as in the DDIM paper's code, whose
+    repeats near 0 (a no-op step there) are dropped, so it can give fewer than `steps` timesteps.
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"sampler steps must be in [1, {num_timesteps}], got {steps}")
+    index = torch.arange(steps, dtype=torch.float64)
+    if spacing == "uniform":
+        timesteps = torch.floor(index * num_timesteps / steps)
+    elif spacing == "trailing":
+        timesteps = torch.round(num_timesteps - index * num_timesteps / steps) - 1
+    elif spacing == "quad":
+        timesteps = torch.floor(torch.linspace(0, math.sqrt(num_timesteps * 0.8), steps, dtype=torch.float64) ** 2)
+    else:
+        raise ValueError(f"timestep spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
+    return timesteps.long().unique().flip(0)
+
+
+def _denoise(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor,
+             extra_args: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    return diffusion.predict(x, t, model(x, t, **extra_args))
+
+
+def _steps(x: torch.Tensor, timesteps: torch.Tensor):
+    """(i, t, s) per step as (B,) int64 tensors: from t to the next timestep s (-1 after the last)."""
+    timesteps = timesteps.to(x.device, torch.long)
+    if len(timesteps) > 1 and not bool((timesteps[1:] < timesteps[:-1]).all()):
+        raise ValueError("sampler timesteps must be strictly decreasing")
+    following = torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
+    for i, (t, s) in enumerate(zip(timesteps, following)):
+        yield i, t.expand(x.shape[0]), s.expand(x.shape[0])
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def sample_ddpm(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffusion: GaussianDiffusion,
+                extra_args: dict[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020): x_s ~ q(x_s | x_t, x0_hat). Over all T timesteps this is DDPM; over a
+    subset, the same posterior between the visited timesteps."""
+    extra_args = extra_args or {}
+    x = x.float()
+    for i, t, s in _steps(x, timesteps):
+        x0, _ = _denoise(model, diffusion, x, t, extra_args)
+        mean, variance = diffusion.posterior(x0, x, t, s)
+        x = mean + variance.sqrt() * _noise_like(x, generator)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
+def _ddim_step(diffusion: GaussianDiffusion, x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor,
+               sigma_sq: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Mean of DDIM's x_s (Song et al. 2021, eq. 12): sqrt(alpha_bar_s) x0 + sqrt(1 - alpha_bar_s - sigma^2) eps."""
+    alpha_bar_s = diffusion.alpha_bar(s, x0.ndim)
+    return alpha_bar_s.sqrt().float() * x0 + (1 - alpha_bar_s - sigma_sq).clamp(min=0).sqrt().float() * eps
+
+
+@torch.no_grad()
+def sample_ddim(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffusion: GaussianDiffusion,
+                extra_args: dict[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
+                generator: torch.Generator | None = None, eta: float = 0.0) -> torch.Tensor:
+    """DDIM: x_s = `_ddim_step` + sigma z, with sigma^2 = eta^2 times the posterior variance. eta = 0 is
+    deterministic (Euler on the probability-flow ODE), eta = 1 is ancestral sampling."""
+    extra_args = extra_args or {}
+    x = x.float()
+    for i, t, s in _steps(x, timesteps):
+        x0, eps = _denoise(model, diffusion, x, t, extra_args)
+        sigma_sq = eta ** 2 * diffusion.posterior_variance(t, s, x.ndim)
+        x = _ddim_step(diffusion, x0, eps, s, sigma_sq)
+        if eta:
+            x = x + sigma_sq.sqrt().float() * _noise_like(x, generator)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
+# Adams-Bashforth weights for the newest eps first, by the number of earlier eps available (PNDM's table).
+_ADAMS_BASHFORTH = {1: (1.5, -0.5), 2: (23 / 12, -16 / 12, 5 / 12), 3: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+@torch.no_grad()
+def sample_plms(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffusion: GaussianDiffusion,
+                extra_args: dict[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """PLMS (Liu et al. 2022, PNDM): deterministic DDIM steps driven by a linear multistep (Adams-Bashforth, up to
+    4th order) combination of the latest eps predictions; the first step averages eps at both ends (Heun), which
+    costs one extra network call."""
+    extra_args = extra_args or {}
+    x = x.float()
+    if diffusion.alpha_bar(timesteps[:1].to(x.device), 1).item() == 0:
+        raise ValueError("plms cannot start at alpha_bar = 0 (zero terminal SNR): x0 is not defined by eps there; "
+                         "use ddim or dpmpp_2m")
+    history: list[torch.Tensor] = []
+    for i, t, s in _steps(x, timesteps):
+        _, eps = _denoise(model, diffusion, x, t, extra_args)
+        if history:
+            weights = _ADAMS_BASHFORTH[min(len(history), 3)]
+            eps_prime = sum(w * e for w, e in zip(weights, [eps, *reversed(history[-3:])]))
+        elif s[0] >= 0:
+            x_next = _ddim_step(diffusion, diffusion.predict_x0_from_eps(x, t, eps), eps, s)
+            eps_prime = (eps + _denoise(model, diffusion, x_next, s, extra_args)[1]) / 2
+        else:
+            eps_prime = eps
+        history.append(eps)
+        x0 = diffusion.predict_x0_from_eps(x, t, eps_prime)
+        x = _ddim_step(diffusion, x0, eps_prime, s)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
+def _half_log_snr(diffusion: GaussianDiffusion, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """lambda = log(sqrt(alpha_bar) / sqrt(1 - alpha_bar)), float64 (-inf where alpha_bar = 0)."""
+    alpha_bar = diffusion.alpha_bar(t, ndim)
+    return 0.5 * (alpha_bar.log() - torch.log1p(-alpha_bar))
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffusion: GaussianDiffusion,
+                    extra_args: dict[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): exponential integrator in lambda on x0 predictions,
+    x_s = sigma_s / sigma_t x_t - sqrt(alpha_bar_s) (e^{-h} - 1) D with h = lambda_s - lambda_t and D the
+    second-order extrapolation (1 + 1/2r) x0 - 1/2r x0_prev, r = h_prev / h; the first step and the step into clean
+    data are first order (D = x0)."""
+    extra_args = extra_args or {}
+    x = x.float()
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (x0, h) of the last step
+    for i, t, s in _steps(x, timesteps):
+        x0, _ = _denoise(model, diffusion, x, t, extra_args)
+        if s[0] < 0:
+            x = x0
+        else:
+            h = _half_log_snr(diffusion, s, x.ndim) - _half_log_snr(diffusion, t, x.ndim)
+            extrapolated = x0
+            if previous is not None:
+                half_inverse_ratio = (h / (2 * previous[1])).float()
+                extrapolated = (1 + half_inverse_ratio) * x0 - half_inverse_ratio * previous[0]
+            alpha_bar_t, alpha_bar_s = diffusion.alpha_bar(t, x.ndim), diffusion.alpha_bar(s, x.ndim)
+            sigma_ratio = ((1 - alpha_bar_s) / (1 - alpha_bar_t)).sqrt().float()
+            x = sigma_ratio * x - (alpha_bar_s.sqrt() * torch.expm1(-h)).float() * extrapolated
+            previous = (x0, h)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "plms": sample_plms,
+                                                    "dpmpp_2m": sample_dpmpp_2m}
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """The sampler function called `name` (a key of `SAMPLERS`)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: unknown sampler {name!r} (available: {', '.join(SAMPLERS)})")
+    return SAMPLERS[name]

@@ -1,0 +1,64 @@
+"""Conditioning-stage encoders (`cond_stage_config` targets): class labels to tokens, masks to the latent grid.
+
+A conditioning encoder may define `null_condition(c) -> c_null`, the learned "no condition" that classifier-free
+guidance trains and samples with; without it the null condition is zeros.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ldm.modules.nn_dims import check_dims, conv_nd, spatial_dims
+
+
+class ClassEmbedder(nn.Module):
+    """Class labels (B,) int64 in [0, n_classes) -> one token each: (B, 1, embed_dim), for cross-attention.
+
+    One extra embedding row is the learned null class used for classifier-free guidance.
+    """
+
+    def __init__(self, embed_dim: int, n_classes: int = 1000):
+        super().__init__()
+        if n_classes < 1 or embed_dim < 1:
+            raise ValueError(f"ClassEmbedder: embed_dim and n_classes must be positive, got {embed_dim}, {n_classes}")
+        self.n_classes = n_classes
+        self.embedding = nn.Embedding(n_classes + 1, embed_dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels: (B,) int -> (B, 1, embed_dim)."""
+        if labels.ndim != 1 or labels.is_floating_point():
+            raise ValueError(f"ClassEmbedder: labels must be (B,) integers, got {tuple(labels.shape)} {labels.dtype}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
+            raise ValueError(f"ClassEmbedder: labels must be in [0, {self.n_classes}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        return self.embedding(labels.long())[:, None]
+
+    def null_condition(self, c: torch.Tensor) -> torch.Tensor:
+        """The learned null-class token, shaped like an output c: (B, 1, embed_dim)."""
+        null = self.embedding.weight[self.n_classes]
+        return null.to(c.dtype).expand_as(c)
+
+
+class MaskEncoder(nn.Module):
+    """A small trainable encoder taking a mask to the latent grid: (B, in_channels, *S) -> (B, out_channels, *S / 2**n).
+
+    A 3x3 convolution, then `n_stages` stride-2 3x3 convolutions (each halving every spatial axis, so n_stages must
+    be log2 of the first stage's downsampling factor), then a 1x1 projection; SiLU between them.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, n_stages: int, dims: int = 3, hidden_channels: int = 32):
+        super().__init__()
+        check_dims(dims, "MaskEncoder.dims")
+        if n_stages < 0:
+            raise ValueError(f"MaskEncoder: n_stages must be >= 0, got {n_stages}")
+        self.dims = dims
+        layers: list[nn.Module] = [conv_nd(dims, in_channels, hidden_channels, 3, padding=1)]
+        for _ in range(n_stages):
+            layers += [nn.SiLU(), conv_nd(dims, hidden_channels, hidden_channels, 3, stride=2, padding=1)]
+        layers += [nn.SiLU(), conv_nd(dims, hidden_channels, out_channels, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        """mask: (B, in_channels, *S) float -> (B, out_channels, *ceil(S / 2**n_stages))."""
+        spatial_dims(mask, self.dims)
+        return self.net(mask.to(self.net[0].weight.dtype))

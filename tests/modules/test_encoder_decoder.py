@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from ldm.modules.diffusionmodules.model import (AttentionBlock, Decoder, Encoder, Upsample, build_encoder_decoder)
+
+
+def _ddconfig(dims: int, **overrides) -> dict:
+    config = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], in_channels=2, out_ch=3,
+                  resolution=8, z_channels=4, double_z=True, dims=dims, norm_num_groups=4)
+    return {**config, **overrides}
+
+
+@pytest.mark.parametrize("dims,spatial", [(2, (8, 12)), (3, (8, 4, 6))])
+def test_shapes_round_trip(dims, spatial):
+    torch.manual_seed(0)
+    encoder, decoder = build_encoder_decoder(_ddconfig(dims))
+    x = torch.randn(2, 2, *spatial)
+    moments = encoder(x)
+    assert moments.shape == (2, 8, *[s // 2 for s in spatial])
+    assert decoder(moments[:, :4]).shape == (2, 3, *spatial)
+    assert encoder.factor == decoder.factor == 2
+
+
+def test_single_z_and_three_levels_3d():
+    encoder, decoder = build_encoder_decoder(_ddconfig(3, ch_mult=[1, 1, 2], double_z=False, attn_resolutions=[]))
+    z = encoder(torch.randn(1, 2, 8, 8, 8))
+    assert z.shape == (1, 4, 2, 2, 2)
+    assert decoder(z).shape == (1, 3, 8, 8, 8)
+
+
+def test_odd_sizes_fail_clearly_when_downsampling_and_work_without():
+    encoder, _ = build_encoder_decoder(_ddconfig(3))
+    with pytest.raises(ValueError, match=r"\[7, 8, 8\] is not divisible by the downsampling factor 2"):
+        encoder(torch.randn(1, 2, 7, 8, 8))
+    encoder, decoder = build_encoder_decoder(_ddconfig(2, ch_mult=[1], attn_resolutions=[], resolution=7))
+    assert decoder(encoder(torch.randn(1, 2, 7, 9))[:, :4]).shape == (1, 3, 7, 9)
+
+
+def test_attention_placement_by_level_size():
+    count = lambda module: sum(isinstance(m, AttentionBlock) for m in module.modules())
+    # per-axis resolution [8, 8, 4]: levels (8, 8, 4) and (4, 4, 2); an int matches a level's largest side
+    encoder, decoder = build_encoder_decoder(_ddconfig(3, resolution=[8, 8, 4], attn_resolutions=[4]))
+    assert count(encoder.down[0]) == 0 and count(encoder.down[1]) == 1  # one ResNet block, one attention
+    assert count(decoder.up[0]) == 2 and count(decoder.up[1]) == 0  # decoder levels: num_res_blocks + 1
+    encoder, _ = build_encoder_decoder(_ddconfig(3, resolution=[8, 8, 4], attn_resolutions=[[8, 8, 4]]))
+    assert count(encoder.down[0]) == 1 and count(encoder.down[1]) == 0
+    assert count(encoder.mid) == 1
+    with pytest.raises(ValueError, match="attn_resolutions entry 16 matches no level"):
+        build_encoder_decoder(_ddconfig(3, attn_resolutions=[16]))
+
+
+def test_attention_block_matches_reference_softmax_attention():
+    torch.manual_seed(0)
+    block = AttentionBlock(8, dims=3, num_groups=4)
+    x = torch.randn(2, 8, 2, 3, 4)
+    h = block.norm(x)
+    q, k, v = (t.flatten(2) for t in block.qkv(h).chunk(3, dim=1))  # (B, C, N)
+    weights = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k) / 8 ** 0.5, dim=-1)
+    out = torch.einsum("bnm,bcm->bcn", weights, v).reshape(2, 8, 2, 3, 4)
+    torch.testing.assert_close(block(x), x + block.proj_out(out), atol=1e-5, rtol=1e-5)
+
+
+def test_upsample_without_conv_is_nearest_repeat():
+    x = torch.randn(1, 2, 3, 5)
+    expected = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    torch.testing.assert_close(Upsample(2, dims=2, with_conv=False)(x), expected)
+
+
+def test_avgpool_resampling_round_trip():
+    encoder, decoder = build_encoder_decoder(_ddconfig(3, resamp_with_conv=False))
+    assert decoder(encoder(torch.randn(1, 2, 4, 8, 8))[:, :4]).shape == (1, 3, 4, 8, 8)
+
+
+def test_gradient_checkpointing_gives_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = Encoder(**{k: v for k, v in _ddconfig(3).items() if k != "out_ch"})
+    checkpointed = Encoder(**{k: v for k, v in _ddconfig(3, use_checkpoint=True).items() if k != "out_ch"})
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 2, 8, 8, 8)
+    out_plain, out_ckpt = plain(x), checkpointed(x)
+    torch.testing.assert_close(out_ckpt, out_plain)
+    out_plain.square().sum().backward()
+    out_ckpt.square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_config_errors_name_the_culprit():
+    with pytest.raises(ValueError, match="unknown key 'z_channel'"):
+        build_encoder_decoder({**_ddconfig(2), "z_channel": 4})
+    with pytest.raises(ValueError, match="missing key 'out_ch'"):
+        build_encoder_decoder({k: v for k, v in _ddconfig(2).items() if k != "out_ch"})
+    with pytest.raises(ValueError, match="not divisible by norm_num_groups=32"):
+        build_encoder_decoder(_ddconfig(2, norm_num_groups=32))
+    with pytest.raises(ValueError, match="resolution \\[8, 8\\] has 2 entries for dims=3"):
+        build_encoder_decoder(_ddconfig(3, resolution=[8, 8]))
+    with pytest.raises(ValueError, match="unsupported dims=4"):
+        build_encoder_decoder(_ddconfig(4))
+    with pytest.raises(ValueError, match="expected 4 latent channels"):
+        decoder = Decoder(**{k: v for k, v in _ddconfig(2).items() if k not in ("in_channels", "double_z")})
+        decoder(torch.randn(1, 8, 4, 4))
+    with pytest.raises(ValueError, match=r"expected a \(B, C, D, H, W\) tensor"):
+        build_encoder_decoder(_ddconfig(3))[0](torch.randn(1, 2, 8, 8))
+
+
+def test_channels_last_3d_matches_contiguous():
+    torch.manual_seed(0)
+    encoder, decoder = build_encoder_decoder(_ddconfig(3))
+    x = torch.randn(1, 2, 8, 8, 8)
+    expected = decoder(encoder(x)[:, :4])
+    encoder, decoder = (m.to(memory_format=torch.channels_last_3d) for m in (encoder, decoder))
+    out = decoder(encoder(x.to(memory_format=torch.channels_last_3d))[:, :4])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
