@@ -81,7 +81,9 @@ def test_not_a_mapping_and_not_a_dotted_path():
 def test_original_main_targets_are_aliased():
     from ldm.data.base import DataModuleFromConfig
     from ldm.util import get_obj_from_str
+    from ldm.models.diffusion.lr_schedules import LambdaLinearScheduler
     assert get_obj_from_str("main.DataModuleFromConfig") is DataModuleFromConfig
+    assert get_obj_from_str("ldm.lr_scheduler.LambdaLinearScheduler") is LambdaLinearScheduler
 
 
 class Picky:
