@@ -1,6 +1,4 @@
-import gzip
 import json
-import warnings
 
 import nibabel as nib
 import numpy as np

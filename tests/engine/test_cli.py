@@ -3,7 +3,6 @@ import subprocess
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from ldm.cli import scaled_learning_rate
 from tests.engine.helpers import cli_command, load_last, only_run_dir, run_cli, subprocess_env

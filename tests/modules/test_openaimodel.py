@@ -68,10 +68,10 @@ def test_anisotropic_3d_latents_and_float_timesteps():
 def test_3d_resampling_acts_on_all_three_axes():
     x = torch.randn(1, 2, 2, 4, 6)
     up = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
-    torch.testing.assert_close(Upsample(2, False, dims=3)(x), up)
+    torch.testing.assert_close(Upsample(2, dims=3, with_conv=False)(x), up)
     blocks_mean = x.reshape(1, 2, 1, 2, 2, 2, 3, 2).mean(dim=(3, 5, 7))
-    torch.testing.assert_close(Downsample(2, False, dims=3)(x), blocks_mean)
-    assert Downsample(2, True, dims=3)(x).shape == (1, 2, 1, 2, 3)
+    torch.testing.assert_close(Downsample(2, dims=3, with_conv=False)(x), blocks_mean)
+    assert Downsample(2, dims=3, with_conv=True)(x).shape == (1, 2, 1, 2, 3)
 
 
 @pytest.mark.parametrize("use_scale_shift_norm", [True, False])

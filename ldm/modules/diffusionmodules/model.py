@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import attention
-from ldm.modules.nn_dims import avg_pool_nd, check_dims, conv_nd, spatial_dims, upsample_nearest
+from ldm.modules.nn_dims import check_dims, conv_nd, spatial_dims
+from ldm.modules.resampling import Downsample, Upsample
 from ldm.modules.normalization import GroupNormAct
 
 
@@ -75,29 +76,6 @@ class AttentionBlock(_Checkpointed):
         h = attention(q, k, v)
         h = h.squeeze(1).transpose(1, 2).reshape(b, c, *spatial)
         return x + self.proj_out(h)
-
-
-class Downsample(nn.Module):
-    """Halve every spatial size: stride-2 3x3 conv, or 2x average pooling. x: (B, C, *S) -> (B, C, *S/2)."""
-
-    def __init__(self, channels: int, dims: int, with_conv: bool):
-        super().__init__()
-        self.op = (conv_nd(dims, channels, channels, 3, stride=2, padding=1) if with_conv
-                   else avg_pool_nd(dims, kernel_size=2, stride=2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Double every spatial size: nearest neighbour, then a 3x3 conv if `with_conv`. x: (B, C, *S) -> (B, C, *2S)."""
-
-    def __init__(self, channels: int, dims: int, with_conv: bool):
-        super().__init__()
-        self.conv = conv_nd(dims, channels, channels, 3, padding=1) if with_conv else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(upsample_nearest(x, 2))
 
 
 def _mid_block(channels: int, dropout: float, dims: int, num_groups: int, use_checkpoint: bool) -> nn.Sequential:

@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import CrossAttention, SpatialTransformer
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
-from ldm.modules.nn_dims import avg_pool_nd, conv_nd, spatial_dims, upsample_nearest, zero_module
+from ldm.modules.nn_dims import conv_nd, spatial_dims, zero_module
+from ldm.modules.resampling import Downsample, Upsample
 from ldm.modules.normalization import GroupNormAct
 
 # The original UNet's GroupNorm32 uses PyTorch's default eps, unlike the autoencoder and the transformer (1e-6).
@@ -25,31 +26,6 @@ UNET_NORM_EPS = 1e-5
 
 def _norm(channels: int, act: bool) -> GroupNormAct:
     return GroupNormAct(channels, eps=UNET_NORM_EPS, act=act)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 on every spatial axis, then a 3x3 convolution when `use_conv`."""
-
-    def __init__(self, channels: int, use_conv: bool, dims: int):
-        super().__init__()
-        self.conv = conv_nd(dims, channels, channels, 3, padding=1) if use_conv else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, *spatial) -> (B, C, *(2 * spatial))."""
-        return self.conv(upsample_nearest(x, 2))
-
-
-class Downsample(nn.Module):
-    """Halve every spatial axis: a stride-2 3x3 convolution when `use_conv`, else 2x average pooling."""
-
-    def __init__(self, channels: int, use_conv: bool, dims: int):
-        super().__init__()
-        self.op = (conv_nd(dims, channels, channels, 3, stride=2, padding=1) if use_conv
-                   else avg_pool_nd(dims, kernel_size=2, stride=2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, *spatial) with even spatial sizes -> (B, C, *(spatial / 2))."""
-        return self.op(x)
 
 
 class ResBlock(nn.Module):
@@ -68,9 +44,9 @@ class ResBlock(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_norm = _norm(channels, act=True)
         if up:
-            self.resample = Upsample(channels, False, dims)
+            self.resample = Upsample(channels, dims, with_conv=False)
         elif down:
-            self.resample = Downsample(channels, False, dims)
+            self.resample = Downsample(channels, dims, with_conv=False)
         else:
             self.resample = nn.Identity()
         self.in_conv = conv_nd(dims, channels, out_channels, 3, padding=1)
@@ -211,7 +187,7 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims)
+                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, dims, with_conv=conv_resample)
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 skip_channels.append(ch)
                 factor *= 2
@@ -229,7 +205,7 @@ class UNetModel(nn.Module):
                     # The original gives transformers num_heads and self-attention blocks num_heads_upsample here.
                     layers.append(attention_block(ch, num_heads if use_spatial_transformer else heads_up))
                 if level and i == num_res_blocks:
-                    layers.append(res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims))
+                    layers.append(res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, dims, with_conv=conv_resample))
                     factor //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 

@@ -1,0 +1,30 @@
+"""Halving and doubling of every spatial axis, shared by the autoencoder and the UNet (2D and 3D through `dims`)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ldm.modules.nn_dims import avg_pool_nd, conv_nd, upsample_nearest
+
+
+class Downsample(nn.Module):
+    """Halve every spatial size: stride-2 3x3 conv, or 2x average pooling. x: (B, C, *S) -> (B, C, *S/2)."""
+
+    def __init__(self, channels: int, dims: int, with_conv: bool):
+        super().__init__()
+        self.op = (conv_nd(dims, channels, channels, 3, stride=2, padding=1) if with_conv
+                   else avg_pool_nd(dims, kernel_size=2, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double every spatial size: nearest neighbour, then a 3x3 conv if `with_conv`. x: (B, C, *S) -> (B, C, *2S)."""
+
+    def __init__(self, channels: int, dims: int, with_conv: bool):
+        super().__init__()
+        self.conv = conv_nd(dims, channels, channels, 3, padding=1) if with_conv else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(upsample_nearest(x, 2))
