@@ -14,6 +14,7 @@ CONFIG_SENTINELS = ("__is_first_stage__", "__is_unconditional__")
 TARGET_ALIASES = {
     "main.DataModuleFromConfig": "ldm.data.base.DataModuleFromConfig",
     "main.ImageLogger": "ldm.engine.callbacks.ImageLogger",
+    "ldm.data.base.SimpleDataset": "ldm.data.simple.SimpleDataset",  # kept apart: importing MONAI is slow
     "ldm.lr_scheduler.LambdaLinearScheduler": "ldm.models.diffusion.lr_schedules.LambdaLinearScheduler",
     "ldm.lr_scheduler.LambdaWarmUpCosineScheduler2": "ldm.models.diffusion.lr_schedules.LambdaWarmUpCosineScheduler2",
 }

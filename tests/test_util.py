@@ -84,6 +84,8 @@ def test_original_main_targets_are_aliased():
     from ldm.models.diffusion.lr_schedules import LambdaLinearScheduler
     assert get_obj_from_str("main.DataModuleFromConfig") is DataModuleFromConfig
     assert get_obj_from_str("ldm.lr_scheduler.LambdaLinearScheduler") is LambdaLinearScheduler
+    from ldm.data.simple import SimpleDataset
+    assert get_obj_from_str("ldm.data.base.SimpleDataset") is SimpleDataset
 
 
 class Picky:
