@@ -42,13 +42,7 @@ params:
 """
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: extra threads only add synchronisation, and on a busy machine they make steps erratic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _model(seed: int = 0, **params) -> AutoencoderKL:

@@ -34,13 +34,7 @@ def _draws(spatial, seed=0) -> torch.Tensor:
     return torch.randn(2_000, 1, *spatial, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of steps on tiny tensors: threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def ancestral_moments(alpha_bars: list[float]) -> tuple[float, float]:
