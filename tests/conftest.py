@@ -1,6 +1,14 @@
 """Fixtures shared across the test folders."""
-import pytest
+import os
+
 import torch
+
+# Without a GPU, the Triton kernels in kernels/ are tested through Triton's interpreter on CPU tensors. Triton reads the
+# variable when a kernel is decorated, so it is set here, before any test module imports kernels/.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture
