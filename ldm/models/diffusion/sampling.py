@@ -8,20 +8,53 @@
   steps to clean data (index -1, alpha_bar = 1);
 - `diffusion`: the `GaussianDiffusion` that says what the output means (eps, x0 or v);
 - `callback({"i", "t", "x", "x0"})` after every step, `generator` for the injected noise (the deterministic samplers
-  take it and draw nothing).
+  take it and draw nothing): one generator, or one per item so that each item's noise does not depend on the batch;
+- `inpaint`: an optional `Inpainting(mask, x0)`, the known region kept on the forward process of x0.
 Adding a solver is adding one function to `SAMPLERS`.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ldm.models.diffusion.gaussian_diffusion import GaussianDiffusion
 
 ModelFn = Callable[..., torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 SPACINGS = ("uniform", "trailing", "quad")
+
+
+@dataclass(frozen=True)
+class Inpainting:
+    """Inpainting in latent space: where `mask` is 1 the state is replaced, at the start and after every step, by
+    the forward process of the known `x0` at that step's timestep, sqrt(alpha_bar_s) x0 + sqrt(1 - alpha_bar_s) x_T
+    (the starting noise is its noise, so deterministic samplers stay deterministic); it ends as exactly x0 there.
+
+    mask: broadcastable to x (B or 1, 1 or C, *spatial), 1 = known, 0 = generated, values between blend;
+    x0: (B, C, *spatial) like x, the known clean data (latents for a latent model).
+    """
+
+    mask: torch.Tensor
+    x0: torch.Tensor
+
+
+def _known_region(inpaint: Inpainting | None, x_T: torch.Tensor,
+                  diffusion: GaussianDiffusion) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(x, t) -> x with the known region on x0's forward process at t; the identity without `inpaint`."""
+    if inpaint is None:
+        return lambda x, t: x
+    mask, x0 = inpaint.mask.to(x_T.device, torch.float32), inpaint.x0.to(x_T.device, torch.float32)
+    if tuple(x0.shape) != tuple(x_T.shape):
+        raise ValueError(f"inpaint.x0 has shape {tuple(x0.shape)}, the samples {tuple(x_T.shape)}")
+    try:
+        torch.broadcast_shapes(mask.shape, x_T.shape)
+    except RuntimeError:
+        raise ValueError(f"inpaint.mask of shape {tuple(mask.shape)} does not broadcast to the samples' shape "
+                         f"{tuple(x_T.shape)}") from None
+    return lambda x, t: mask * diffusion.q_sample(x0, t, x_T) + (1 - mask) * x
 
 
 def timestep_schedule(num_timesteps: int, steps: int, spacing: str = "uniform") -> torch.Tensor:
@@ -60,22 +93,31 @@ def _steps(x: torch.Tensor, timesteps: torch.Tensor):
         yield i, t.expand(x.shape[0]), s.expand(x.shape[0])
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _noise_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """N(0, I) like x, drawn on the generator's device; a sequence of generators draws item i from generator i."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = x.device if generator is None else generator.device
+        return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: pass one per item")
+    return torch.cat([_noise_like(x[i:i + 1], g) for i, g in enumerate(generator)])
 
 
 @torch.no_grad()
 def sample_ddpm(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffusion: GaussianDiffusion,
                 extra_args: dict[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: Generators = None, inpaint: Inpainting | None = None) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020): x_s ~ q(x_s | x_t, x0_hat). Over all T timesteps this is DDPM; over a
     subset, the same posterior between the visited timesteps."""
     extra_args = extra_args or {}
     x = x.float()
+    keep = _known_region(inpaint, x, diffusion)
+    x = keep(x, timesteps[:1].to(x.device).expand(x.shape[0]))
     for i, t, s in _steps(x, timesteps):
         x0, _ = _denoise(model, diffusion, x, t, extra_args)
         mean, variance = diffusion.posterior(x0, x, t, s)
         x = mean + variance.sqrt() * _noise_like(x, generator)
+        x = keep(x, s)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x
@@ -91,17 +133,20 @@ def _ddim_step(diffusion: GaussianDiffusion, x0: torch.Tensor, eps: torch.Tensor
 @torch.no_grad()
 def sample_ddim(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffusion: GaussianDiffusion,
                 extra_args: dict[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
-                generator: torch.Generator | None = None, eta: float = 0.0) -> torch.Tensor:
+                generator: Generators = None, inpaint: Inpainting | None = None, eta: float = 0.0) -> torch.Tensor:
     """DDIM: x_s = `_ddim_step` + sigma z, with sigma^2 = eta^2 times the posterior variance. eta = 0 is
     deterministic (Euler on the probability-flow ODE), eta = 1 is ancestral sampling."""
     extra_args = extra_args or {}
     x = x.float()
+    keep = _known_region(inpaint, x, diffusion)
+    x = keep(x, timesteps[:1].to(x.device).expand(x.shape[0]))
     for i, t, s in _steps(x, timesteps):
         x0, eps = _denoise(model, diffusion, x, t, extra_args)
         sigma_sq = eta ** 2 * diffusion.posterior_variance(t, s, x.ndim)
         x = _ddim_step(diffusion, x0, eps, s, sigma_sq)
         if eta:
             x = x + sigma_sq.sqrt().float() * _noise_like(x, generator)
+        x = keep(x, s)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x
@@ -114,12 +159,14 @@ _ADAMS_BASHFORTH = {1: (1.5, -0.5), 2: (23 / 12, -16 / 12, 5 / 12), 3: (55 / 24,
 @torch.no_grad()
 def sample_plms(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffusion: GaussianDiffusion,
                 extra_args: dict[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: Generators = None, inpaint: Inpainting | None = None) -> torch.Tensor:
     """PLMS (Liu et al. 2022, PNDM): deterministic DDIM steps driven by a linear multistep (Adams-Bashforth, up to
     4th order) combination of the latest eps predictions; the first step averages eps at both ends (Heun), which
     costs one extra network call."""
     extra_args = extra_args or {}
     x = x.float()
+    keep = _known_region(inpaint, x, diffusion)
+    x = keep(x, timesteps[:1].to(x.device).expand(x.shape[0]))
     if diffusion.alpha_bar(timesteps[:1].to(x.device), 1).item() == 0:
         raise ValueError("plms cannot start at alpha_bar = 0 (zero terminal SNR): x0 is not defined by eps there; "
                          "use ddim or dpmpp_2m")
@@ -137,6 +184,7 @@ def sample_plms(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffus
         history.append(eps)
         x0 = diffusion.predict_x0_from_eps(x, t, eps_prime)
         x = _ddim_step(diffusion, x0, eps_prime, s)
+        x = keep(x, s)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x
@@ -151,13 +199,15 @@ def _half_log_snr(diffusion: GaussianDiffusion, t: torch.Tensor, ndim: int) -> t
 @torch.no_grad()
 def sample_dpmpp_2m(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffusion: GaussianDiffusion,
                     extra_args: dict[str, Any] | None = None, callback: Callable[[dict], None] | None = None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: Generators = None, inpaint: Inpainting | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): exponential integrator in lambda on x0 predictions,
     x_s = sigma_s / sigma_t x_t - sqrt(alpha_bar_s) (e^{-h} - 1) D with h = lambda_s - lambda_t and D the
     second-order extrapolation (1 + 1/2r) x0 - 1/2r x0_prev, r = h_prev / h; the first step and the step into clean
     data are first order (D = x0)."""
     extra_args = extra_args or {}
     x = x.float()
+    keep = _known_region(inpaint, x, diffusion)
+    x = keep(x, timesteps[:1].to(x.device).expand(x.shape[0]))
     previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (x0, h) of the last step
     for i, t, s in _steps(x, timesteps):
         x0, _ = _denoise(model, diffusion, x, t, extra_args)
@@ -173,6 +223,7 @@ def sample_dpmpp_2m(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, di
             sigma_ratio = ((1 - alpha_bar_s) / (1 - alpha_bar_t)).sqrt().float()
             x = sigma_ratio * x - (alpha_bar_s.sqrt() * torch.expm1(-h)).float() * extrapolated
             previous = (x0, h)
+        x = keep(x, s)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x

@@ -1,0 +1,249 @@
+"""What `sample.py --cond` conditions on: a folder of mask NIfTI files, a split of the run's dataset, or class labels.
+
+Each becomes a list of `Condition`s, one per input, whose `value` is what a dataset item holds under the model's
+`cond_stage_key`, so sampling builds the UNet inputs exactly as training did (`LatentDiffusion.get_conditioning`).
+Masks are read like the training data's: reoriented to RAS, label maps turned into one-hot channels (or one binary
+channel), and checked against the model's mask channels and image size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from ldm.util import instantiate_from_config
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class ConditionError(ValueError):
+    """A `--cond` input that cannot condition the model; the message names the file, split or value at fault."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One conditioning input: `value` as batch[cond_stage_key] without the batch axis (a mask (K, *spatial) float32,
+    a class label () int64), `source` (where it came from, for the manifest) and the voxel-to-world `affine` (4, 4)
+    of the grid it lives on (None: unknown)."""
+
+    value: torch.Tensor
+    source: str
+    affine: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------------------------- the model's side
+def conditioning_kind(model: nn.Module) -> str:
+    """What the model is conditioned on: "none", "labels" (class labels), "image" (the conditioning image's own
+    latent, `__is_first_stage__`) or "mask" (a spatial map such as a segmentation)."""
+    key = getattr(model, "conditioning_key", None)
+    if key is None:
+        return "none"
+    stage = getattr(model, "cond_stage_model", None)
+    if key == "adm" or hasattr(stage, "n_classes"):
+        return "labels"
+    if getattr(model, "cond_stage_is_first_stage", False):
+        return "image"
+    return "mask"
+
+
+def first_conv_in_channels(module: nn.Module | None) -> int | None:
+    """Input channels of the first convolution inside `module` (None without one)."""
+    if module is None:
+        return None
+    return next((m.in_channels for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+
+
+def mask_channels(model: nn.Module) -> int | None:
+    """Channels K of the masks the model takes: the UNet's extra input channels for a raw (Identity) mask
+    concatenated to the latent, the conditioning encoder's input channels otherwise (None: unknown)."""
+    stage = getattr(model, "cond_stage_model", None)
+    if isinstance(stage, nn.Identity):
+        if getattr(model, "conditioning_key", None) in ("concat", "hybrid"):
+            unet_in = first_conv_in_channels(model.model)
+            return None if unet_in is None else unet_in - model.channels
+        return None
+    return first_conv_in_channels(stage)
+
+
+def image_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """Spatial shape of the images the model generates: the latent grid times the first stage's downsampling factor
+    (the grid itself in pixel space); None when the first stage does not say its factor."""
+    first_stage = getattr(model, "first_stage_model", None)
+    if first_stage is None:
+        return tuple(model.image_size)
+    factor = getattr(first_stage, "factor", None) or getattr(getattr(first_stage, "decoder", None), "factor", None)
+    return None if factor is None else tuple(int(s) * int(factor) for s in model.image_size)
+
+
+def number_of_classes(model: nn.Module) -> int | None:
+    """How many class labels a label-conditioned model knows (None: unknown)."""
+    stage = getattr(model, "cond_stage_model", None)
+    if hasattr(stage, "n_classes"):
+        return int(stage.n_classes)
+    return getattr(model.model, "num_classes", None)
+
+
+# --------------------------------------------------------------------------------------------- class labels
+def class_labels(spec: str, model: nn.Module) -> list[Condition]:
+    """`labels:0,1,2` -> one condition per label, () int64 each."""
+    try:
+        labels = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise ConditionError(f"--cond labels:{spec}: expected comma-separated integers like labels:0,1,2") from None
+    if not labels:
+        raise ConditionError("--cond labels: no labels given (e.g. labels:0,1,2)")
+    classes = number_of_classes(model)
+    bad = [label for label in labels if label < 0 or (classes is not None and label >= classes)]
+    if bad:
+        raise ConditionError(f"--cond labels:{spec}: label(s) {bad} out of range [0, {classes}) for this model")
+    return [Condition(torch.tensor(label, dtype=torch.int64), f"label {label}") for label in labels]
+
+
+# --------------------------------------------------------------------------------------------- dataset split
+def split_conditions(name: str, data_config: DictConfig, model: nn.Module, count: int | None) -> list[Condition]:
+    """The first `count` items (all with None) of the run's `split` dataset: their batch[cond_stage_key], with the
+    item's `affine` entry (4, 4) when the dataset gives one (identity is used otherwise)."""
+    from ldm.data.transforms import split_name
+
+    try:
+        split = split_name(name)
+    except ValueError as err:
+        raise ConditionError(f"--cond split:{name}: {err}") from None
+    splits = data_config.get("params", {}) or {}
+    if splits.get(split) is None:
+        have = [s for s in ("train", "validation", "test") if splits.get(s) is not None]
+        raise ConditionError(f"--cond split:{name}: the run's data config has no '{split}' split "
+                             f"(data.params has: {', '.join(have) or 'none'})")
+    dataset = instantiate_from_config(splits[split])
+    total = len(dataset) if count is None else min(count, len(dataset))
+    conditions = []
+    for index in range(total):
+        item = dataset[index]
+        if model.cond_stage_key not in item:
+            raise ConditionError(f"--cond split:{split}: items have no {model.cond_stage_key!r} entry "
+                                 f"(cond_stage_key; keys: {', '.join(map(str, item))})")
+        affine = item.get("affine")
+        where = f" ({item['path']})" if isinstance(item.get("path"), str) else ""
+        value = torch.as_tensor(item[model.cond_stage_key]).as_subclass(torch.Tensor)  # MetaTensor -> plain
+        conditions.append(Condition(value, f"split:{split}[{index}]{where}",
+                                    None if affine is None else np.asarray(affine, dtype=np.float64)))
+    return conditions
+
+
+# --------------------------------------------------------------------------------------------- mask files
+def dataset_mask_labels(data_config: DictConfig) -> list[int] | None:
+    """The label values the run's datasets turn into mask channels, in channel order: a split's `labels` parameter
+    (NiftiFolder), BraTS' SEG_LABELS for BraTS2021_3D; None when the config does not say."""
+    splits = data_config.get("params", {}) or {}
+    for split in ("test", "validation", "train"):
+        config = splits.get(split)
+        if config is None or not hasattr(config, "get"):
+            continue
+        params = config.get("params", {}) or {}
+        if params.get("labels") is not None:
+            return [int(v) for v in params["labels"]]
+        if str(config.get("target", "")).endswith("BraTS2021_3D"):
+            from ldm.data.brats2021 import SEG_LABELS
+            return list(SEG_LABELS)
+    return None
+
+
+def labels_to_channels(label_map: np.ndarray, labels: Sequence[int], channels: int, file: Path) -> np.ndarray:
+    """A label map (*spatial) -> float32 mask (channels, *spatial): one binary channel (label != labels[0], the
+    background) when channels is 1, else one channel per entry of `labels`, in that order."""
+    rounded = np.rint(label_map)
+    if not np.allclose(rounded, label_map, atol=1e-3):
+        raise ConditionError(f"mask {file}: a label map must hold integer labels, found fractional values")
+    unexpected = sorted(set(np.unique(rounded).astype(int).tolist()) - set(labels))
+    if unexpected:
+        raise ConditionError(f"mask {file}: unexpected label values {unexpected[:8]} (expected {list(labels)}; "
+                             f"--mask_labels sets them)")
+    if channels == 1:
+        return (rounded != labels[0])[None].astype(np.float32)
+    if channels != len(labels):
+        raise ConditionError(f"mask {file}: the model takes {channels} mask channels but there are {len(labels)} "
+                             f"labels {list(labels)} to one-hot encode (--mask_labels sets them)")
+    return np.stack([rounded == label for label in labels]).astype(np.float32)
+
+
+def read_mask(file: Path, dims: int, channels: int | None, labels: Sequence[int] | None,
+              spatial: Sequence[int] | None) -> Condition:
+    """One mask file -> Condition((K, *spatial) float32, file, RAS affine). A file of `dims` axes is a label map;
+    one with an extra last axis holds the K channels already (as `sample.py` and the test stage write them)."""
+    import nibabel as nib
+
+    try:
+        image = nib.as_closest_canonical(nib.load(str(file)))  # RAS, as the training pipeline orients volumes
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as err:
+        raise ConditionError(f"mask {file}: cannot read NIfTI file ({type(err).__name__}: {err})") from None
+    if data.ndim == dims:
+        if channels is None:
+            raise ConditionError(f"mask {file}: a label map, but how many channels the model's masks have is "
+                                 f"unknown; save the mask with its channels along the last axis")
+        labels = list(labels) if labels is not None else list(range(max(channels, 2)))
+        mask = labels_to_channels(data, labels, channels, file)
+    elif data.ndim == dims + 1:
+        mask = np.moveaxis(data, -1, 0)
+        if channels is not None and mask.shape[0] != channels:
+            raise ConditionError(f"mask {file}: {mask.shape[0]} channels along its last axis, the model takes "
+                                 f"{channels}")
+    else:
+        raise ConditionError(f"mask {file}: shape {list(data.shape)}, expected a {dims}D label map or {dims}D with "
+                             f"channels along a last axis")
+    if spatial is not None and tuple(mask.shape[1:]) != tuple(spatial):
+        raise ConditionError(f"mask {file}: spatial shape {list(mask.shape[1:])} (after RAS reorientation) does not "
+                             f"match the {list(spatial)} images the model generates")
+    return Condition(torch.from_numpy(np.ascontiguousarray(mask)), str(file), np.asarray(image.affine))
+
+
+def mask_folder(folder: Path, model: nn.Module, labels: Sequence[int] | None) -> list[Condition]:
+    """Every `*.nii` / `*.nii.gz` file in `folder` (sorted by name) as a mask condition."""
+    if not folder.is_dir():
+        raise ConditionError(f"--cond {folder}: no such folder (expected a folder of mask NIfTI files, "
+                             f"split:<name> or labels:<i,j,...>)")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+    if not files:
+        raise ConditionError(f"--cond {folder}: the folder holds no .nii or .nii.gz files")
+    channels, spatial = mask_channels(model), image_shape(model)
+    return [read_mask(file, len(model.image_size), channels, labels, spatial) for file in files]
+
+
+# --------------------------------------------------------------------------------------------- entry point
+def load_conditions(spec: str | None, model: nn.Module, config: DictConfig, count: int | None,
+                    mask_labels: Sequence[int] | None = None) -> list[Condition] | None:
+    """The conditions `--cond spec` names for `model` (None for an unconditional model without --cond)."""
+    kind = conditioning_kind(model)
+    if kind == "none":
+        if spec:
+            raise ConditionError(f"--cond {spec}: the model is unconditional (conditioning_key is null); "
+                                 f"leave --cond out")
+        return None
+    if not spec:
+        examples = {"labels": "labels:0,1,2 or split:<name>", "image": "split:<name>",
+                    "mask": "a folder of mask NIfTI files or split:<name>"}[kind]
+        raise ConditionError(f"the model is conditioned on batch[{model.cond_stage_key!r}] (conditioning_key="
+                             f"{model.conditioning_key}): pass --cond with {examples}")
+    if spec.startswith("split:"):
+        return split_conditions(spec[len("split:"):], config.data, model, count)
+    if spec.startswith("labels:"):
+        if kind != "labels":
+            raise ConditionError(f"--cond {spec}: the model is conditioned on a {kind} "
+                                 f"(batch[{model.cond_stage_key!r}]), not on class labels")
+        return class_labels(spec[len("labels:"):], model)
+    if kind != "mask":
+        raise ConditionError(f"--cond {spec}: a mask folder, but the model is conditioned on "
+                             f"{'class labels' if kind == 'labels' else 'an image'}; use "
+                             f"{'labels:<i,j,...> or ' if kind == 'labels' else ''}split:<name>")
+    labels = list(mask_labels) if mask_labels is not None else dataset_mask_labels(config.data)
+    return mask_folder(Path(spec), model, labels)
+
+
+def stack_values(conditions: Sequence[Condition], device: torch.device) -> torch.Tensor:
+    """The batch[cond_stage_key] of several conditions: (B, ...) on `device`."""
+    return torch.stack([c.value for c in conditions]).to(device)
