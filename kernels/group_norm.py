@@ -36,10 +36,12 @@ from torch.nn import functional as F
 # Elements of one register tile, forward and backward (the backward holds two tiles: x and dy).
 FORWARD_TILE = 8192
 BACKWARD_TILE = 4096
-# Below this many programs per segment a single launch still uses the barrier; the interpreter cannot (see above).
+# Triton's interpreter runs programs one after another: no program may wait for another there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 PHASE_FUSED, PHASE_PARTIALS, PHASE_APPLY = 0, 1, 2
+# The last compiled kernel of each direction (register and spill counts for benchmarks/bench_group_norm.py).
+LAST_KERNELS: dict = {}
 
 
 def group_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
@@ -70,26 +72,37 @@ def group_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
 # ----------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile_offsets(n, c0, s0, C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                  channels_in_segment):
-    """Element offsets (BLOCK_C, BLOCK_S) of a tile at channel c0, position s0 of sample n, and its in-bounds mask."""
-    c = tl.arange(0, BLOCK_C)
-    s = s0 + tl.arange(0, BLOCK_S)
-    mask = ((c < channels_in_segment) & (c0 + c < C))[:, None] & (s < S)[None, :]
-    if CHANNELS_LAST:
-        offsets = n.to(tl.int64) * S * C + s[None, :].to(tl.int64) * C + (c0 + c)[:, None]
-    else:
-        offsets = n.to(tl.int64) * C * S + (c0 + c)[:, None].to(tl.int64) * S + s[None, :]
-    return offsets, mask
+def _lanes(c0, channels_per_group, groups_here, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """The channel of each of the tile's BLOCK_G * CPG_PAD channel lanes (lane i: group i // CPG_PAD of the segment,
+    its channel i % CPG_PAD), and whether the lane is a real channel (groups padded to a power of two)."""
+    lane = tl.arange(0, BLOCK_G * CPG_PAD)
+    group = lane // CPG_PAD
+    within = lane % CPG_PAD
+    return c0 + group * channels_per_group + within, (within < channels_per_group) & (group < groups_here)
 
 
 @triton.jit
-def _group_one_hot(channels_per_group, groups_in_segment, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
-    """(BLOCK_C, BLOCK_G) float: 1 where the segment's channel c belongs to its group g."""
-    c = tl.arange(0, BLOCK_C)
-    g = tl.arange(0, BLOCK_G)
-    hit = ((c // channels_per_group)[:, None] == g[None, :]) & (g < groups_in_segment)[None, :]
-    return hit.to(tl.float32)
+def _group_sum(per_lane, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """(BLOCK_G * CPG_PAD,) per-lane values -> (BLOCK_G,) per-group sums."""
+    return tl.sum(tl.reshape(per_lane, (BLOCK_G, CPG_PAD)), axis=1)
+
+
+@triton.jit
+def _to_lanes(per_group, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """(BLOCK_G,) per-group values -> (BLOCK_G * CPG_PAD,) per-lane values."""
+    return tl.reshape(tl.broadcast_to(per_group[:, None], (BLOCK_G, CPG_PAD)), (BLOCK_G * CPG_PAD,))
+
+
+@triton.jit
+def _tile_offsets(n, channel, lane_valid, s0, C, S, BLOCK_S: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Element offsets (lanes, BLOCK_S) of the tile at position s0 of sample n, and its in-bounds mask."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    mask = lane_valid[:, None] & (s < S)[None, :]
+    if CHANNELS_LAST:
+        offsets = n.to(tl.int64) * S * C + s[None, :].to(tl.int64) * C + channel[:, None]
+    else:
+        offsets = n.to(tl.int64) * C * S + channel[:, None].to(tl.int64) * S + s[None, :]
+    return offsets, mask
 
 
 @triton.jit
@@ -104,13 +117,11 @@ def _load_input(x_ptr, r_ptr, h_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def _tile_moments(h, mask, one_hot, count):
-    """Per-group mean and sum of squared deviations of one tile (exact two-pass in registers). h: (BLOCK_C, BLOCK_S)."""
-    group_sum = tl.sum(tl.sum(h, axis=1)[:, None] * one_hot, axis=0)
-    group_mean = group_sum / tl.maximum(count, 1.0)
-    channel_mean = tl.sum(one_hot * group_mean[None, :], axis=1)
-    deviation = tl.where(mask, h - channel_mean[:, None], 0.0)
-    group_m2 = tl.sum(tl.sum(deviation * deviation, axis=1)[:, None] * one_hot, axis=0)
+def _tile_moments(h, mask, count, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """Per-group mean and sum of squared deviations of one tile (exact two-pass in registers). h: (lanes, BLOCK_S)."""
+    group_mean = _group_sum(tl.sum(h, axis=1), BLOCK_G, CPG_PAD) / tl.maximum(count, 1.0)
+    deviation = tl.where(mask, h - _to_lanes(group_mean, BLOCK_G, CPG_PAD)[:, None], 0.0)
+    group_m2 = _group_sum(tl.sum(deviation * deviation, axis=1), BLOCK_G, CPG_PAD)
     return group_mean, group_m2
 
 
@@ -135,27 +146,36 @@ def _combine_moments(part_mean_ptr, part_m2_ptr, seg, splits, split_elems, group
 
 
 @triton.jit
-def _signal_and_wait(sync_ptr, seg, num_segments, splits):
-    """Arrive at the segment's barrier; returns True for the last program to arrive (it must then call `_release`)."""
+def _arrive(sync_ptr, seg, splits):
+    """Arrive at the segment's barrier (after this program's partials are stored); True for the last to arrive, which
+    must combine the partials, store the result and call `_publish`."""
     tl.debug_barrier()
     arrived = tl.atomic_add(sync_ptr + 1 + seg, 1, sem="acq_rel")
     return arrived == splits - 1
 
 
 @triton.jit
-def _release_and_wait(sync_ptr, seg, num_segments):
-    """The last program has published the segment's statistics (or not yet): raise / wait for the segment's flag."""
+def _publish(sync_ptr, seg, num_segments):
     tl.debug_barrier()
-    flag_ptr = sync_ptr + 1 + num_segments + seg
-    ready = tl.atomic_add(flag_ptr, 0, sem="acquire")
-    while ready == 0:
-        ready = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    tl.atomic_xchg(sync_ptr + 1 + num_segments + seg, 1, sem="release")
 
 
 @triton.jit
-def _segment_of_program(sync_ptr, splits, PHASE: tl.constexpr):
-    """(segment, split) of this program. The fused phase takes a ticket, so programs are numbered in start order."""
-    if PHASE == 0:
+def _wait_published(sync_ptr, seg, num_segments):
+    """Spin on the segment's flag with plain uncached loads (cheap for the memory system), then acquire it once."""
+    tl.debug_barrier()
+    flag_ptr = sync_ptr + 1 + num_segments + seg
+    ready = tl.load(flag_ptr, volatile=True)
+    while ready == 0:
+        ready = tl.load(flag_ptr, volatile=True)
+    tl.atomic_add(flag_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def _segment_of_program(sync_ptr, splits, BARRIER: tl.constexpr):
+    """(segment, split) of this program. With the barrier, programs take a ticket, so they are numbered in start
+    order and a waiting program only ever waits for programs that have started or can start."""
+    if BARRIER:
         pid = tl.atomic_add(sync_ptr, 1)
     else:
         pid = tl.program_id(0)
@@ -169,17 +189,17 @@ def _gn_forward_kernel(
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
         eps,
         CHANNELS_LAST: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
-        PHASE: tl.constexpr, ONE_TILE: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+        PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
+        BLOCK_SPLITS: tl.constexpr):
     """Forward; PHASE 0: one launch with the barrier, 1: partials only, 2: combine and apply. ONE_TILE: the program's
     part is one tile (kept in registers across the barrier in phase 0)."""
-    seg, split = _segment_of_program(sync_ptr, splits, PHASE)
+    seg, split = _segment_of_program(sync_ptr, splits, PHASE == 0 and BARRIER)
     n = seg // segments_per_sample
     g0 = (seg % segments_per_sample) * groups_per_segment
     c0 = g0 * channels_per_group
     groups_here = tl.minimum(groups_per_segment, G - g0)
-    channels_here = groups_here * channels_per_group
-    one_hot = _group_one_hot(channels_per_group, groups_here, BLOCK_C, BLOCK_G)
+    channel, lane_valid = _lanes(c0, channels_per_group, groups_here, BLOCK_G, CPG_PAD)
     s_begin = split * tiles_per_split * BLOCK_S
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
@@ -188,42 +208,54 @@ def _gn_forward_kernel(
 
     # 1. partial statistics of this program's part (kept in registers when it is one tile)
     if PHASE != 2:
-        offsets, mask = _tile_offsets(n, c0, s_begin, C, S, BLOCK_C, BLOCK_S, CHANNELS_LAST, channels_here)
+        offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
         h = _load_input(x_ptr, r_ptr, h_ptr, offsets, mask, HAS_RESIDUAL)
         count = (tl.minimum(S - s_begin, BLOCK_S) * channels_per_group).to(tl.float32)
-        mean, m2 = _tile_moments(h, mask, one_hot, count)
+        mean, m2 = _tile_moments(h, mask, count, BLOCK_G, CPG_PAD)
         if not ONE_TILE:
+            # The other tiles: per-lane sums of d = h - (tile 0's group mean) and d^2, reduced once after the loop (the
+            # loop body stays elementwise), then merged with tile 0's moments (Chan et al.).
+            shift = _to_lanes(mean, BLOCK_G, CPG_PAD)[:, None]
+            sum_d = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+            sum_d2 = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
             for t in range(1, tiles_per_split):
-                s0 = s_begin + t * BLOCK_S
-                t_offsets, t_mask = _tile_offsets(n, c0, s0, C, S, BLOCK_C, BLOCK_S, CHANNELS_LAST, channels_here)
-                t_h = _load_input(x_ptr, r_ptr, h_ptr, t_offsets, t_mask, HAS_RESIDUAL)
-                t_count = (tl.maximum(tl.minimum(S - s0, BLOCK_S), 0) * channels_per_group).to(tl.float32)
-                t_mean, t_m2 = _tile_moments(t_h, t_mask, one_hot, t_count)
-                new_count = count + t_count
-                delta = t_mean - mean
-                weight = t_count / tl.maximum(new_count, 1.0)
-                mean = mean + delta * weight
-                m2 = m2 + t_m2 + delta * delta * count * weight
-                count = new_count
-        part = (seg * splits + split) * BLOCK_G + g
-        tl.store(part_mean_ptr + part, mean)
-        tl.store(part_m2_ptr + part, m2)
+                t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s_begin + t * BLOCK_S, C, S, BLOCK_S, CHANNELS_LAST)
+                d = tl.where(t_mask, _load_input(x_ptr, r_ptr, h_ptr, t_offsets, t_mask, HAS_RESIDUAL) - shift, 0.0)
+                sum_d += d
+                sum_d2 += d * d
+            rest_end = tl.minimum(S, s_begin + tiles_per_split * BLOCK_S)
+            rest_count = (tl.maximum(rest_end - s_begin - BLOCK_S, 0) * channels_per_group).to(tl.float32)
+            s1 = _group_sum(tl.sum(sum_d, axis=1), BLOCK_G, CPG_PAD)
+            s2 = _group_sum(tl.sum(sum_d2, axis=1), BLOCK_G, CPG_PAD)
+            delta = s1 / tl.maximum(rest_count, 1.0)  # the other tiles' mean minus tile 0's
+            total = count + rest_count
+            weight = rest_count / total
+            m2 = m2 + (s2 - s1 * delta) + delta * delta * count * weight
+            mean = mean + delta * weight
+            count = total
+        if PHASE == 1 or BARRIER:
+            part = (seg * splits + split) * BLOCK_G + g
+            tl.store(part_mean_ptr + part, mean)
+            tl.store(part_m2_ptr + part, m2)
     if PHASE == 1:  # two launches: this one only writes the partials
         return
 
     # 2. the group statistics of the whole segment
     stats = n * G + g0 + g
-    if PHASE == 0:
-        if _signal_and_wait(sync_ptr, seg, num_segments, splits):
+    if PHASE == 0 and BARRIER:
+        if _arrive(sync_ptr, seg, splits):
             mean, rstd = _combine_moments(part_mean_ptr, part_m2_ptr, seg, splits, split_elems, group_elems, eps,
                                           BLOCK_SPLITS, BLOCK_G)
             tl.store(mean_ptr + stats, mean, mask=g_mask)
             tl.store(rstd_ptr + stats, rstd, mask=g_mask)
-            tl.debug_barrier()
-            tl.atomic_xchg(sync_ptr + 1 + num_segments + seg, 1, sem="release")
-        _release_and_wait(sync_ptr, seg, num_segments)
+            _publish(sync_ptr, seg, num_segments)
+        _wait_published(sync_ptr, seg, num_segments)
         mean = tl.load(mean_ptr + stats, mask=g_mask, other=0.0, volatile=True)
         rstd = tl.load(rstd_ptr + stats, mask=g_mask, other=0.0, volatile=True)
+    elif PHASE == 0:  # one split: this program holds the whole segment's moments
+        rstd = 1.0 / tl.sqrt(tl.maximum(m2 / tl.maximum(count, 1.0), 0.0) + eps)
+        tl.store(mean_ptr + stats, mean, mask=g_mask)
+        tl.store(rstd_ptr + stats, rstd, mask=g_mask)
     else:
         mean, rstd = _combine_moments(part_mean_ptr, part_m2_ptr, seg, splits, split_elems, group_elems, eps,
                                       BLOCK_SPLITS, BLOCK_G)
@@ -232,16 +264,14 @@ def _gn_forward_kernel(
             tl.store(rstd_ptr + stats, rstd, mask=g_mask)
 
     # 3. per-channel affine map y = h * a + b (group statistics, weight, bias, scale, shift folded in)
-    c = tl.arange(0, BLOCK_C)
-    c_mask = (c < channels_here) & (c0 + c < C)
-    channel_mean = tl.sum(one_hot * mean[None, :], axis=1)
-    channel_rstd = tl.sum(one_hot * rstd[None, :], axis=1)
-    a = channel_rstd * tl.load(w_ptr + c0 + c, mask=c_mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + c0 + c, mask=c_mask, other=0.0).to(tl.float32) - channel_mean * a
+    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD)
+    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD)
+    a = channel_rstd * tl.load(w_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32) - channel_mean * a
     if HAS_SCALE:
-        scale = 1.0 + tl.load(scale_ptr + n * C + c0 + c, mask=c_mask, other=0.0).to(tl.float32)
+        scale = 1.0 + tl.load(scale_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
         a = a * scale
-        b = b * scale + tl.load(shift_ptr + n * C + c0 + c, mask=c_mask, other=0.0).to(tl.float32)
+        b = b * scale + tl.load(shift_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
 
     # 4. normalise and write
     if ONE_TILE and PHASE == 0:
@@ -252,9 +282,9 @@ def _gn_forward_kernel(
     else:
         for t in range(0, tiles_per_split):
             s0 = s_begin + t * BLOCK_S
-            t_offsets, t_mask = _tile_offsets(n, c0, s0, C, S, BLOCK_C, BLOCK_S, CHANNELS_LAST, channels_here)
+            t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s0, C, S, BLOCK_S, CHANNELS_LAST)
             if HAS_RESIDUAL:
-                t_h = tl.load(h_ptr + t_offsets, mask=t_mask, other=0.0, volatile=PHASE == 0).to(tl.float32)
+                t_h = tl.load(h_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
             else:
                 t_h = tl.load(x_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
             z = t_h * a[:, None] + b[:, None]
@@ -285,79 +315,85 @@ def _gn_backward_kernel(
         part_a_ptr, part_b_ptr, sum_a_ptr, sum_b_ptr, sync_ptr,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
         CHANNELS_LAST: tl.constexpr, HAS_DH: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
-        PHASE: tl.constexpr, ONE_TILE: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+        PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
+        BLOCK_SPLITS: tl.constexpr):
     """dx = rstd * (k * dz - mean_g(k * dz) - xhat * mean_g(k * dz * xhat)), k = weight * (1 + scale); also the
     per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow."""
-    seg, split = _segment_of_program(sync_ptr, splits, PHASE)
+    seg, split = _segment_of_program(sync_ptr, splits, PHASE == 0 and BARRIER)
     n = seg // segments_per_sample
     g0 = (seg % segments_per_sample) * groups_per_segment
     c0 = g0 * channels_per_group
     groups_here = tl.minimum(groups_per_segment, G - g0)
-    channels_here = groups_here * channels_per_group
-    one_hot = _group_one_hot(channels_per_group, groups_here, BLOCK_C, BLOCK_G)
+    channel, lane_valid = _lanes(c0, channels_per_group, groups_here, BLOCK_G, CPG_PAD)
     s_begin = split * tiles_per_split * BLOCK_S
-    c = tl.arange(0, BLOCK_C)
-    c_mask = (c < channels_here) & (c0 + c < C)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
 
     mean = tl.load(mean_ptr + n * G + g0 + g, mask=g_mask, other=0.0)
     rstd = tl.load(rstd_ptr + n * G + g0 + g, mask=g_mask, other=0.0)
-    channel_mean = tl.sum(one_hot * mean[None, :], axis=1)
-    channel_rstd = tl.sum(one_hot * rstd[None, :], axis=1)
-    w = tl.load(w_ptr + c0 + c, mask=c_mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + c0 + c, mask=c_mask, other=0.0).to(tl.float32)
+    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD)
+    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD)
+    w = tl.load(w_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
     scale = tl.full((BLOCK_C,), 1.0, tl.float32)
     shift = tl.zeros((BLOCK_C,), tl.float32)
     if HAS_SCALE:
-        scale += tl.load(scale_ptr + n * C + c0 + c, mask=c_mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + n * C + c0 + c, mask=c_mask, other=0.0).to(tl.float32)
+        scale += tl.load(scale_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
 
     # 1. per-channel partial sums of dz and dz * xhat over this program's part
     if PHASE != 2:
-        offsets, mask = _tile_offsets(n, c0, s_begin, C, S, BLOCK_C, BLOCK_S, CHANNELS_LAST, channels_here)
+        offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
         xhat, dz = _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, b, scale, shift,
                                   HAS_SCALE, ACT)
-        sum_a = tl.sum(dz, axis=1)
-        sum_b = tl.sum(dz * xhat, axis=1)
-        if not ONE_TILE:
+        if ONE_TILE:
+            sum_a = tl.sum(dz, axis=1)
+            sum_b = tl.sum(dz * xhat, axis=1)
+        else:  # per-lane sums over the tiles, reduced once after the loop
+            lane_a = dz
+            lane_b = dz * xhat
             for t in range(1, tiles_per_split):
-                t_offsets, t_mask = _tile_offsets(n, c0, s_begin + t * BLOCK_S, C, S, BLOCK_C, BLOCK_S,
-                                                  CHANNELS_LAST, channels_here)
+                t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s_begin + t * BLOCK_S, C, S, BLOCK_S, CHANNELS_LAST)
                 t_xhat, t_dz = _backward_tile(h_ptr, dy_ptr, t_offsets, t_mask, channel_mean, channel_rstd, w, b,
                                               scale, shift, HAS_SCALE, ACT)
-                sum_a += tl.sum(t_dz, axis=1)
-                sum_b += tl.sum(t_dz * t_xhat, axis=1)
-        part = (seg * splits + split) * BLOCK_C + c
-        tl.store(part_a_ptr + part, sum_a)
-        tl.store(part_b_ptr + part, sum_b)
+                lane_a += t_dz
+                lane_b += t_dz * t_xhat
+            sum_a = tl.sum(lane_a, axis=1)
+            sum_b = tl.sum(lane_b, axis=1)
+        if PHASE == 1 or BARRIER:
+            part = (seg * splits + split) * BLOCK_C + tl.arange(0, BLOCK_C)
+            tl.store(part_a_ptr + part, sum_a)
+            tl.store(part_b_ptr + part, sum_b)
 
     if PHASE == 1:  # two launches: this one only writes the partials
         return
 
     # 2. the segment's totals: A and B per channel (written for the parameter gradients)
-    sums = n * C + c0 + c
-    if PHASE == 0:
-        if _signal_and_wait(sync_ptr, seg, num_segments, splits):
+    sums = n * C + channel
+    if PHASE == 0 and BARRIER:
+        if _arrive(sync_ptr, seg, splits):
             total_a, total_b = _sum_partials(part_a_ptr, part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
-            tl.store(sum_a_ptr + sums, total_a, mask=c_mask)
-            tl.store(sum_b_ptr + sums, total_b, mask=c_mask)
-            tl.debug_barrier()
-            tl.atomic_xchg(sync_ptr + 1 + num_segments + seg, 1, sem="release")
-        _release_and_wait(sync_ptr, seg, num_segments)
-        total_a = tl.load(sum_a_ptr + sums, mask=c_mask, other=0.0, volatile=True)
-        total_b = tl.load(sum_b_ptr + sums, mask=c_mask, other=0.0, volatile=True)
+            tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
+            tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
+            _publish(sync_ptr, seg, num_segments)
+        _wait_published(sync_ptr, seg, num_segments)
+        total_a = tl.load(sum_a_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
+        total_b = tl.load(sum_b_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
+    elif PHASE == 0:  # one split: this program's sums are the totals
+        total_a, total_b = sum_a, sum_b
+        tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
+        tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
     else:
         total_a, total_b = _sum_partials(part_a_ptr, part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
         if split == 0:
-            tl.store(sum_a_ptr + sums, total_a, mask=c_mask)
-            tl.store(sum_b_ptr + sums, total_b, mask=c_mask)
+            tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
+            tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
 
     k = w * scale
     inv_elems = 1.0 / (S * channels_per_group).to(tl.float32)
-    c1 = tl.sum(tl.sum(one_hot * (k * total_a)[:, None], axis=0)[None, :] * one_hot, axis=1) * inv_elems
-    c2 = tl.sum(tl.sum(one_hot * (k * total_b)[:, None], axis=0)[None, :] * one_hot, axis=1) * inv_elems
+    c1 = _to_lanes(_group_sum(k * total_a, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
+    c2 = _to_lanes(_group_sum(k * total_b, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
 
     # 3. dx for this program's part
     if ONE_TILE and PHASE == 0:
@@ -367,8 +403,7 @@ def _gn_backward_kernel(
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         for t in range(0, tiles_per_split):
-            t_offsets, t_mask = _tile_offsets(n, c0, s_begin + t * BLOCK_S, C, S, BLOCK_C, BLOCK_S, CHANNELS_LAST,
-                                              channels_here)
+            t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s_begin + t * BLOCK_S, C, S, BLOCK_S, CHANNELS_LAST)
             t_xhat, t_dz = _backward_tile(h_ptr, dy_ptr, t_offsets, t_mask, channel_mean, channel_rstd, w, b, scale,
                                           shift, HAS_SCALE, ACT)
             dx = channel_rstd[:, None] * (k[:, None] * t_dz - c1[:, None] - t_xhat * c2[:, None])
@@ -399,12 +434,14 @@ class _Plan:
     block_c: int
     block_s: int
     block_g: int
+    cpg_pad: int
     groups_per_segment: int
     segments_per_sample: int
     num_segments: int
     splits: int
     tiles_per_split: int
     fused: bool
+    barrier: bool
 
     @property
     def block_splits(self) -> int:
@@ -419,34 +456,36 @@ def _max_resident_splits(device: torch.device) -> int:
 
 
 def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device: torch.device,
-          splits: int | None = None, fused: bool | None = None) -> _Plan:
-    """Cut (N, C, S) into segments, splits and tiles of about `tile` elements. `splits` and `fused` override the
-    automatic choice (tests use them: the interpreter runs programs one after another, so the fused launch can only
-    run there with one split)."""
+          splits: int | None = None, fused: bool | None = None, barrier: bool | None = None) -> _Plan:
+    """Cut (N, C, S) into segments, splits and tiles of about `tile` elements.
+
+    Enough segments to fill the GPU: one program per segment, no barrier (it reads its segment twice; the second read
+    hits the cache). Fewer: each segment is split over up to one program per multiprocessor, which meet at the
+    barrier. `splits`, `fused` and `barrier` override the choice (tests use them: the interpreter runs programs one
+    after another, so there the fused launch can only run with one split)."""
     cpg = C // G
-    if channels_last:  # one spatial row holds all channels contiguously: a segment is a whole sample
-        groups_per_segment = G
-        block_c = triton.next_power_of_2(C)
-    else:  # a segment is the few whole groups that fill a power-of-two channel block best (e.g. 3 x 10 in 32)
-        smallest = triton.next_power_of_2(cpg)
-        candidates = [smallest] + [b for b in (2 * smallest, 4 * smallest) if b <= 32]
-        block_c = max(candidates, key=lambda b: (min(G, b // cpg) * cpg / b, -b))
-        groups_per_segment = min(G, block_c // cpg)
+    cpg_pad = triton.next_power_of_2(cpg)
+    # channels-last: a spatial row holds all channels contiguously, so a segment is a whole sample (all groups);
+    # contiguous: a segment is one group (its channels are contiguous runs along space).
+    groups_per_segment = G if channels_last else 1
+    block_c = triton.next_power_of_2(groups_per_segment) * cpg_pad
     block_s = max(1, min(tile // block_c, triton.next_power_of_2(S)))
     tiles = triton.cdiv(S, block_s)
+    segments_per_sample = triton.cdiv(G, groups_per_segment)
+    max_splits = _max_resident_splits(device)
     if fused is None:
         fused = not _INTERPRET
     if splits is None:
-        splits = 1 if (fused and _INTERPRET) else tiles
+        splits = 1 if N * segments_per_sample >= max_splits else tiles
     if fused:
-        splits = min(splits, _max_resident_splits(device))
+        splits = min(splits, max_splits)
     splits = max(1, min(splits, tiles))
     tiles_per_split = triton.cdiv(tiles, splits)
-    segments_per_sample = triton.cdiv(G, groups_per_segment)
-    return _Plan(block_c=block_c, block_s=block_s, block_g=triton.next_power_of_2(groups_per_segment),
+    return _Plan(block_c=block_c, block_s=block_s, block_g=triton.next_power_of_2(groups_per_segment), cpg_pad=cpg_pad,
                  groups_per_segment=groups_per_segment, segments_per_sample=segments_per_sample,
                  num_segments=N * segments_per_sample, splits=triton.cdiv(tiles, tiles_per_split),
-                 tiles_per_split=tiles_per_split, fused=fused)
+                 tiles_per_split=tiles_per_split, fused=fused,
+                 barrier=fused and (splits > 1 if barrier is None else barrier))
 
 
 def _max_resident_splits(device: torch.device) -> int:
@@ -485,11 +524,12 @@ def _per_sample_channels(t: torch.Tensor | None, N: int, C: int, name: str) -> t
 
 @dataclass(frozen=True)
 class GroupNormTuning:
-    """Launch choices; the defaults are what `auto` uses. splits/fused None = chosen by size and device."""
+    """Launch choices. None = chosen by size and device (see `_plan`)."""
     forward_tile: int = FORWARD_TILE
     backward_tile: int = BACKWARD_TILE
     splits: int | None = None
     fused: bool | None = None
+    barrier: bool | None = None
 
 
 def _launch_forward(h_in: torch.Tensor, residual, weight, bias, scale, shift, G: int, eps: float, act: bool,
@@ -497,7 +537,8 @@ def _launch_forward(h_in: torch.Tensor, residual, weight, bias, scale, shift, G:
     """Runs the forward kernel(s). Returns y, h (= x + residual, or x), mean, rstd ((N, G) fp32)."""
     N, C = h_in.shape[:2]
     S = h_in[0, 0].numel()
-    plan = _plan(N, C, S, G, channels_last, tuning.forward_tile, h_in.device, tuning.splits, tuning.fused)
+    plan = _plan(N, C, S, G, channels_last, tuning.forward_tile, h_in.device, tuning.splits, tuning.fused,
+                 tuning.barrier)
     y = torch.empty_like(h_in)
     h = torch.empty_like(h_in) if residual is not None else h_in
     mean = torch.empty(N, G, device=h_in.device, dtype=torch.float32)
@@ -514,17 +555,17 @@ def _launch_forward(h_in: torch.Tensor, residual, weight, bias, scale, shift, G:
             plan.tiles_per_split, eps)
     meta = dict(CHANNELS_LAST=channels_last, HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None,
                 ACT=act, ONE_TILE=plan.tiles_per_split == 1, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
-                BLOCK_G=plan.block_g, BLOCK_SPLITS=plan.block_splits,
+                BLOCK_G=plan.block_g, CPG_PAD=plan.cpg_pad, BLOCK_SPLITS=plan.block_splits,
                 num_warps=_num_warps(plan.block_c * plan.block_s))
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
-        _gn_forward_kernel[grid](*args, PHASE=PHASE_FUSED, **meta)
+        LAST_KERNELS["forward"] = _gn_forward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
     else:
-        _gn_forward_kernel[grid](*args, PHASE=PHASE_PARTIALS, **meta)
+        _gn_forward_kernel[grid](*args, PHASE=PHASE_PARTIALS, BARRIER=False, **meta)
         if residual is not None:  # the apply launch reads h, which the first launch wrote
             args = (h,) + args[1:]
             meta["HAS_RESIDUAL"] = False
-        _gn_forward_kernel[grid](*args, PHASE=PHASE_APPLY, **meta)
+        _gn_forward_kernel[grid](*args, PHASE=PHASE_APPLY, BARRIER=False, **meta)
     return y, h, mean, rstd
 
 
@@ -533,7 +574,8 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, weight, bias, scale,
     """Runs the backward kernel(s). Returns dx and the (N, C) fp32 sums A = sum(dz), B = sum(dz * xhat)."""
     N, C = h.shape[:2]
     S = h[0, 0].numel()
-    plan = _plan(N, C, S, G, channels_last, tuning.backward_tile, h.device, tuning.splits, tuning.fused)
+    plan = _plan(N, C, S, G, channels_last, tuning.backward_tile, h.device, tuning.splits, tuning.fused,
+                 tuning.barrier)
     dx = torch.empty_like(h)
     sum_a = torch.empty(N, C, device=h.device, dtype=torch.float32)
     sum_b = torch.empty_like(sum_a)
@@ -549,14 +591,14 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, weight, bias, scale,
             plan.tiles_per_split)
     meta = dict(CHANNELS_LAST=channels_last, HAS_DH=dh is not None, HAS_SCALE=scale is not None, ACT=act,
                 ONE_TILE=plan.tiles_per_split == 1, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
-                BLOCK_G=plan.block_g, BLOCK_SPLITS=plan.block_splits,
+                BLOCK_G=plan.block_g, CPG_PAD=plan.cpg_pad, BLOCK_SPLITS=plan.block_splits,
                 num_warps=_num_warps(plan.block_c * plan.block_s))
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
-        _gn_backward_kernel[grid](*args, PHASE=PHASE_FUSED, **meta)
+        LAST_KERNELS["backward"] = _gn_backward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
     else:
-        _gn_backward_kernel[grid](*args, PHASE=PHASE_PARTIALS, **meta)
-        _gn_backward_kernel[grid](*args, PHASE=PHASE_APPLY, **meta)
+        _gn_backward_kernel[grid](*args, PHASE=PHASE_PARTIALS, BARRIER=False, **meta)
+        _gn_backward_kernel[grid](*args, PHASE=PHASE_APPLY, BARRIER=False, **meta)
     return dx, sum_a, sum_b
 
 

@@ -1,26 +1,66 @@
-"""GroupNorm with an optional fused SiLU: the one place every model takes its normalisation from."""
+"""GroupNorm with optional fused scale-shift and SiLU: the one place every model takes its normalisation from.
+
+`kernels` chooses the implementation: `torch` (PyTorch's GroupNorm and elementwise ops), `triton` (the fused kernels
+in kernels/group_norm.py: one read of x and one write of y, statistics in fp32, x's dtype and memory layout kept) or
+`auto` (Triton for CUDA tensors, PyTorch otherwise). Models take a `kernels` argument and apply it to all their norms
+with `set_kernels`.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+def _check_kernels(kernels: str) -> str:
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
+    return kernels
+
 
 class GroupNormAct(nn.GroupNorm):
-    """GroupNorm over `num_groups` groups, followed by SiLU when `act` is True.
+    """GroupNorm over `num_groups` groups, then optionally `* (1 + scale) + shift` per sample and channel, then SiLU
+    when `act` is True.
 
-    x: (B, C, *spatial) -> same shape and dtype. Statistics are computed in fp32 by PyTorch's kernel.
+    x: (B, C, *spatial) -> same shape; scale, shift: (B, C) or (B, C, 1, ...), given together or not at all.
+    Statistics are computed in fp32 either way. With `kernels: torch` under autocast the output is fp32 (PyTorch's
+    autocast policy for group_norm); the Triton kernels return x's dtype.
     """
 
-    def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-6, act: bool = True):
+    def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-6, act: bool = True,
+                 kernels: str = "auto"):
         if num_channels % num_groups:
             raise ValueError(f"GroupNormAct: num_channels={num_channels} is not divisible by num_groups={num_groups}")
         super().__init__(num_groups, num_channels, eps=eps, affine=True)
         self.act = act
+        self.kernels = _check_kernels(kernels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        return self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
+        if (scale is None) != (shift is None):
+            raise ValueError("GroupNormAct: give scale and shift together")
+        if self.uses_triton(x):
+            from kernels.group_norm import group_norm_act  # imported on first use: CPU-only runs never load Triton
+            return group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, self.act, scale, shift)[0]
         y = super().forward(x)
+        if scale is not None:
+            spatial = (1,) * (x.ndim - 2)
+            y = y * (1 + scale.reshape(*scale.shape[:2], *spatial)) + shift.reshape(*shift.shape[:2], *spatial)
         return F.silu(y) if self.act else y
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", act={self.act}"
+        return super().extra_repr() + f", act={self.act}, kernels={self.kernels}"
+
+
+def set_kernels(model: nn.Module, kernels: str) -> nn.Module:
+    """Sets the implementation (`auto`, `triton`, `torch`) of every GroupNormAct in `model`; returns `model`."""
+    _check_kernels(kernels)
+    for module in model.modules():
+        if isinstance(module, GroupNormAct):
+            module.kernels = kernels
+    return model

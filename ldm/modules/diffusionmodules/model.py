@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ldm.modules.attention import attention
 from ldm.modules.nn_dims import check_dims, conv_nd, spatial_dims
 from ldm.modules.resampling import Downsample, Upsample
-from ldm.modules.normalization import GroupNormAct
+from ldm.modules.normalization import GroupNormAct, set_kernels
 
 
 class _Checkpointed(nn.Module):
@@ -147,12 +147,13 @@ class Encoder(nn.Module):
 
     factor = 2**(len(ch_mult) - 1); every spatial size of x must be divisible by it. `resolution` (an int or one
     size per axis) is the nominal training size: it places attention (`attn_resolutions`), not the accepted sizes.
+    `kernels` (`auto`, `triton`, `torch`) picks the GroupNorm implementation (ldm/modules/normalization.py).
     """
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[Any], in_channels: int, resolution: int | Sequence[int], z_channels: int,
                  double_z: bool = True, dropout: float = 0.0, resamp_with_conv: bool = True, dims: int = 2,
-                 norm_num_groups: int = 32, use_checkpoint: bool = False):
+                 norm_num_groups: int = 32, use_checkpoint: bool = False, kernels: str = "auto"):
         super().__init__()
         plan = _Plan("Encoder", ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dims, norm_num_groups)
         self.dims, self.factor = plan.dims, plan.factor
@@ -167,6 +168,7 @@ class Encoder(nn.Module):
         self.mid = _mid_block(plan.channels[-1], dropout, dims, norm_num_groups, use_checkpoint)
         self.norm_out = GroupNormAct(plan.channels[-1], norm_num_groups)
         self.conv_out = conv_nd(dims, plan.channels[-1], 2 * z_channels if double_z else z_channels, 3, padding=1)
+        set_kernels(self, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = spatial_dims(x, self.dims)
@@ -185,7 +187,7 @@ class Decoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[Any], resolution: int | Sequence[int], z_channels: int,
                  dropout: float = 0.0, resamp_with_conv: bool = True, dims: int = 2, norm_num_groups: int = 32,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, kernels: str = "auto"):
         super().__init__()
         plan = _Plan("Decoder", ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dims, norm_num_groups)
         self.dims, self.factor, self.z_channels = plan.dims, plan.factor, z_channels
@@ -203,6 +205,7 @@ class Decoder(nn.Module):
         ])
         self.norm_out = GroupNormAct(plan.channels[0], norm_num_groups)
         self.conv_out = conv_nd(dims, plan.channels[0], out_ch, 3, padding=1)
+        set_kernels(self, kernels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         spatial_dims(z, self.dims)

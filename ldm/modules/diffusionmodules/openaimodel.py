@@ -18,7 +18,7 @@ from ldm.modules.attention import CrossAttention, SpatialTransformer
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
 from ldm.modules.nn_dims import conv_nd, spatial_dims, zero_module
 from ldm.modules.resampling import Downsample, Upsample
-from ldm.modules.normalization import GroupNormAct
+from ldm.modules.normalization import GroupNormAct, set_kernels
 
 # The original UNet's GroupNorm32 uses PyTorch's default eps, unlike the autoencoder and the transformer (1e-6).
 UNET_NORM_EPS = 1e-5
@@ -52,8 +52,8 @@ class ResBlock(nn.Module):
         self.in_conv = conv_nd(dims, channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
-        # With scale-shift, SiLU must follow the modulation, so the norm itself has no activation.
-        self.out_norm = _norm(out_channels, act=not use_scale_shift_norm)
+        # With scale-shift the norm applies the modulation before its SiLU (one fused kernel with kernels: triton).
+        self.out_norm = _norm(out_channels, act=True)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_module(conv_nd(dims, out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if out_channels == channels else conv_nd(dims, channels, out_channels, 1)
@@ -67,7 +67,7 @@ class ResBlock(nn.Module):
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = nn.functional.silu(self.out_norm(h) * (1 + scale) + shift)
+            h = self.out_norm(h, scale, shift)
         else:
             h = self.out_norm(h + emb_out)
         return self.skip(x) + self.out_conv(self.dropout(h))
@@ -112,6 +112,7 @@ class UNetModel(nn.Module):
     Heads: `num_heads` per block, or `num_head_channels` channels per head when that is set. With `legacy` (the
     original default) a transformer's head width is channels // heads even when `num_head_channels` is set.
     `image_size` (int or one size per axis) is only checked: every size must halve `len(channel_mult) - 1` times.
+    `kernels` (`auto`, `triton`, `torch`) picks the GroupNorm implementation (ldm/modules/normalization.py).
     """
 
     def __init__(self, image_size: int | Sequence[int], in_channels: int, model_channels: int, out_channels: int,
@@ -120,7 +121,7 @@ class UNetModel(nn.Module):
                  num_classes: int | None = None, use_checkpoint: bool = False, num_heads: int = -1,
                  num_head_channels: int = -1, num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
                  resblock_updown: bool = False, use_spatial_transformer: bool = False, transformer_depth: int = 1,
-                 context_dim: int | None = None, legacy: bool = True, use_fp16: bool = False):
+                 context_dim: int | None = None, legacy: bool = True, use_fp16: bool = False, kernels: str = "auto"):
         super().__init__()
         if dims not in (2, 3):
             raise ValueError(f"UNetModel: dims must be 2 or 3, got {dims}")
@@ -210,6 +211,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(_norm(ch, act=True), zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)))
+        set_kernels(self, kernels)
 
     def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
                       y: torch.Tensor | None) -> None:

@@ -1,0 +1,185 @@
+"""GroupNorm(32 groups) + SiLU in bf16: our Triton kernels against PyTorch eager and torch.compile, on the GPU.
+
+    python benchmarks/bench_group_norm.py [--no-compile] [--layouts contiguous,channels_last] [--out DIR]
+
+For each shape and layout: checks ours against the fp32 PyTorch reference on the same bf16 inputs (output and the
+gradients of x, weight, bias), then times forward and forward+backward as GPU time: the calls are captured in a CUDA
+graph over enough distinct input sets to exceed 4x the L2 cache (so no input is read from cache), the graph is replayed,
+and the median replay time is divided by the number of sets. In a model the host-side launch cost overlaps other
+layers' GPU work; the last column is the same forward+backward timed by `triton.testing.do_bench` without a graph
+(host launch cost included, L2 cleared), which is what small tensors cost when nothing hides the launches.
+% = the fewest bytes the op must move / time / measured copy bandwidth, where the forward moves 2 tensors (read x,
+write y) and forward+backward 5 (also read x and dy, write dx). Writes the numbers to DIR/bench_group_norm.json
+($OUT when set) and prints a markdown table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import group_norm as gn_module  # noqa: E402
+from kernels.group_norm import GroupNormTuning, group_norm_act, group_norm_reference  # noqa: E402
+
+SHAPES = [(1, 64, 128, 128, 128), (2, 128, 64, 64, 64), (8, 256, 16, 16, 16), (8, 320, 64, 64)]
+GROUPS = 32
+EPS = 1e-6
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second of a large device-to-device copy."""
+    src = torch.randn(256 * 2 ** 20, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def make_inputs(shape, layout: str, device, sets: int = 1):
+    """`sets` pairs (x, dy) in bf16 and the layout, plus fp32 weight and bias."""
+    fmt = torch.contiguous_format
+    if layout == "channels_last":
+        fmt = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    xs = [(torch.randn(shape, device=device, dtype=torch.bfloat16) * 1.5 + 0.5).to(memory_format=fmt).requires_grad_()
+          for _ in range(sets)]
+    dys = [torch.randn_like(x) for x in xs]
+    C = shape[1]
+    w = (1 + 0.1 * torch.randn(C, device=device)).requires_grad_()
+    b = (0.1 * torch.randn(C, device=device)).requires_grad_()
+    return xs, w, b, dys
+
+
+def graph_time(call, sets: int, replays: int = 15) -> float:
+    """Median GPU ms of call(i) over i < sets, captured once in a CUDA graph and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(sets):
+            call(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(sets):
+            call(i)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / sets)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def eager(x, w, b):
+    return F.silu(F.group_norm(x, GROUPS, w.to(x.dtype), b.to(x.dtype), EPS))
+
+
+def ours(tuning):
+    def run(x, w, b):
+        return group_norm_act(x, w, b, GROUPS, EPS, act=True, tuning=tuning)[0]
+    return run
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check(fn, x, w, b, dy) -> float:
+    """Largest relative error of fn's output and gradients against the fp32 reference on the same inputs."""
+    y = fn(x, w, b)
+    got = [y, *torch.autograd.grad(y, (x, w, b), dy)]
+    xr, wr, br = (t.detach().float().requires_grad_() for t in (x, w, b))
+    yr = group_norm_reference(xr, wr, br, GROUPS, EPS, act=True)[0]
+    ref = [yr, *torch.autograd.grad(yr, (xr, wr, br), dy.float())]
+    return max(rel_err(g, r) for g, r in zip(got, ref))
+
+
+def time_fn(fn, xs, w, b, dys) -> tuple[float, float, float]:
+    """GPU ms of forward and of forward+backward (gradients of x, weight, bias), and host-inclusive forward+backward."""
+    def forward(i):
+        with torch.no_grad():
+            fn(xs[i], w, b)
+
+    def forward_backward(i):
+        y = fn(xs[i], w, b)
+        torch.autograd.grad(y, (xs[i], w, b), dys[i])
+    fwd = graph_time(forward, len(xs))
+    both = graph_time(forward_backward, len(xs))
+    host = triton.testing.do_bench(lambda: forward_backward(0), warmup=25, rep=200, return_mode="median")
+    return fwd, both, host
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves minutes of compiling)")
+    parser.add_argument("--layouts", default="contiguous,channels_last")
+    parser.add_argument("--tunings", default="", help="extra launch choices to time, ';'-separated, each a ','-separated "
+                        "list of GroupNormTuning fields, e.g. 'forward_tile=4096,backward_tile=2048;splits=64'")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_group_norm.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth(device)
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"copy bandwidth {bandwidth / 1e12:.3f} TB/s", flush=True)
+
+    variants = {"ours": ours(GroupNormTuning()), "eager": eager}
+    for spec in filter(None, args.tunings.split(";")):
+        fields = {key: (value == "True") if value in ("True", "False") else int(value)
+                  for key, value in (item.split("=") for item in spec.split(","))}
+        variants[f"ours {spec}"] = ours(GroupNormTuning(**fields))
+    if not args.no_compile:
+        variants["compile"] = torch.compile(eager, dynamic=False)
+
+    rows = []
+    for layout in args.layouts.split(","):
+        for shape in SHAPES:
+            elem_bytes = 2 * torch.Size(shape).numel()
+            sets = max(1, -(-4 * l2_bytes // (2 * elem_bytes)))
+            xs, w, b, dys = make_inputs(shape, layout, device, sets)
+            for name, fn in variants.items():
+                gn_module.LAST_KERNELS.clear()
+                err = check(fn, xs[0], w, b, dys[0])
+                regs = {k: f"{v.n_regs}/{v.n_spills}" for k, v in gn_module.LAST_KERNELS.items()}
+                fwd, both, host = time_fn(fn, xs, w, b, dys)
+                row = dict(shape=list(shape), layout=layout, variant=name, fwd_ms=fwd, fwd_bwd_ms=both,
+                           fwd_pct=100 * 2 * elem_bytes / (fwd * 1e-3) / bandwidth,
+                           fwd_bwd_pct=100 * 5 * elem_bytes / (both * 1e-3) / bandwidth, host_fwd_bwd_ms=host,
+                           max_rel_err=err, regs_spills=regs, input_sets=sets)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del xs, w, b, dys
+            torch.cuda.empty_cache()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_group_norm.json").write_text(json.dumps(dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
+    print(f"\nGroupNorm({GROUPS}) + SiLU, bf16, {torch.cuda.get_device_name()}, copy {bandwidth / 1e12:.2f} TB/s; "
+          f"GPU ms (% of copy bandwidth), median of CUDA-graph replays; host = fwd+bwd without a graph; "
+          f"err = max rel. error of y, dx, dw, db vs fp32 reference; regs = registers/spills (fwd, bwd)")
+    print("| shape | layout | variant | fwd | fwd+bwd | host fwd+bwd | err | regs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        regs = " ".join(r["regs_spills"].values())
+        print(f"| {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['variant']} | {r['fwd_ms']:.3f} "
+              f"({r['fwd_pct']:.0f}%) | {r['fwd_bwd_ms']:.3f} ({r['fwd_bwd_pct']:.0f}%) | {r['host_fwd_bwd_ms']:.3f} | "
+              f"{r['max_rel_err']:.1e} | {regs} |")
+
+
+if __name__ == "__main__":
+    main()

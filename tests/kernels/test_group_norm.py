@@ -1,0 +1,182 @@
+"""The fused GroupNorm kernels against a float64 PyTorch reference: output, h and every gradient.
+
+Without CUDA these run through Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), with
+small shapes; with CUDA they also run on the GPU in bf16/fp16, where the single-launch barrier path runs with many
+programs per segment.
+"""
+import pytest
+import torch
+
+from kernels import group_norm as gn
+from kernels.group_norm import GroupNormTuning, group_norm_act, group_norm_reference
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+# Forward-only tolerances per dtype (relative L2 error against float64); bf16/fp16 outputs are rounded once.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.to(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(got).all(), "non-finite values (an element was not written?)"
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_case(shape, groups, *, device="cpu", dtype=torch.float32, layout="contiguous", act=True, scale_shift=False,
+             residual=False, tuning=None, seed=0):
+    """Forward + backward of ours and of the float64 reference on the same inputs; returns a dict of errors."""
+    gen = torch.Generator().manual_seed(seed)
+    N, C = shape[:2]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3  # an offset mean: cancellation must not hurt
+    inputs = {"x": x, "weight": torch.randn(C, generator=gen, dtype=torch.float64),
+              "bias": torch.randn(C, generator=gen, dtype=torch.float64)}
+    if scale_shift:
+        inputs["scale"] = 0.5 * torch.randn(N, C, generator=gen, dtype=torch.float64)
+        inputs["shift"] = torch.randn(N, C, generator=gen, dtype=torch.float64)
+    if residual:
+        inputs["residual"] = torch.randn(shape, generator=gen, dtype=torch.float64)
+    # Round the inputs to the tested dtype first, so both sides see the same numbers.
+    ours_in = {k: v.to(dtype if k in ("x", "residual") else torch.float32).to(device) for k, v in inputs.items()}
+    ref_in = {k: v.to(ours_in[k].dtype).double() for k, v in inputs.items()}
+    grad_y = torch.randn(shape, generator=gen, dtype=torch.float64)
+    grad_h = torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    def forward_backward(fn, tensors, cast):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items()}
+        x_in = leaves["x"]
+        if layout == "channels_last":
+            x_in = channels_last(x_in)
+        kwargs = {"tuning": tuning} if fn is group_norm_act else {}
+        y, h = fn(x_in, leaves["weight"], leaves["bias"], groups, 1e-5, act, leaves.get("scale"), leaves.get("shift"),
+                  leaves.get("residual"), **kwargs)
+        loss = (y.double() * grad_y.to(y.device)).sum()
+        if residual:
+            loss = loss + (h.double() * grad_h.to(h.device)).sum()
+        loss.backward()
+        return y, h, {k: v.grad for k, v in leaves.items()}
+
+    y_ref, h_ref, grads_ref = forward_backward(group_norm_reference, ref_in, torch.float64)
+    y, h, grads = forward_backward(group_norm_act, ours_in, dtype)
+    assert y.dtype == dtype and y.shape == shape
+    if layout == "channels_last" and min(shape[2:]) > 1:
+        assert is_channels_last(y) and (not residual or is_channels_last(h))
+    errors = {"y": rel_err(y.cpu(), y_ref), "h": rel_err(h.cpu(), h_ref)}
+    errors.update({f"d{k}": rel_err(grads[k].cpu(), grads_ref[k]) for k in grads_ref})
+    return errors
+
+
+def assert_close(errors, dtype, grad_factor=4.0):
+    tol = TOLERANCE[dtype]
+    for name, err in errors.items():
+        limit = tol if name in ("y", "h") else grad_factor * tol
+        assert err < limit, f"{name}: relative error {err:.2e} > {limit:.0e} (all: {errors})"
+
+
+# Shapes: odd sizes, C not a power of two (10 channels per group: padded blocks), groups=1, groups=C, 1D/2D/3D.
+SHAPES = [((2, 8, 5, 6, 7), 4), ((2, 30, 9, 10), 3), ((3, 6, 17), 1), ((2, 6, 3, 4, 5), 6), ((1, 64, 3, 5), 32)]
+
+
+@pytest.mark.parametrize("shape,groups", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_reference_every_shape_and_layout(shape, groups, layout):
+    if layout == "channels_last" and len(shape) == 3:
+        pytest.skip("no channels-last format for 1D")
+    assert_close(run_case(shape, groups, layout=layout, scale_shift=True, residual=True), torch.float32)
+
+
+@pytest.mark.parametrize("act,scale_shift,residual", [(False, False, False), (True, False, False),
+                                                      (False, True, False), (True, True, False),
+                                                      (False, False, True), (True, True, True)])
+def test_every_fusion_option(act, scale_shift, residual):
+    errors = run_case((2, 12, 6, 7), 3, act=act, scale_shift=scale_shift, residual=residual)
+    assert_close(errors, torch.float32)
+
+
+# Launch plans: many tiles per program (the multi-tile loops), two launches with several splits (the partials'
+# combination), and the single launch with its barrier (one split in the interpreter; many on a GPU).
+PLANS = {
+    "multi-tile": GroupNormTuning(forward_tile=64, backward_tile=64),
+    "two-launch": GroupNormTuning(forward_tile=64, backward_tile=64, splits=3, fused=False),
+    "barrier": GroupNormTuning(forward_tile=64, backward_tile=64, barrier=True),
+}
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_launch_plans(plan, layout):
+    errors = run_case((2, 12, 9, 11), 3, layout=layout, scale_shift=True, residual=True, tuning=PLANS[plan])
+    assert_close(errors, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    assert_close(run_case((2, 8, 4, 5, 6), 4, dtype=dtype, scale_shift=True, residual=True), dtype)
+
+
+def test_large_mean_small_variance_is_stable():
+    """mean 1e3, std 1e-1: E[x^2] - E[x]^2 in fp32 would lose every digit; the two-level moments must not."""
+    x = 1000 + 0.1 * torch.randn(2, 4, 3000)
+    weight, bias = torch.ones(4), torch.zeros(4)
+    y, _ = group_norm_act(x, weight, bias, 2, 1e-6, tuning=GroupNormTuning(forward_tile=256, backward_tile=256))
+    ref, _ = group_norm_reference(x.double(), weight.double(), bias.double(), 2, 1e-6)
+    assert rel_err(y, ref) < 1e-3
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """Outputs start as NaN (not the allocator's leftovers); every element must be overwritten."""
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(gn.torch, "empty_like",
+                        lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")) if t.is_floating_point()
+                        else real_empty_like(t, **kw))
+    for tuning in PLANS.values():
+        errors = run_case((2, 30, 7, 9), 3, scale_shift=True, residual=True, tuning=tuning, seed=1)
+        assert_close(errors, torch.float32)
+
+
+def test_deterministic():
+    x = torch.randn(2, 8, 33, 17)
+    w, b = torch.randn(8), torch.randn(8)
+    tuning = GroupNormTuning(forward_tile=64, backward_tile=64, splits=4, fused=False)
+    first, second = (group_norm_act(x, w, b, 4, act=True, tuning=tuning)[0] for _ in range(2))
+    assert torch.equal(first, second)
+
+
+def test_scale_shift_accepts_broadcast_shape():
+    x = torch.randn(2, 4, 3, 3, 3)
+    w, b = torch.ones(4), torch.zeros(4)
+    scale, shift = torch.randn(2, 4, 1, 1, 1), torch.randn(2, 4, 1, 1, 1)
+    y, _ = group_norm_act(x, w, b, 2, scale=scale, shift=shift)
+    ref, _ = group_norm_reference(x, w, b, 2, 1e-6, scale=scale, shift=shift)
+    assert torch.allclose(y, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_groups=3), "not divisible by num_groups=3"),
+    (dict(scale=torch.zeros(2, 4)), "scale and shift together"),
+    (dict(scale=torch.zeros(2, 5), shift=torch.zeros(2, 5)), "scale must be (N, C)"),
+    (dict(residual=torch.zeros(2, 4, 3)), "residual"),
+])
+def test_bad_input_is_named(kwargs, message):
+    x = torch.randn(2, 4, 3, 3)
+    args = dict(num_groups=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        group_norm_act(x, torch.ones(4), torch.zeros(4), **args)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 64, 32, 32, 32), (2, 128, 16, 16, 16), (3, 320, 24, 24)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_single_launch_with_barrier(shape, layout, dtype):
+    """On the GPU, segments are split over many programs that meet at the in-kernel barrier."""
+    errors = run_case(shape, 32, device="cuda", dtype=dtype, layout=layout, scale_shift=True, residual=True,
+                      tuning=GroupNormTuning(forward_tile=1024, backward_tile=1024))
+    assert_close(errors, dtype, grad_factor=2.0)

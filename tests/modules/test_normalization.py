@@ -1,0 +1,76 @@
+"""GroupNormAct and the `kernels` switch: the Triton kernels (interpreted on CPU) give the models the same outputs and
+gradients as PyTorch's GroupNorm."""
+import copy
+
+import pytest
+import torch
+
+from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
+from ldm.modules.normalization import GroupNormAct, set_kernels
+
+
+def outputs_and_grads(model, inputs):
+    model.zero_grad()
+    out = model(*inputs)
+    out.square().mean().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_model_results(model, inputs, atol=2e-5):
+    torch_model = set_kernels(copy.deepcopy(model), "torch")
+    triton_model = set_kernels(copy.deepcopy(model), "triton")
+    out_ref, grads_ref = outputs_and_grads(torch_model, inputs)
+    out, grads = outputs_and_grads(triton_model, inputs)
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=1e-4)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=atol, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_module_scale_shift_matches_torch_path(act):
+    norm = GroupNormAct(8, 4, act=act)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x, scale, shift = torch.randn(2, 8, 3, 4, 5), torch.randn(2, 8, 1, 1, 1), torch.randn(2, 8, 1, 1, 1)
+    expected = norm.__class__.forward(set_kernels(copy.deepcopy(norm), "torch"), x, scale, shift)
+    got = set_kernels(norm, "triton")(x, scale, shift)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unet_resblock_with_scale_shift_norm_same_with_triton_kernels():
+    torch.manual_seed(0)
+    block = ResBlock(32, emb_channels=8, dropout=0.0, dims=3, use_scale_shift_norm=True)
+    for p in block.parameters():  # the zero-initialised output convolution would hide the first norm's gradients
+        torch.nn.init.normal_(p, std=0.2)
+    assert_same_model_results(block, (torch.randn(2, 32, 3, 4, 4), torch.randn(2, 8)))
+
+
+def test_unet_applies_kernels_choice_to_every_norm():
+    model = UNetModel(image_size=8, in_channels=2, model_channels=32, out_channels=2, num_res_blocks=1,
+                      attention_resolutions=[2], channel_mult=(1, 2), num_heads=2, use_spatial_transformer=True,
+                      context_dim=4, kernels="torch")
+    norms = [m for m in model.modules() if isinstance(m, GroupNormAct)]
+    assert len(norms) > 5 and all(m.kernels == "torch" for m in norms)
+
+
+def test_autoencoder_encoder_decoder_same_with_triton_kernels():
+    torch.manual_seed(0)
+    config = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=[], resolution=8, z_channels=2, dims=3,
+                  norm_num_groups=4, kernels="triton")
+    encoder = Encoder(in_channels=1, **config)
+    decoder = Decoder(out_ch=1, **config)
+    assert all(m.kernels == "triton" for m in encoder.modules() if isinstance(m, GroupNormAct))
+    assert_same_model_results(encoder, (torch.randn(1, 1, 8, 8, 8),))
+    assert_same_model_results(decoder, (torch.randn(1, 2, 4, 4, 4),))
+
+
+def test_auto_uses_torch_on_cpu_and_bad_choice_is_named():
+    norm = GroupNormAct(4, 2)
+    assert norm.kernels == "auto" and not norm.uses_triton(torch.zeros(1, 4, 2))
+    with pytest.raises(ValueError, match="kernels must be one of auto, triton, torch, got 'cuda'"):
+        GroupNormAct(4, 2, kernels="cuda")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        Encoder(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=[], in_channels=1, resolution=8, z_channels=2,
+                norm_num_groups=4, kernels="fast")
