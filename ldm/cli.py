@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint
+from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint, load_model_state
 from ldm.engine.config import trainer_config_from
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -203,17 +203,6 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
 
     callbacks = [instantiate_from_config(cfg) for cfg in (config.trainer.callbacks.values()
                                                          if "trainer" in config and "callbacks" in config.trainer else [])]
-    run_config = OmegaConf.to_container(config, resolve=True)
-    if fabric.is_global_zero:
-        (logdir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (logdir / "configs").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.masked_copy(config, ["model", "data"]), logdir / "configs" / f"{now}-project.yaml")
-        OmegaConf.save(OmegaConf.create({"trainer": config.get("trainer", {})}),
-                       logdir / "configs" / f"{now}-trainer.yaml")
-        print(f"run folder: {logdir}")
-    fabric.barrier()
-    trainer.attach(logdir, callbacks, run_config)
-
     datamodule = instantiate_from_config(config.data)
     if fabric.is_global_zero:
         print(f"data: {type(datamodule).__name__}\n{datamodule.describe()}")
@@ -228,11 +217,24 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
         print(f"model: {type(model).__name__}, {parameters / 1e6:.2f}M parameters\n{how}")
 
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    if checkpoint is not None:
+        load_model_state(model, checkpoint["state_dict"], checkpoint_path)
+    # Only now, with config, data, model and checkpoint known to be good, write into the run folder: a bad
+    # override given with -r must not leave a config behind that breaks every later resume.
+    run_config = OmegaConf.to_container(config, resolve=True)
+    if fabric.is_global_zero:
+        (logdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (logdir / "configs").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.masked_copy(config, ["model", "data"]), logdir / "configs" / f"{now}-project.yaml")
+        OmegaConf.save(OmegaConf.create({"trainer": config.get("trainer", {})}),
+                       logdir / "configs" / f"{now}-trainer.yaml")
+        print(f"run folder: {logdir}")
+    fabric.barrier()
+    trainer.attach(logdir, callbacks, run_config)
+
     try:
         if opt.train:
             trainer.fit(model, datamodule, resume=checkpoint)
-        elif checkpoint is not None:
-            model.load_state_dict(checkpoint["state_dict"])
         if not opt.no_test:
             if datamodule.has("test"):
                 trainer.test(model, datamodule)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import random
+import types
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,10 +23,14 @@ class ShardedResumableSampler(Sampler[int]):
     all ranks see as many items), so ranks see distinct items. `begin_epoch(epoch, start)` skips the first `start`
     indices of that epoch's shard: a resumed run continues where it stopped instead of replaying the epoch.
     (Not named `set_epoch`: Fabric's loader wrapper calls that with its own count of iterations.)
+
+    With `item_seeds`, it yields `(index, item_seed(seed, epoch, rank, position))` pairs for an `ItemSeededDataset`.
     """
 
-    def __init__(self, length: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, length: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 item_seeds: bool = False):
         self.length, self.shuffle, self.seed, self.rank, self.world_size = length, shuffle, seed, rank, world_size
+        self.item_seeds = item_seeds
         self.epoch = 0
         self.start = 0
 
@@ -42,25 +48,95 @@ class ShardedResumableSampler(Sampler[int]):
         order += order[: per_rank * self.world_size - self.length]
         return order[self.rank:: self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.shard()[self.start:])
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        order = self.shard()
+        if not self.item_seeds:
+            return iter(order[self.start:])
+        return ((order[position], item_seed(self.seed, self.epoch, self.rank, position))
+                for position in range(self.start, len(order)))
 
     def __len__(self) -> int:
         return max(0, math.ceil(self.length / self.world_size) - self.start)
 
 
+def item_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """Seed (< 2**63) for the random transforms of the item at `position` of `rank`'s shard in `epoch`.
+
+    A function of where the item falls in training, not of what a loader worker drew before: a resumed run (which
+    starts its workers afresh, mid-epoch) draws the same augmentations as an uninterrupted one, whatever
+    `num_workers` is."""
+    entropy = [value % 2 ** 64 for value in (seed, epoch, rank, position)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+def find_randomizables(root: Any) -> list:
+    """Objects reachable from `root` through attributes, lists, tuples and dict values that have their own
+    generator behind a `set_random_state(seed=...)` method (MONAI's random transforms and their `Compose`), in a
+    fixed order; the search does not go below such an object (it seeds what it holds) nor into tensors or arrays."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (torch.Tensor, np.ndarray, str, bytes, type, types.ModuleType)):
+            continue
+        seen.add(id(obj))
+        if callable(getattr(obj, "set_random_state", None)):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(reversed(obj))
+        elif isinstance(obj, dict):
+            stack.extend(reversed(list(obj.values())))
+        elif hasattr(obj, "__dict__"):
+            stack.extend(reversed(list(vars(obj).values())))
+    return found
+
+
+@contextmanager
+def seeded_global_generators(seed: int) -> Iterator[None]:
+    """Seed python's, numpy's and torch's CPU global generators for the block, then put their states back (CUDA
+    generators are not touched: `torch.manual_seed` would reseed them too)."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+class ItemSeededDataset(Dataset):
+    """`dataset` read with keys `(index, seed)`: the item's randomness is seeded from `seed` (see `item_seed`).
+
+    During `dataset[index]` the global generators (python, numpy, torch CPU) and the dataset's own generators
+    (`find_randomizables`, e.g. MONAI random transforms) are seeded from `seed`; the global states are restored
+    afterwards, so that loading in the training process (`num_workers: 0`) leaves the training noise alone.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self._randomizables: list | None = None  # found on first use, in each process
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        if self._randomizables is None:
+            self._randomizables = find_randomizables(self.dataset)
+        with seeded_global_generators(seed):
+            for offset, randomizable in enumerate(self._randomizables):
+                randomizable.set_random_state(seed=(seed + offset) % 2 ** 32)
+            return self.dataset[index]
+
+
 def seed_worker(worker_id: int) -> None:
-    """Seed python, numpy and MONAI's per-transform generators in a loader worker from torch's per-worker seed."""
+    """Seed python's and numpy's generators in a loader worker from torch's per-worker seed (for randomness outside
+    item loading; the items themselves, MONAI transforms included, are seeded by `ItemSeededDataset`)."""
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    try:
-        from monai.data.utils import set_rnd
-    except ImportError:
-        return
-    if info is not None:
-        set_rnd(info.dataset, seed)
 
 
 class WrappedDataset(Dataset):
@@ -111,13 +187,17 @@ class DataModuleFromConfig:
 
     def dataloader(self, split: str, rank: int = 0, world_size: int = 1, seed: int = 0,
                    drop_last: bool = False) -> DataLoader:
-        """A loader of `split` for one rank, batches as dicts of tensors; its sampler is a `ShardedResumableSampler`."""
+        """A loader of `split` for one rank, batches as dicts of tensors; its sampler is a `ShardedResumableSampler`.
+
+        Each item's random transforms are seeded from (seed, epoch, rank, position in the epoch) through
+        `ItemSeededDataset`, so a resumed run sees the same augmented batches as an uninterrupted one."""
         if split not in self.datasets:
             raise KeyError(f"data: no '{split}' split configured (have: {', '.join(self.datasets) or 'none'})")
         dataset = self.datasets[split]
-        sampler = ShardedResumableSampler(len(dataset), self.shuffle[split], seed=seed, rank=rank, world_size=world_size)
+        sampler = ShardedResumableSampler(len(dataset), self.shuffle[split], seed=seed, rank=rank,
+                                          world_size=world_size, item_seeds=True)
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            ItemSeededDataset(dataset), batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=drop_last,
             persistent_workers=self.num_workers > 0, worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(seed + 7919 * rank),

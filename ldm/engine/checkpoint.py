@@ -1,16 +1,18 @@
 """Checkpoint files: atomic writes, keep-last-k rotation, safe loading, RNG state capture.
 
 A checkpoint is a plain dict readable without our code (CompVis tools read `state_dict` and `global_step`):
-`state_dict`, `optimizer_states`, `lr_schedulers`, `global_step`, `epoch`, `batch_in_epoch`, `rng`, `config`.
+`state_dict`, `optimizer_states`, `lr_schedulers`, `global_step`, `epoch`, `batch_in_epoch`, `rng`, `seed`, `config`.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -53,11 +55,52 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL \S+|Unsupported operand \S+", str(err))
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read (UnpicklingError: {refused.group(0) if refused else err}): it holds "
+            f"Python objects beyond tensors and plain containers, which could run code when unpickled, so it is "
+            f"refused (weights_only loading)") from None
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
+        hint = "" if zipfile.is_zipfile(path) else ": truncated or corrupt (no zip directory at its end)"
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}){hint}") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no 'state_dict' entry: not a checkpoint of this repo")
     return checkpoint
+
+
+def _listed(keys: list[str], limit: int = 20) -> str:
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def state_mismatch(model: torch.nn.Module, state_dict: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, shape mismatches) of `state_dict` against `model`'s own state dict, all sorted."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(f"{key} {tuple(state_dict[key].shape)} (model: {tuple(own[key].shape)})" for key in own
+                    if key in state_dict and hasattr(state_dict[key], "shape")
+                    and tuple(state_dict[key].shape) != tuple(own[key].shape))
+    return missing, unexpected, shapes
+
+
+def describe_mismatch(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    parts = [f"{len(keys)} {what}: {_listed(keys)}" for what, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+    return "; ".join(parts)
+
+
+def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str | Path) -> None:
+    """Load `state_dict` into `model` strictly; keys or shapes that do not fit raise CheckpointError naming `source`
+    and listing the missing keys, unexpected keys and shape mismatches. The model is left untouched then."""
+    missing, unexpected, shapes = state_mismatch(model, state_dict)
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__} (another architecture or config?): "
+                              f"{describe_mismatch(missing, unexpected, shapes)}")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {err}") from err
 
 
 def step_checkpoints(directory: str | Path) -> list[Path]:

@@ -117,6 +117,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "rng": self._rng_states(),
+            "seed": self.seed,  # data order and augmentation seeds derive from it: a resumed run must keep it
             "precision": self.fabric.strategy.precision.state_dict(),  # the fp16 grad scaler, if any
             "config": self.run_config,
         }
@@ -154,6 +155,10 @@ class Trainer:
         self.global_step = int(checkpoint["global_step"])
         self.epoch = int(checkpoint["epoch"])
         self.batch_in_epoch = int(checkpoint.get("batch_in_epoch", 0))
+        if "seed" in checkpoint and int(checkpoint["seed"]) != self.seed:
+            tqdm.write(f"resume: using the checkpoint's seed {checkpoint['seed']} (not {self.seed}) so that the data "
+                       f"order and augmentations continue as they were")
+            self.seed = int(checkpoint["seed"])
         self.fabric.strategy.precision.load_state_dict(checkpoint.get("precision", {}))
         rng = checkpoint.get("rng", [])
         if len(rng) == self.fabric.world_size:
@@ -196,7 +201,7 @@ class Trainer:
         """Train until max_steps / max_epochs; resume from a loaded checkpoint dict when given."""
         cfg = self.config
         if resume is not None:
-            model.load_state_dict(resume["state_dict"])
+            ckpt.load_model_state(model, resume["state_dict"], "the checkpoint to resume from")
         module, optimizers, schedulers = self._setup(model)
         self.problems: list[list[str]] = [[] for _ in optimizers]
         if resume is not None:

@@ -1,0 +1,100 @@
+"""Bad input: one clear error (`error: ...`, exit code 2, no traceback) and nothing written, neither into the run
+given to `-r` nor as a new run folder.
+
+Unit tests of the same messages: tests/engine/test_config.py (trainer section), tests/engine/test_cli.py,
+tests/engine/test_checkpoint.py, tests/data/test_nifti_folder.py and test_brats2021.py (mismatched files).
+"""
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from ldm.cli import main
+from tests.data.brats_tree import head_and_tumour
+from tests.reliability.processes import CONFIG, file_digests, last_checkpoint, only_run_dir, run_in_process
+
+
+@pytest.fixture
+def run(trained_run, tmp_path):
+    """A copy of the trained run, alone in its log folder `tmp_path / "logs"`."""
+    return Path(shutil.copytree(trained_run, tmp_path / "logs" / trained_run.name))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def remove_checkpoints(path: Path) -> None:
+    shutil.rmtree(path.parent)
+
+
+@pytest.mark.parametrize("args, damage, message", [
+    (["trainer.max_step=30"], None, "trainer: unknown key 'max_step' (known: accelerator,"),
+    (["trainer.checkpoint.every=3"], None,
+     "trainer.checkpoint: unknown key 'every' (known: every_n_steps, keep_last_k)"),
+    (["model.params.hiden=12"], None, "model.params: unknown argument 'hiden' for EmaRegressor (accepted: hidden,"),
+    (["trainer.max_steps=ten"], None, "trainer.max_steps: expected int, got 'ten'"),
+    (["trainer.gradient_clip_val=[1]"], None, "trainer.gradient_clip_val: expected float, got [1]"),
+    (["model.params.ckpt_path=/no/such/model.ckpt"], None, "checkpoint /no/such/model.ckpt does not exist"),
+    (["data.params.train.params.length=0"], None,
+     "data.params: DataModuleFromConfig: data.params.train: the train dataset (AugmentedRegressionData) is empty"),
+    ([], truncate, "checkpoints/last.ckpt cannot be read (OSError: [Errno 22] Invalid argument): truncated or "
+                   "corrupt (no zip directory at its end)"),
+    ([], remove_checkpoints, "the log dir has no checkpoints/last.ckpt to resume from"),
+], ids=["unknown-key", "unknown-nested-key", "unknown-model-argument", "wrong-type", "wrong-type-list",
+        "missing-ckpt_path", "empty-dataset", "corrupt-checkpoint", "no-checkpoint"])
+def test_bad_input_on_resume_changes_nothing(run, capsys, args, damage, message):
+    if damage is not None:
+        damage(run / "checkpoints" / "last.ckpt")
+    before = file_digests(run.parent)
+    assert main("test", ["-r", str(run), "-t", "--no_test", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and message in err, err
+    assert file_digests(run.parent) == before
+
+
+def mismatched_mask_tree(root: Path) -> None:
+    """images/case_{a,b}.nii.gz with labels/case_{a,b}.nii.gz, case_b's label map one voxel short on the last axis."""
+    for folder in ("images", "labels"):
+        (root / folder).mkdir(parents=True)
+    for seed, case in enumerate(("case_a", "case_b")):
+        channels, seg = head_and_tumour((20, 20, 20), seed)
+        nib.save(nib.Nifti1Image(channels["t1"].astype(np.float32), np.eye(4)), str(root / "images" / f"{case}.nii.gz"))
+        seg = seg[:, :, :19] if case == "case_b" else seg
+        nib.save(nib.Nifti1Image(seg, np.eye(4)), str(root / "labels" / f"{case}.nii.gz"))
+
+
+def test_new_runs_with_bad_data_leave_no_run_folder(tmp_path, capsys):
+    mismatched_mask_tree(tmp_path / "tree")
+    config = OmegaConf.load(CONFIG)
+    config.data.params.train = {"target": "ldm.data.nifti_folder.NiftiFolder", "params": {
+        "root": str(tmp_path / "tree"), "image_glob": "images/*.nii.gz", "mask_glob": "labels/*.nii.gz",
+        "crop_to": [16, 16, 16], "split_ratios": [1, 0, 0]}}
+    OmegaConf.save(config, tmp_path / "nifti.yaml")
+    logs = tmp_path / "logs"
+    assert main("test", ["-b", str(tmp_path / "nifti.yaml"), "-l", str(logs), "-t"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: data.params.train.params: NiftiFolder: subject images/case_b.nii.gz: ") and \
+        err.endswith(f"{tmp_path}/tree/labels/case_b.nii.gz has shape [20, 20, 19] but {tmp_path}/tree/images/"
+                     f"case_b.nii.gz has [20, 20, 20] (on_bad_file: skip leaves such subjects out)"), err
+    assert run_in_process(logs, "-t", "data.params.train.params.length=0") == 2
+    assert run_in_process(logs, "-t", "model.params.ckpt_path=/no/such/model.ckpt") == 2
+    assert not logs.exists()
+
+
+def test_a_failed_resume_does_not_break_the_next_one(run, runs):
+    """In a real process: the bad override is reported, and the run resumes normally afterwards (before the fix in
+    ldm/cli.py, the override was saved into the run's configs/ and every later `-r` failed the same way)."""
+    before = file_digests(run.parent)
+    code, output = runs.finish(runs.resume(run, "-t", "--no_test", "data.params.train.params.length=0"))
+    assert code == 2, output
+    assert output.strip().splitlines()[-1] == ("error: data.params: DataModuleFromConfig: data.params.train: the "
+                                               "train dataset (AugmentedRegressionData) is empty")
+    assert "Traceback" not in output
+    assert file_digests(run.parent) == before
+    assert main("test", ["-r", str(run), "-t", "--no_test", "trainer.max_steps=7"]) == 0
+    assert last_checkpoint(only_run_dir(run.parent))["global_step"] == 7

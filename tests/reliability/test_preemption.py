@@ -1,0 +1,49 @@
+"""Preemption: SIGUSR1 saves at the next step boundary and training goes on; SIGTERM saves at the next step boundary
+and exits 0; `-r` then finishes the run as if nothing happened, loader workers with random augmentation included.
+
+(tests/engine/test_loop.py checks the two signals on the plain toy model; this adds the exact continuation.)
+"""
+import signal
+
+from ldm.engine.checkpoint import load_checkpoint, step_checkpoints
+from tests.reliability.processes import (assert_same_training_state, last_checkpoint, logged_steps,
+                                        only_run_dir, run_in_process)
+
+# Two loader workers drawing random augmentation; checkpoints only when signalled (and at the end).
+OPTIONS = ["-t", "--no_test", "-s", "11", "data.params.num_workers=2", "trainer.checkpoint.every_n_steps=1000"]
+BATCHES_PER_EPOCH = 5  # 20 items, batch size 4
+
+
+def test_sigusr1_then_sigterm_then_resume_matches_a_straight_run(tmp_path, runs, single_thread):
+    """Bitwise (see test_kill.py for why). The augmentation of every item is seeded from (seed, epoch, rank,
+    position in the epoch) by `ldm.data.base.ItemSeededDataset`, so the resumed run's fresh workers, which start
+    mid-epoch, draw what the straight run's long-lived workers drew at the same position."""
+    preempted = runs.train(tmp_path / "preempted", *OPTIONS, "model.params.sleep_s=0.1")
+    assert run_in_process(tmp_path / "straight", *OPTIONS) == 0
+    logdir = tmp_path / "preempted"
+    runs.wait_for(lambda: logdir.is_dir() and any(logdir.iterdir()) and logged_steps(only_run_dir(logdir)) >= 3,
+                  preempted, "step 3")
+    run = only_run_dir(logdir)
+    checkpoints = run / "checkpoints"
+
+    preempted.send_signal(signal.SIGUSR1)
+    runs.wait_for(lambda: bool(step_checkpoints(checkpoints)), preempted, "the SIGUSR1 checkpoint")
+    usr1_step = int(step_checkpoints(checkpoints)[0].stem.split("=")[1])
+    runs.wait_for(lambda: logged_steps(run) >= usr1_step + 2, preempted, "training to go on after SIGUSR1")
+
+    preempted.send_signal(signal.SIGTERM)
+    code, output = runs.finish(preempted)
+    assert code == 0, output
+    term = last_checkpoint(run)
+    term_step = term["global_step"]
+    assert f"SIGTERM: checkpoint saved at step {term_step}, exiting" in output
+    assert 3 <= usr1_step < usr1_step + 2 <= term_step < 24
+    for checkpoint in (load_checkpoint(checkpoints / f"step={usr1_step}.ckpt"), term):
+        # saved between two steps: the optimizer has taken exactly global_step steps, and the data position agrees
+        step = checkpoint["global_step"]
+        assert checkpoint["optimizer_states"][0]["state"][0]["step"] == step
+        assert checkpoint["epoch"] * BATCHES_PER_EPOCH + checkpoint["batch_in_epoch"] == step
+
+    code, output = runs.finish(runs.resume(run, "-t", "--no_test"))
+    assert code == 0, output
+    assert_same_training_state(last_checkpoint(run), last_checkpoint(only_run_dir(tmp_path / "straight")))
