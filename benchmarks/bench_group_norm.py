@@ -121,12 +121,31 @@ def time_fn(fn, xs, w, b, dys) -> tuple[float, float, float]:
     return fwd, both, host
 
 
+def profile_host(fn, device) -> None:
+    import cProfile
+    import pstats
+    xs, w, b, dys = make_inputs((8, 256, 16, 16, 16), "contiguous", device)
+    for _ in range(20):
+        torch.autograd.grad(fn(xs[0], w, b), (xs[0], w, b), dys[0])
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(200):
+        torch.autograd.grad(fn(xs[0], w, b), (xs[0], w, b), dys[0])
+    torch.cuda.synchronize()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves minutes of compiling)")
     parser.add_argument("--layouts", default="contiguous,channels_last")
     parser.add_argument("--tunings", default="", help="extra launch choices to time, ';'-separated, each a ','-separated "
                         "list of GroupNormTuning fields, e.g. 'forward_tile=4096,backward_tile=2048;splits=64'")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="also profile the host side of 200 forward+backward calls (cProfile, top functions)")
+    parser.add_argument("--shapes", default="", help="only these shape indices (0-3), e.g. 0,1")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -143,12 +162,16 @@ def main() -> None:
         fields = {key: (value == "True") if value in ("True", "False") else int(value)
                   for key, value in (item.split("=") for item in spec.split(","))}
         variants[f"ours {spec}"] = ours(GroupNormTuning(**fields))
-    if not args.no_compile:
+    if not args.no_compile:  # one specialisation per shape and layout: lift dynamo's recompile limit above 8
+        torch._dynamo.config.cache_size_limit = torch._dynamo.config.recompile_limit = 64
         variants["compile"] = torch.compile(eager, dynamic=False)
 
+    if args.host_profile:
+        profile_host(variants["ours"], device)
+    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
     rows = []
     for layout in args.layouts.split(","):
-        for shape in SHAPES:
+        for shape in shapes:
             elem_bytes = 2 * torch.Size(shape).numel()
             sets = max(1, -(-4 * l2_bytes // (2 * elem_bytes)))
             xs, w, b, dys = make_inputs(shape, layout, device, sets)

@@ -17,14 +17,15 @@ flag); then it normalises the part it still holds in registers and writes it. So
 once, and the backward reads x and dy once and writes dx once. The barrier is safe because programs take their place in
 the grid from a ticket counter (in start order) and a segment never has more parts than the GPU has multiprocessors, so
 all programs of a segment can be resident at once. When a part is larger than one register tile, the program loops over
-tiles and reads them a second time after the barrier (from L2, which holds the segment). Groups too large for that, and
+tiles and reads them a second time after the barrier (mostly from L2). Channels-last tensors with few samples, and
 Triton's interpreter (which runs programs one after another), use two launches instead: partial statistics, then combine
-and apply.
+and apply (measured faster there; `_plan` has the rules, benchmarks/bench_group_norm.py the numbers).
 
 Saved for backward: h (the input), and mean, rstd per (sample, group) in fp32 — not the normalised activations.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -33,9 +34,11 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
-# Elements of one register tile, forward and backward (the backward holds two tiles: x and dy).
+# Elements of one register tile, forward and backward (measured: benchmarks/bench_group_norm.py).
 FORWARD_TILE = 8192
-BACKWARD_TILE = 4096
+BACKWARD_TILE = 8192
+# Splitting segments aims at this many programs per multiprocessor in all (measured: benchmarks/bench_group_norm.py).
+PROGRAMS_PER_MULTIPROCESSOR = 4
 # Triton's interpreter runs programs one after another: no program may wait for another there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -448,21 +451,17 @@ class _Plan:
         return triton.next_power_of_2(self.splits)
 
 
-def _max_resident_splits(device: torch.device) -> int:
-    """Programs of one segment that are surely resident together: one per multiprocessor."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
+@functools.lru_cache(maxsize=1024)
 def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device: torch.device,
           splits: int | None = None, fused: bool | None = None, barrier: bool | None = None) -> _Plan:
     """Cut (N, C, S) into segments, splits and tiles of about `tile` elements.
 
-    Enough segments to fill the GPU: one program per segment, no barrier (it reads its segment twice; the second read
-    hits the cache). Fewer: each segment is split over up to one program per multiprocessor, which meet at the
-    barrier. `splits`, `fused` and `barrier` override the choice (tests use them: the interpreter runs programs one
-    after another, so there the fused launch can only run with one split)."""
+    At least one segment per multiprocessor: one program per segment, no barrier (it reads its segment twice; the
+    second read hits the cache). Fewer: contiguous segments are split so that there are about
+    PROGRAMS_PER_MULTIPROCESSOR programs per multiprocessor in all, at most one per multiprocessor per segment, which
+    meet at the barrier; channels-last ones run in two launches, one tile per program. `splits`, `fused` and
+    `barrier` override the choice (tests use them: the interpreter runs programs one after another, so there the
+    fused launch can only run with one split)."""
     cpg = C // G
     cpg_pad = triton.next_power_of_2(cpg)
     # channels-last: a spatial row holds all channels contiguously, so a segment is a whole sample (all groups);
@@ -472,11 +471,18 @@ def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device
     block_s = max(1, min(tile // block_c, triton.next_power_of_2(S)))
     tiles = triton.cdiv(S, block_s)
     segments_per_sample = triton.cdiv(G, groups_per_segment)
-    max_splits = _max_resident_splits(device)
-    if fused is None:
-        fused = not _INTERPRET
+    max_splits = _multiprocessors(device)
+    num_segments = N * segments_per_sample
+    if fused is None:  # measured: channels-last (one segment per sample) runs faster in two launches than gang-synced
+        fused = not _INTERPRET and not (channels_last and num_segments < max_splits)
     if splits is None:
-        splits = 1 if N * segments_per_sample >= max_splits else tiles
+        if not fused:
+            splits = tiles
+        elif num_segments >= max_splits:
+            splits = 1
+        else:  # a power of two: measured faster than its neighbours (e.g. 16 vs 17 splits of 512 tiles)
+            wanted = triton.cdiv(PROGRAMS_PER_MULTIPROCESSOR * max_splits, num_segments)
+            splits = triton.next_power_of_2(wanted) // (2 if wanted & (wanted - 1) else 1)
     if fused:
         splits = min(splits, max_splits)
     splits = max(1, min(splits, tiles))
@@ -488,7 +494,8 @@ def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device
                  barrier=fused and (splits > 1 if barrier is None else barrier))
 
 
-def _max_resident_splits(device: torch.device) -> int:
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
     """Programs of one segment that are surely resident together: one per multiprocessor (1 in the interpreter)."""
     if _INTERPRET or device.type != "cuda":
         return 1
@@ -532,6 +539,13 @@ class GroupNormTuning:
     barrier: bool | None = None
 
 
+def _sync_counters(plan: _Plan, device: torch.device) -> torch.Tensor:
+    """Zeroed ticket, arrival counters and flags for the barrier (a dummy when there is none)."""
+    if not plan.barrier:
+        return torch.empty(1, device=device, dtype=torch.int32)
+    return torch.zeros(1 + 2 * plan.num_segments, device=device, dtype=torch.int32)
+
+
 def _launch_forward(h_in: torch.Tensor, residual, weight, bias, scale, shift, G: int, eps: float, act: bool,
                     channels_last: bool, tuning: GroupNormTuning):
     """Runs the forward kernel(s). Returns y, h (= x + residual, or x), mean, rstd ((N, G) fp32)."""
@@ -541,12 +555,11 @@ def _launch_forward(h_in: torch.Tensor, residual, weight, bias, scale, shift, G:
                  tuning.barrier)
     y = torch.empty_like(h_in)
     h = torch.empty_like(h_in) if residual is not None else h_in
-    mean = torch.empty(N, G, device=h_in.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    parts = plan.num_segments * plan.splits * plan.block_g
-    part_mean = torch.empty(parts, device=h_in.device, dtype=torch.float32)
-    part_m2 = torch.empty_like(part_mean)
-    sync = torch.zeros(1 + 2 * plan.num_segments, device=h_in.device, dtype=torch.int32)
+    parts = plan.num_segments * plan.splits * plan.block_g if (plan.barrier or not plan.fused) else 1
+    scratch = torch.empty(2 * N * G + 2 * parts, device=h_in.device, dtype=torch.float32)
+    mean, rstd = scratch[:N * G].view(N, G), scratch[N * G:2 * N * G].view(N, G)
+    part_mean, part_m2 = scratch[2 * N * G:2 * N * G + parts], scratch[2 * N * G + parts:]
+    sync = _sync_counters(plan, h_in.device)
     dummy = mean  # stands for absent optional tensors (never read: the constexpr flags prune those loads)
     args = (h_in, residual if residual is not None else h_in, h, y, weight, bias,
             scale if scale is not None else dummy, shift if shift is not None else dummy, mean, rstd,
@@ -577,12 +590,11 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, weight, bias, scale,
     plan = _plan(N, C, S, G, channels_last, tuning.backward_tile, h.device, tuning.splits, tuning.fused,
                  tuning.barrier)
     dx = torch.empty_like(h)
-    sum_a = torch.empty(N, C, device=h.device, dtype=torch.float32)
-    sum_b = torch.empty_like(sum_a)
-    parts = plan.num_segments * plan.splits * plan.block_c
-    part_a = torch.empty(parts, device=h.device, dtype=torch.float32)
-    part_b = torch.empty_like(part_a)
-    sync = torch.zeros(1 + 2 * plan.num_segments, device=h.device, dtype=torch.int32)
+    parts = plan.num_segments * plan.splits * plan.block_c if (plan.barrier or not plan.fused) else 1
+    scratch = torch.empty(2 * N * C + 2 * parts, device=h.device, dtype=torch.float32)
+    sum_a, sum_b = scratch[:N * C].view(N, C), scratch[N * C:2 * N * C].view(N, C)
+    part_a, part_b = scratch[2 * N * C:2 * N * C + parts], scratch[2 * N * C + parts:]
+    sync = _sync_counters(plan, h.device)
     dummy = mean
     args = (h, dy, dh if dh is not None else dy, dx, weight, bias,
             scale if scale is not None else dummy, shift if shift is not None else dummy, mean, rstd,
