@@ -39,6 +39,9 @@ FORWARD_TILE = 8192
 BACKWARD_TILE = 8192
 # Splitting segments aims at this many programs per multiprocessor in all (measured: benchmarks/bench_group_norm.py).
 PROGRAMS_PER_MULTIPROCESSOR = 4
+# Every program of the combining launch reads all of its segment's partials: keep their number small (16384 splits of
+# one segment ran 300x slower, and wrong, on an H100).
+MAX_SPLITS = 1024
 # Triton's interpreter runs programs one after another: no program may wait for another there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -476,16 +479,16 @@ def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device
     if fused is None:  # measured: channels-last (one segment per sample) runs faster in two launches than gang-synced
         fused = not _INTERPRET and not (channels_last and num_segments < max_splits)
     if splits is None:
+        wanted = triton.cdiv(PROGRAMS_PER_MULTIPROCESSOR * max_splits, num_segments)
         if not fused:
-            splits = tiles
+            splits = wanted
         elif num_segments >= max_splits:
             splits = 1
         else:  # a power of two: measured faster than its neighbours (e.g. 16 vs 17 splits of 512 tiles)
-            wanted = triton.cdiv(PROGRAMS_PER_MULTIPROCESSOR * max_splits, num_segments)
             splits = triton.next_power_of_2(wanted) // (2 if wanted & (wanted - 1) else 1)
     if fused:
         splits = min(splits, max_splits)
-    splits = max(1, min(splits, tiles))
+    splits = max(1, min(splits, tiles, MAX_SPLITS))
     tiles_per_split = triton.cdiv(tiles, splits)
     return _Plan(block_c=block_c, block_s=block_s, block_g=triton.next_power_of_2(groups_per_segment), cpg_pad=cpg_pad,
                  groups_per_segment=groups_per_segment, segments_per_sample=segments_per_sample,
