@@ -69,6 +69,17 @@ _refused: set[tuple] = set()  # (backend, shape class) that refused once: skippe
 _chosen: dict[tuple, str] = {}  # (requested, shape class) -> backend that ran last
 
 
+def set_model_attention_backend(model: nn.Module, name: str | None) -> nn.Module:
+    """Sets `attention_backend` on every attention layer of `model` (None: follow set_attention_backend /
+    LDM_ATTENTION_BACKEND); returns `model`. Models call it with their `attention_backend` constructor argument."""
+    if name is not None:
+        check_backend_name(name, "attention_backend")
+    for module in model.modules():
+        if hasattr(module, "attention_backend"):
+            module.attention_backend = name
+    return model
+
+
 class BackendRefused(RuntimeError):
     """A backend does not take these inputs (raised and caught inside the dispatcher)."""
 

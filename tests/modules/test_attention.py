@@ -131,3 +131,21 @@ def test_spatial_transformer_rejects_wrong_rank():
     block = SpatialTransformer(32, n_heads=1, d_head=8, dims=3)
     with pytest.raises(ValueError, match="dims=3"):
         block(torch.randn(1, 32, 4, 4))
+
+
+def test_models_pass_attention_backend_to_every_attention_layer():
+    from ldm.modules.diffusionmodules.model import AttentionBlock, Encoder
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    unet = UNetModel(image_size=8, in_channels=2, model_channels=32, out_channels=2, num_res_blocks=1,
+                     attention_resolutions=[1, 2], channel_mult=(1, 2), num_heads=2, use_spatial_transformer=True,
+                     context_dim=4, attention_backend="math")
+    layers = [m for m in unet.modules() if isinstance(m, CrossAttention)]
+    assert layers and all(m.attention_backend == "math" for m in layers)
+    encoder = Encoder(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=[4], in_channels=1, resolution=8,
+                      z_channels=2, norm_num_groups=4, attention_backend="efficient")
+    blocks = [m for m in encoder.modules() if isinstance(m, AttentionBlock)]
+    assert blocks and all(m.attention_backend == "efficient" for m in blocks)
+    assert encoder(torch.randn(1, 1, 8, 8)).shape == (1, 4, 4, 4)
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        Encoder(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=[], in_channels=1, resolution=8, z_channels=2,
+                norm_num_groups=4, attention_backend="fast")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.modules.attention import attention
+from ldm.modules.attention import attention, set_model_attention_backend
 from ldm.modules.nn_dims import check_dims, conv_nd, spatial_dims
 from ldm.modules.resampling import Downsample, Upsample
 from ldm.modules.normalization import GroupNormAct, set_kernels
@@ -68,12 +68,13 @@ class AttentionBlock(_Checkpointed):
         self.qkv = conv_nd(dims, channels, 3 * channels, 1)
         self.proj_out = conv_nd(dims, channels, channels, 1)
         self.use_checkpoint = use_checkpoint
+        self.attention_backend: str | None = None  # set by the Encoder / Decoder (set_model_attention_backend)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         # (B, 3C, *spatial) -> 3 x (B, 1, N, C): one head whose tokens are the flattened positions
         q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
-        h = attention(q, k, v)
+        h = attention(q, k, v, self.attention_backend)
         h = h.squeeze(1).transpose(1, 2).reshape(b, c, *spatial)
         return x + self.proj_out(h)
 
@@ -147,13 +148,15 @@ class Encoder(nn.Module):
 
     factor = 2**(len(ch_mult) - 1); every spatial size of x must be divisible by it. `resolution` (an int or one
     size per axis) is the nominal training size: it places attention (`attn_resolutions`), not the accepted sizes.
-    `kernels` (`auto`, `triton`, `torch`) picks the GroupNorm implementation (ldm/modules/normalization.py).
+    `kernels` (`auto`, `triton`, `torch`) picks the GroupNorm implementation (ldm/modules/normalization.py),
+    `attention_backend` the attention's (ldm/modules/attention.py; None: the process-wide choice).
     """
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[Any], in_channels: int, resolution: int | Sequence[int], z_channels: int,
                  double_z: bool = True, dropout: float = 0.0, resamp_with_conv: bool = True, dims: int = 2,
-                 norm_num_groups: int = 32, use_checkpoint: bool = False, kernels: str = "auto"):
+                 norm_num_groups: int = 32, use_checkpoint: bool = False, kernels: str = "auto",
+                 attention_backend: str | None = None):
         super().__init__()
         plan = _Plan("Encoder", ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dims, norm_num_groups)
         self.dims, self.factor = plan.dims, plan.factor
@@ -169,6 +172,7 @@ class Encoder(nn.Module):
         self.norm_out = GroupNormAct(plan.channels[-1], norm_num_groups)
         self.conv_out = conv_nd(dims, plan.channels[-1], 2 * z_channels if double_z else z_channels, 3, padding=1)
         set_kernels(self, kernels)
+        set_model_attention_backend(self, attention_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = spatial_dims(x, self.dims)
@@ -187,7 +191,7 @@ class Decoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[Any], resolution: int | Sequence[int], z_channels: int,
                  dropout: float = 0.0, resamp_with_conv: bool = True, dims: int = 2, norm_num_groups: int = 32,
-                 use_checkpoint: bool = False, kernels: str = "auto"):
+                 use_checkpoint: bool = False, kernels: str = "auto", attention_backend: str | None = None):
         super().__init__()
         plan = _Plan("Decoder", ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dims, norm_num_groups)
         self.dims, self.factor, self.z_channels = plan.dims, plan.factor, z_channels
@@ -206,6 +210,7 @@ class Decoder(nn.Module):
         self.norm_out = GroupNormAct(plan.channels[0], norm_num_groups)
         self.conv_out = conv_nd(dims, plan.channels[0], out_ch, 3, padding=1)
         set_kernels(self, kernels)
+        set_model_attention_backend(self, attention_backend)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         spatial_dims(z, self.dims)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.modules.attention import CrossAttention, SpatialTransformer
+from ldm.modules.attention import CrossAttention, SpatialTransformer, set_model_attention_backend
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
 from ldm.modules.nn_dims import conv_nd, spatial_dims, zero_module
 from ldm.modules.resampling import Downsample, Upsample
@@ -112,7 +112,8 @@ class UNetModel(nn.Module):
     Heads: `num_heads` per block, or `num_head_channels` channels per head when that is set. With `legacy` (the
     original default) a transformer's head width is channels // heads even when `num_head_channels` is set.
     `image_size` (int or one size per axis) is only checked: every size must halve `len(channel_mult) - 1` times.
-    `kernels` (`auto`, `triton`, `torch`) picks the GroupNorm implementation (ldm/modules/normalization.py).
+    `kernels` (`auto`, `triton`, `torch`) picks the GroupNorm implementation (ldm/modules/normalization.py),
+    `attention_backend` the attention's (ldm/modules/attention.py; None: the process-wide choice).
     """
 
     def __init__(self, image_size: int | Sequence[int], in_channels: int, model_channels: int, out_channels: int,
@@ -121,7 +122,8 @@ class UNetModel(nn.Module):
                  num_classes: int | None = None, use_checkpoint: bool = False, num_heads: int = -1,
                  num_head_channels: int = -1, num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
                  resblock_updown: bool = False, use_spatial_transformer: bool = False, transformer_depth: int = 1,
-                 context_dim: int | None = None, legacy: bool = True, use_fp16: bool = False, kernels: str = "auto"):
+                 context_dim: int | None = None, legacy: bool = True, use_fp16: bool = False, kernels: str = "auto",
+                 attention_backend: str | None = None):
         super().__init__()
         if dims not in (2, 3):
             raise ValueError(f"UNetModel: dims must be 2 or 3, got {dims}")
@@ -212,6 +214,7 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(_norm(ch, act=True), zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)))
         set_kernels(self, kernels)
+        set_model_attention_backend(self, attention_backend)
 
     def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
                       y: torch.Tensor | None) -> None:
