@@ -16,11 +16,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from ldm.data.transforms import DataFileError, split_by_ratios, split_name
+from ldm.data.transforms import BAD_FILE_MODES, SMALL_ITEM_MODES, DataFileError, split_by_ratios, split_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-BAD_FILE_MODES = ("error", "skip")
-SMALL_IMAGE_MODES = ("error", "pad")
 CROP_MODES = ("random", "center")
 #: Pillow modes of 16-bit grayscale PNGs; every other mode is read through Pillow's 8-bit "L" or "RGB".
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -113,7 +111,7 @@ class ImageFolder(Dataset):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
         self.crop = crop or ("random" if self.split == "train" else "center")
-        for name, value, modes in [("crop", self.crop, CROP_MODES), ("small_image", small_image, SMALL_IMAGE_MODES),
+        for name, value, modes in [("crop", self.crop, CROP_MODES), ("small_image", small_image, SMALL_ITEM_MODES),
                                    ("on_bad_file", on_bad_file, BAD_FILE_MODES)]:
             if value not in modes:
                 raise ValueError(f"{name} must be one of {', '.join(modes)}, got {value!r}")

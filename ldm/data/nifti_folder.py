@@ -20,10 +20,8 @@ from monai.transforms import (CenterSpatialCropd, CropForegroundd, LoadImage, Ma
                               RandSpatialCropd, ScaleIntensityRangePercentilesd, Spacingd, SpatialPadd)
 
 from ldm.data.simple import CachedTransformDataset
-from ldm.data.transforms import DataFileError, check_crop_size, check_percentiles, split_by_ratios, split_name
-
-SMALL_VOLUME_MODES = ("error", "pad")
-BAD_FILE_MODES = ("error", "skip")
+from ldm.data.transforms import (BAD_FILE_MODES, SMALL_ITEM_MODES, DataFileError, check_crop_size, check_percentiles,
+                                 split_by_ratios, split_name)
 
 
 def source_file(volume: torch.Tensor) -> str:
@@ -154,8 +152,8 @@ class VolumeDataset(CachedTransformDataset):
                  small_volume: str, on_bad_file: str, cache_rate: float, cache_num_workers: int):
         self.split = split_name(split)
         crop_to = check_crop_size(crop_to, 3)
-        if small_volume not in SMALL_VOLUME_MODES:
-            raise ValueError(f"small_volume must be one of {', '.join(SMALL_VOLUME_MODES)}, got {small_volume!r}")
+        if small_volume not in SMALL_ITEM_MODES:
+            raise ValueError(f"small_volume must be one of {', '.join(SMALL_ITEM_MODES)}, got {small_volume!r}")
         if on_bad_file not in BAD_FILE_MODES:
             raise ValueError(f"on_bad_file must be one of {', '.join(BAD_FILE_MODES)}, got {on_bad_file!r}")
         if spacing is not None and (len(spacing) != 3 or any(s <= 0 for s in spacing)):

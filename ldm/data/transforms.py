@@ -12,6 +12,12 @@ SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"val": "validation"}
 
 
+# What a dataset does with a file it cannot read, and with an item smaller than its crop (params on_bad_file,
+# small_volume / small_image).
+BAD_FILE_MODES = ("error", "skip")
+SMALL_ITEM_MODES = ("error", "pad")
+
+
 class DataFileError(ValueError):
     """A data file that cannot be used (unreadable, mismatched, unexpected labels, too small); names the file."""
 
