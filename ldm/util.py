@@ -119,5 +119,5 @@ def instantiate_from_config(config: Any, **extra_params: Any) -> Any:
         return cls(**params)
     except ConfigError:
         raise
-    except (ValueError, TypeError) as err:  # the constructor refused a value: say which config it came from
-        raise ConfigError(f"{params_where}: {cls.__qualname__}: {err}") from err
+    except (ValueError, TypeError, FileNotFoundError) as err:  # the constructor refused a value (or found no file
+        raise ConfigError(f"{params_where}: {cls.__qualname__}: {err}") from err  # at a path): name the config

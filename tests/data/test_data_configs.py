@@ -47,7 +47,8 @@ def test_image_folder_2d_follows_the_train_root_and_labels_by_folder(tmp_path):
 
 def test_image_folder_2d_names_the_missing_default_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config's root is relative: data/images
-    with pytest.raises(FileNotFoundError, match="image folder root data/images does not exist"):
+    with pytest.raises(ConfigError, match=r"data.params.train.params: ImageFolder: image folder root data/images does "
+                                          r"not exist"):
         data_module("image_folder_2d.yaml")
 
 
