@@ -18,9 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint, load_model_state
 from ldm.engine.config import trainer_config_from
+from ldm.engine.guard import NonFiniteLossError
 from ldm.util import ConfigError, instantiate_from_config
 
 SECTIONS = ("model", "data", "trainer")
+# Exit codes besides 0: bad input (config, checkpoint; nothing written) and a run stopped by the NaN/Inf guard.
+EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3
 MODEL_KEYS = ("target", "params", "base_learning_rate", "train_target", "test_target", "test_only_params")
 
 
@@ -148,6 +152,14 @@ def resolve_resume(resume: str) -> tuple[Path, Path]:
     return path, checkpoint
 
 
+def resume_hint(logdir: Path) -> str:
+    """How to go on after the NaN/Inf guard stopped a run in `logdir`."""
+    last = logdir / "checkpoints" / LAST
+    if not last.is_file():
+        return f"no checkpoint was saved in {logdir} yet"
+    return f"-r {logdir} resumes from {last}"
+
+
 def scaled_learning_rate(base_lr: float, accumulate: int, devices: int, num_nodes: int, batch_size: int,
                          scale: bool) -> tuple[float, str]:
     """The learning rate the model gets, and a line saying how it was computed."""
@@ -175,7 +187,10 @@ def main(description: str, argv: list[str] | None = None) -> int:
         return run(opt, dotlist)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NON_FINITE
 
 
 def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
@@ -234,7 +249,10 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
 
     try:
         if opt.train:
-            trainer.fit(model, datamodule, resume=checkpoint)
+            try:
+                trainer.fit(model, datamodule, resume=checkpoint)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(f"{err}; {resume_hint(logdir)}") from None
         if not opt.no_test:
             if datamodule.has("test"):
                 trainer.test(model, datamodule)

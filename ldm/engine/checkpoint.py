@@ -12,7 +12,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -73,6 +73,20 @@ def _listed(keys: list[str], limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + (f" ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _by_prefix(keys: list[str]) -> str:
+    """Counts per first dotted component, e.g. `loss.* 17, scale_factor 1`: what an `ignore_keys` entry would cover."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        head = key.split(".", 1)[0] + (".*" if "." in key else "")
+        counts[head] = counts.get(head, 0) + 1
+    return ", ".join(f"{head} {count}" for head, count in counts.items())
+
+
+def key_summary(keys: list[str], what: str, limit: int = 5) -> str:
+    """`"<n> <what> (<counts per prefix>): <first names>"`, e.g. `17 unexpected keys (loss.* 17): loss.logvar, ...`."""
+    return f"{len(keys)} {what} ({_by_prefix(keys)}): {_listed(keys, limit)}"
+
+
 def state_mismatch(model: torch.nn.Module, state_dict: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
     """(missing, unexpected, shape mismatches) of `state_dict` against `model`'s own state dict, all sorted."""
     own = model.state_dict()
@@ -88,6 +102,62 @@ def describe_mismatch(missing: list[str], unexpected: list[str], shapes: list[st
     parts = [f"{len(keys)} {what}: {_listed(keys)}" for what, keys in
              (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
     return "; ".join(parts)
+
+
+def ignored(key: str, ignore_keys: Sequence[str]) -> bool:
+    """Whether `key` starts with one of the `ignore_keys` prefixes (CompVis `ignore_keys` semantics)."""
+    return any(key.startswith(prefix) for prefix in ignore_keys)
+
+
+def covering_prefixes(keys: list[str], loaded: list[str]) -> list[str]:
+    """The fewest, shortest `ignore_keys` entries that skip all of `keys` and none of `loaded`: for each key its
+    shortest dotted prefix (ending in '.') that no loaded key shares, else the key itself; sorted."""
+    loaded_prefixes = {".".join(parts[:depth]) + "." for key in loaded for parts in [key.split(".")]
+                       for depth in range(1, len(parts))}
+    chosen = set()
+    for key in keys:
+        parts = key.split(".")
+        chosen.add(next((prefix for depth in range(1, len(parts))
+                         if (prefix := ".".join(parts[:depth]) + ".") not in loaded_prefixes), key))
+    return sorted(p for p in chosen if not any(q != p and p.startswith(q) for q in chosen))
+
+
+def load_selected_state(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str | Path,
+                        ignore_keys: Sequence[str] = (), strict: bool = True) -> tuple[list[str], list[str]]:
+    """Load initial weights into `model` the way a model's `ckpt_path` does; returns (missing, unexpected) keys.
+
+    Keys starting with any of `ignore_keys` are skipped on both sides: such checkpoint entries are not loaded and
+    such model entries keep their initial values. The rest must fit exactly when `strict`: otherwise
+    CheckpointError names `source` and the model and lists missing keys, unexpected keys and shape mismatches (a
+    few names each, counts per top-level prefix, the `ignore_keys` that would cover them), and the model is left
+    untouched. With `strict=False` the matching tensors are loaded and the rest is returned. Shape mismatches and a
+    checkpoint of which nothing matches raise either way, since neither can be what was meant.
+    """
+    if isinstance(ignore_keys, str):  # each character would be a prefix: "loss" would skip every key starting "l"
+        raise TypeError(f"ignore_keys: expected a list of key prefixes, e.g. [{ignore_keys}], got the string "
+                        f"{ignore_keys!r}")
+    name = type(model).__name__
+    kept = {key: value for key, value in state_dict.items() if not ignored(key, ignore_keys)}
+    missing, unexpected, shapes = state_mismatch(model, kept)
+    missing = [key for key in missing if not ignored(key, ignore_keys)]
+    if kept and len(unexpected) == len(kept):
+        raise CheckpointError(f"checkpoint {source} does not fit {name}: none of its {len(kept)} tensors "
+                              f"({_by_prefix(sorted(kept))}) is a key of the model ({_by_prefix(missing)}); not "
+                              f"even strict: false would load anything from it")
+    if shapes:
+        raise CheckpointError(f"checkpoint {source} does not fit {name}: {len(shapes)} shape mismatches: "
+                              f"{_listed(shapes, 5)} (a different architecture or config? ignore_keys can leave "
+                              f"them out)")
+    if strict and (missing or unexpected):
+        parts = [key_summary(keys, what) for what, keys in (("missing keys", missing), ("unexpected keys", unexpected))
+                 if keys]
+        loaded = sorted(set(kept) - set(unexpected))
+        prefixes = covering_prefixes(missing + unexpected, loaded)
+        raise CheckpointError(f"checkpoint {source} does not fit {name} (a different architecture or config?): "
+                              f"{'; '.join(parts)}. To load only what matches, skip these keys with ignore_keys "
+                              f"(here: [{_listed(prefixes, 8)}]) or set strict: false next to ckpt_path")
+    model.load_state_dict(kept, strict=False)
+    return missing, unexpected
 
 
 def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str | Path) -> None:

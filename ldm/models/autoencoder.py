@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ldm.engine.checkpoint import load_checkpoint
+from ldm.engine.checkpoint import ignored, key_summary, load_checkpoint, load_selected_state
 from ldm.modules.diffusionmodules.model import build_encoder_decoder
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.nn_dims import conv_nd
@@ -18,22 +18,25 @@ from ldm.util import instantiate_from_config
 _TRAINING_ONLY_SCALARS = ("d_weight", "disc_factor")
 
 
-def load_weights(model: nn.Module, ckpt_path: str | Path, ignore_keys: Sequence[str] = ()) -> tuple[list, list]:
-    """Load `state_dict` from one of our checkpoints into `model`, dropping keys that start with any `ignore_keys`.
+def load_weights(model: nn.Module, ckpt_path: str | Path, ignore_keys: Sequence[str] = (),
+                 strict: bool = True) -> tuple[list[str], list[str]]:
+    """Load the `state_dict` of checkpoint `ckpt_path` (one of ours, read with weights_only) into `model`.
 
-    Returns (missing, unexpected) keys, which are also printed: a partial load is allowed (e.g. without `loss.`).
+    Keys starting with any of `ignore_keys` are skipped in the checkpoint and in the model. Everything else must
+    fit: a missing or unexpected key or a shape mismatch raises CheckpointError naming the file and the model, with
+    the keys listed, unless `strict` is False, which loads the matching tensors and prints what was left out
+    (see `ldm.engine.checkpoint.load_selected_state`). Returns (missing, unexpected) keys.
     """
     state = load_checkpoint(ckpt_path)["state_dict"]
-    dropped = [k for k in state if any(k.startswith(prefix) for prefix in ignore_keys)]
-    for key in dropped:
-        del state[key]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    print(f"{type(model).__name__}: restored from {ckpt_path} ({len(state)} tensors, {len(dropped)} ignored, "
-          f"{len(missing)} missing, {len(unexpected)} unexpected)")
-    if missing:
-        print(f"  missing keys: {', '.join(missing)}")
-    if unexpected:
-        print(f"  unexpected keys: {', '.join(unexpected)}")
+    missing, unexpected = load_selected_state(model, state, ckpt_path, ignore_keys, strict)
+    skipped = sum(ignored(key, ignore_keys) for key in state)
+    initialised = sum(ignored(key, ignore_keys) for key in model.state_dict())
+    print(f"{type(model).__name__}: restored {len(state) - skipped - len(unexpected)} tensors from {ckpt_path}"
+          + (f"; ignore_keys [{', '.join(ignore_keys)}]: {skipped} checkpoint entries skipped, {initialised} model "
+             f"entries left as initialised" if ignore_keys else ""))
+    for keys, what in ((missing, "missing keys, left as initialised"), (unexpected, "unexpected keys, not loaded")):
+        if keys:
+            print(f"  strict: false: {key_summary(keys, what, limit=10)}")
     return missing, unexpected
 
 
@@ -162,11 +165,13 @@ class AutoencoderKL(StageOneModel):
 
     ddconfig: the Encoder/Decoder keys (with `dims: 3` for volumes; `double_z` must be true); lossconfig: e.g.
     `ldm.modules.losses.LPIPSWithDiscriminator`. Logged images add "samples": decoded N(0, I) latents.
+    ckpt_path / ignore_keys / strict: initial weights, see `load_weights` (strict: a checkpoint that does not fit
+    outside `ignore_keys` is an error; false loads what matches).
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Any, embed_dim: int, ckpt_path: str | None = None,
-                 ignore_keys: Sequence[str] = (), image_key: str = "image", colorize_nlabels: int | None = None,
-                 monitor: str | None = None):
+                 ignore_keys: Sequence[str] = (), strict: bool = True, image_key: str = "image",
+                 colorize_nlabels: int | None = None, monitor: str | None = None):
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL: ddconfig.double_z must be true "
                              "(the encoder predicts mean and log-variance)")
@@ -175,7 +180,7 @@ class AutoencoderKL(StageOneModel):
         self.quant_conv = conv_nd(self.dims, 2 * self.z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = conv_nd(self.dims, embed_dim, self.z_channels, 1)
         if ckpt_path is not None:
-            load_weights(self, ckpt_path, ignore_keys)
+            load_weights(self, ckpt_path, ignore_keys, strict)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """x: (B, in_channels, *spatial) -> posterior over z: (B, embed_dim, *spatial / f)."""
@@ -215,13 +220,13 @@ class VQModel(StageOneModel):
 
     ddconfig as for AutoencoderKL (usually `double_z: false`); lossconfig: e.g.
     `ldm.modules.losses.VQLPIPSWithDiscriminator`. beta, ema_decay, dead_code_threshold: see VectorQuantizer.
-    Training logs the codebook's batch perplexity and usage.
+    Training logs the codebook's batch perplexity and usage. ckpt_path / ignore_keys / strict: as for AutoencoderKL.
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Any, n_embed: int, embed_dim: int,
                  beta: float = 0.25, ema_decay: float | None = None, dead_code_threshold: float = 0.0,
-                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), image_key: str = "image",
-                 colorize_nlabels: int | None = None, monitor: str | None = None):
+                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), strict: bool = True,
+                 image_key: str = "image", colorize_nlabels: int | None = None, monitor: str | None = None):
         super().__init__(ddconfig, lossconfig, image_key, colorize_nlabels, monitor)
         encoder_channels = self.encoder.conv_out.out_channels
         self.embed_dim = embed_dim
@@ -229,7 +234,7 @@ class VQModel(StageOneModel):
         self.quant_conv = conv_nd(self.dims, encoder_channels, embed_dim, 1)
         self.post_quant_conv = conv_nd(self.dims, embed_dim, self.z_channels, 1)
         if ckpt_path is not None:
-            load_weights(self, ckpt_path, ignore_keys)
+            load_weights(self, ckpt_path, ignore_keys, strict)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """x: (B, in_channels, *spatial) -> (quantised latents (B, embed_dim, *latent), codebook loss, info)."""

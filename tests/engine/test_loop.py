@@ -1,4 +1,5 @@
 """Training-loop behaviour: several optimizers, accumulation, NaN guard, crash saves, signals, 2-process DDP."""
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import torch
 from ldm.data.base import ShardedResumableSampler
 from ldm.engine.checkpoint import step_checkpoints
 from ldm.engine.config import trainer_config_from
-from ldm.engine.loop import NonFiniteLossError, Trainer
+from ldm.cli import EXIT_NON_FINITE
+from ldm.engine.loop import Trainer
 from tests.engine.helpers import cli_command, load_last, only_run_dir, run_cli, subprocess_env
 from tests.engine.toy import ToyRegressor
 
@@ -47,29 +49,40 @@ def test_accumulation_equals_a_larger_batch(tmp_path):
         torch.testing.assert_close(acc["state_dict"][key], big["state_dict"][key], rtol=1e-5, atol=1e-6)
 
 
+def stopped_by_guard(capsys, logdir: Path, *args: str) -> tuple[str, str]:
+    """Run the CLI, expect the NaN guard to stop it; (its stdout, its one `error: ...` line)."""
+    assert run_cli(logdir, *args) == EXIT_NON_FINITE
+    captured = capsys.readouterr()
+    error = captured.err.strip().splitlines()[-1]
+    assert error.startswith("error: non-finite values at global step ") and "Traceback" not in captured.err, error
+    return captured.out, error
+
+
 def test_nan_loss_skips_then_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    with pytest.raises(NonFiniteLossError, match=r"non-finite values at global step 6: loss of optimizer 0 = nan "
-                                                 r"\(terms: train/loss=nan\)"):
-        run_cli(tmp_path, "-t", "--no_test", "model.params.nan_from_step=4", "trainer.max_bad_steps=2",
-                "trainer.checkpoint.every_n_steps=4", "trainer.max_steps=20")
+    out, error = stopped_by_guard(capsys, tmp_path, "-t", "--no_test", "model.params.nan_from_step=4",
+                                  "trainer.max_bad_steps=2", "trainer.checkpoint.every_n_steps=4",
+                                  "trainer.max_steps=20")
+    assert error.startswith("error: non-finite values at global step 6: loss of optimizer 0 = nan "
+                            "(terms: train/loss=nan)"), error
     run = only_run_dir(tmp_path)
     checkpoint = load_last(run)
     assert checkpoint["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
-    assert capsys.readouterr().out.count("skipping step") == 2
+    assert out.count("skipping step") == 2
 
 
-def test_nan_guard_counts_steps_not_losses_with_two_optimizers(tmp_path):
-    with pytest.raises(NonFiniteLossError, match="3 bad steps in a row"):
-        run_cli(tmp_path, "-t", "--no_test", "model.params.two_optimizers=true", "model.params.nan_from_step=4",
-                "trainer.max_bad_steps=2", "trainer.max_steps=20")
+def test_nan_guard_counts_steps_not_losses_with_two_optimizers(tmp_path, capsys):
+    _, error = stopped_by_guard(capsys, tmp_path, "-t", "--no_test", "model.params.two_optimizers=true",
+                                "model.params.nan_from_step=4", "trainer.max_bad_steps=2", "trainer.max_steps=20")
+    assert "3 bad steps in a row" in error
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.0])
 def test_infinite_gradients_are_skipped_not_stepped(tmp_path, capsys, clip):
-    with pytest.raises(NonFiniteLossError, match=r"gradient norm of optimizer 0 = (inf|nan)"):
-        run_cli(tmp_path, "-t", "--no_test", "model.params.inf_grad_from_step=3", "trainer.max_bad_steps=2",
-                f"trainer.gradient_clip_val={clip}", "trainer.checkpoint.every_n_steps=1", "trainer.max_steps=20")
+    _, error = stopped_by_guard(capsys, tmp_path, "-t", "--no_test", "model.params.inf_grad_from_step=3",
+                                "trainer.max_bad_steps=2", f"trainer.gradient_clip_val={clip}",
+                                "trainer.checkpoint.every_n_steps=1", "trainer.max_steps=20")
+    assert re.search(r"gradient norm of optimizer 0 = (inf|nan)", error), error
     run = only_run_dir(tmp_path)
     for path in run.glob("checkpoints/*.ckpt"):
         state = torch.load(path, weights_only=True)["state_dict"]

@@ -1,8 +1,10 @@
 """Safe loading: a checkpoint that would run code is refused, a checkpoint of another architecture is refused with
-its keys listed (or loads partially through `ckpt_path` + `ignore_keys`), and neither changes the run folder.
+its keys listed, whether given to `-r` or as a model's `ckpt_path`; `ckpt_path` loads partially only when
+`ignore_keys` covers the differences or `strict: false` says so. Every refusal is one `error: ...` line with exit
+code 2, and nothing is written: no new run folder, no change to a resumed one.
 
-(tests/engine/test_checkpoint.py: unit tests of `load_checkpoint`'s errors; test_safetensors_export.py here: the
-safetensors route.)
+(tests/engine/test_checkpoint.py: unit tests of `load_checkpoint`'s errors; tests/models/test_strict_loading.py: the
+real models' `ckpt_path`; test_safetensors_export.py here: the safetensors route.)
 """
 import re
 import shutil
@@ -14,7 +16,7 @@ import torch
 from ldm.cli import main
 from ldm.engine.checkpoint import CheckpointError
 from tests.engine.toy import ToyRegressor
-from tests.reliability.processes import file_digests
+from tests.reliability.processes import file_digests, only_run_dir, run_in_process
 from tests.reliability.toy_ema import EmaRegressor
 
 
@@ -78,20 +80,77 @@ def test_another_architecture_is_refused_with_its_keys_listed(run, capsys, overr
     assert file_digests(run) == before  # no config saved that would break the next resume
 
 
-def test_ckpt_path_loads_partially_with_ignore_keys(trained_run, capsys):
-    last = str(trained_run / "checkpoints" / "last.ckpt")
-    with pytest.raises(RuntimeError, match=r"size mismatch for model.0.weight"):
-        EmaRegressor(hidden=12, ckpt_path=last)
-    wider = EmaRegressor(hidden=12, ckpt_path=last, ignore_keys=["model.", "model_ema."])
-    assert wider.scale_factor == torch.load(last, weights_only=True)["state_dict"]["scale_factor"]
-    out = capsys.readouterr().out
-    assert "EmaRegressor: restored from" in out and "(1 tensors, 10 ignored, 10 missing, 0 unexpected)" in out
+def without_ema(trained_run: Path, path: Path) -> Path:
+    """The trained run's weights without `model_ema.*`: what a model trained with use_ema: false would have saved."""
+    state = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    torch.save({"state_dict": {k: v for k, v in state.items() if not k.startswith("model_ema.")}}, path)
+    return path
 
 
-def test_ckpt_path_of_another_model_lists_what_did_not_fit(tmp_path, capsys):
-    toy = tmp_path / "toy.ckpt"
-    torch.save({"state_dict": ToyRegressor().state_dict()}, toy)
-    EmaRegressor(ckpt_path=str(toy))
-    out = capsys.readouterr().out
-    assert "(2 tensors, 0 ignored, 11 missing, 2 unexpected)" in out
-    assert "missing keys: scale_factor, model.0.weight," in out and "unexpected keys: linear.weight, linear.bias" in out
+def toy_checkpoint(trained_run: Path, path: Path) -> Path:
+    torch.save({"state_dict": ToyRegressor().state_dict()}, path)
+    return path
+
+
+def trained_last(trained_run: Path, path: Path) -> Path:
+    return trained_run / "checkpoints" / "last.ckpt"
+
+
+EMA_KEYS = "model_ema.0bias, model_ema.0weight, model_ema.2bias, model_ema.2weight, model_ema.decay"
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (toy_checkpoint, [], r"none of its 2 tensors \(linear\.\* 2\) is a key of the model \(model\.\* 4, "
+                         r"model_ema\.\* 6, scale_factor 1\); not even strict: false would load anything from it"),
+    (toy_checkpoint, ["model.params.strict=false"], r"none of its 2 tensors \(linear\.\* 2\) is a key of the model"),
+    (trained_last, ["model.params.hidden=12", "model.params.strict=false"],
+     r"6 shape mismatches: model\.0\.bias \(8,\) \(model: \(12,\)\), model\.0\.weight \(8, 16\) \(model: \(12, 16\)\), "
+     r".* \(1 more\) \(a different architecture or config\? ignore_keys can leave them out\)"),
+    (without_ema, [], rf"\(a different architecture or config\?\): 6 missing keys \(model_ema\.\* 6\): "
+                      rf"{re.escape(EMA_KEYS)} \.\.\. \(1 more\)\. To load only what matches, skip these keys with "
+                      r"ignore_keys \(here: \[model_ema\.\]\) or set strict: false next to ckpt_path"),
+], ids=["another-model", "another-model-strict-false", "wider-strict-false", "no-ema"])
+def test_a_ckpt_path_that_does_not_fit_is_one_error_line(trained_run, tmp_path, capsys, make, args, message):
+    path = make(trained_run, tmp_path / "weights.ckpt")
+    logs = tmp_path / "logs"
+    assert run_in_process(logs, "-t", f"model.params.ckpt_path={path}", *args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last_line = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: checkpoint {re.escape(str(path))} does not fit EmaRegressor.*", last_line), err
+    assert re.search(message, last_line), last_line
+    assert not logs.exists()
+
+
+@pytest.mark.parametrize("escape, printed", [
+    ("model.params.ignore_keys=[model_ema.]", "EmaRegressor: restored 5 tensors from {path}; ignore_keys "
+                                              "[model_ema.]: 0 checkpoint entries skipped, 6 model entries left as "
+                                              "initialised"),
+    ("model.params.strict=false", "EmaRegressor: restored 5 tensors from {path}\n  strict: false: 6 missing keys, "
+                                  "left as initialised (model_ema.* 6): " + EMA_KEYS + ", model_ema.num_updates\n"),
+], ids=["ignore_keys", "strict-false"])
+def test_ignore_keys_or_strict_false_let_a_partial_checkpoint_load(trained_run, tmp_path, capsys, escape, printed):
+    path = without_ema(trained_run, tmp_path / "no-ema.ckpt")
+    logs = tmp_path / "logs"
+    assert run_in_process(logs, f"model.params.ckpt_path={path}", escape) == 0  # no -t: build, load, test stage
+    assert printed.format(path=path) in capsys.readouterr().out
+    assert only_run_dir(logs).is_dir()
+
+
+def test_ckpt_path_loads_exactly_what_ignore_keys_or_strict_false_leave(trained_run, tmp_path, capsys):
+    last = trained_run / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    with pytest.raises(CheckpointError, match=r"6 shape mismatches: model\.0\.bias \(8,\) \(model: \(12,\)\)"):
+        EmaRegressor(hidden=12, ckpt_path=str(last))
+    wider = EmaRegressor(hidden=12, ckpt_path=str(last), ignore_keys=["model.", "model_ema."])
+    assert torch.equal(wider.scale_factor, saved["scale_factor"])
+    assert f"EmaRegressor: restored 1 tensors from {last}; ignore_keys [model., model_ema.]: 10 checkpoint entries " \
+           f"skipped, 10 model entries left as initialised" in capsys.readouterr().out
+
+    torch.manual_seed(0)
+    fresh_ema = EmaRegressor().model_ema.state_dict()
+    torch.manual_seed(0)
+    lenient = EmaRegressor(ckpt_path=str(without_ema(trained_run, tmp_path / "no-ema.ckpt")), strict=False)
+    for key, value in lenient.state_dict().items():  # the network and scale factor from the file, the EMA as built
+        expected = fresh_ema[key.removeprefix("model_ema.")] if key.startswith("model_ema.") else saved[key]
+        assert torch.equal(value, expected), key

@@ -34,13 +34,13 @@ class EmaRegressor(nn.Module):
     """y = MLP(scale_factor * x) + noise, for batches {"image": (B, 1, 4, 4), "target": (B, 1)}.
 
     hidden: width of the hidden layer (a different width is a different architecture); nan_at_steps: global steps
-    whose loss is NaN; sleep_s: seconds each training step sleeps (so signals land mid-run); ckpt_path/ignore_keys:
-    initial weights through `ldm.models.autoencoder.load_weights`, as the real models take them.
+    whose loss is NaN; sleep_s: seconds each training step sleeps (so signals land mid-run); ckpt_path/ignore_keys/
+    strict: initial weights through `ldm.models.autoencoder.load_weights`, as the real models take them.
     """
 
     def __init__(self, hidden: int = 8, ema_decay: float = 0.9, noise_std: float = 0.1,
                  nan_at_steps: Sequence[int] = (), sleep_s: float = 0.0, ckpt_path: str | None = None,
-                 ignore_keys: Sequence[str] = ()):
+                 ignore_keys: Sequence[str] = (), strict: bool = True):
         super().__init__()
         self.model = nn.Sequential(nn.Linear(16, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self.model_ema = LitEma(self.model, decay=ema_decay)
@@ -51,7 +51,7 @@ class EmaRegressor(nn.Module):
         self.learning_rate = 0.0
         self.global_step = 0
         if ckpt_path is not None:
-            load_weights(self, ckpt_path, ignore_keys)
+            load_weights(self, ckpt_path, ignore_keys, strict)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate)

@@ -67,6 +67,8 @@ class DDPM(nn.Module):
     spacing of the diffusion and denoising rows in `log_images`. ema_decay: of the LitEma (with warm-up) when use_ema.
     snr_gamma: min-SNR-gamma loss weighting (None: off); offset_noise: strength of the per-channel noise offset;
     rescale_betas_zero_snr: rescale the schedule to zero terminal SNR (needs parameterization v or x0).
+    ckpt_path / ignore_keys / strict: initial weights, see `ldm.models.autoencoder.load_weights` (strict: a
+    checkpoint that does not fit outside `ignore_keys` is an error; false loads what matches).
     """
 
     def __init__(self, unet_config: Mapping[str, Any], timesteps: int = 1000, beta_schedule: str = "linear",
@@ -75,9 +77,9 @@ class DDPM(nn.Module):
                  snr_gamma: float | None = None, offset_noise: float = 0.0, image_size: int | Sequence[int] = 256,
                  channels: int = 3, first_stage_key: str = "image", use_ema: bool = True, ema_decay: float = 0.9999,
                  monitor: str | None = "val/loss", ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
-                 scheduler_config: Mapping[str, Any] | None = None, sampler: str = "ddim", sampler_steps: int = 50,
-                 sampler_eta: float = 0.0, timestep_spacing: str = "uniform", log_sampler_steps: int = 20,
-                 log_every_t: int = 100):
+                 strict: bool = True, scheduler_config: Mapping[str, Any] | None = None, sampler: str = "ddim",
+                 sampler_steps: int = 50, sampler_eta: float = 0.0, timestep_spacing: str = "uniform",
+                 log_sampler_steps: int = 20, log_every_t: int = 100):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
@@ -119,7 +121,7 @@ class DDPM(nn.Module):
         self.learning_rate = 0.0
         self.global_step = 0
         if ckpt_path is not None:
-            load_weights(self, ckpt_path, ignore_keys)
+            load_weights(self, ckpt_path, ignore_keys, strict)
 
     # ------------------------------------------------------------------------------- data <-> diffusion space
     def images(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -267,7 +269,9 @@ class LatentDiffusion(DDPM):
     spatial conditioning reaches the latent grid: `mask_to_latent` (see `conditioning.to_latent_grid`).
     scale_by_std: scale_factor = 1 / std of the first training batch's latents (all ranks), kept as a buffer.
     ucg_rate: probability of training with the null conditioning; guidance_scale: classifier-free guidance at sampling.
-    image_size and channels describe the latent grid.
+    image_size and channels describe the latent grid. ckpt_path / ignore_keys / strict: as for DDPM, for the whole
+    model; the first stage's own weights come from `first_stage_config.params.ckpt_path` (with its own ignore_keys,
+    e.g. [loss], and strict).
     """
 
     def __init__(self, first_stage_config: Mapping[str, Any], cond_stage_config: Any, unet_config: Mapping[str, Any],
@@ -279,7 +283,7 @@ class LatentDiffusion(DDPM):
                  rescale_betas_zero_snr: bool = False, parameterization: str = "eps", loss_type: str = "l2",
                  snr_gamma: float | None = None, offset_noise: float = 0.0, image_size: int | Sequence[int] = 256,
                  channels: int = 3, use_ema: bool = True, ema_decay: float = 0.9999, monitor: str | None = "val/loss",
-                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
+                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), strict: bool = True,
                  scheduler_config: Mapping[str, Any] | None = None, sampler: str = "ddim", sampler_steps: int = 50,
                  sampler_eta: float = 0.0, timestep_spacing: str = "uniform", log_sampler_steps: int = 20,
                  log_every_t: int = 100):
@@ -288,8 +292,8 @@ class LatentDiffusion(DDPM):
                              f"got {num_timesteps_cond} (use 1 or leave it out)")
         super().__init__(unet_config, timesteps, beta_schedule, linear_start, linear_end, cosine_s,
                          rescale_betas_zero_snr, parameterization, loss_type, snr_gamma, offset_noise, image_size,
-                         channels, first_stage_key, use_ema, ema_decay, monitor, None, (), scheduler_config, sampler,
-                         sampler_steps, sampler_eta, timestep_spacing, log_sampler_steps, log_every_t)
+                         channels, first_stage_key, use_ema, ema_decay, monitor, None, (), True, scheduler_config,
+                         sampler, sampler_steps, sampler_eta, timestep_spacing, log_sampler_steps, log_every_t)
         self._check_conditioning_options(cond_stage_config, conditioning_key, cond_stage_trainable, ucg_rate,
                                          guidance_scale, mask_to_latent)
         self.first_stage_model = instantiate_from_config(first_stage_config)
@@ -310,7 +314,7 @@ class LatentDiffusion(DDPM):
         # NaN until estimated: decoding with an unestimated factor must fail loudly, not produce garbage.
         self.register_buffer("scale_factor", torch.tensor(float("nan") if scale_by_std else float(scale_factor)))
         if ckpt_path is not None:
-            load_weights(self, ckpt_path, ignore_keys)
+            load_weights(self, ckpt_path, ignore_keys, strict)
 
     @staticmethod
     def _check_conditioning_options(cond_stage_config: Any, conditioning_key: str | None, cond_stage_trainable: bool,
