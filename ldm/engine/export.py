@@ -22,8 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
-from ldm.engine.checkpoint import (CheckpointError, describe_mismatch, load_checkpoint, load_model_state,
-                                   state_mismatch)
+from ldm.engine.checkpoint import (CheckpointError, load_checkpoint, load_selected_state, state_mismatch)
 
 MODEL_PREFIX = "model."
 EMA_PREFIX = "model_ema."
@@ -114,29 +113,18 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_safetensors(model: torch.nn.Module, path: str | Path, strict: bool = True,
                      ignore_keys: Sequence[str] = ()) -> tuple[list[str], list[str]]:
-    """Load a `.safetensors` file into `model`; returns (missing, unexpected) keys.
-
-    Keys starting with any of `ignore_keys` are dropped first. `strict`: any missing or unexpected key or shape
-    mismatch raises CheckpointError listing them, and the model is left untouched; otherwise the matching
-    tensors are loaded (a shape mismatch still raises) and the rest is returned."""
-    state = {key: value for key, value in read_safetensors(path).items()
-             if not any(key.startswith(prefix) for prefix in ignore_keys)}
-    if strict:
+    """Load a `.safetensors` file into `model` as a model's `ckpt_path` is loaded (`load_selected_state`: keys
+    starting with `ignore_keys` skipped on both sides, strict by default, shape mismatches and a file of which
+    nothing matches refused either way); returns (missing, unexpected) keys."""
+    state = read_safetensors(path)
+    try:
+        return load_selected_state(model, state, path, ignore_keys=ignore_keys, strict=strict)
+    except CheckpointError as err:
         missing = state_mismatch(model, state)[0]
-        try:
-            load_model_state(model, state, path)
-        except CheckpointError as err:
-            if missing and all(key.startswith(EMA_PREFIX) for key in missing):
-                raise CheckpointError(f"{err} (an --ema export has no {EMA_PREFIX}* entries: build the model with "
-                                      f"use_ema: false, or load with strict=False)") from None
-            raise
-        return [], []
-    missing, unexpected, shapes = state_mismatch(model, state)
-    if shapes:
-        raise CheckpointError(f"{path} does not fit {type(model).__name__}: "
-                              f"{describe_mismatch([], [], shapes)} (ignore_keys can leave them out)")
-    model.load_state_dict(state, strict=False)
-    return missing, unexpected
+        if strict and missing and all(key.startswith(EMA_PREFIX) for key in missing):
+            raise CheckpointError(f"{err} (an --ema export has no {EMA_PREFIX}* entries: build the model with "
+                                  f"use_ema: false, or load with strict=False)") from None
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
