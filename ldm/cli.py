@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint, load_model_state
 from ldm.engine.config import trainer_config_from
@@ -187,6 +187,10 @@ def main(description: str, argv: list[str] | None = None) -> int:
         return run(opt, dotlist)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MissingMandatoryValue as err:  # a `???` in a config that nothing set
+        print(f"error: {err.full_key}: no value (the config leaves it ???); set it on the command line, "
+              f"e.g. {err.full_key}=...", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,471 @@
+"""Training-step time and memory of our 3D autoencoder and UNet against MONAI 1.6.1's, in one run (issue 9).
+
+    python benchmarks/bench_models.py [--only ae|unet] [--cases ae96,ae128,unet] [--steps 9] [--warmup 3]
+                                      [--channels-last] [--kernels torch,triton] [--profile] [--quick] [--out DIR]
+
+Cases (the anchors of /work/shared/ANCHORS.md; `ae256` is the issue's scale goal, run only when named):
+  ae96   AutoencoderKL, channels (32, 64, 64), 2 res blocks, latent 4, attention in the mid blocks only, 2 x 1 x 96^3
+  ae128  the same with channels (64, 128, 128), 1 x 1 x 128^3
+  ae256  as ae128 at 1 x 1 x 256^3
+  unet   UNet, channels (128, 256, 512), 2 res blocks, attention at levels 2-3 and the middle (64-channel heads),
+         4 x 4 x 32^3
+Both sides build the same architecture. Ours: `AutoencoderKL` whose decoder has as many res blocks per level as MONAI's
+(2; the CompVis decoder has one more, `--compvis-decoder` keeps it), and `UNetModel` without scale-shift norm (MONAI has
+none). Parameter counts are printed side by side; they differ only where the designs do: MONAI's UNet has q/k/v
+biases, and our AE encoder's last conv gives mean and log-variance together (2 x latent channels) for one quant conv.
+
+Every variant trains for `--warmup` + `--steps` steps: forward + backward + AdamW step under bf16 autocast with
+cudnn.benchmark, `torch.cuda.synchronize()` around each step; the step time is the median of the timed steps; peak
+memory is `torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's autotuning does not
+count). Losses: L1 reconstruction + 1e-6 KL (summed over the latent, mean over the batch) for the autoencoder; MSE on
+eps for the UNet with t uniform in [0, 1000) on a linear beta schedule. Variants: ours with kernels=torch and
+kernels=triton, contiguous (and channels_last_3d with `--channels-last`); MONAI with and without use_flash_attention.
+Ratios are ours / the best MONAI variant (fastest for time, smallest for memory).
+
+Conv FLOPs: counted by forward hooks on every convolution (2 * output elements * in_channels / groups * kernel volume),
+times 3 for forward + input gradient + weight gradient; "conv TFLOP/s" is that over the step time and "% matmul" that
+over a measured bf16 matmul rate (8192^3 on CUDA): how far the step is from the hardware's compute limit.
+`--profile` prints the 15 GPU kernels (CPU ops without a GPU) with the most time in one step of each variant.
+`--quick` runs tiny models for a smoke test on any device (kernels=triton on CPU needs TRITON_INTERPRET=1, and Triton's
+interpreter takes ~15 s per step even then). Off CUDA
+the default precision is fp32 (`--precision`): CPU bf16 3D convolutions are slow, and their weight gradients overflowed
+to 1e30 within two steps on this repo's CPU machine, for MONAI's UNet as for ours.
+Writes DIR/bench_models.json (DIR: --out, else $OUT, else .) and prints a markdown table last.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
+from ldm.modules.attention import set_attention_backend  # noqa: E402
+from ldm.modules.diffusionmodules.model import build_encoder_decoder  # noqa: E402
+from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
+
+KL_WEIGHT = 1e-6
+TIMESTEPS = 1000
+LEARNING_RATE = 1e-4
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark problem: a network shape and its input (batch, channels, size^3)."""
+
+    name: str
+    kind: str                       # "ae" or "unet"
+    channels: tuple[int, ...]       # per level
+    batch: int
+    in_channels: int
+    size: int                       # spatial size of each of the 3 axes
+    num_res_blocks: int = 2
+    latent_channels: int = 4        # ae
+    norm_groups: int = 32           # ae (our UNet always uses 32 groups)
+    head_channels: int = 64         # unet
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.in_channels, self.size, self.size, self.size)
+
+
+CASES = {
+    "ae96": Case("ae96", "ae", (32, 64, 64), batch=2, in_channels=1, size=96),
+    "ae128": Case("ae128", "ae", (64, 128, 128), batch=1, in_channels=1, size=128),
+    "ae256": Case("ae256", "ae", (64, 128, 128), batch=1, in_channels=1, size=256),
+    "unet": Case("unet", "unet", (128, 256, 512), batch=4, in_channels=4, size=32),
+}
+DEFAULT_CASES = ("ae96", "ae128", "unet")
+QUICK_CASES = {
+    "ae": Case("ae-quick", "ae", (8, 16, 16), batch=1, in_channels=1, size=16, norm_groups=8),
+    "unet": Case("unet-quick", "unet", (32, 32, 64), batch=1, in_channels=4, size=8, head_channels=32),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Whose network and how it runs."""
+
+    model: str                      # "ours" or "monai"
+    kernels: str = "-"              # ours: GroupNorm implementation (torch / triton)
+    layout: str = "contiguous"      # ours: contiguous or channels_last (channels_last_3d)
+    flash: bool = False             # monai: use_flash_attention
+
+    @property
+    def label(self) -> str:
+        if self.model == "monai":
+            return "MONAI" + (" flash" if self.flash else "")
+        return f"ours {self.kernels}" + (" CL" if self.layout == "channels_last" else "")
+
+
+# ------------------------------------------------------------------------------------------------- networks
+def attention_levels(case: Case) -> tuple[bool, ...]:
+    """UNet: attention at every level but the first (the anchor's (F, T, T)); AE: none outside the mid blocks."""
+    if case.kind == "unet":
+        return (False,) + (True,) * (len(case.channels) - 1)
+    return (False,) * len(case.channels)
+
+
+def ae_ddconfig(case: Case, kernels: str) -> dict:
+    base = case.channels[0]
+    if any(c % base for c in case.channels):
+        raise ValueError(f"case {case.name}: channels {case.channels} are not multiples of the first")
+    return dict(dims=3, double_z=True, z_channels=case.latent_channels, resolution=case.size,
+                in_channels=case.in_channels, out_ch=case.in_channels, ch=base,
+                ch_mult=[c // base for c in case.channels], num_res_blocks=case.num_res_blocks, attn_resolutions=[],
+                dropout=0.0, norm_num_groups=case.norm_groups, kernels=kernels)
+
+
+def build_ours(case: Case, kernels: str, compvis_decoder: bool) -> nn.Module:
+    if case.kind == "ae":
+        ddconfig = ae_ddconfig(case, kernels)
+        model = AutoencoderKL(ddconfig, {"target": "torch.nn.Identity"}, embed_dim=case.latent_channels)
+        if not compvis_decoder:  # MONAI's decoder has num_res_blocks per level, the CompVis one num_res_blocks + 1
+            model.decoder = build_encoder_decoder({**ddconfig, "num_res_blocks": case.num_res_blocks - 1})[1]
+        return model
+    base = case.channels[0]
+    return UNetModel(image_size=case.size, in_channels=case.in_channels, model_channels=base,
+                     out_channels=case.in_channels, num_res_blocks=case.num_res_blocks,
+                     attention_resolutions=[2 ** i for i, on in enumerate(attention_levels(case)) if on],
+                     channel_mult=[c // base for c in case.channels], dims=3, num_head_channels=case.head_channels,
+                     use_scale_shift_norm=False, kernels=kernels)
+
+
+def build_monai(case: Case, flash: bool) -> nn.Module:
+    from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
+    from monai.networks.nets import DiffusionModelUNet
+
+    if case.kind == "ae":
+        return MonaiAutoencoderKL(spatial_dims=3, in_channels=case.in_channels, out_channels=case.in_channels,
+                                  channels=case.channels, num_res_blocks=case.num_res_blocks,
+                                  latent_channels=case.latent_channels, norm_num_groups=case.norm_groups,
+                                  attention_levels=attention_levels(case), with_encoder_nonlocal_attn=True,
+                                  with_decoder_nonlocal_attn=True, use_flash_attention=flash)
+    levels = attention_levels(case)
+    return DiffusionModelUNet(spatial_dims=3, in_channels=case.in_channels, out_channels=case.in_channels,
+                              channels=case.channels, num_res_blocks=case.num_res_blocks, attention_levels=levels,
+                              num_head_channels=tuple(case.head_channels if on else 0 for on in levels),
+                              use_flash_attention=flash)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------- losses
+def linear_alphas_cumprod(device: torch.device) -> torch.Tensor:
+    """The DDPM linear schedule (1e-4 .. 2e-2 over 1000 steps): alpha-bar_t, (TIMESTEPS,) fp32."""
+    betas = torch.linspace(1e-4, 2e-2, TIMESTEPS, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0).float().to(device)
+
+
+def make_loss(case: Case, variant: Variant, model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The scalar training loss of one step on input x: (B, C, D, H, W)."""
+    if case.kind == "ae":
+        if variant.model == "ours":
+            def ae_loss() -> torch.Tensor:
+                posterior = model.encode(x)
+                reconstruction = model.decode(posterior.sample())
+                return F.l1_loss(reconstruction.float(), x) + KL_WEIGHT * posterior.kl().mean()
+            return ae_loss
+
+        def monai_ae_loss() -> torch.Tensor:
+            reconstruction, mu, sigma = model(x)
+            mu, var = mu.float(), sigma.float().pow(2)
+            kl = 0.5 * (mu.pow(2) + var - var.log() - 1.0).flatten(1).sum(dim=1).mean()
+            return F.l1_loss(reconstruction.float(), x) + KL_WEIGHT * kl
+        return monai_ae_loss
+
+    alphas_cumprod = linear_alphas_cumprod(x.device)
+
+    def eps_loss() -> torch.Tensor:
+        t = torch.randint(0, TIMESTEPS, (x.shape[0],), device=x.device)
+        noise = torch.randn_like(x)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        x_t = a.sqrt() * x + (1.0 - a).sqrt() * noise
+        prediction = model(x_t, t) if variant.model == "ours" else model(x_t, timesteps=t)
+        return F.mse_loss(prediction.float(), noise)
+    return eps_loss
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def make_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
+              precision: str) -> Callable[[], torch.Tensor]:
+    """One training step (zero grads, forward under autocast, backward, AdamW); returns the detached loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def conv_flops(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device, precision: str) -> int:
+    """FLOPs of every convolution in one forward pass: 2 * output elements * in_channels / groups * kernel volume."""
+    total = 0
+
+    def hook(module: nn.modules.conv._ConvNd, inputs, output) -> None:
+        nonlocal total
+        total += 2 * output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    try:
+        with torch.no_grad(), autocast(device, precision):
+            loss_fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def matmul_tflops(device: torch.device, precision: str) -> float:
+    """Measured matmul rate in TFLOP/s (bf16 or fp32): median of 20 products of 8192^3 (CUDA) or 512^3 (elsewhere)."""
+    n = 8192 if device.type == "cuda" else 512
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def print_top_kernels(step: Callable[[], float], device: torch.device, title: str, top: int = 15) -> None:
+    """Profiles one step; prints the `top` GPU kernels by total time (CPU ops by self time without a GPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    events = prof.key_averages()
+    kernels = [(e.key, e.self_device_time_total, e.count) for e in events if e.device_type == DeviceType.CUDA]
+    unit = "GPU kernels"
+    if not kernels:
+        kernels = [(e.key, e.self_cpu_time_total, e.count) for e in events]
+        unit = "CPU ops (self time)"
+    total = sum(t for _, t, _ in kernels) or 1.0
+    print(f"\n{title}: top {top} {unit} of one step, {total / 1e3:.1f} ms in all")
+    print("| kernel | ms | % | calls |\n|---|---|---|---|")
+    for name, t, calls in sorted(kernels, key=lambda k: -k[1])[:top]:
+        print(f"| {name[:110].replace('|', '/')} | {t / 1e3:.2f} | {100 * t / total:.1f} | {calls} |")
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torch.device, row: dict) -> None:
+    """Builds one variant, trains it for warm-up + timed steps and fills `row` with what was measured."""
+    torch.manual_seed(0)
+    model = (build_ours(case, variant.kernels, args.compvis_decoder) if variant.model == "ours"
+             else build_monai(case, variant.flash))
+    row["params"] = parameter_count(model)
+    memory_format = torch.channels_last_3d if variant.layout == "channels_last" else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format).train()
+    x = torch.randn(case.input_shape, device=device).clamp(-1, 1).contiguous(memory_format=memory_format)
+    loss_fn = make_loss(case, variant, model, x)
+    step = make_step(model, loss_fn, device, args.precision)
+    warmup = []
+    for _ in range(args.warmup):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        warmup.append(1e3 * (time.perf_counter() - start))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        losses.append(step())
+        synchronize(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    losses = [float(loss) for loss in losses]
+    row.update(step_ms=statistics.median(times), steps_ms=times, warmup_ms=warmup, loss=losses[-1],
+               peak_gib=torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None)
+    if not all(math.isfinite(v) for v in losses):
+        row["status"] = f"non-finite loss {losses}"
+    row["conv_tflop_per_step"] = 3 * conv_flops(model, loss_fn, device, args.precision) / 1e12
+    if args.profile:
+        print_top_kernels(step, device, f"{case.name} {variant.label}")
+
+
+def run_variant(case: Case, variant: Variant, args: argparse.Namespace, device: torch.device) -> dict:
+    """`measure` one variant; a failure (out of memory, a kernel error) becomes the row's status, not the run's end."""
+    row = dict(case=case.name, kind=case.kind, input=list(case.input_shape), variant=variant.label,
+               **asdict(variant), status="ok")
+    try:
+        measure(case, variant, args, device, row)
+    except Exception as err:
+        row["status"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        if not isinstance(err, torch.OutOfMemoryError):
+            traceback.print_exc()
+    # Here the variant's model, optimizer and activations are unreachable (the traceback went with `err`).
+    free_memory(device)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def add_ratios(rows: list[dict], matmul: float) -> None:
+    """Conv throughput of each row, and ours / the best MONAI variant of the same case (time, memory)."""
+    for row in rows:
+        if row["status"] == "ok":
+            row["conv_tflops"] = row["conv_tflop_per_step"] / (row["step_ms"] / 1e3)
+            row["conv_fraction_of_matmul"] = row["conv_tflops"] / matmul
+    for case in {r["case"] for r in rows}:
+        monai = [r for r in rows if r["case"] == case and r["model"] == "monai" and r["status"] == "ok"]
+        if not monai:
+            continue
+        best_ms = min(r["step_ms"] for r in monai)
+        memories = [r["peak_gib"] for r in monai if r["peak_gib"] is not None]
+        for row in rows:
+            if row["case"] == case and row["status"] == "ok":
+                row["time_vs_monai_best"] = row["step_ms"] / best_ms
+                if memories and row["peak_gib"] is not None:
+                    row["memory_vs_monai_best"] = row["peak_gib"] / min(memories)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| case | input | variant | params | step ms | peak GiB | time / MONAI best | memory / MONAI best "
+             "| conv TFLOP/s | % matmul | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        percent = None if r.get("conv_fraction_of_matmul") is None else 100 * r["conv_fraction_of_matmul"]
+        lines.append(
+            f"| {r['case']} | {'x'.join(map(str, r['input']))} | {r['variant']} | {fmt(r.get('params'), ',')} "
+            f"| {fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('peak_gib'), '.2f')} "
+            f"| {fmt(r.get('time_vs_monai_best'), '.2f')} | {fmt(r.get('memory_vs_monai_best'), '.2f')} "
+            f"| {fmt(r.get('conv_tflops'), '.1f')} | {fmt(percent, '.1f')} | {r['status']} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("ae", "unet"), help="run only the autoencoder or only the UNet cases")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                        help=f"comma-separated, of {', '.join(CASES)} (default {','.join(DEFAULT_CASES)})")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 9; --quick 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 3; --quick 1)")
+    parser.add_argument("--kernels", default="torch,triton", help="our GroupNorm kernels to run: torch, triton")
+    parser.add_argument("--channels-last", action="store_true", help="also run ours in channels_last_3d")
+    parser.add_argument("--no-flash", action="store_true", help="skip MONAI's use_flash_attention variant")
+    parser.add_argument("--compvis-decoder", action="store_true",
+                        help="our AE decoder with num_res_blocks + 1 blocks per level (not MONAI's architecture)")
+    parser.add_argument("--attention-backend", default=None, help="our attention backend (ldm.modules.attention)")
+    parser.add_argument("--profile", action="store_true", help="print the top 15 kernels of one step per variant")
+    parser.add_argument("--quick", action="store_true", help="tiny models and few steps: a smoke test on any device")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                        help="bf16 autocast (default on CUDA) or fp32 (default elsewhere: CPU bf16 convolutions are "
+                             "slow and their 3D weight gradients overflow on some CPUs)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_models.json")
+    args = parser.parse_args(argv)
+    args.steps = args.steps if args.steps is not None else (2 if args.quick else 9)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    unknown = [k for k in args.kernels.split(",") if k not in ("torch", "triton")]
+    if unknown:
+        parser.error(f"--kernels: unknown {unknown} (choose torch, triton)")
+    unknown = [n for n in args.cases.split(",") if n not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown} (choose from {', '.join(CASES)})")
+    return args
+
+
+def selected_cases(args: argparse.Namespace) -> list[Case]:
+    cases = list(QUICK_CASES.values()) if args.quick else [CASES[n] for n in args.cases.split(",")]
+    return [c for c in cases if args.only is None or c.kind == args.only]
+
+
+def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
+    kernels = args.kernels.split(",")
+    if "triton" in kernels and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("kernels=triton skipped: it needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+        kernels.remove("triton")
+    layouts = ["contiguous", "channels_last"] if args.channels_last else ["contiguous"]
+    ours = [Variant("ours", k, layout) for layout in layouts for k in kernels]
+    monai = [Variant("monai", flash=False)] + ([] if args.no_flash else [Variant("monai", flash=True)])
+    return monai + ours
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    if args.attention_backend is not None:
+        set_attention_backend(args.attention_backend)
+    import monai
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    matmul = matmul_tflops(device, args.precision)
+    print(f"device: {name}, torch {torch.__version__}, MONAI {monai.__version__}; "
+          f"{args.precision} matmul {matmul:.1f} TFLOP/s", flush=True)
+    rows = []
+    case_variants = variants(args, device)
+    for case in selected_cases(args):
+        counts = {"ours": None, "monai": None}
+        for variant in case_variants:
+            row = run_variant(case, variant, args, device)
+            rows.append(row)
+            counts[variant.model] = counts[variant.model] or row.get("params")
+            print(json.dumps({k: v for k, v in row.items() if k not in ("steps_ms", "warmup_ms")}), flush=True)
+        print(f"{case.name}: parameters ours {counts['ours']:,} / MONAI {counts['monai']:,}"
+              if None not in counts.values() else f"{case.name}: a model failed to build", flush=True)
+    add_ratios(rows, matmul)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = dict(device=name, torch=torch.__version__, monai=monai.__version__, matmul_tflops=matmul,
+                  args=vars(args), rows=rows)
+    (out / "bench_models.json").write_text(json.dumps(report, indent=1))
+    precision = "bf16 autocast" if args.precision == "bf16" else "fp32"
+    print(f"\nTraining step, {precision}, AdamW, {args.warmup} warm-up + {args.steps} timed steps, {name}; "
+          f"{args.precision} matmul {matmul:.1f} TFLOP/s")
+    print(markdown_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
