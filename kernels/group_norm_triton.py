@@ -1,0 +1,362 @@
+"""The Triton programs behind kernels/group_norm.py (which holds the spec, the launch planning and autograd).
+
+Tiles are (lanes, BLOCK_S): BLOCK_G groups of CPG_PAD channel lanes (channels per group padded to a power of two) by
+BLOCK_S spatial positions. PHASE 0 is the single launch (with BARRIER: programs of a segment meet in global memory;
+without: one program per segment), PHASE 1 writes partial statistics, PHASE 2 combines them and applies.
+"""
+import triton
+import triton.language as tl
+
+
+
+@triton.jit
+def _lanes(c0, channels_per_group, groups_here, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """The channel of each of the tile's BLOCK_G * CPG_PAD channel lanes (lane i: group i // CPG_PAD of the segment,
+    its channel i % CPG_PAD), and whether the lane is a real channel (groups padded to a power of two)."""
+    lane = tl.arange(0, BLOCK_G * CPG_PAD)
+    group = lane // CPG_PAD
+    within = lane % CPG_PAD
+    return c0 + group * channels_per_group + within, (within < channels_per_group) & (group < groups_here)
+
+
+@triton.jit
+def _group_sum(per_lane, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """(BLOCK_G * CPG_PAD,) per-lane values -> (BLOCK_G,) per-group sums."""
+    return tl.sum(tl.reshape(per_lane, (BLOCK_G, CPG_PAD)), axis=1)
+
+
+@triton.jit
+def _to_lanes(per_group, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """(BLOCK_G,) per-group values -> (BLOCK_G * CPG_PAD,) per-lane values."""
+    return tl.reshape(tl.broadcast_to(per_group[:, None], (BLOCK_G, CPG_PAD)), (BLOCK_G * CPG_PAD,))
+
+
+@triton.jit
+def _tile_offsets(n, channel, lane_valid, s0, C, S, BLOCK_S: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Element offsets (lanes, BLOCK_S) of the tile at position s0 of sample n, and its in-bounds mask."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    mask = lane_valid[:, None] & (s < S)[None, :]
+    if CHANNELS_LAST:
+        offsets = n.to(tl.int64) * S * C + s[None, :].to(tl.int64) * C + channel[:, None]
+    else:
+        offsets = n.to(tl.int64) * C * S + channel[:, None].to(tl.int64) * S + s[None, :]
+    return offsets, mask
+
+
+@triton.jit
+def _load_input(x_ptr, r_ptr, h_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
+    """The tile of h = x (+ residual) in fp32; with a residual, h is also written in x's dtype (and used rounded)."""
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        h = (x.to(tl.float32) + tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(h_ptr + offsets, h, mask=mask)
+        x = h
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _tile_moments(h, mask, count, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """Per-group mean and sum of squared deviations of one tile (exact two-pass in registers). h: (lanes, BLOCK_S)."""
+    group_mean = _group_sum(tl.sum(h, axis=1), BLOCK_G, CPG_PAD) / tl.maximum(count, 1.0)
+    deviation = tl.where(mask, h - _to_lanes(group_mean, BLOCK_G, CPG_PAD)[:, None], 0.0)
+    group_m2 = _group_sum(tl.sum(deviation * deviation, axis=1), BLOCK_G, CPG_PAD)
+    return group_mean, group_m2
+
+
+@triton.jit
+def _combine_moments(part_mean_ptr, part_m2_ptr, seg, splits, split_elems, group_elems, eps,
+                     BLOCK_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Chan's parallel combination of the splits' (mean, M2) into the group's (mean, rstd), both (BLOCK_G,)."""
+    p = tl.arange(0, BLOCK_SPLITS)
+    g = tl.arange(0, BLOCK_G)
+    valid = (p < splits)[:, None]
+    index = (seg * splits + p)[:, None] * BLOCK_G + g[None, :]
+    part_mean = tl.load(part_mean_ptr + index, mask=valid, other=0.0, volatile=True)
+    part_m2 = tl.load(part_m2_ptr + index, mask=valid, other=0.0, volatile=True)
+    counts = tl.minimum(split_elems, group_elems - p * split_elems).to(tl.float32)
+    counts = tl.where(p < splits, tl.maximum(counts, 0.0), 0.0)[:, None]
+    total = group_elems.to(tl.float32)
+    mean = tl.sum(counts * part_mean, axis=0) / total
+    delta = part_mean - mean[None, :]
+    m2 = tl.sum(part_m2 + counts * delta * delta, axis=0)
+    rstd = 1.0 / tl.sqrt(tl.maximum(m2 / total, 0.0) + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _arrive(sync_ptr, seg, splits):
+    """Arrive at the segment's barrier (after this program's partials are stored); True for the last to arrive, which
+    must combine the partials, store the result and call `_publish`."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(sync_ptr + 1 + seg, 1, sem="acq_rel")
+    return arrived == splits - 1
+
+
+@triton.jit
+def _publish(sync_ptr, seg, num_segments):
+    tl.debug_barrier()
+    tl.atomic_xchg(sync_ptr + 1 + num_segments + seg, 1, sem="release")
+
+
+@triton.jit
+def _wait_published(sync_ptr, seg, num_segments):
+    """Spin on the segment's flag with plain uncached loads (cheap for the memory system), then acquire it once."""
+    tl.debug_barrier()
+    flag_ptr = sync_ptr + 1 + num_segments + seg
+    ready = tl.load(flag_ptr, volatile=True)
+    while ready == 0:
+        ready = tl.load(flag_ptr, volatile=True)
+    tl.atomic_add(flag_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def _segment_of_program(sync_ptr, splits, BARRIER: tl.constexpr):
+    """(segment, split) of this program. With the barrier, programs take a ticket, so they are numbered in start
+    order and a waiting program only ever waits for programs that have started or can start."""
+    if BARRIER:
+        pid = tl.atomic_add(sync_ptr, 1)
+    else:
+        pid = tl.program_id(0)
+    return pid // splits, pid % splits
+
+
+@triton.jit
+def gn_forward_kernel(
+        x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+        part_mean_ptr, part_m2_ptr, sync_ptr,
+        C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
+        eps,
+        CHANNELS_LAST: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
+        PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
+        BLOCK_SPLITS: tl.constexpr):
+    """Forward; PHASE 0: one launch with the barrier, 1: partials only, 2: combine and apply. ONE_TILE: the program's
+    part is one tile (kept in registers across the barrier in phase 0)."""
+    seg, split = _segment_of_program(sync_ptr, splits, PHASE == 0 and BARRIER)
+    n = seg // segments_per_sample
+    g0 = (seg % segments_per_sample) * groups_per_segment
+    c0 = g0 * channels_per_group
+    groups_here = tl.minimum(groups_per_segment, G - g0)
+    channel, lane_valid = _lanes(c0, channels_per_group, groups_here, BLOCK_G, CPG_PAD)
+    s_begin = split * tiles_per_split * BLOCK_S
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < groups_here
+    split_elems = tiles_per_split * BLOCK_S * channels_per_group
+    group_elems = S * channels_per_group
+
+    # 1. partial statistics of this program's part (kept in registers when it is one tile)
+    if PHASE != 2:
+        offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
+        h = _load_input(x_ptr, r_ptr, h_ptr, offsets, mask, HAS_RESIDUAL)
+        count = (tl.minimum(S - s_begin, BLOCK_S) * channels_per_group).to(tl.float32)
+        mean, m2 = _tile_moments(h, mask, count, BLOCK_G, CPG_PAD)
+        if not ONE_TILE:
+            # The other tiles: per-lane sums of d = h - (tile 0's group mean) and d^2, reduced once after the loop (the
+            # loop body stays elementwise), then merged with tile 0's moments (Chan et al.).
+            shift = _to_lanes(mean, BLOCK_G, CPG_PAD)[:, None]
+            sum_d = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+            sum_d2 = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+            for t in range(1, tiles_per_split):
+                t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s_begin + t * BLOCK_S, C, S, BLOCK_S, CHANNELS_LAST)
+                d = tl.where(t_mask, _load_input(x_ptr, r_ptr, h_ptr, t_offsets, t_mask, HAS_RESIDUAL) - shift, 0.0)
+                sum_d += d
+                sum_d2 += d * d
+            rest_end = tl.minimum(S, s_begin + tiles_per_split * BLOCK_S)
+            rest_count = (tl.maximum(rest_end - s_begin - BLOCK_S, 0) * channels_per_group).to(tl.float32)
+            s1 = _group_sum(tl.sum(sum_d, axis=1), BLOCK_G, CPG_PAD)
+            s2 = _group_sum(tl.sum(sum_d2, axis=1), BLOCK_G, CPG_PAD)
+            delta = s1 / tl.maximum(rest_count, 1.0)  # the other tiles' mean minus tile 0's
+            total = count + rest_count
+            weight = rest_count / total
+            m2 = m2 + (s2 - s1 * delta) + delta * delta * count * weight
+            mean = mean + delta * weight
+            count = total
+        if PHASE == 1 or BARRIER:
+            part = (seg * splits + split) * BLOCK_G + g
+            tl.store(part_mean_ptr + part, mean)
+            tl.store(part_m2_ptr + part, m2)
+    if PHASE == 1:  # two launches: this one only writes the partials
+        return
+
+    # 2. the group statistics of the whole segment
+    stats = n * G + g0 + g
+    if PHASE == 0 and BARRIER:
+        if _arrive(sync_ptr, seg, splits):
+            mean, rstd = _combine_moments(part_mean_ptr, part_m2_ptr, seg, splits, split_elems, group_elems, eps,
+                                          BLOCK_SPLITS, BLOCK_G)
+            tl.store(mean_ptr + stats, mean, mask=g_mask)
+            tl.store(rstd_ptr + stats, rstd, mask=g_mask)
+            _publish(sync_ptr, seg, num_segments)
+        _wait_published(sync_ptr, seg, num_segments)
+        mean = tl.load(mean_ptr + stats, mask=g_mask, other=0.0, volatile=True)
+        rstd = tl.load(rstd_ptr + stats, mask=g_mask, other=0.0, volatile=True)
+    elif PHASE == 0:  # one split: this program holds the whole segment's moments
+        rstd = 1.0 / tl.sqrt(tl.maximum(m2 / tl.maximum(count, 1.0), 0.0) + eps)
+        tl.store(mean_ptr + stats, mean, mask=g_mask)
+        tl.store(rstd_ptr + stats, rstd, mask=g_mask)
+    else:
+        mean, rstd = _combine_moments(part_mean_ptr, part_m2_ptr, seg, splits, split_elems, group_elems, eps,
+                                      BLOCK_SPLITS, BLOCK_G)
+        if split == 0:
+            tl.store(mean_ptr + stats, mean, mask=g_mask)
+            tl.store(rstd_ptr + stats, rstd, mask=g_mask)
+
+    # 3. per-channel affine map y = h * a + b (group statistics, weight, bias, scale, shift folded in)
+    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD)
+    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD)
+    a = channel_rstd * tl.load(w_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32) - channel_mean * a
+    if HAS_SCALE:
+        scale = 1.0 + tl.load(scale_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
+        a = a * scale
+        b = b * scale + tl.load(shift_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
+
+    # 4. normalise and write
+    if ONE_TILE and PHASE == 0:
+        z = h * a[:, None] + b[:, None]
+        if ACT:
+            z = z * tl.sigmoid(z)
+        tl.store(y_ptr + offsets, z.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        for t in range(0, tiles_per_split):
+            s0 = s_begin + t * BLOCK_S
+            t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s0, C, S, BLOCK_S, CHANNELS_LAST)
+            if HAS_RESIDUAL:
+                t_h = tl.load(h_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
+            else:
+                t_h = tl.load(x_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
+            z = t_h * a[:, None] + b[:, None]
+            if ACT:
+                z = z * tl.sigmoid(z)
+            tl.store(y_ptr + t_offsets, z.to(y_ptr.dtype.element_ty), mask=t_mask)
+
+
+@triton.jit
+def _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, b, scale, shift,
+                   HAS_SCALE: tl.constexpr, ACT: tl.constexpr):
+    """xhat and dz (the gradient at the normalised-and-affine output, before scale) of one tile, both fp32."""
+    h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    xhat = (h - channel_mean[:, None]) * channel_rstd[:, None]
+    if ACT:
+        z = xhat * w[:, None] + b[:, None]
+        if HAS_SCALE:
+            z = z * scale[:, None] + shift[:, None]
+        sig = tl.sigmoid(z)
+        dy = dy * sig * (1.0 + z * (1.0 - sig))
+    return xhat, dy
+
+
+@triton.jit
+def gn_backward_kernel(
+        h_ptr, dy_ptr, dh_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+        part_a_ptr, part_b_ptr, sum_a_ptr, sum_b_ptr, sync_ptr,
+        C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
+        CHANNELS_LAST: tl.constexpr, HAS_DH: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
+        PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
+        BLOCK_SPLITS: tl.constexpr):
+    """dx = rstd * (k * dz - mean_g(k * dz) - xhat * mean_g(k * dz * xhat)), k = weight * (1 + scale); also the
+    per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow."""
+    seg, split = _segment_of_program(sync_ptr, splits, PHASE == 0 and BARRIER)
+    n = seg // segments_per_sample
+    g0 = (seg % segments_per_sample) * groups_per_segment
+    c0 = g0 * channels_per_group
+    groups_here = tl.minimum(groups_per_segment, G - g0)
+    channel, lane_valid = _lanes(c0, channels_per_group, groups_here, BLOCK_G, CPG_PAD)
+    s_begin = split * tiles_per_split * BLOCK_S
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < groups_here
+
+    mean = tl.load(mean_ptr + n * G + g0 + g, mask=g_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + n * G + g0 + g, mask=g_mask, other=0.0)
+    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD)
+    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD)
+    w = tl.load(w_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
+    scale = tl.full((BLOCK_C,), 1.0, tl.float32)
+    shift = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_SCALE:
+        scale += tl.load(scale_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
+
+    # 1. per-channel partial sums of dz and dz * xhat over this program's part
+    if PHASE != 2:
+        offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
+        xhat, dz = _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, b, scale, shift,
+                                  HAS_SCALE, ACT)
+        if ONE_TILE:
+            sum_a = tl.sum(dz, axis=1)
+            sum_b = tl.sum(dz * xhat, axis=1)
+        else:  # per-lane sums over the tiles, reduced once after the loop
+            lane_a = dz
+            lane_b = dz * xhat
+            for t in range(1, tiles_per_split):
+                t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s_begin + t * BLOCK_S, C, S, BLOCK_S, CHANNELS_LAST)
+                t_xhat, t_dz = _backward_tile(h_ptr, dy_ptr, t_offsets, t_mask, channel_mean, channel_rstd, w, b,
+                                              scale, shift, HAS_SCALE, ACT)
+                lane_a += t_dz
+                lane_b += t_dz * t_xhat
+            sum_a = tl.sum(lane_a, axis=1)
+            sum_b = tl.sum(lane_b, axis=1)
+        if PHASE == 1 or BARRIER:
+            part = (seg * splits + split) * BLOCK_C + tl.arange(0, BLOCK_C)
+            tl.store(part_a_ptr + part, sum_a)
+            tl.store(part_b_ptr + part, sum_b)
+
+    if PHASE == 1:  # two launches: this one only writes the partials
+        return
+
+    # 2. the segment's totals: A and B per channel (written for the parameter gradients)
+    sums = n * C + channel
+    if PHASE == 0 and BARRIER:
+        if _arrive(sync_ptr, seg, splits):
+            total_a, total_b = _sum_partials(part_a_ptr, part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+            tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
+            tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
+            _publish(sync_ptr, seg, num_segments)
+        _wait_published(sync_ptr, seg, num_segments)
+        total_a = tl.load(sum_a_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
+        total_b = tl.load(sum_b_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
+    elif PHASE == 0:  # one split: this program's sums are the totals
+        total_a, total_b = sum_a, sum_b
+        tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
+        tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
+    else:
+        total_a, total_b = _sum_partials(part_a_ptr, part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+        if split == 0:
+            tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
+            tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
+
+    k = w * scale
+    inv_elems = 1.0 / (S * channels_per_group).to(tl.float32)
+    c1 = _to_lanes(_group_sum(k * total_a, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
+    c2 = _to_lanes(_group_sum(k * total_b, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
+
+    # 3. dx for this program's part
+    if ONE_TILE and PHASE == 0:
+        dx = channel_rstd[:, None] * (k[:, None] * dz - c1[:, None] - xhat * c2[:, None])
+        if HAS_DH:
+            dx += tl.load(dh_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        for t in range(0, tiles_per_split):
+            t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s_begin + t * BLOCK_S, C, S, BLOCK_S, CHANNELS_LAST)
+            t_xhat, t_dz = _backward_tile(h_ptr, dy_ptr, t_offsets, t_mask, channel_mean, channel_rstd, w, b, scale,
+                                          shift, HAS_SCALE, ACT)
+            dx = channel_rstd[:, None] * (k[:, None] * t_dz - c1[:, None] - t_xhat * c2[:, None])
+            if HAS_DH:
+                dx += tl.load(dh_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + t_offsets, dx.to(dx_ptr.dtype.element_ty), mask=t_mask)
+
+
+@triton.jit
+def _sum_partials(part_a_ptr, part_b_ptr, seg, splits, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum of the splits' per-channel partials, in split order (deterministic). Returns two (BLOCK_C,) vectors."""
+    p = tl.arange(0, BLOCK_SPLITS)
+    c = tl.arange(0, BLOCK_C)
+    index = (seg * splits + p)[:, None] * BLOCK_C + c[None, :]
+    valid = (p < splits)[:, None]
+    total_a = tl.sum(tl.load(part_a_ptr + index, mask=valid, other=0.0, volatile=True), axis=0)
+    total_b = tl.sum(tl.load(part_b_ptr + index, mask=valid, other=0.0, volatile=True), axis=0)
+    return total_a, total_b
