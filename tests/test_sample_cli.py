@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class MNI152CropsWithAffine(MNI152Crops):
-    """Demo crops whose items also give the `affine` of their grid: 2 mm voxels shifted by the item index."""
+    """Demo crops with a made-up `affine` (2 mm voxels shifted by the item index), to see it copied exactly."""
 
     def __getitem__(self, index: int) -> dict:
         item = super().__getitem__(index)
@@ -120,7 +120,8 @@ def test_samples_from_a_split_write_nifti_png_and_manifest(ldm_run, tmp_path):
     for index in range(3):
         image = nib.load(str(outdir / f"sample_{index:04d}.nii.gz"))
         assert image.shape == (16, 16, 16)
-        np.testing.assert_array_equal(image.affine, np.eye(4))  # MNI crops carry no affine
+        expected = MNI152Crops("test", crop_to=(16, 16, 16), spacing_mm=2, length=4)[index]["affine"].numpy()
+        np.testing.assert_allclose(image.affine, expected)  # the test split's crop in MNI space
         assert np.abs(image.get_fdata()).max() <= 1.0
         assert Image.open(outdir / f"sample_{index:04d}.png").size == (48, 16)  # three mid-slices side by side
     assert Image.open(outdir / "samples.png").size == (48, 48)

@@ -43,11 +43,12 @@ def template_dir() -> Path:
 
 class Template(NamedTuple):
     """The resampled template: `image` (D, H, W) float32 in [-1, 1], `labels` (D, H, W) uint8 indices into
-    TISSUES, and the brain's bounding box `[box_start, box_stop)` per axis."""
+    TISSUES, the brain's bounding box `[box_start, box_stop)` per axis, and the voxel-to-world `affine` (4, 4)."""
     image: torch.Tensor
     labels: torch.Tensor
     box_start: list[int]
     box_stop: list[int]
+    affine: np.ndarray
 
 
 def _read(name: str) -> torch.Tensor:
@@ -67,7 +68,11 @@ def load_template(spacing_mm: int, percentiles: tuple[float, float]) -> Template
     grey, white = grey / 255, white / 255
     labels = torch.stack([(1 - grey - white).clamp(min=0), grey, white]).argmax(0).to(torch.uint8)
     box_start, box_stop = nonzero_box(t1 > 0)
-    return Template(scale_percentiles(t1, *percentiles), labels, box_start, box_stop)
+    # a pooled voxel i covers 1 mm voxels spacing*i ... spacing*i + spacing - 1: its centre is spacing*i + (spacing-1)/2
+    pooling = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+    pooling[:3, 3] = (spacing_mm - 1) / 2
+    affine = nib.load(str(template_dir() / TEMPLATE_FILES["t1"])).affine @ pooling
+    return Template(scale_percentiles(t1, *percentiles), labels, box_start, box_stop, affine)
 
 
 class MNI152Crops(Dataset):
@@ -78,9 +83,9 @@ class MNI152Crops(Dataset):
     (from torch's global generator, which PyTorch seeds per loader worker); `validation` and `test` draw fixed crops
     from (`seed`, split, index), unflipped and unjittered.
 
-    Items: `image` (1, D, H, W) float32 in [-1, 1] (the volume's `percentiles` map to -1 and 1), and with
-    `mask="tissue"` a `mask` (3, D, H, W) float32 one-hot over TISSUES, each voxel labelled with its most probable
-    class. `spacing_mm` average-pools the 1 mm template by that integer factor (2: 98 x 116 x 94, 4: 49 x 58 x 47).
+    Items: `image` (1, D, H, W) float32 in [-1, 1] (the volume's `percentiles` map to -1 and 1), `affine` (4, 4)
+    float64 (the crop's voxel-to-world matrix in MNI space, flips included), and with `mask="tissue"` a `mask`
+    (3, D, H, W) float32 one-hot over TISSUES, each voxel labelled with its most probable class. `spacing_mm` average-pools the 1 mm template by that integer factor (2: 98 x 116 x 94, 4: 49 x 58 x 47).
     `length` is the number of items per epoch (default 512 for train, 16 otherwise).
     """
 
@@ -122,7 +127,10 @@ class MNI152Crops(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
-        window = tuple(slice(s, s + c) for s, c in zip(self.crop_start(index), self.crop_to))
+        start = self.crop_start(index)
+        window = tuple(slice(s, s + c) for s, c in zip(start, self.crop_to))
+        affine = self.template.affine.copy()
+        affine[:3, 3] += affine[:3, :3] @ np.asarray(start, dtype=np.float64)
         # clone: a view would carry the whole cached volume through the loader's shared memory
         image = self.template.image[window][None].clone()
         labels = self.template.labels[window][None]
@@ -130,10 +138,13 @@ class MNI152Crops(Dataset):
             flips = [dim for dim in self.flip_dims if torch.rand(()) < 0.5]
             if flips:
                 image, labels = image.flip(flips), labels.flip(flips)
+                for axis in (dim - 1 for dim in flips):  # voxel i of the flipped crop is voxel size - 1 - i
+                    affine[:3, 3] += affine[:3, axis] * (self.crop_to[axis] - 1)
+                    affine[:3, axis] *= -1
             if self.intensity_jitter > 0:
                 gamma = torch.empty(()).uniform_(-self.intensity_jitter, self.intensity_jitter).exp()
                 image = ((image + 1) / 2).pow(gamma) * 2 - 1
-        item = {"image": image}
+        item = {"image": image, "affine": torch.from_numpy(affine)}
         if self.mask == "tissue":
             item["mask"] = (labels == torch.arange(len(TISSUES)).view(-1, 1, 1, 1)).float()
         return item

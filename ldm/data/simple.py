@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-from monai.data import CacheDataset
+from monai.data import CacheDataset, MetaTensor
 from monai.data.utils import set_rnd
 from monai.transforms import Compose
 
@@ -17,9 +17,15 @@ from ldm.util import instantiate_from_config
 
 
 def plain_item(item: dict[str, Any]) -> dict[str, Any]:
-    """MONAI's MetaTensors as plain tensors: they collate fast and carry no per-item metadata dicts."""
-    return {key: value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
-            for key, value in item.items()}
+    """MONAI's MetaTensors as plain tensors: they collate fast and carry no per-item metadata dicts. The `image`'s
+    voxel-to-world matrix (after orientation, resampling and cropping) is kept as `affine`: (4, 4) float64, so
+    volumes written from the batch land where the source scan was."""
+    plain = {key: value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
+             for key, value in item.items()}
+    image = item.get("image")
+    if "affine" not in plain and isinstance(image, MetaTensor) and image.ndim == 4:
+        plain["affine"] = image.affine.as_subclass(torch.Tensor).to(torch.float64).clone()
+    return plain
 
 
 class CachedTransformDataset(CacheDataset):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ldm.engine.images import save_images, to_grid
+from ldm.engine.images import batch_affines, save_images, to_grid
 
 
 class ImageLogger:
@@ -45,8 +45,9 @@ class ImageLogger:
             return
         images = {name: value[: self.max_images] for name, value in images.items() if torch.is_tensor(value)}
         step = trainer.global_step
+        affines, affine_shape = batch_affines(batch)
         save_images(images, trainer.logdir / "images" / split, f"gs-{step:06d}_e-{trainer.epoch:03d}",
-                    clamp=self.clamp, nifti=self.nifti)
+                    clamp=self.clamp, nifti=self.nifti, affines=affines, affine_shape=affine_shape)
         for name, value in images.items():
             trainer.logger.log_image(f"{split}/{name}", to_grid(value, clamp=self.clamp), step)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,9 +64,22 @@ def save_nifti(volume: torch.Tensor, path: str | Path, affine: np.ndarray | None
     nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4) if affine is None else affine), str(path))
 
 
+def batch_affines(batch: Any) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
+    """The batch's per-item voxel-to-world matrices (B, 4, 4) and the spatial shape they belong to (its `image`'s),
+    or (None, None) when the dataset gives none."""
+    if not isinstance(batch, dict) or not all(torch.is_tensor(batch.get(key)) for key in ("affine", "image")):
+        return None, None
+    return batch["affine"], tuple(batch["image"].shape[2:])
+
+
 def save_images(images: dict[str, torch.Tensor], directory: str | Path, stem: str, clamp: bool = True,
-                nifti: bool = False) -> list[Path]:
-    """Save each entry as `<directory>/<name>_<stem>.png`; 3D entries also as one NIfTI per sample when `nifti`."""
+                nifti: bool = False, affines: torch.Tensor | None = None,
+                affine_shape: tuple[int, ...] | None = None) -> list[Path]:
+    """Save each entry as `<directory>/<name>_<stem>.png`; 3D entries also as one NIfTI per sample when `nifti`.
+
+    affines: (B, 4, 4) voxel-to-world matrices of the batch's images (see `batch_affines`); written into the NIfTI
+    files of entries whose spatial shape is `affine_shape` (inputs, reconstructions, samples at image size), identity
+    elsewhere (e.g. latents)."""
     directory = Path(directory)
     written = []
     for name, batch in images.items():
@@ -73,8 +87,10 @@ def save_images(images: dict[str, torch.Tensor], directory: str | Path, stem: st
         save_png(to_grid(batch, clamp=clamp), png)
         written.append(png)
         if nifti and batch.ndim == 5:
+            placed = affines is not None and tuple(batch.shape[2:]) == affine_shape
             for index, volume in enumerate(batch):
                 nii = directory / f"{name}_{stem}_{index:02d}.nii.gz"
-                save_nifti(volume, nii)
+                affine = affines[index].detach().cpu().double().numpy() if placed and index < len(affines) else None
+                save_nifti(volume, nii, affine)
                 written.append(nii)
     return written

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ldm.engine import checkpoint as ckpt
 from ldm.engine.config import TrainerConfig, fabric_kwargs
 from ldm.engine.guard import NonFiniteLossError, StepGuard, describe_loss, gradient_norm
-from ldm.engine.images import save_images
+from ldm.engine.images import batch_affines, save_images
 from ldm.engine.interface import optional_hook
 from ldm.engine.loggers import RunLogger
 from ldm.engine.signals import PreemptionFlags
@@ -420,8 +420,10 @@ class Trainer:
             if batch_idx >= total:
                 break
             images = module.test_step(batch, batch_idx)
+            affines, affine_shape = batch_affines(batch)
             written += save_images(images, self.logdir / "images" / "test",
-                                   f"b-{batch_idx:04d}_r-{self.fabric.global_rank}", nifti=True)
+                                   f"b-{batch_idx:04d}_r-{self.fabric.global_rank}", nifti=True, affines=affines,
+                                   affine_shape=affine_shape)
         if self.is_global_zero:
             tqdm.write(f"test: wrote {len(written)} files to {self.logdir / 'images' / 'test'} (rank 0)")
         return written

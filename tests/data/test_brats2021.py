@@ -34,7 +34,8 @@ def test_items_have_the_contract_shapes_and_ranges(tree, split):
     dataset = BraTS2021_3D(str(tree), split, crop_to=CROP, split_ratios=[0.6, 0.2, 0.2])
     assert len(dataset) == {"train": 3, "val": 1, "test": 1}[split]
     item = dataset[0]
-    assert set(item) == {"image", "mask", "path"}
+    assert set(item) == {"image", "mask", "path", "affine"}
+    assert item["affine"].shape == (4, 4) and item["affine"].dtype == torch.float64
     assert type(item["image"]) is torch.Tensor and item["image"].dtype == torch.float32
     assert item["image"].shape == (4, *CROP) and item["image"].min() >= -1 and item["image"].max() <= 1
     assert item["mask"].shape == (4, *CROP) and torch.equal(item["mask"].sum(0), torch.ones(CROP))
@@ -94,6 +95,27 @@ def test_ras_orientation_undoes_a_flipped_affine(tmp_path):
     plain, mirrored = (only(tmp_path, tmp_path, name, crop_to=[HEAD_BOX] * 3)[0]
                        for name in ("BraTS2021_00000", "BraTS2021_00001"))
     assert torch.equal(plain["image"], mirrored["image"]) and torch.equal(plain["mask"], mirrored["mask"])
+
+
+def test_affine_places_each_cropped_voxel_on_its_source_voxel(tmp_path):
+    """Stored mirrored (x runs right -> left) and offset: after RAS orientation and the crop, the item's affine maps
+    each voxel to the world point of the source voxel its mask label came from."""
+    shape = (24, 24, 24)
+    channels, seg = head_and_tumour(shape, seed=5, tumour_centre=(8, 12, 14))
+    source_affine = np.array([[-1.0, 0, 0, 30], [0, 1.0, 0, -7], [0, 0, 1.0, 4], [0, 0, 0, 1]])
+    folder = tmp_path / "BraTS2021_00000"
+    folder.mkdir()
+    for modality, volume in channels.items():
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), source_affine),
+                 str(folder / f"BraTS2021_00000_{modality}.nii.gz"))
+    nib.save(nib.Nifti1Image(seg, source_affine), str(folder / "BraTS2021_00000_seg.nii.gz"))
+    item = only(tmp_path, tmp_path, "BraTS2021_00000")[0]
+    voxels = np.stack(np.meshgrid(*[np.arange(c) for c in CROP], indexing="ij"), -1).reshape(-1, 3)
+    source = np.linalg.inv(source_affine) @ item["affine"].numpy() @ np.c_[voxels, np.ones(len(voxels))].T
+    source = np.rint(source[:3].T).astype(int)
+    labels = np.array([0, 1, 2, 4])[item["mask"].argmax(0).numpy().reshape(-1)]
+    assert np.array_equal(labels, seg[tuple(source.T)])
+    assert (labels > 0).any()
 
 
 def test_whole_tumour_mask_merges_the_tumour_labels(tree, tmp_path):

@@ -44,7 +44,8 @@ def test_items_have_the_contract_shapes_and_ranges(split):
     dataset = MNI152Crops(split, crop_to=CROP, spacing_mm=4, length=6)
     assert len(dataset) == 6
     for item in dataset:
-        assert set(item) == {"image", "mask"}
+        assert set(item) == {"image", "mask", "affine"}
+        assert item["affine"].shape == (4, 4) and item["affine"].dtype == torch.float64
         assert item["image"].shape == (1, *CROP) and item["image"].dtype == torch.float32
         assert item["image"].min() >= -1 and item["image"].max() <= 1
         assert item["image"].max() > -1  # every crop touches the brain
@@ -54,7 +55,7 @@ def test_items_have_the_contract_shapes_and_ranges(split):
 
 
 def test_mask_none_gives_images_only():
-    assert set(MNI152Crops("validation", crop_to=CROP, spacing_mm=4, mask="none")[0]) == {"image"}
+    assert set(MNI152Crops("validation", crop_to=CROP, spacing_mm=4, mask="none")[0]) == {"image", "affine"}
 
 
 def test_validation_and_test_crops_are_fixed_by_seed_and_index():
@@ -152,3 +153,22 @@ def test_loader_workers_draw_different_crops():
     dataset = MNI152Crops("train", crop_to=CROP, spacing_mm=4, length=4, intensity_jitter=0.0)
     first, second = DataLoader(dataset, batch_size=2, num_workers=2)  # one batch from each worker
     assert first["image"].shape == (2, 1, *CROP) and not torch.equal(first["image"][0], second["image"][0])
+
+
+@pytest.mark.parametrize("split,spacing", [("validation", 2), ("train", 2), ("train", 1)])
+def test_affine_maps_each_voxel_to_the_template_voxel_it_came_from(raw_template, split, spacing):
+    """World position of a crop's voxel (through the item's affine) -> the 1 mm template's voxel index (through the
+    file's affine) is where the block that voxel averages is centred: crop offset, pooling and flips are all in it."""
+    torch.manual_seed(3)
+    data = MNI152Crops(split, crop_to=CROP, spacing_mm=spacing, flip_axes=(0, 1, 2), intensity_jitter=0)
+    file_affine = nib.load(str(template_dir() / TEMPLATE_FILES["t1"])).affine
+    pooled = load_template(spacing, (0.5, 99.5)).image.numpy()
+    for index in range(3):
+        item = data[index]
+        affine = item["affine"].numpy()
+        voxels = np.stack(np.meshgrid(*[np.arange(c) for c in CROP], indexing="ij"), -1).reshape(-1, 3)
+        one_mm = (np.linalg.inv(file_affine) @ affine @ np.c_[voxels, np.ones(len(voxels))].T)[:3].T
+        source = np.rint((one_mm - (spacing - 1) / 2) / spacing).astype(int)
+        assert np.allclose(one_mm, source * spacing + (spacing - 1) / 2, atol=1e-6)
+        expected = pooled[tuple(source.T)].reshape(CROP)
+        np.testing.assert_allclose(item["image"][0].numpy(), expected, atol=1e-6)

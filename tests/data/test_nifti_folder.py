@@ -62,7 +62,7 @@ def test_onehot_encoding_follows_labels(folder):
 
 def test_without_mask_glob_items_have_no_mask(folder):
     item = all_cases(folder)[0]
-    assert set(item) == {"image", "path"} and item["image"].shape == (1, *CROP)
+    assert set(item) == {"image", "path", "affine"} and item["image"].shape == (1, *CROP)
 
 
 def test_a_4d_file_gives_channels(tmp_path):

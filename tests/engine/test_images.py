@@ -40,3 +40,16 @@ def test_nifti_round_trip_keeps_axes_and_affine(tmp_path):
 def test_save_images_writes_png_and_one_nifti_per_sample(tmp_path):
     written = save_images({"samples": torch.zeros(2, 1, 4, 4, 4)}, tmp_path, "s", nifti=True)
     assert sorted(p.name for p in written) == ["samples_s.png", "samples_s_00.nii.gz", "samples_s_01.nii.gz"]
+
+
+def test_save_images_places_volumes_of_the_image_shape_with_the_batch_affines(tmp_path):
+    affines = torch.stack([torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))] * 2)
+    affines[1, :3, 3] = torch.tensor([10.0, -5.0, 3.0], dtype=torch.float64)
+    batch = {"image": torch.zeros(2, 1, 4, 4, 4), "affine": affines}
+    from ldm.engine.images import batch_affines
+    found, shape = batch_affines(batch)
+    images = {"samples": torch.rand(2, 1, 4, 4, 4), "latents": torch.rand(2, 4, 2, 2, 2)}
+    save_images(images, tmp_path, "s", nifti=True, affines=found, affine_shape=shape)
+    assert np.array_equal(nib.load(str(tmp_path / "samples_s_01.nii.gz")).affine, affines[1].numpy())
+    assert np.array_equal(nib.load(str(tmp_path / "latents_s_01.nii.gz")).affine, np.eye(4))  # not image-sized
+    assert batch_affines({"image": torch.zeros(1, 1, 2, 2, 2)}) == (None, None)
