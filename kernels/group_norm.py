@@ -45,6 +45,10 @@ PROGRAMS_PER_MULTIPROCESSOR = 4
 MAX_SPLITS = 1024
 # Triton's interpreter runs programs one after another: no program may wait for another there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The barrier needs all programs of a segment resident at once, which holds when the GPU's multiprocessors are ours to
+# share with ordinary kernels. Where they are not (e.g. an MPS client limited to a share of the SMs, which still
+# reports them all), LDM_GROUP_NORM_BARRIER=0 makes every launch plan use two launches instead.
+_BARRIER_ALLOWED = os.environ.get("LDM_GROUP_NORM_BARRIER", "1") != "0"
 
 PHASE_FUSED, PHASE_PARTIALS, PHASE_APPLY = 0, 1, 2
 # The last compiled kernel of each direction (register and spill counts for benchmarks/bench_group_norm.py).
@@ -129,6 +133,8 @@ def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device
     if fused:
         splits = min(splits, max_splits)
     splits = max(1, min(splits, tiles, MAX_SPLITS))
+    if fused and splits > 1 and not _BARRIER_ALLOWED:
+        fused = False
     tiles_per_split = triton.cdiv(tiles, splits)
     return _Plan(block_c=block_c, block_s=block_s, block_g=triton.next_power_of_2(groups_per_segment), cpg_pad=cpg_pad,
                  groups_per_segment=groups_per_segment, segments_per_sample=segments_per_sample,

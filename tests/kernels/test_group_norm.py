@@ -140,6 +140,20 @@ def test_every_output_element_is_written(monkeypatch):
         assert_close(errors, torch.float32)
 
 
+def test_barrier_can_be_switched_off(monkeypatch):
+    """LDM_GROUP_NORM_BARRIER=0 (read at import) turns every plan that would wait at the barrier into two launches."""
+    device = torch.device("cpu")
+    monkeypatch.setattr(gn, "_multiprocessors", lambda device: 132)  # plan as for a GPU with 132 SMs
+    gn._plan.cache_clear()
+    plan = gn._plan(1, 64, 2 ** 21, 32, False, 8192, device, fused=True)
+    assert plan.fused and plan.barrier and plan.splits == 16
+    monkeypatch.setattr(gn, "_BARRIER_ALLOWED", False)
+    gn._plan.cache_clear()
+    plan = gn._plan(1, 64, 2 ** 21, 32, False, 8192, device, fused=True)
+    assert not plan.fused and not plan.barrier and plan.splits == 16
+    gn._plan.cache_clear()
+
+
 def test_deterministic():
     x = torch.randn(2, 8, 33, 17)
     w, b = torch.randn(8), torch.randn(8)
