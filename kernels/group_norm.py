@@ -188,6 +188,16 @@ class GroupNormTuning:
     barrier: bool | None = None
 
 
+def _scratch(shape: tuple[int, int], plan: _Plan, per_part: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """One fp32 allocation for two `shape` results (e.g. mean and rstd) and two partials buffers of `per_part`
+    values per program (only where a plan combines partials)."""
+    size = shape[0] * shape[1]
+    parts = plan.num_segments * plan.splits * per_part if (plan.barrier or not plan.fused) else 1
+    scratch = torch.empty(2 * size + 2 * parts, device=device, dtype=torch.float32)
+    return (scratch[:size].view(shape), scratch[size:2 * size].view(shape), scratch[2 * size:2 * size + parts],
+            scratch[2 * size + parts:])
+
+
 def _sync_counters(plan: _Plan, device: torch.device) -> torch.Tensor:
     """Zeroed ticket, arrival counters and flags for the barrier (a dummy when there is none)."""
     if not plan.barrier:
@@ -204,10 +214,7 @@ def _launch_forward(h_in: torch.Tensor, residual, weight, bias, scale, shift, G:
                  tuning.barrier)
     y = torch.empty_like(h_in)
     h = torch.empty_like(h_in) if residual is not None else h_in
-    parts = plan.num_segments * plan.splits * plan.block_g if (plan.barrier or not plan.fused) else 1
-    scratch = torch.empty(2 * N * G + 2 * parts, device=h_in.device, dtype=torch.float32)
-    mean, rstd = scratch[:N * G].view(N, G), scratch[N * G:2 * N * G].view(N, G)
-    part_mean, part_m2 = scratch[2 * N * G:2 * N * G + parts], scratch[2 * N * G + parts:]
+    mean, rstd, part_mean, part_m2 = _scratch((N, G), plan, plan.block_g, h_in.device)
     sync = _sync_counters(plan, h_in.device)
     dummy = mean  # stands for absent optional tensors (never read: the constexpr flags prune those loads)
     args = (h_in, residual if residual is not None else h_in, h, y, weight, bias,
@@ -239,10 +246,7 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, weight, bias, scale,
     plan = _plan(N, C, S, G, channels_last, tuning.backward_tile, h.device, tuning.splits, tuning.fused,
                  tuning.barrier)
     dx = torch.empty_like(h)
-    parts = plan.num_segments * plan.splits * plan.block_c if (plan.barrier or not plan.fused) else 1
-    scratch = torch.empty(2 * N * C + 2 * parts, device=h.device, dtype=torch.float32)
-    sum_a, sum_b = scratch[:N * C].view(N, C), scratch[N * C:2 * N * C].view(N, C)
-    part_a, part_b = scratch[2 * N * C:2 * N * C + parts], scratch[2 * N * C + parts:]
+    sum_a, sum_b, part_a, part_b = _scratch((N, C), plan, plan.block_c, h.device)
     sync = _sync_counters(plan, h.device)
     dummy = mean
     args = (h, dy, dh if dh is not None else dy, dx, weight, bias,

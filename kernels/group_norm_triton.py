@@ -121,6 +121,19 @@ def _segment_of_program(sync_ptr, splits, BARRIER: tl.constexpr):
 
 
 @triton.jit
+def _program_part(sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
+                  BARRIER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """Where this program works: segment, split, sample n, first group g0, groups in the segment, the lanes'
+    channels and validity, and the first spatial position of its part."""
+    seg, split = _segment_of_program(sync_ptr, splits, BARRIER)
+    n = seg // segments_per_sample
+    g0 = (seg % segments_per_sample) * groups_per_segment
+    groups_here = tl.minimum(groups_per_segment, G - g0)
+    channel, lane_valid = _lanes(g0 * channels_per_group, channels_per_group, groups_here, BLOCK_G, CPG_PAD)
+    return seg, split, n, g0, groups_here, channel, lane_valid, split * tiles_per_split * BLOCK_S
+
+
+@triton.jit
 def gn_forward_kernel(
         x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
         part_mean_ptr, part_m2_ptr, sync_ptr,
@@ -132,13 +145,9 @@ def gn_forward_kernel(
         BLOCK_SPLITS: tl.constexpr):
     """Forward; PHASE 0: one launch with the barrier, 1: partials only, 2: combine and apply. ONE_TILE: the program's
     part is one tile (kept in registers across the barrier in phase 0)."""
-    seg, split = _segment_of_program(sync_ptr, splits, PHASE == 0 and BARRIER)
-    n = seg // segments_per_sample
-    g0 = (seg % segments_per_sample) * groups_per_segment
-    c0 = g0 * channels_per_group
-    groups_here = tl.minimum(groups_per_segment, G - g0)
-    channel, lane_valid = _lanes(c0, channels_per_group, groups_here, BLOCK_G, CPG_PAD)
-    s_begin = split * tiles_per_split * BLOCK_S
+    seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
+        sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
+        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
     split_elems = tiles_per_split * BLOCK_S * channels_per_group
@@ -258,13 +267,9 @@ def gn_backward_kernel(
         BLOCK_SPLITS: tl.constexpr):
     """dx = rstd * (k * dz - mean_g(k * dz) - xhat * mean_g(k * dz * xhat)), k = weight * (1 + scale); also the
     per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow."""
-    seg, split = _segment_of_program(sync_ptr, splits, PHASE == 0 and BARRIER)
-    n = seg // segments_per_sample
-    g0 = (seg % segments_per_sample) * groups_per_segment
-    c0 = g0 * channels_per_group
-    groups_here = tl.minimum(groups_per_segment, G - g0)
-    channel, lane_valid = _lanes(c0, channels_per_group, groups_here, BLOCK_G, CPG_PAD)
-    s_begin = split * tiles_per_split * BLOCK_S
+    seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
+        sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
+        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
 
