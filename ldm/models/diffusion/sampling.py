@@ -57,6 +57,14 @@ def _known_region(inpaint: Inpainting | None, x_T: torch.Tensor,
     return lambda x, t: mask * diffusion.q_sample(x0, t, x_T) + (1 - mask) * x
 
 
+def _start(x: torch.Tensor, timesteps: torch.Tensor, diffusion: GaussianDiffusion, inpaint: Inpainting | None,
+           extra_args: dict[str, Any] | None):
+    """What every sampler starts with: x_T in fp32 with its known region set, the `keep` map, the model's extra args."""
+    x = x.float()
+    keep = _known_region(inpaint, x, diffusion)
+    return keep(x, timesteps[:1].to(x.device).expand(x.shape[0])), keep, extra_args or {}
+
+
 def timestep_schedule(num_timesteps: int, steps: int, spacing: str = "uniform") -> torch.Tensor:
     """Up to `steps` distinct timesteps out of 0..num_timesteps-1, decreasing: (n,) int64.
 
@@ -109,10 +117,7 @@ def sample_ddpm(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffus
                 generator: Generators = None, inpaint: Inpainting | None = None) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020): x_s ~ q(x_s | x_t, x0_hat). Over all T timesteps this is DDPM; over a
     subset, the same posterior between the visited timesteps."""
-    extra_args = extra_args or {}
-    x = x.float()
-    keep = _known_region(inpaint, x, diffusion)
-    x = keep(x, timesteps[:1].to(x.device).expand(x.shape[0]))
+    x, keep, extra_args = _start(x, timesteps, diffusion, inpaint, extra_args)
     for i, t, s in _steps(x, timesteps):
         x0, _ = _denoise(model, diffusion, x, t, extra_args)
         mean, variance = diffusion.posterior(x0, x, t, s)
@@ -136,10 +141,7 @@ def sample_ddim(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffus
                 generator: Generators = None, inpaint: Inpainting | None = None, eta: float = 0.0) -> torch.Tensor:
     """DDIM: x_s = `_ddim_step` + sigma z, with sigma^2 = eta^2 times the posterior variance. eta = 0 is
     deterministic (Euler on the probability-flow ODE), eta = 1 is ancestral sampling."""
-    extra_args = extra_args or {}
-    x = x.float()
-    keep = _known_region(inpaint, x, diffusion)
-    x = keep(x, timesteps[:1].to(x.device).expand(x.shape[0]))
+    x, keep, extra_args = _start(x, timesteps, diffusion, inpaint, extra_args)
     for i, t, s in _steps(x, timesteps):
         x0, eps = _denoise(model, diffusion, x, t, extra_args)
         sigma_sq = eta ** 2 * diffusion.posterior_variance(t, s, x.ndim)
@@ -163,10 +165,7 @@ def sample_plms(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, diffus
     """PLMS (Liu et al. 2022, PNDM): deterministic DDIM steps driven by a linear multistep (Adams-Bashforth, up to
     4th order) combination of the latest eps predictions; the first step averages eps at both ends (Heun), which
     costs one extra network call."""
-    extra_args = extra_args or {}
-    x = x.float()
-    keep = _known_region(inpaint, x, diffusion)
-    x = keep(x, timesteps[:1].to(x.device).expand(x.shape[0]))
+    x, keep, extra_args = _start(x, timesteps, diffusion, inpaint, extra_args)
     if diffusion.alpha_bar(timesteps[:1].to(x.device), 1).item() == 0:
         raise ValueError("plms cannot start at alpha_bar = 0 (zero terminal SNR): x0 is not defined by eps there; "
                          "use ddim or dpmpp_2m")
@@ -204,10 +203,7 @@ def sample_dpmpp_2m(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, di
     x_s = sigma_s / sigma_t x_t - sqrt(alpha_bar_s) (e^{-h} - 1) D with h = lambda_s - lambda_t and D the
     second-order extrapolation (1 + 1/2r) x0 - 1/2r x0_prev, r = h_prev / h; the first step and the step into clean
     data are first order (D = x0)."""
-    extra_args = extra_args or {}
-    x = x.float()
-    keep = _known_region(inpaint, x, diffusion)
-    x = keep(x, timesteps[:1].to(x.device).expand(x.shape[0]))
+    x, keep, extra_args = _start(x, timesteps, diffusion, inpaint, extra_args)
     previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (x0, h) of the last step
     for i, t, s in _steps(x, timesteps):
         x0, _ = _denoise(model, diffusion, x, t, extra_args)
