@@ -151,8 +151,11 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_warps(block_elems: int) -> int:
-    return max(1, min(16, block_elems // 1024))
+def _plan_meta(plan: _Plan, channels_last: bool) -> dict:
+    """The compile-time arguments both kernels take from a plan (layout, block shapes, warps)."""
+    return dict(CHANNELS_LAST=channels_last, ONE_TILE=plan.tiles_per_split == 1, BLOCK_C=plan.block_c,
+                BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, CPG_PAD=plan.cpg_pad, BLOCK_SPLITS=plan.block_splits,
+                num_warps=max(1, min(16, plan.block_c * plan.block_s // 1024)))
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -222,10 +225,8 @@ def _launch_forward(h_in: torch.Tensor, residual, weight, bias, scale, shift, G:
             part_mean, part_m2, sync,
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split, eps)
-    meta = dict(CHANNELS_LAST=channels_last, HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None,
-                ACT=act, ONE_TILE=plan.tiles_per_split == 1, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
-                BLOCK_G=plan.block_g, CPG_PAD=plan.cpg_pad, BLOCK_SPLITS=plan.block_splits,
-                num_warps=_num_warps(plan.block_c * plan.block_s))
+    meta = dict(_plan_meta(plan, channels_last), HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None,
+                ACT=act)
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
         LAST_KERNELS["forward"] = gn_forward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
@@ -254,10 +255,7 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, weight, bias, scale,
             part_a, part_b, sum_a, sum_b, sync,
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split)
-    meta = dict(CHANNELS_LAST=channels_last, HAS_DH=dh is not None, HAS_SCALE=scale is not None, ACT=act,
-                ONE_TILE=plan.tiles_per_split == 1, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
-                BLOCK_G=plan.block_g, CPG_PAD=plan.cpg_pad, BLOCK_SPLITS=plan.block_splits,
-                num_warps=_num_warps(plan.block_c * plan.block_s))
+    meta = dict(_plan_meta(plan, channels_last), HAS_DH=dh is not None, HAS_SCALE=scale is not None, ACT=act)
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
         LAST_KERNELS["backward"] = gn_backward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
