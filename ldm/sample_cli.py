@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ldm.cli import load_config, model_config_for
 from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint
 from ldm.engine.images import save_nifti, save_png, to_grid
+from ldm.engine.memory_format import channels_last as channels_last_tensor, model_to_channels_last
 from ldm.models.diffusion.conditioning import Conditioning, classifier_free_guidance
 from ldm.models.diffusion.sampling import SAMPLERS, get_sampler, timestep_schedule
 from ldm.sample_conditions import Condition, ConditionError, conditioning_kind, load_conditions, stack_values
@@ -284,10 +285,13 @@ def conditionings(model: torch.nn.Module, conditions: Sequence[Condition] | None
 @torch.no_grad()
 def draw_batch(model: torch.nn.Module, settings: SamplerSettings, timesteps: torch.Tensor, seeds: Sequence[int],
                conditions: Sequence[Condition] | None, device: torch.device, dtype: torch.dtype | None,
-               progress: tqdm) -> torch.Tensor:
-    """Images (B, C, *spatial) in [-1, 1] for one batch; item i from noise seeded with seeds[i]."""
+               progress: tqdm, channels_last: bool = False) -> torch.Tensor:
+    """Images (B, C, *spatial) in [-1, 1] for one batch; item i from noise seeded with seeds[i]; with
+    `channels_last` the noise is stored channels-last (as the model's weights are then)."""
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     x_T = torch.cat([torch.randn(1, model.channels, *model.image_size, generator=g) for g in generators]).to(device)
+    if channels_last:
+        x_T = channels_last_tensor(x_T)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
         cond, null = conditionings(model, conditions, device)
@@ -326,6 +330,9 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
     count = opt.n_samples or (len(conditions) if conditions else DEFAULT_UNCONDITIONAL_SAMPLES)
     outdir = Path(opt.outdir) if opt.outdir else new_sample_folder(run_dir / "samples")
     model.to(device)
+    use_channels_last = device.type == "cuda" and bool(OmegaConf.select(config, "trainer.channels_last", default=False))
+    if use_channels_last:  # as the run trained (trainer.channels_last)
+        model_to_channels_last(model)
     torch.manual_seed(opt.seed)
 
     print(f"sampling {count} x {type(model).__name__} {model.channels} x {list(model.image_size)} from "
@@ -341,7 +348,7 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
         steps_bar = tqdm(total=len(timesteps), desc="steps", unit="step", leave=False)
         began = time.perf_counter()
         images = draw_batch(model, settings, timesteps, [opt.seed + i for i in indices], batch_conditions, device,
-                            PRECISIONS[opt.precision], steps_bar)
+                            PRECISIONS[opt.precision], steps_bar, use_channels_last)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - began) / len(indices)

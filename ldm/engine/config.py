@@ -37,6 +37,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     max_bad_steps: int = 5         # consecutive non-finite losses tolerated (steps skipped) before the run stops
     benchmark: bool = True         # cudnn.benchmark
+    channels_last: bool = False    # on CUDA: rank-4/5 weights and batch tensors stored NHWC / NDHWC (memory_format.py)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     callbacks: dict = field(default_factory=dict)  # name -> {target, params}, e.g. image_logger
     logger: list = field(default_factory=lambda: ["tensorboard", "csv"])

@@ -24,6 +24,7 @@ from ldm.engine.guard import NonFiniteLossError, StepGuard, describe_loss, gradi
 from ldm.engine.images import batch_affines, save_images
 from ldm.engine.interface import optional_hook
 from ldm.engine.loggers import RunLogger
+from ldm.engine.memory_format import batch_to_channels_last, model_to_channels_last
 from ldm.engine.signals import PreemptionFlags
 
 
@@ -74,7 +75,17 @@ class Trainer:
     def sharded(self) -> bool:
         return isinstance(self.fabric.strategy, FSDPStrategy)
 
+    @property
+    def channels_last(self) -> bool:
+        """trainer.channels_last, which takes effect on CUDA only (CPU kernels gain nothing from it)."""
+        return self.config.channels_last and self.fabric.device.type == "cuda"
+
+    def _to_layout(self, batch):
+        return batch_to_channels_last(batch) if self.channels_last else batch
+
     def _setup(self, model: torch.nn.Module):
+        if self.channels_last:
+            model_to_channels_last(model)
         if self.sharded:  # FSDP: optimizers must see the wrapped (sharded) parameters
             module = self.fabric.setup_module(model)
             optimizers, schedulers = _as_optimizers(model.configure_optimizers())
@@ -261,13 +272,12 @@ class Trainer:
         while not self._max_steps_reached() and (cfg.max_epochs < 0 or self.epoch < cfg.max_epochs):
             sampler.begin_epoch(self.epoch, start=self.batch_in_epoch * batch_size)
             epoch_start = time.perf_counter()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
             step_start = time.perf_counter()
             micro = 0
             for batch_idx, batch in enumerate(loader, start=self.batch_in_epoch):
                 if batch_idx >= batches_per_epoch:
                     break
+                batch = self._to_layout(batch)
                 boundary = micro == accumulate - 1 or batch_idx == batches_per_epoch - 1
                 scalars = self._micro_step(module, optimizers, schedulers, batch, batch_idx, accumulate, boundary)
                 micro += 1
@@ -361,7 +371,11 @@ class Trainer:
         lrs = {f"lr/optimizer_{i}": opt.param_groups[0]["lr"] for i, opt in enumerate(optimizers)}
         self.logger.log_scalars(lrs, self.global_step)
         if self.global_step % max(self.config.log_every_n_steps, 1) == 0:
-            self.logger.log_scalars({**scalars, "perf/steps_per_s": rate, "epoch": self.epoch}, self.global_step)
+            perf = {"perf/steps_per_s": rate, "epoch": self.epoch}
+            if self.fabric.device.type == "cuda":  # since the previous log: steady state, not cuDNN's autotuning
+                perf["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                torch.cuda.reset_peak_memory_stats()
+            self.logger.log_scalars({**scalars, **perf}, self.global_step)
         loss_keys = [k for k in scalars if k.endswith("loss")][:2]
         progress.set_postfix({k.split("/")[-1]: f"{scalars[k]:.4g}" for k in loss_keys} | {"it/s": f"{rate:.2f}"},
                              refresh=False)
@@ -369,8 +383,6 @@ class Trainer:
 
     def _end_epoch(self, epoch_start: float) -> None:
         stats = {"perf/epoch_time_s": time.perf_counter() - epoch_start}
-        if torch.cuda.is_available():
-            stats["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         self.logger.log_scalars(stats, self.global_step)
         if self.is_global_zero:
             tqdm.write(f"epoch {self.epoch}: " + ", ".join(f"{k.split('/')[-1]}={v:.3g}" for k, v in stats.items()))
@@ -385,6 +397,7 @@ class Trainer:
         for batch_idx, batch in enumerate(val_loader):
             if 0 <= self.config.limit_val_batches <= batch_idx:
                 break
+            batch = self._to_layout(batch)
             scalars = module.validation_step(batch, batch_idx)
             for key, value in scalars.items():
                 sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64).detach().cpu()
@@ -406,6 +419,8 @@ class Trainer:
     def test(self, model: torch.nn.Module, datamodule) -> list[Path]:
         """Run `test_step` over the test split and save what it returns under `images/test/`."""
         if self.raw_model is not model:
+            if self.channels_last:
+                model_to_channels_last(model)
             self.raw_model, self.module = model, self.fabric.setup_module(model)
             self._mark_forward_methods(self.module, model)
         module = self.module
@@ -419,7 +434,7 @@ class Trainer:
         for batch_idx, batch in enumerate(tqdm(loader, total=total, desc="test", disable=not self.is_global_zero)):
             if batch_idx >= total:
                 break
-            images = module.test_step(batch, batch_idx)
+            images = module.test_step(self._to_layout(batch), batch_idx)
             affines, affine_shape = batch_affines(batch)
             written += save_images(images, self.logdir / "images" / "test",
                                    f"b-{batch_idx:04d}_r-{self.fabric.global_rank}", nifti=True, affines=affines,
