@@ -54,11 +54,19 @@ class StageOneModel(nn.Module):
     optimizer_idx, split) -> (loss, scalars)`. Batches hold (B, in_channels, *spatial) images in [-1, 1] under
     `image_key`. `lossconfig` may be `torch.nn.Identity` for a model that only encodes and decodes (inside a latent
     diffusion model); training then needs a loss with a `discriminator`.
+
+    `discriminator_reuses_reconstruction` (default true): once the discriminator is active, its step scores the
+    (detached) reconstruction of the autoencoder step just before it, on the same batch, instead of running the
+    autoencoder a second time as CompVis does (which reconstructs again after the autoencoder's optimizer step). It
+    saves one full encoder + decoder forward per step; the discriminator then sees a reconstruction one update
+    older, as in most GAN training loops. False restores the CompVis recomputation.
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Any, image_key: str, colorize_nlabels: int | None,
-                 monitor: str | None):
+                 monitor: str | None, discriminator_reuses_reconstruction: bool = True):
         super().__init__()
+        self.discriminator_reuses_reconstruction = discriminator_reuses_reconstruction
+        self._for_discriminator: tuple | None = None  # (batch_idx, reconstruction, regulariser) of the last AE step
         ddconfig = dict(ddconfig)
         self.encoder, self.decoder = build_encoder_decoder(ddconfig)
         self.dims = self.encoder.dims
@@ -118,12 +126,18 @@ class StageOneModel(nn.Module):
         x = self.get_input(batch)
         if optimizer_idx == 0:
             reconstructions, regulariser = self.reconstruct(x, sample=True)
+            if self.discriminator_reuses_reconstruction and self.loss.discriminator_active(self.global_step):
+                self._for_discriminator = (batch_idx, reconstructions.detach(), regulariser)
             return self.loss_terms(x, reconstructions, regulariser, 0, "train")
+        stashed, self._for_discriminator = self._for_discriminator, None
         if not self.loss.discriminator_active(self.global_step):
             # Idle before disc_start: skip the autoencoder forward that would only be multiplied by zero.
             return self.loss.idle_discriminator_loss(), {"train/disc_loss": torch.zeros(())}
-        with torch.no_grad():  # the discriminator sees detached reconstructions
-            reconstructions, regulariser = self.reconstruct(x, sample=True)
+        if stashed is not None and stashed[0] == batch_idx:
+            _, reconstructions, regulariser = stashed
+        else:
+            with torch.no_grad():  # the discriminator sees detached reconstructions
+                reconstructions, regulariser = self.reconstruct(x, sample=True)
         return self.loss_terms(x, reconstructions, regulariser, 1, "train")
 
     @torch.no_grad()
@@ -171,11 +185,13 @@ class AutoencoderKL(StageOneModel):
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Any, embed_dim: int, ckpt_path: str | None = None,
                  ignore_keys: Sequence[str] = (), strict: bool = True, image_key: str = "image",
-                 colorize_nlabels: int | None = None, monitor: str | None = None):
+                 colorize_nlabels: int | None = None, monitor: str | None = None,
+                 discriminator_reuses_reconstruction: bool = True):
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL: ddconfig.double_z must be true "
                              "(the encoder predicts mean and log-variance)")
-        super().__init__(ddconfig, lossconfig, image_key, colorize_nlabels, monitor)
+        super().__init__(ddconfig, lossconfig, image_key, colorize_nlabels, monitor,
+                         discriminator_reuses_reconstruction)
         self.embed_dim = embed_dim
         self.quant_conv = conv_nd(self.dims, 2 * self.z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = conv_nd(self.dims, embed_dim, self.z_channels, 1)
@@ -226,8 +242,10 @@ class VQModel(StageOneModel):
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Any, n_embed: int, embed_dim: int,
                  beta: float = 0.25, ema_decay: float | None = None, dead_code_threshold: float = 0.0,
                  ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), strict: bool = True,
-                 image_key: str = "image", colorize_nlabels: int | None = None, monitor: str | None = None):
-        super().__init__(ddconfig, lossconfig, image_key, colorize_nlabels, monitor)
+                 image_key: str = "image", colorize_nlabels: int | None = None, monitor: str | None = None,
+                 discriminator_reuses_reconstruction: bool = True):
+        super().__init__(ddconfig, lossconfig, image_key, colorize_nlabels, monitor,
+                         discriminator_reuses_reconstruction)
         encoder_channels = self.encoder.conv_out.out_channels
         self.embed_dim = embed_dim
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta, ema_decay, dead_code_threshold)

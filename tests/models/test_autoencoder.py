@@ -128,6 +128,34 @@ def test_training_step_losses_are_finite_with_gradients_only_where_expected(glob
     assert (scalars["train/disc_loss"] > 0) == (global_step >= 3)
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_discriminator_step_reuses_the_autoencoder_steps_reconstruction(reuse):
+    """With reuse, the discriminator scores exactly the (detached) reconstruction of the autoencoder step on the same
+    batch and the decoder runs once per step; without it (CompVis), the autoencoder runs again."""
+    model = _model(discriminator_reuses_reconstruction=reuse)
+    optimizers = model.configure_optimizers()
+    model.global_step = 3  # disc_start
+    batch = {"image": _volume(batch=2)}
+    outputs = []
+    model.decoder.register_forward_hook(lambda module, args, out: outputs.append(out.detach().clone()))
+    with _only(optimizers, 0):
+        model.training_step(batch, 7, 0)[0].backward()
+    with _only(optimizers, 1):
+        loss, scalars = model.training_step(batch, 7, 1)
+        loss.backward()
+    assert len(outputs) == (1 if reuse else 2)
+    with _only(optimizers, 1):
+        expected, _ = model.loss(batch["image"], outputs[-1], None, 1, 3, split="train")
+    torch.testing.assert_close(loss, expected)
+    assert model._for_discriminator is None  # nothing held between steps
+    # a stash from another batch is never used
+    with _only(optimizers, 0):
+        model.training_step(batch, 8, 0)
+    with _only(optimizers, 1):
+        model.training_step({"image": _volume(batch=2, seed=1)}, 9, 1)
+    assert len(outputs) == (3 if reuse else 4)
+
+
 def test_validation_test_and_image_logging():
     model = _model().eval()
     batch = {"image": _volume(batch=3), "path": ["a", "b", "c"]}
