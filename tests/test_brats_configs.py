@@ -1,10 +1,10 @@
 """The BraTS configs: full-size models build with the intended sizes, and a tiny copy trains end to end.
 
-Full size (no training): configs/autoencoder/brats_kl_f4_3d.yaml and configs/latent-diffusion/brats_ldm_3d.yaml build
-their models, with the parameter counts and latent shape the configs promise, and the LDM's UNet equals MONAI's anchor
-UNet of issue 9 up to the q/k/v biases. Tiny (crop 16^3, ch 8, model_channels 32, a fake BraTS tree): the AE trains
-for 2 steps through the CLI with the discriminator active, then the LDM trains on its checkpoint and generates for the
-test masks.
+Full size (no training): configs/autoencoder/brats_kl_f4_3d.yaml and
+configs/latent-diffusion/brats_mask_concat_3d.yaml build their models, with the parameter counts and latent shape the
+configs promise, and the LDM's UNet equals MONAI's anchor UNet of issue 9 up to the q/k/v biases. Tiny (crop 16^3,
+ch 8, model_channels 32, a fake BraTS tree): the AE trains for 2 steps through the CLI with the discriminator active,
+then the LDM trains on its checkpoint and generates for the test masks.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tests.engine.helpers import load_last, only_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 AE_CONFIG = REPO / "configs" / "autoencoder" / "brats_kl_f4_3d.yaml"
-LDM_CONFIG = REPO / "configs" / "latent-diffusion" / "brats_ldm_3d.yaml"
+LDM_CONFIG = REPO / "configs" / "latent-diffusion" / "brats_mask_concat_3d.yaml"
 SPLITS = ("train", "validation", "test")
 
 # Full-size parameter counts (checked below against MONAI where an equivalent exists).
