@@ -357,10 +357,13 @@ class LatentDiffusion(DDPM):
     # ------------------------------------------------------------------------------------------ first stage
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor, sample_posterior: bool) -> torch.Tensor:
-        """x: (B, C, *S) -> unscaled latents (B, embed_dim, *S / f), a posterior sample or its mean."""
+        """x: (B, C, *S) -> unscaled latents (B, embed_dim, *S / f): a KL posterior's sample or mean, or the
+        continuous (pre-quantisation) latents of a VQ first stage (`VQModelInterface`), which are deterministic."""
         dtype = next(self.first_stage_model.parameters()).dtype
-        posterior = self.first_stage_model.encode(x.to(dtype))
-        return (posterior.sample() if sample_posterior else posterior.mode()).float()
+        encoded = self.first_stage_model.encode(x.to(dtype))
+        if isinstance(encoded, torch.Tensor):
+            return encoded.float()
+        return (encoded.sample() if sample_posterior else encoded.mode()).float()
 
     def checked_scale_factor(self) -> torch.Tensor:
         if torch.isnan(self.scale_factor):

@@ -121,3 +121,26 @@ def test_class_conditional_2d_with_the_real_unet(conditioning_key):
     model.eval()
     images = model.log_images(batch, "train", 2)
     assert images["samples"].shape == (2, 1, 16, 16) and "conditioning" not in images
+
+
+def test_vq_first_stage_encodes_continuous_latents_and_decodes_through_the_codebook():
+    """A VQModelInterface first stage (CompVis' VQ LDMs): its encoder output (no posterior) is the latent, and
+    decoding quantises to the codebook first."""
+    config = OmegaConf.create(MASK_LDM_3D)
+    config.params.first_stage_config = OmegaConf.create({
+        "target": "ldm.models.autoencoder.VQModelInterface",
+        "params": {"n_embed": 16, "embed_dim": 3, "lossconfig": {"target": "torch.nn.Identity"},
+                   "ddconfig": {**config.params.first_stage_config.params.ddconfig, "double_z": False}}})
+    torch.manual_seed(0)
+    model = instantiate_from_config(config)
+    data = phantoms(n=2)
+    x = data["image"]
+    expected = model.first_stage_model.quant_conv(model.first_stage_model.encoder(x))
+    for sample_posterior in (True, False):  # deterministic either way
+        torch.testing.assert_close(model.encode_first_stage(x, sample_posterior), expected)
+    loss, _ = model.training_step(data, 0, 0)  # scale_by_std estimated from these latents
+    assert torch.isfinite(loss) and torch.isfinite(model.scale_factor)
+    z = model.encode_first_stage(x, False) * model.scale_factor
+    codes = model.first_stage_model.quantize(expected)[0]
+    torch.testing.assert_close(model.decode(z), model.first_stage_model.decoder(
+        model.first_stage_model.post_quant_conv(codes)), atol=1e-5, rtol=1e-4)
