@@ -37,6 +37,17 @@ def _as_optimizers(configured: Any) -> tuple[list, list]:
     return list(configured), []
 
 
+def cuda_memory_scalars() -> dict[str, float]:
+    """Peak allocated and reserved GiB since the previous call (steady state, not cuDNN's autotuning), and the
+    caching allocator's cumulative retries: each one freed all cached blocks and synchronised, a sign of memory
+    pressure or fragmentation that slows steps (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True helps)."""
+    scalars = {"perf/peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+               "perf/peak_reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30,
+               "perf/alloc_retries": float(torch.cuda.memory_stats().get("num_alloc_retries", 0))}
+    torch.cuda.reset_peak_memory_stats()
+    return scalars
+
+
 class Trainer:
     """Runs `fit` and `test` for one model. Build it before the model so that every rank exists (`fabric.launch`)."""
 
@@ -277,6 +288,8 @@ class Trainer:
             for batch_idx, batch in enumerate(loader, start=self.batch_in_epoch):
                 if batch_idx >= batches_per_epoch:
                     break
+                if micro == 0:  # the loader's share of this optimizer step: waiting for its first batch
+                    data_wait = time.perf_counter() - step_start
                 batch = self._to_layout(batch)
                 boundary = micro == accumulate - 1 or batch_idx == batches_per_epoch - 1
                 scalars = self._micro_step(module, optimizers, schedulers, batch, batch_idx, accumulate, boundary)
@@ -294,7 +307,7 @@ class Trainer:
                         callback.on_train_batch_end(self, batch, batch_idx)
                 rate = 1.0 / max(time.perf_counter() - step_start, 1e-9)
                 step_start = time.perf_counter()
-                self._log_step(scalars, optimizers, rate, progress)
+                self._log_step(scalars, optimizers, rate, data_wait, progress)
                 if val_loader is not None and cfg.val_check_interval > 0 and \
                         self.global_step % cfg.val_check_interval == 0:
                     self.validate(module, val_loader)
@@ -367,14 +380,13 @@ class Trainer:
                 schedulers[index].step()
         optimizer.zero_grad(set_to_none=True)
 
-    def _log_step(self, scalars: dict, optimizers, rate: float, progress) -> None:
+    def _log_step(self, scalars: dict, optimizers, rate: float, data_wait: float, progress) -> None:
         lrs = {f"lr/optimizer_{i}": opt.param_groups[0]["lr"] for i, opt in enumerate(optimizers)}
         self.logger.log_scalars(lrs, self.global_step)
         if self.global_step % max(self.config.log_every_n_steps, 1) == 0:
-            perf = {"perf/steps_per_s": rate, "epoch": self.epoch}
-            if self.fabric.device.type == "cuda":  # since the previous log: steady state, not cuDNN's autotuning
-                perf["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-                torch.cuda.reset_peak_memory_stats()
+            perf = {"perf/steps_per_s": rate, "perf/data_wait_s": data_wait, "epoch": self.epoch}
+            if self.fabric.device.type == "cuda":
+                perf.update(cuda_memory_scalars())
             self.logger.log_scalars({**scalars, **perf}, self.global_step)
         loss_keys = [k for k in scalars if k.endswith("loss")][:2]
         progress.set_postfix({k.split("/")[-1]: f"{scalars[k]:.4g}" for k in loss_keys} | {"it/s": f"{rate:.2f}"},
