@@ -369,8 +369,9 @@ class Trainer:
                 norm = self.fabric.clip_gradients(module, optimizer, max_norm=self.config.gradient_clip_val,
                                                   error_if_nonfinite=False)
                 logged[f"train/grad_norm_{index}"] = float(norm)
-            elif self._scaler is None:
+            elif self._scaler is None:  # (under fp16 the gradients are still scaled here)
                 norm = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
+                logged[f"train/grad_norm_{index}"] = float(norm)
             if self._scaler is None and not self.guard.all_finite(norm):
                 problems.append(f"gradient norm of optimizer {index} = {float(norm):.4g}")
         if not problems:

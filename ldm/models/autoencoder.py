@@ -46,6 +46,18 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     return 10.0 * torch.log10(data_range ** 2 / mse.clamp_min(1e-12))
 
 
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Structural similarity per item (MONAI's SSIMMetric: Gaussian window 11, sigma 1.5, over channels and space) for
+    images in [-1, 1]: x, y (B, C, *spatial) -> (B,). The window shrinks (odd) to fit spatial sides below 11."""
+    from monai.metrics import SSIMMetric
+
+    window = min(11, *x.shape[2:])
+    window -= 1 - window % 2
+    metric = SSIMMetric(spatial_dims=x.dim() - 2, data_range=data_range, win_size=window,
+                        kernel_sigma=1.5 * window / 11, reduction="none")
+    return metric(x.float(), y.float()).reshape(x.shape[0], -1).mean(dim=1)
+
+
 class StageOneModel(nn.Module):
     """What the KL and VQ autoencoders share: encoder/decoder from `ddconfig`, the loss, batch handling, the two
     optimizers, the training / validation / test steps and image logging.
@@ -142,12 +154,15 @@ class StageOneModel(nn.Module):
 
     @torch.no_grad()
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        """The loss terms of the deterministic reconstruction (rec, regulariser, total, ...) and PSNR in dB."""
+        """The loss terms of the deterministic reconstruction (rec, regulariser, total, ...), and the image metrics
+        of the clamped reconstruction: L1 (mean absolute error), PSNR in dB and SSIM (batch means)."""
         x = self.get_input(batch)
         reconstructions, regulariser = self.reconstruct(x, sample=False)
         _, scalars = self.loss_terms(x, reconstructions, regulariser, 0, "val")
         scalars = {k: v for k, v in scalars.items() if k.split("/")[-1] not in _TRAINING_ONLY_SCALARS}
-        return {**scalars, "val/psnr": psnr(reconstructions.clamp(-1, 1), x).mean()}
+        clamped = reconstructions.clamp(-1, 1)
+        return {**scalars, "val/l1": (clamped.float() - x.float()).abs().mean(), "val/psnr": psnr(clamped, x).mean(),
+                "val/ssim": ssim(clamped, x).mean()}
 
     @torch.no_grad()
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:

@@ -39,6 +39,21 @@ def test_gan_shaped_model_steps_both_optimizers(tmp_path):
     assert all(state["state"][0]["step"] == 3 for state in checkpoint["optimizer_states"])
 
 
+@pytest.mark.parametrize("clip", [0.0, 1e6])
+def test_gradient_norms_and_step_timing_are_logged(tmp_path, clip):
+    """Each optimizer's gradient norm is logged with or without clipping, beside the step rate and loader wait."""
+    assert run_cli(tmp_path, "-t", "--no_test", "model.params.two_optimizers=true", "trainer.max_steps=2",
+                   "trainer.log_every_n_steps=1", "trainer.logger=[csv]", f"trainer.gradient_clip_val={clip}") == 0
+    rows = (only_run_dir(tmp_path) / "metrics.csv").read_text().splitlines()[1:]
+    logged = {}
+    for row in rows:
+        step, name, value = row.split(",")
+        logged.setdefault(name, {})[int(step)] = float(value)
+    for name in ("train/grad_norm_0", "train/grad_norm_1"):
+        assert set(logged[name]) == {1, 2} and all(v > 0 for v in logged[name].values())
+    assert all(v >= 0 for v in logged["perf/data_wait_s"].values()) and set(logged["perf/steps_per_s"]) == {1, 2}
+
+
 def test_accumulation_equals_a_larger_batch(tmp_path):
     assert run_cli(tmp_path / "big", "-t", "--no_test", "trainer.max_steps=4", "data.params.batch_size=4") == 0
     assert run_cli(tmp_path / "acc", "-t", "--no_test", "trainer.max_steps=4", "data.params.batch_size=2",

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from ldm.engine.checkpoint import atomic_torch_save
 from ldm.engine.interface import TrainableModel
-from ldm.models.autoencoder import AutoencoderKL, psnr
+from ldm.models.autoencoder import AutoencoderKL, psnr, ssim
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
@@ -160,13 +160,32 @@ def test_validation_test_and_image_logging():
     model = _model().eval()
     batch = {"image": _volume(batch=3), "path": ["a", "b", "c"]}
     scalars = model.validation_step(batch, 0)
-    assert {"val/rec_loss", "val/kl_loss", "val/total_loss", "val/psnr"} <= set(scalars)
+    assert {"val/rec_loss", "val/kl_loss", "val/total_loss", "val/l1", "val/psnr", "val/ssim"} <= set(scalars)
     assert all(torch.isfinite(v) and not v.requires_grad for v in scalars.values())
     images = model.test_step(batch, 0)
     assert set(images) == {"inputs", "reconstructions"} and images["reconstructions"].abs().max() <= 1
     logged = model.log_images(batch, split="val", max_images=2)
     assert set(logged) == {"inputs", "reconstructions", "samples"}
     assert all(v.shape == (2, 1, 16, 16, 16) for v in logged.values())
+
+
+def test_validation_image_metrics():
+    """val/l1 is the mean absolute error of the clamped reconstruction; SSIM is 1 for a perfect one and falls with
+    noise; PSNR is the closed form 10 log10(4 / MSE)."""
+    model = _model().eval()
+    x = _volume(batch=2)
+    scalars = model.validation_step({"image": x}, 0)
+    reconstructions, _ = model.reconstruct(x, sample=False)
+    error = reconstructions.clamp(-1, 1) - x
+    torch.testing.assert_close(scalars["val/l1"], error.abs().mean())
+    torch.testing.assert_close(scalars["val/psnr"], (10 * torch.log10(4 / error.pow(2).flatten(1).mean(1))).mean())
+    assert -1 <= scalars["val/ssim"] < 1  # an untrained model: near 0
+    noise = 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    perfect, slightly, more = (ssim(x, x + k * noise) for k in (0, 1, 2))
+    torch.testing.assert_close(perfect, torch.ones(2))
+    assert (more < slightly).all() and (slightly < 1).all()
+    small = torch.rand(1, 2, 5, 6) * 2 - 1  # sides below the 11-voxel window: the window shrinks
+    assert torch.isclose(ssim(small, small), torch.ones(1)).all()
 
 
 def test_colorized_label_maps_are_logged_as_rgb():
