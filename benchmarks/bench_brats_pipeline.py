@@ -192,7 +192,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ae-steps", type=int, default=30)
     parser.add_argument("--ldm-steps", type=int, default=25)
@@ -204,7 +204,7 @@ def main() -> int:
                         help="comma-separated: contiguous or channels_last, each optionally +expandable "
                              "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for its runs)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    opt = parser.parse_args()
+    opt = parser.parse_args(argv)
     import torch
     if opt.smoke:
         global SUBJECT_SHAPE
@@ -236,7 +236,7 @@ def main() -> int:
             (out / "bench_brats_pipeline.json").write_text(json.dumps(
                 {"device": device, "torch": torch.__version__, "args": vars(opt), "results": results}, indent=2))
     print(f"\n{device}, torch {torch.__version__}, bf16-mixed; command: python benchmarks/bench_brats_pipeline.py "
-          f"{' '.join(sys.argv[1:])}")
+          f"{' '.join(sys.argv[1:] if argv is None else argv)}")
     print(table(results))
     return 0 if all("error" not in r for r in results) else 1
 
