@@ -1,7 +1,8 @@
 """Training-step time and memory of our 3D autoencoder and UNet against MONAI 1.6.1's, in one run (issue 9).
 
     python benchmarks/bench_models.py [--only ae|unet] [--cases ae96,ae128,unet] [--steps 9] [--warmup 3]
-                                      [--channels-last] [--kernels torch,triton] [--profile] [--quick] [--out DIR]
+                                      [--channels-last] [--recompute-cheap] [--kernels torch,triton] [--profile]
+                                      [--quick] [--out DIR]
 
 Cases (the anchors of /work/shared/ANCHORS.md; `ae256` is the issue's scale goal, run only when named):
   ae96   AutoencoderKL, channels (32, 64, 64), 2 res blocks, latent 4, attention in the mid blocks only, 2 x 1 x 96^3
@@ -19,7 +20,9 @@ cudnn.benchmark, `torch.cuda.synchronize()` around each step; the step time is t
 memory is `torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's autotuning does not
 count). Losses: L1 reconstruction + 1e-6 KL (summed over the latent, mean over the batch) for the autoencoder; MSE on
 eps for the UNet with t uniform in [0, 1000) on a linear beta schedule. Variants: ours with kernels=torch and
-kernels=triton, contiguous (and channels_last_3d with `--channels-last`); MONAI with and without use_flash_attention.
+kernels=triton, contiguous (and channels_last_3d with `--channels-last`; each also with `recompute_cheap`, "RC", with
+`--recompute-cheap`: GroupNorm+SiLU and nearest upsampling recomputed in backward); MONAI with and without
+use_flash_attention.
 Ratios are ours / the best MONAI variant (fastest for time, smallest for memory).
 
 Conv FLOPs: counted by forward hooks on every convolution (2 * output elements * in_channels / groups * kernel volume),
@@ -54,7 +57,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.modules.attention import set_attention_backend  # noqa: E402
-from ldm.modules.diffusionmodules.model import build_encoder_decoder  # noqa: E402
+from ldm.modules.diffusionmodules.model import build_encoder_decoder, set_recompute_cheap  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
 
 KL_WEIGHT = 1e-6
@@ -104,12 +107,14 @@ class Variant:
     kernels: str = "-"              # ours: GroupNorm implementation (torch / triton)
     layout: str = "contiguous"      # ours: contiguous or channels_last (channels_last_3d)
     flash: bool = False             # monai: use_flash_attention
+    recompute: bool = False         # ours: recompute_cheap (GroupNorm+SiLU, upsampling recomputed in backward)
 
     @property
     def label(self) -> str:
         if self.model == "monai":
             return "MONAI" + (" flash" if self.flash else "")
-        return f"ours {self.kernels}" + (" CL" if self.layout == "channels_last" else "")
+        return (f"ours {self.kernels}" + (" CL" if self.layout == "channels_last" else "")
+                + (" RC" if self.recompute else ""))
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -298,6 +303,7 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     torch.manual_seed(0)
     model = (build_ours(case, variant.kernels, args.compvis_decoder) if variant.model == "ours"
              else build_monai(case, variant.flash))
+    set_recompute_cheap(model, variant.recompute)
     row["params"] = parameter_count(model)
     memory_format = torch.channels_last_3d if variant.layout == "channels_last" else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).train()
@@ -390,6 +396,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kernels", default="torch,triton", help="our GroupNorm kernels to run: torch, triton")
     parser.add_argument("--channels-last", action="store_true", help="also run ours in channels_last_3d")
     parser.add_argument("--no-flash", action="store_true", help="skip MONAI's use_flash_attention variant")
+    parser.add_argument("--recompute-cheap", action="store_true",
+                        help="also run ours with recompute_cheap (norms and upsampling recomputed in backward)")
     parser.add_argument("--compvis-decoder", action="store_true",
                         help="our AE decoder with num_res_blocks + 1 blocks per level (not MONAI's architecture)")
     parser.add_argument("--attention-backend", default=None, help="our attention backend (ldm.modules.attention)")
@@ -426,7 +434,8 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
         print("kernels=triton skipped: it needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
         kernels.remove("triton")
     layouts = ["contiguous", "channels_last"] if args.channels_last else ["contiguous"]
-    ours = [Variant("ours", k, layout) for layout in layouts for k in kernels]
+    recompute = [False, True] if args.recompute_cheap else [False]
+    ours = [Variant("ours", k, layout, recompute=r) for layout in layouts for k in kernels for r in recompute]
     monai = [Variant("monai", flash=False)] + ([] if args.no_flash else [Variant("monai", flash=True)])
     return monai + ours
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ldm.modules.nn_dims import avg_pool_nd, conv_nd, upsample_nearest
+from ldm.modules.recomputed_conv import prepared_conv
 
 
 class Downsample(nn.Module):
@@ -26,5 +27,13 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = conv_nd(dims, channels, channels, 3, padding=1) if with_conv else nn.Identity()
 
+    recompute_cheap = False  # keep x, not the 2^dims times larger upsampled tensor, for backward (recomputed_conv.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute_cheap and not isinstance(self.conv, nn.Identity):
+            return prepared_conv(_double, self.conv, x)
         return self.conv(upsample_nearest(x, 2))
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return upsample_nearest(x, 2)

@@ -2,7 +2,8 @@
 
 The Encoder maps x: (B, in_channels, *spatial) to (B, 2*z_channels or z_channels, *spatial / 2**(L-1)) with
 L = len(ch_mult); the Decoder maps z: (B, z_channels, *latent) back to (B, out_ch, *latent * 2**(L-1)).
-Config keys are those of CompVis latent-diffusion's `ddconfig` plus `dims`, `norm_num_groups` and `use_checkpoint`.
+Config keys are those of CompVis latent-diffusion's `ddconfig` plus `dims`, `norm_num_groups`, `use_checkpoint`,
+`kernels`, `attention_backend` and `recompute_cheap`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ldm.modules.attention import attention, set_model_attention_backend
 from ldm.modules.nn_dims import check_dims, conv_nd, spatial_dims
 from ldm.modules.resampling import Downsample, Upsample
+from ldm.modules.recomputed_conv import norm_act_conv
 from ldm.modules.normalization import GroupNormAct, set_kernels
 
 
@@ -50,10 +52,25 @@ class ResnetBlock(_Checkpointed):
         self.skip = nn.Identity() if in_channels == out_channels else conv_nd(dims, in_channels, out_channels, 1)
         self.use_checkpoint = use_checkpoint
 
+    recompute_cheap = False  # keep the norms' inputs only: GroupNorm+SiLU recomputed in backward (recomputed_conv.py)
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.norm1(x))
-        h = self.conv2(self.dropout(self.norm2(h)))
-        return self.skip(x) + h
+        if not self.recompute_cheap:
+            h = self.conv1(self.norm1(x))
+            return self.skip(x) + self.conv2(self.dropout(self.norm2(h)))
+        h = norm_act_conv(self.norm1, self.conv1, x)
+        if self.dropout.p > 0 and self.training:  # dropout sits between norm2 and conv2
+            return self.skip(x) + self.conv2(self.dropout(self.norm2(h)))
+        return self.skip(x) + norm_act_conv(self.norm2, self.conv2, h)
+
+
+def set_recompute_cheap(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turns `recompute_cheap` on or off in every ResnetBlock, Upsample and Encoder / Decoder (their output norm) of
+    `model`; returns `model`."""
+    for module in model.modules():
+        if isinstance(module, (ResnetBlock, Upsample, Encoder, Decoder)):
+            module.recompute_cheap = enabled
+    return model
 
 
 class AttentionBlock(_Checkpointed):
@@ -143,6 +160,13 @@ def _level(in_channels: int, out_channels: int, num_blocks: int, attention: bool
     return nn.Sequential(*layers)
 
 
+def _output_head(coder: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """An Encoder's / Decoder's conv_out(norm_out(h)), keeping only h for backward with `recompute_cheap`."""
+    if coder.recompute_cheap:
+        return norm_act_conv(coder.norm_out, coder.conv_out, h)
+    return coder.conv_out(coder.norm_out(h))
+
+
 class Encoder(nn.Module):
     """x: (B, in_channels, *spatial) -> moments (B, 2*z_channels if double_z else z_channels, *spatial / factor).
 
@@ -150,13 +174,16 @@ class Encoder(nn.Module):
     size per axis) is the nominal training size: it places attention (`attn_resolutions`), not the accepted sizes.
     `kernels` (`auto`, `triton`, `torch`) picks the GroupNorm implementation (ldm/modules/normalization.py),
     `attention_backend` the attention's (ldm/modules/attention.py; None: the process-wide choice).
+    `recompute_cheap` keeps only the inputs of GroupNorm+SiLU -> conv and nearest-upsample -> conv pairs for backward
+    and recomputes the norm / interpolation there (recomputed_conv.py): less activation memory for one extra
+    memory-bound pass each; the convolutions are not recomputed (the Decoder takes the same keys).
     """
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[Any], in_channels: int, resolution: int | Sequence[int], z_channels: int,
                  double_z: bool = True, dropout: float = 0.0, resamp_with_conv: bool = True, dims: int = 2,
                  norm_num_groups: int = 32, use_checkpoint: bool = False, kernels: str = "auto",
-                 attention_backend: str | None = None):
+                 attention_backend: str | None = None, recompute_cheap: bool = False):
         super().__init__()
         plan = _Plan("Encoder", ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dims, norm_num_groups)
         self.dims, self.factor = plan.dims, plan.factor
@@ -173,6 +200,7 @@ class Encoder(nn.Module):
         self.conv_out = conv_nd(dims, plan.channels[-1], 2 * z_channels if double_z else z_channels, 3, padding=1)
         set_kernels(self, kernels)
         set_model_attention_backend(self, attention_backend)
+        set_recompute_cheap(self, recompute_cheap)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = spatial_dims(x, self.dims)
@@ -182,7 +210,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        return self.conv_out(self.norm_out(self.mid(h)))
+        return _output_head(self, self.mid(h))
 
 
 class Decoder(nn.Module):
@@ -191,7 +219,8 @@ class Decoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[Any], resolution: int | Sequence[int], z_channels: int,
                  dropout: float = 0.0, resamp_with_conv: bool = True, dims: int = 2, norm_num_groups: int = 32,
-                 use_checkpoint: bool = False, kernels: str = "auto", attention_backend: str | None = None):
+                 use_checkpoint: bool = False, kernels: str = "auto", attention_backend: str | None = None,
+                 recompute_cheap: bool = False):
         super().__init__()
         plan = _Plan("Decoder", ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dims, norm_num_groups)
         self.dims, self.factor, self.z_channels = plan.dims, plan.factor, z_channels
@@ -211,6 +240,7 @@ class Decoder(nn.Module):
         self.conv_out = conv_nd(dims, plan.channels[0], out_ch, 3, padding=1)
         set_kernels(self, kernels)
         set_model_attention_backend(self, attention_backend)
+        set_recompute_cheap(self, recompute_cheap)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         spatial_dims(z, self.dims)
@@ -219,7 +249,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in self.up:
             h = level(h)
-        return self.conv_out(self.norm_out(h))
+        return _output_head(self, h)
 
 
 def build_encoder_decoder(ddconfig: Mapping[str, Any], where: str = "ddconfig") -> tuple[Encoder, Decoder]:

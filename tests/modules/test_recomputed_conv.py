@@ -1,0 +1,130 @@
+"""norm_act_conv: conv(GroupNorm+SiLU(x)) that saves x only and recomputes the norm in backward."""
+import pytest
+import torch
+from torch import nn
+
+from ldm.modules.diffusionmodules.model import ResnetBlock, build_encoder_decoder
+from ldm.modules.resampling import Upsample
+from ldm.modules.recomputed_conv import norm_act_conv, prepared_conv
+from ldm.modules.normalization import GroupNormAct
+
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _pair(dims: int, dtype=torch.float32, **conv_kwargs):
+    torch.manual_seed(0)
+    norm = GroupNormAct(8, 4, kernels="torch").to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    conv = CONV[dims](8, 6, 3, **({"padding": 1} | conv_kwargs)).to(dtype)
+    return norm, conv
+
+
+@pytest.mark.parametrize("dims, conv_kwargs", [(3, {}), (2, {}), (3, {"stride": 2, "bias": False}),
+                                               (2, {"dilation": 2, "padding": 2})])
+def test_gradients_match_finite_differences(dims, conv_kwargs):
+    norm, conv = _pair(dims, torch.float64, **conv_kwargs)
+    x = torch.randn(2, 8, *[6] * dims, dtype=torch.float64, requires_grad=True)
+    params = [p for p in (norm.weight, norm.bias, conv.weight, conv.bias) if p is not None]
+    assert torch.autograd.gradcheck(lambda x, *_: norm_act_conv(norm, conv, x), (x, *params))
+
+
+def test_matches_the_plain_composition_under_bf16_autocast():
+    """Same forward, same gradients (fp32 parameters, bf16 convolution) as conv(norm(x)) under autocast."""
+    results = []
+    for fused in (False, True):
+        norm, conv = _pair(3)
+        x = torch.randn(2, 8, 6, 6, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm_act_conv(norm, conv, x) if fused else conv(norm(x))
+        out.float().square().mean().backward()
+        results.append([out.detach(), x.grad, norm.weight.grad, norm.bias.grad, conv.weight.grad, conv.bias.grad])
+    for plain, fused in zip(*results):
+        assert fused.dtype == plain.dtype
+        torch.testing.assert_close(fused, plain, atol=2e-2, rtol=2e-2)
+    assert results[1][4].dtype == torch.float32  # parameter gradients in the parameters' dtype
+
+
+def test_rejects_string_padding():
+    norm, conv = _pair(2, padding="same")
+    with pytest.raises(ValueError, match="numeric zero padding"):
+        norm_act_conv(norm, conv, torch.randn(1, 8, 4, 4, requires_grad=True))
+
+
+def saved_bytes(fn, rank: int | None = None) -> int:
+    """Bytes of the tensors autograd keeps for backward while `fn()` builds its graph (parameters excluded; only
+    tensors of `rank` dimensions when given)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if not isinstance(t, nn.Parameter) and rank in (None, t.dim()):
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_resnet_block_keeps_less_and_computes_the_same():
+    block = ResnetBlock(16, 16, dropout=0.0, dims=3, num_groups=4)
+    x = torch.randn(2, 16, 8, 8, 8, requires_grad=True)
+    activation = x.numel() * x.element_size()
+    plain = saved_bytes(lambda: block(x))
+    out = block(x)
+    out.square().mean().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    x.grad = None
+    block.zero_grad()
+    block.recompute_cheap = True
+    recomputed = saved_bytes(lambda: block(x))
+    out_recomputed = block(x)
+    out_recomputed.square().mean().backward()
+    torch.testing.assert_close(out_recomputed, out)
+    for before, after in zip(grads, [x.grad] + [p.grad for p in block.parameters()]):
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+    # plain: per norm -> conv pair the norm's input, its output (kept by SiLU) and the conv's input
+    assert plain >= 6 * activation and recomputed <= 2.1 * activation, (plain / activation, recomputed / activation)
+
+
+def test_autoencoder_setting_reaches_every_block_and_more_than_halves_kept_volumes():
+    """Measured on the volumes (rank-5 tensors) autograd keeps: the mid-block attention's token tensors are
+    unaffected."""
+    ddconfig = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], in_channels=1, out_ch=1,
+                    resolution=16, z_channels=4, double_z=True, dims=3, norm_num_groups=4, kernels="torch")
+    encoder, decoder = build_encoder_decoder(ddconfig)
+    x = torch.randn(1, 1, 16, 16, 16)
+    plain = saved_bytes(lambda: decoder(encoder(x)[:, :4]), rank=5)
+    reference = decoder(encoder(x)[:, :4])
+    encoder_rn, decoder_rn = build_encoder_decoder({**ddconfig, "recompute_cheap": True})
+    decoder_rn.load_state_dict(decoder.state_dict())
+    encoder_rn.load_state_dict(encoder.state_dict())
+    switched = [m for m in (*encoder_rn.modules(), *decoder_rn.modules()) if isinstance(m, (ResnetBlock, Upsample))]
+    assert len(switched) == (2 + 2) + (2 + 4 + 1)  # encoder: 2 levels x 1, mid 2; decoder: mid 2, 2 x 2, 1 upsample
+    assert all(m.recompute_cheap for m in switched) and encoder_rn.recompute_cheap and decoder_rn.recompute_cheap
+    assert not any(m.recompute_cheap for m in decoder.modules() if isinstance(m, (ResnetBlock, Upsample)))
+    recomputed = saved_bytes(lambda: decoder_rn(encoder_rn(x)[:, :4]), rank=5)
+    torch.testing.assert_close(decoder_rn(encoder_rn(x)[:, :4]), reference)
+    assert recomputed < 0.45 * plain, recomputed / plain  # 0.40 when written
+
+
+def test_upsample_keeps_its_small_input_and_computes_the_same():
+    torch.manual_seed(0)
+    upsample = Upsample(8, dims=3, with_conv=True)
+    x = torch.randn(1, 8, 4, 4, 4, requires_grad=True)
+    plain_bytes = saved_bytes(lambda: upsample(x), rank=5)
+    out = upsample(x)
+    out.square().sum().backward()
+    grads = [x.grad.clone(), upsample.conv.weight.grad.clone(), upsample.conv.bias.grad.clone()]
+    x.grad = None
+    upsample.zero_grad()
+    upsample.recompute_cheap = True
+    kept_bytes = saved_bytes(lambda: upsample(x), rank=5)
+    out_recomputed = upsample(x)
+    out_recomputed.square().sum().backward()
+    torch.testing.assert_close(out_recomputed, out)
+    for before, after in zip(grads, [x.grad, upsample.conv.weight.grad, upsample.conv.bias.grad]):
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+    assert kept_bytes == x.numel() * x.element_size() and plain_bytes == 8 * kept_bytes  # 2^3 times smaller
