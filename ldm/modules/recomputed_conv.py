@@ -9,6 +9,7 @@ too: the recompute runs under the forward's autocast state and the convolution's
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -24,7 +25,9 @@ class _PreparedConvFunction(torch.autograd.Function):
     def forward(ctx, x, conv_weight, conv_bias, prepare, conv, *prepare_params):
         out = conv(prepare(x))
         ctx.prepare, ctx.conv = prepare, conv
-        ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
+        device = x.device.type
+        ctx.autocast = ((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+                        if torch.amp.is_autocast_available(device) else None)  # e.g. the meta device
         ctx.compute_dtype = out.dtype
         ctx.has_bias = conv_bias is not None
         ctx.save_for_backward(x, conv_weight, *prepare_params)
@@ -35,8 +38,9 @@ class _PreparedConvFunction(torch.autograd.Function):
         x, conv_weight, *prepare_params = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         needs_params = ctx.needs_input_grad[5:]
-        enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+        autocast = (torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]) if ctx.autocast
+                    else contextlib.nullcontext())
+        with torch.enable_grad(), autocast:
             x_ = x.detach().requires_grad_(needs_x)
             y = ctx.prepare(x_)  # prepare's own parameters are the saved prepare_params
         conv, compute = ctx.conv, ctx.compute_dtype
