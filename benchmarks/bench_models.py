@@ -57,7 +57,8 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.modules.attention import set_attention_backend  # noqa: E402
-from ldm.modules.diffusionmodules.model import build_encoder_decoder, set_recompute_cheap  # noqa: E402
+from ldm.modules.diffusionmodules.model import build_encoder_decoder  # noqa: E402
+from ldm.modules.recomputed_conv import set_recompute_cheap  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
 
 KL_WEIGHT = 1e-6

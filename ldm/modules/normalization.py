@@ -42,12 +42,17 @@ class GroupNormAct(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
                 shift: torch.Tensor | None = None) -> torch.Tensor:
+        return self.normalize(x, self.weight, self.bias, scale, shift)
+
+    def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None = None,
+                  shift: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` with the affine parameters given (for recomputation from saved tensors): weight, bias (C,)."""
         if (scale is None) != (shift is None):
             raise ValueError("GroupNormAct: give scale and shift together")
         if self.uses_triton(x):
             from kernels.group_norm import group_norm_act  # imported on first use: CPU-only runs never load Triton
-            return group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, self.act, scale, shift)[0]
-        y = super().forward(x)
+            return group_norm_act(x, weight, bias, self.num_groups, self.eps, self.act, scale, shift)[0]
+        y = F.group_norm(x, self.num_groups, weight, bias, self.eps)
         if scale is not None:
             spatial = (1,) * (x.ndim - 2)
             y = y * (1 + scale.reshape(*scale.shape[:2], *spatial)) + shift.reshape(*shift.shape[:2], *spatial)

@@ -19,11 +19,11 @@ from ldm.modules.normalization import GroupNormAct
 
 
 class _PreparedConvFunction(torch.autograd.Function):
-    """conv(prepare(x)); inputs: x, conv weight, conv bias, prepare, conv, then prepare's parameters."""
+    """conv(prepare(x, *prepare_params)); inputs: x, conv weight, conv bias, prepare, conv, then prepare_params."""
 
     @staticmethod
     def forward(ctx, x, conv_weight, conv_bias, prepare, conv, *prepare_params):
-        out = conv(prepare(x))
+        out = conv(prepare(x, *prepare_params))
         ctx.prepare, ctx.conv = prepare, conv
         device = x.device.type
         ctx.autocast = ((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
@@ -42,14 +42,15 @@ class _PreparedConvFunction(torch.autograd.Function):
                     else contextlib.nullcontext())
         with torch.enable_grad(), autocast:
             x_ = x.detach().requires_grad_(needs_x)
-            y = ctx.prepare(x_)  # prepare's own parameters are the saved prepare_params
+            params_ = [p.detach().requires_grad_(need) for p, need in zip(prepare_params, needs_params)]
+            y = ctx.prepare(x_, *params_)
         conv, compute = ctx.conv, ctx.compute_dtype
         grad_y, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out.to(compute), y.detach().to(compute), conv_weight.to(compute),
             [conv_weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding),
             list(conv.dilation), False, [0] * len(conv.stride), conv.groups,
             [needs_x or any(needs_params), needs_w, ctx.has_bias and needs_b])
-        wanted = [t for t, need in zip((x_, *prepare_params), (needs_x, *needs_params)) if need]
+        wanted = [t for t, need in zip((x_, *params_), (needs_x, *needs_params)) if need]
         grads = iter(torch.autograd.grad(y, wanted, grad_y.to(y.dtype)) if wanted else ())
         grad_x = next(grads) if needs_x else None
         grad_params = [next(grads) if need else None for need in needs_params]
@@ -58,18 +59,30 @@ class _PreparedConvFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, *grad_params
 
 
-def prepared_conv(prepare: Callable[[torch.Tensor], torch.Tensor], conv: nn.Module, x: torch.Tensor,
+def prepared_conv(prepare: Callable[..., torch.Tensor], conv: nn.Module, x: torch.Tensor,
                   prepare_params: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-    """conv(prepare(x)) keeping only x for backward. prepare: a cheap function of x whose parameters are exactly
-    `prepare_params`; conv: an nn.Conv1d/2d/3d with numeric zero padding. x: (B, C, *spatial)."""
+    """conv(prepare(x, *prepare_params)) keeping only x and prepare_params for backward. prepare: a cheap function
+    that takes every tensor it needs gradients for as an argument (parameters, a timestep modulation); conv: an
+    nn.Conv1d/2d/3d with numeric zero padding. x: (B, C, *spatial)."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"prepared_conv: needs numeric zero padding, got padding={conv.padding!r}, "
                          f"padding_mode={conv.padding_mode!r}")
     if not torch.is_grad_enabled():
-        return conv(prepare(x))
+        return conv(prepare(x, *prepare_params))
     return _PreparedConvFunction.apply(x, conv.weight, conv.bias, prepare, conv, *prepare_params)
 
 
-def norm_act_conv(norm: GroupNormAct, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """conv(norm(x)) keeping only x: norm is a GroupNormAct without scale/shift. x: (B, C, *spatial)."""
-    return prepared_conv(norm, conv, x, (norm.weight, norm.bias))
+def norm_act_conv(norm: GroupNormAct, conv: nn.Module, x: torch.Tensor, scale: torch.Tensor | None = None,
+                  shift: torch.Tensor | None = None) -> torch.Tensor:
+    """conv(norm(x, scale, shift)) keeping only x (and scale, shift): norm is a GroupNormAct. x: (B, C, *spatial)."""
+    extra = () if scale is None else (scale, shift)
+    return prepared_conv(norm.normalize, conv, x, (norm.weight, norm.bias, *extra))
+
+
+def set_recompute_cheap(model: nn.Module, enabled: bool) -> nn.Module:
+    """Sets `recompute_cheap` on every module of `model` whose class declares it (ResNet blocks, upsamplers, the
+    autoencoder's Encoder / Decoder output heads); returns `model`."""
+    for module in model.modules():
+        if hasattr(type(module), "recompute_cheap"):
+            module.recompute_cheap = enabled
+    return model

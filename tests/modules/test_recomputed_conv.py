@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import ResnetBlock, build_encoder_decoder
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.resampling import Upsample
 from ldm.modules.recomputed_conv import norm_act_conv, prepared_conv
 from ldm.modules.normalization import GroupNormAct
@@ -128,3 +129,33 @@ def test_upsample_keeps_its_small_input_and_computes_the_same():
     for before, after in zip(grads, [x.grad, upsample.conv.weight.grad, upsample.conv.bias.grad]):
         torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
     assert kept_bytes == x.numel() * x.element_size() and plain_bytes == 8 * kept_bytes  # 2^3 times smaller
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_unet_with_recompute_cheap_computes_the_same_and_keeps_less(scale_shift):
+    """ResBlocks (scale-shift or added embedding, resampling inside the block) and upsamplers, all recomputed."""
+    def make(recompute):
+        torch.manual_seed(0)
+        model = UNetModel(image_size=8, dims=3, in_channels=2, model_channels=32, out_channels=2, num_res_blocks=1,
+                          channel_mult=(1, 2), attention_resolutions=[], num_heads=1, resblock_updown=scale_shift,
+                          use_scale_shift_norm=scale_shift, kernels="torch", recompute_cheap=recompute)
+        with torch.no_grad():  # the zero-initialised output convs would hide everything behind them
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(std=0.1)
+        return model
+
+    x = torch.randn(2, 2, 8, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([10, 900])
+    results = []
+    for recompute in (False, True):
+        model = make(recompute)
+        kept = saved_bytes(lambda: model(x, t), rank=5)
+        out = model(x, t)
+        out.square().mean().backward()
+        results.append((kept, out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain_kept, plain_out, plain_grads), (kept, out, grads) = results
+    torch.testing.assert_close(out, plain_out)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert kept < 0.6 * plain_kept, kept / plain_kept

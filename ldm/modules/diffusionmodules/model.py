@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ldm.modules.attention import attention, set_model_attention_backend
 from ldm.modules.nn_dims import check_dims, conv_nd, spatial_dims
 from ldm.modules.resampling import Downsample, Upsample
-from ldm.modules.recomputed_conv import norm_act_conv
+from ldm.modules.recomputed_conv import norm_act_conv, set_recompute_cheap
 from ldm.modules.normalization import GroupNormAct, set_kernels
 
 
@@ -62,15 +62,6 @@ class ResnetBlock(_Checkpointed):
         if self.dropout.p > 0 and self.training:  # dropout sits between norm2 and conv2
             return self.skip(x) + self.conv2(self.dropout(self.norm2(h)))
         return self.skip(x) + norm_act_conv(self.norm2, self.conv2, h)
-
-
-def set_recompute_cheap(model: nn.Module, enabled: bool) -> nn.Module:
-    """Turns `recompute_cheap` on or off in every ResnetBlock, Upsample and Encoder / Decoder (their output norm) of
-    `model`; returns `model`."""
-    for module in model.modules():
-        if isinstance(module, (ResnetBlock, Upsample, Encoder, Decoder)):
-            module.recompute_cheap = enabled
-    return model
 
 
 class AttentionBlock(_Checkpointed):
@@ -179,6 +170,8 @@ class Encoder(nn.Module):
     memory-bound pass each; the convolutions are not recomputed (the Decoder takes the same keys).
     """
 
+    recompute_cheap = False  # conv_out(norm_out(h)) keeps only h (set with the blocks by set_recompute_cheap)
+
     def __init__(self, *, ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[Any], in_channels: int, resolution: int | Sequence[int], z_channels: int,
                  double_z: bool = True, dropout: float = 0.0, resamp_with_conv: bool = True, dims: int = 2,
@@ -215,6 +208,8 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """z: (B, z_channels, *latent) -> (B, out_ch, *latent * factor), factor = 2**(len(ch_mult) - 1); any latent size."""
+
+    recompute_cheap = False  # as the Encoder's
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[Any], resolution: int | Sequence[int], z_channels: int,

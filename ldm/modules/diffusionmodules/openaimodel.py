@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ldm.modules.attention import CrossAttention, SpatialTransformer, set_model_attention_backend
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
 from ldm.modules.nn_dims import conv_nd, spatial_dims, zero_module
+from ldm.modules.recomputed_conv import prepared_conv, set_recompute_cheap
 from ldm.modules.resampling import Downsample, Upsample
 from ldm.modules.normalization import GroupNormAct, set_kernels
 
@@ -58,19 +59,32 @@ class ResBlock(nn.Module):
         self.out_conv = zero_module(conv_nd(dims, out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if out_channels == channels else conv_nd(dims, channels, out_channels, 1)
 
+    recompute_cheap = False  # keep the norms' inputs only: norm (+ resampling) recomputed in backward
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x: (B, channels, *spatial), emb: (B, emb_channels) -> (B, out_channels, *spatial resampled)."""
         # Resample between the norm and the conv, as the original does, so the conv runs at the new resolution.
-        h = self.in_conv(self.resample(self.in_norm(x)))
+        norm_params = (self.in_norm.weight, self.in_norm.bias)
+        h = (prepared_conv(self._in_prepare, self.in_conv, x, norm_params) if self.recompute_cheap
+             else self.in_conv(self._in_prepare(x, *norm_params)))
         x = self.resample(x)
         emb_out = self.emb_proj(emb).to(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
+        modulation = emb_out.chunk(2, dim=1) if self.use_scale_shift_norm else (emb_out,)
+        out_params = (self.out_norm.weight, self.out_norm.bias, *modulation)
+        if self.recompute_cheap and (self.dropout.p == 0 or not self.training):  # dropout sits before out_conv
+            return self.skip(x) + prepared_conv(self._out_prepare, self.out_conv, h, out_params)
+        return self.skip(x) + self.out_conv(self.dropout(self._out_prepare(h, *out_params)))
+
+    def _in_prepare(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.resample(self.in_norm.normalize(x, weight, bias))
+
+    def _out_prepare(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     *modulation: torch.Tensor) -> torch.Tensor:
+        """norm(h) * (1 + scale) + shift (modulation = scale, shift), or norm(h + emb_out) (modulation = emb_out)."""
         if self.use_scale_shift_norm:
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_norm(h, scale, shift)
-        else:
-            h = self.out_norm(h + emb_out)
-        return self.skip(x) + self.out_conv(self.dropout(h))
+            return self.out_norm.normalize(h, weight, bias, *modulation)
+        return self.out_norm.normalize(h + modulation[0], weight, bias)
 
 
 class AttentionBlock(nn.Module):
@@ -114,6 +128,8 @@ class UNetModel(nn.Module):
     `image_size` (int or one size per axis) is only checked: every size must halve `len(channel_mult) - 1` times.
     `kernels` (`auto`, `triton`, `torch`) picks the GroupNorm implementation (ldm/modules/normalization.py),
     `attention_backend` the attention's (ldm/modules/attention.py; None: the process-wide choice).
+    `recompute_cheap` keeps only the ResBlocks' norm inputs (and the upsamplers' inputs) for backward and recomputes
+    the norms / interpolations there, not the convolutions (ldm/modules/recomputed_conv.py).
     """
 
     def __init__(self, image_size: int | Sequence[int], in_channels: int, model_channels: int, out_channels: int,
@@ -123,7 +139,7 @@ class UNetModel(nn.Module):
                  num_head_channels: int = -1, num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
                  resblock_updown: bool = False, use_spatial_transformer: bool = False, transformer_depth: int = 1,
                  context_dim: int | None = None, legacy: bool = True, use_fp16: bool = False, kernels: str = "auto",
-                 attention_backend: str | None = None):
+                 attention_backend: str | None = None, recompute_cheap: bool = False):
         super().__init__()
         if dims not in (2, 3):
             raise ValueError(f"UNetModel: dims must be 2 or 3, got {dims}")
@@ -215,6 +231,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(_norm(ch, act=True), zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)))
         set_kernels(self, kernels)
         set_model_attention_backend(self, attention_backend)
+        set_recompute_cheap(self, recompute_cheap)
 
     def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
                       y: torch.Tensor | None) -> None:
