@@ -159,3 +159,25 @@ def test_unet_with_recompute_cheap_computes_the_same_and_keeps_less(scale_shift)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     assert kept < 0.6 * plain_kept, kept / plain_kept
+
+
+def test_triton_norm_recompute_matches_the_plain_composition():
+    """The fused Triton GroupNorm (Triton's interpreter on CPU) takes the detached parameters and the scale-shift
+    given to `normalize` during the recompute, and returns their gradients."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        norm = GroupNormAct(8, 4, kernels="triton")
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+        conv = nn.Conv3d(8, 4, 3, padding=1)
+        x = torch.randn(2, 8, 4, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        scale = torch.randn(2, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        shift = torch.randn(2, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        out = norm_act_conv(norm, conv, x, scale, shift) if fused else conv(norm(x, scale, shift))
+        out.square().mean().backward()
+        results.append([out.detach(), x.grad, scale.grad, shift.grad, norm.weight.grad, norm.bias.grad,
+                        conv.weight.grad])
+    for plain, fused in zip(*results):
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
