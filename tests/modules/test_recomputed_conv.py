@@ -181,3 +181,19 @@ def test_triton_norm_recompute_matches_the_plain_composition():
                         conv.weight.grad])
     for plain, fused in zip(*results):
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_resnet_block_with_dropout_recomputes_only_the_first_norm_in_training():
+    """Dropout sits between norm2 and conv2: in training that pair runs plainly (same random mask), in eval fused."""
+    block = ResnetBlock(16, 16, dropout=0.5, dims=3, num_groups=4)
+    x = torch.randn(1, 16, 4, 4, 4, requires_grad=True)
+    outputs = {}
+    for recompute in (False, True):
+        block.recompute_cheap = recompute
+        torch.manual_seed(5)
+        outputs[recompute] = block(x)
+    torch.testing.assert_close(outputs[True], outputs[False])
+    kept_train = saved_bytes(lambda: block(x), rank=5)
+    block.eval()
+    kept_eval = saved_bytes(lambda: block(x), rank=5)
+    assert kept_eval < kept_train  # the second pair is fused once dropout is off

@@ -55,13 +55,12 @@ class ResnetBlock(_Checkpointed):
     recompute_cheap = False  # keep the norms' inputs only: GroupNorm+SiLU recomputed in backward (recomputed_conv.py)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.recompute_cheap:
-            h = self.conv1(self.norm1(x))
-            return self.skip(x) + self.conv2(self.dropout(self.norm2(h)))
-        h = norm_act_conv(self.norm1, self.conv1, x)
-        if self.dropout.p > 0 and self.training:  # dropout sits between norm2 and conv2
-            return self.skip(x) + self.conv2(self.dropout(self.norm2(h)))
-        return self.skip(x) + norm_act_conv(self.norm2, self.conv2, h)
+        h = norm_act_conv(self.norm1, self.conv1, x) if self.recompute_cheap else self.conv1(self.norm1(x))
+        if self.recompute_cheap and (self.dropout.p == 0 or not self.training):  # dropout sits before conv2
+            h = norm_act_conv(self.norm2, self.conv2, h)
+        else:
+            h = self.conv2(self.dropout(self.norm2(h)))
+        return self.skip(x) + h
 
 
 class AttentionBlock(_Checkpointed):
