@@ -14,9 +14,10 @@ Runs the real command lines on the real configs, changing only the data root, ru
    frozen encoder on 4 x 128^3 crops, then the 169M-parameter UNet on 4 x (4 x 32^3) latents + 4 mask channels;
 4. `sample.py -r <ldm run> --cond split:test --sampler ddim --steps 50 --batch_size 1`, bf16: seconds per sample
    (50 UNet evaluations + one decode to 4 x 128^3), from manifest.json.
-Each `--layouts` entry repeats 2-4 with trainer.channels_last set accordingly (and, with +expandable, the CUDA
-caching allocator in expandable-segments mode). The loop logs per step the loader wait, peak allocated / reserved
-memory and the allocator's retries, which the table shows beside the step times.
+Each `--layouts` entry repeats 2-4 with trainer.channels_last set accordingly (with +expandable, the CUDA caching
+allocator in expandable-segments mode; with +recompute, recompute_cheap in the trained networks). The loop logs per
+step the loader wait, peak allocated / reserved memory and the allocator's retries, which the table shows beside the
+step times.
 
 Step times are medians of the per-step times the training loop logs (perf/steps_per_s with log_every_n_steps 1)
 after the first `--warmup` steps of each phase (cuDNN autotuning, Triton compilation, loader start-up); peak memory is
@@ -128,15 +129,18 @@ def phase(metrics: dict, first: int, last: int) -> dict:
 
 
 def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, vgg: str | None) -> dict:
-    """variant: contiguous or channels_last, optionally +expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments)."""
+    """variant: contiguous or channels_last, optionally +expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments)
+    and/or +recompute (recompute_cheap in the trained networks: the autoencoder, then the UNet)."""
     layout, *options = variant.split("+")
-    if layout not in ("contiguous", "channels_last") or set(options) - {"expandable"}:
-        raise ValueError(f"unknown variant {variant!r}: contiguous or channels_last, optionally +expandable")
+    if layout not in ("contiguous", "channels_last") or set(options) - {"expandable", "recompute"}:
+        raise ValueError(f"unknown variant {variant!r}: contiguous or channels_last, optionally +expandable, "
+                         f"+recompute")
     env = dict(os.environ)
     if "expandable" in options:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     channels_last = layout == "channels_last"
     common = [*COMMON, f"trainer.channels_last={str(channels_last).lower()}", *(SMOKE if opt.smoke else [])]
+    recompute = "recompute" in options
     result: dict = {"layout": variant}
     disc_start = opt.ae_steps // 2
     lpips = ([f"model.params.lossconfig.params.perceptual_backbone_path={vgg}"] if vgg and not opt.smoke
@@ -145,6 +149,7 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
     run_cli(["train_ae.py", "-b", str(AE_CONFIG), "-t", "--no_test", "-l", str(ae_logs), "-n", "bench",
              f"data.params.train.params.root={tree}", f"trainer.max_steps={opt.ae_steps}",
              f"model.params.lossconfig.params.disc_start={disc_start}", *lpips, *common,
+             f"model.params.ddconfig.recompute_cheap={str(recompute).lower()}",
              *(SMOKE_AE if opt.smoke else [])], work / f"ae_{variant}.log", env)
     metrics = read_metrics(only_run(ae_logs))
     result["ae"] = phase(metrics, 1 + opt.warmup, disc_start - 1)
@@ -155,7 +160,8 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
     ldm_logs = work / f"ldm_{variant}"
     run_cli(["train_ldm.py", "-b", str(LDM_CONFIG), "-t", "--no_test", "-l", str(ldm_logs), "-n", "bench",
              f"data.params.train.params.root={tree}", f"model.params.first_stage_config.params.ckpt_path={ckpt}",
-             f"trainer.max_steps={opt.ldm_steps}", *common, *(SMOKE_LDM if opt.smoke else [])],
+             f"trainer.max_steps={opt.ldm_steps}", *common, *(SMOKE_LDM if opt.smoke else []),
+             f"model.params.unet_config.params.recompute_cheap={str(recompute).lower()}"],
             work / f"ldm_{variant}.log", env)
     ldm_run = only_run(ldm_logs)
     result["ldm"] = phase(read_metrics(ldm_run), 1 + opt.warmup, opt.ldm_steps)
@@ -202,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the chain, times nothing")
     parser.add_argument("--layouts", default="contiguous,channels_last",
                         help="comma-separated: contiguous or channels_last, each optionally +expandable "
-                             "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for its runs)")
+                             "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for its runs) and/or +recompute "
+                             "(recompute_cheap in the autoencoder and the UNet)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     opt = parser.parse_args(argv)
     import torch
