@@ -10,6 +10,7 @@ from ldm.engine.loop import Trainer
 from ldm.engine.memory_format import batch_to_channels_last, channels_last, model_to_channels_last
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from tests.modules.helpers import randomize_zero_parameters
 
 CL3D, CL2D = torch.channels_last_3d, torch.channels_last
 
@@ -88,11 +89,7 @@ def test_channels_last_unet_matches_contiguous(dims, spatial):
         model = UNetModel(image_size=list(spatial), dims=dims, in_channels=3, model_channels=32, out_channels=3,
                           num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=[2], num_head_channels=16,
                           use_scale_shift_norm=True, kernels="torch")
-        with torch.no_grad():  # the zero-initialised output layers would hide the network
-            for p in model.parameters():
-                if not p.any():
-                    p.normal_(std=0.1)
-        return model
+        return randomize_zero_parameters(model)
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, *spatial, generator=gen)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ldm.modules.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer, attention
+from tests.modules.helpers import randomize_zero_parameters
 
 
 def reference_attention(q, k, v):
@@ -86,13 +87,6 @@ def test_transformer_block_uses_context():
     assert not torch.allclose(out, block(x, context + 1.0))
 
 
-def _randomize_zero_parameters(module):
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.normal_(std=0.1)
-
-
 @pytest.mark.parametrize("dims, spatial", [(2, (4, 6)), (3, (2, 3, 4))])
 def test_spatial_transformer_shapes_and_identity_at_init(dims, spatial):
     torch.manual_seed(0)
@@ -100,7 +94,7 @@ def test_spatial_transformer_shapes_and_identity_at_init(dims, spatial):
     x = torch.randn(2, 32, *spatial)
     context = torch.randn(2, 3, 5)
     assert torch.equal(block(x, context), x)
-    _randomize_zero_parameters(block)
+    randomize_zero_parameters(block)
     out = block(x, context)
     assert out.shape == x.shape
     assert not torch.allclose(out, x)
@@ -111,7 +105,7 @@ def test_spatial_transformer_3d_equals_2d_on_the_same_tokens():
     """3D differs from 2D only in layout: (D, H, W) flattened equals (D * H, W) flattened."""
     torch.manual_seed(0)
     block3d = SpatialTransformer(32, n_heads=2, d_head=8, context_dim=5, dims=3)
-    _randomize_zero_parameters(block3d)
+    randomize_zero_parameters(block3d)
     block2d = SpatialTransformer(32, n_heads=2, d_head=8, context_dim=5, dims=2)
     block2d.load_state_dict({name: t.squeeze(-1) if name.startswith("proj_") and t.ndim == 5 else t
                              for name, t in block3d.state_dict().items()})

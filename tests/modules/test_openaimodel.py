@@ -9,6 +9,7 @@ from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock, UNetModel, Upsample
 from ldm.util import instantiate_from_config
+from tests.modules.helpers import randomize_zero_parameters
 
 TINY = dict(in_channels=3, model_channels=32, out_channels=2, num_res_blocks=1, channel_mult=(1, 2))
 
@@ -29,14 +30,6 @@ def make_inputs(model, batch, spatial, seed=0):
     t = torch.randint(0, 1000, (batch,), generator=gen)
     context = torch.randn(batch, 4, model.context_dim, generator=gen) if model.context_dim else None
     return x, t, context
-
-
-def randomize_zero_parameters(model):
-    """The zero-initialised layers make every output zero at init; give them values so tests see the network."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(std=0.1)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -8,6 +8,7 @@ from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.resampling import Upsample
 from ldm.modules.recomputed_conv import norm_act_conv, prepared_conv
 from ldm.modules.normalization import GroupNormAct
+from tests.modules.helpers import randomize_zero_parameters
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -139,11 +140,7 @@ def test_unet_with_recompute_cheap_computes_the_same_and_keeps_less(scale_shift)
         model = UNetModel(image_size=8, dims=3, in_channels=2, model_channels=32, out_channels=2, num_res_blocks=1,
                           channel_mult=(1, 2), attention_resolutions=[], num_heads=1, resblock_updown=scale_shift,
                           use_scale_shift_norm=scale_shift, kernels="torch", recompute_cheap=recompute)
-        with torch.no_grad():  # the zero-initialised output convs would hide everything behind them
-            for p in model.parameters():
-                if not p.any():
-                    p.normal_(std=0.1)
-        return model
+        return randomize_zero_parameters(model)
 
     x = torch.randn(2, 2, 8, 8, 8, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([10, 900])
