@@ -60,6 +60,26 @@ def test_attention_block_matches_reference_softmax_attention():
     torch.testing.assert_close(block(x), x + block.proj_out(out), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_block_gives_token_major_qkv(monkeypatch, channels_last):
+    """cuDNN and flash attention refuse a head dim with stride != 1: q, k, v must be token-major in either layout."""
+    from ldm.modules.diffusionmodules import model as model_module
+
+    seen = []
+
+    def spy(q, k, v, backend=None):
+        seen.append([t.stride(-1) for t in (q, k, v)])
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    monkeypatch.setattr(model_module, "attention", spy)
+    block = AttentionBlock(8, dims=3, num_groups=4)
+    x = torch.randn(2, 8, 2, 3, 4)
+    if channels_last:
+        block, x = block.to(memory_format=torch.channels_last_3d), x.contiguous(memory_format=torch.channels_last_3d)
+    block(x)
+    assert seen == [[1, 1, 1]]
+
+
 def test_upsample_without_conv_is_nearest_repeat():
     x = torch.randn(1, 2, 3, 5)
     expected = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)

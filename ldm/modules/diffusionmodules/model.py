@@ -79,8 +79,11 @@ class AttentionBlock(_Checkpointed):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
-        # (B, 3C, *spatial) -> 3 x (B, 1, N, C): one head whose tokens are the flattened positions
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
+        # (B, 3C, *spatial) -> 3 x (B, 1, N, C): one head whose tokens are the flattened positions. Token-major
+        # memory (a copy for contiguous x, free for channels-last x): cuDNN and flash attention need the head dim
+        # contiguous and refuse (B, 1, N, C) views with stride N along C.
+        tokens = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()
+        q, k, v = tokens.unsqueeze(1).chunk(3, dim=-1)
         h = attention(q, k, v, self.attention_backend)
         h = h.squeeze(1).transpose(1, 2).reshape(b, c, *spatial)
         return x + self.proj_out(h)
