@@ -1,7 +1,8 @@
 """Training-step time and memory of our 3D autoencoder and UNet against MONAI 1.6.1's, in one run (issue 9).
 
     python benchmarks/bench_models.py [--only ae|unet] [--cases ae96,ae128,unet] [--steps 9] [--warmup 3]
-                                      [--channels-last] [--recompute-cheap] [--kernels torch,triton] [--profile]
+                                      [--channels-last] [--recompute-cheap] [--cuda-graph] [--kernels torch,triton]
+                                      [--profile]
                                       [--quick] [--out DIR]
 
 Cases (the anchors of /work/shared/ANCHORS.md; `ae256` is the issue's scale goal, run only when named):
@@ -18,11 +19,12 @@ biases, and our AE encoder's last conv gives mean and log-variance together (2 x
 Every variant trains for `--warmup` + `--steps` steps: forward + backward + AdamW step under bf16 autocast with
 cudnn.benchmark, `torch.cuda.synchronize()` around each step; the step time is the median of the timed steps; peak
 memory is `torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's autotuning does not
-count). Losses: L1 reconstruction + 1e-6 KL (summed over the latent, mean over the batch) for the autoencoder; MSE on
+count; for a CUDA graph, over its capture, since replays allocate nothing). Losses: L1 reconstruction + 1e-6 KL (summed over the latent, mean over the batch) for the autoencoder; MSE on
 eps for the UNet with t uniform in [0, 1000) on a linear beta schedule. Variants: ours with kernels=torch and
 kernels=triton, contiguous (and channels_last_3d with `--channels-last`; each also with `recompute_cheap`, "RC", with
 `--recompute-cheap`: GroupNorm+SiLU and nearest upsampling recomputed in backward); MONAI with and without
-use_flash_attention.
+use_flash_attention. `--cuda-graph` adds each variant (MONAI's too) with its whole step captured once as a CUDA graph
+and replayed: what is left when the host's per-kernel launch work is gone.
 Ratios are ours / the best MONAI variant (fastest for time, smallest for memory).
 
 Conv FLOPs: counted by forward hooks on every convolution (2 * output elements * in_channels / groups * kernel volume),
@@ -109,13 +111,15 @@ class Variant:
     layout: str = "contiguous"      # ours: contiguous or channels_last (channels_last_3d)
     flash: bool = False             # monai: use_flash_attention
     recompute: bool = False         # ours: recompute_cheap (GroupNorm+SiLU, upsampling recomputed in backward)
+    graph: bool = False             # the whole step (forward, backward, AdamW) captured once as a CUDA graph
 
     @property
     def label(self) -> str:
+        graph = " graph" if self.graph else ""
         if self.model == "monai":
-            return "MONAI" + (" flash" if self.flash else "")
+            return "MONAI" + (" flash" if self.flash else "") + graph
         return (f"ours {self.kernels}" + (" CL" if self.layout == "channels_last" else "")
-                + (" RC" if self.recompute else ""))
+                + (" RC" if self.recompute else "") + graph)
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -214,9 +218,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast, or nothing for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
+    """bf16 autocast, or nothing for fp32 (CUDA-graph capture needs cache_enabled=False)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=cache_enabled)
 
 
 def make_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
@@ -231,6 +235,44 @@ def make_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: tor
         loss.backward()
         optimizer.step()
         return loss.detach()
+
+    return step
+
+
+def make_graphed_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
+                      precision: str, warmup: int = 3) -> Callable[[], torch.Tensor]:
+    """The same step captured once as a CUDA graph (PyTorch's whole-network recipe): `warmup` eager steps on a side
+    stream (cuDNN autotuning, Triton compilation, attention dispatch), then one capture of forward, backward and a
+    capturable AdamW; each call replays it, so the host launches one graph instead of every kernel. Inputs stay the
+    same tensors (the benchmark's x); gradients live in the graph's pool and are overwritten, not accumulated."""
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, capturable=True)
+
+    def forward_backward_update() -> torch.Tensor:
+        with autocast(device, precision, cache_enabled=False):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            optimizer.zero_grad(set_to_none=True)
+            forward_backward_update()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    # Replays allocate nothing: the step's memory is what the capture takes from the allocator (its private pool).
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.cuda.graph(graph):
+        static_loss = forward_backward_update()
+
+    def step() -> torch.Tensor:
+        graph.replay()
+        return static_loss.clone()
 
     return step
 
@@ -310,14 +352,15 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     model = model.to(device=device, memory_format=memory_format).train()
     x = torch.randn(case.input_shape, device=device).clamp(-1, 1).contiguous(memory_format=memory_format)
     loss_fn = make_loss(case, variant, model, x)
-    step = make_step(model, loss_fn, device, args.precision)
+    step = (make_graphed_step(model, loss_fn, device, args.precision) if variant.graph
+            else make_step(model, loss_fn, device, args.precision))
     warmup = []
     for _ in range(args.warmup):
         start = time.perf_counter()
         step()
         synchronize(device)
         warmup.append(1e3 * (time.perf_counter() - start))
-    if device.type == "cuda":
+    if device.type == "cuda" and not variant.graph:  # a graph's peak is that of its capture (make_graphed_step)
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
     for _ in range(args.steps):
@@ -399,6 +442,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-flash", action="store_true", help="skip MONAI's use_flash_attention variant")
     parser.add_argument("--recompute-cheap", action="store_true",
                         help="also run ours with recompute_cheap (norms and upsampling recomputed in backward)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also run every variant with its whole step captured as a CUDA graph (CUDA only)")
     parser.add_argument("--compvis-decoder", action="store_true",
                         help="our AE decoder with num_res_blocks + 1 blocks per level (not MONAI's architecture)")
     parser.add_argument("--attention-backend", default=None, help="our attention backend (ldm.modules.attention)")
@@ -436,8 +481,10 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
         kernels.remove("triton")
     layouts = ["contiguous", "channels_last"] if args.channels_last else ["contiguous"]
     recompute = [False, True] if args.recompute_cheap else [False]
-    ours = [Variant("ours", k, layout, recompute=r) for layout in layouts for k in kernels for r in recompute]
-    monai = [Variant("monai", flash=False)] + ([] if args.no_flash else [Variant("monai", flash=True)])
+    graphs = [False, True] if args.cuda_graph and device.type == "cuda" else [False]
+    ours = [Variant("ours", k, layout, recompute=r, graph=g)
+            for layout in layouts for k in kernels for r in recompute for g in graphs]
+    monai = [Variant("monai", flash=f, graph=g) for f in ([False] if args.no_flash else [False, True]) for g in graphs]
     return monai + ours
 
 

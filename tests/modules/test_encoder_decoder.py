@@ -86,6 +86,25 @@ def test_upsample_without_conv_is_nearest_repeat():
     torch.testing.assert_close(Upsample(2, dims=2, with_conv=False)(x), expected)
 
 
+def test_upsample_keeps_bf16_under_autocast(monkeypatch):
+    """CUDA autocast would run nearest interpolation in fp32 (twice the bytes, two casts): it runs with autocast off."""
+    from ldm.modules import nn_dims
+
+    states = []
+    interpolate = nn_dims.F.interpolate
+
+    def spy(x, **kwargs):
+        states.append((x.dtype, torch.is_autocast_enabled("cpu")))
+        return interpolate(x, **kwargs)
+
+    monkeypatch.setattr(nn_dims.F, "interpolate", spy)
+    x = torch.randn(1, 2, 3, 4, 5, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = nn_dims.upsample_nearest(x, 2)
+    assert states == [(torch.bfloat16, False)] and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, x.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4))
+
+
 def test_avgpool_resampling_round_trip():
     encoder, decoder = build_encoder_decoder(_ddconfig(3, resamp_with_conv=False))
     assert decoder(encoder(torch.randn(1, 2, 4, 8, 8))[:, :4]).shape == (1, 3, 4, 8, 8)
