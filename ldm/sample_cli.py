@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use the EMA weights (default: when the model has them)")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="32",
                         help="autocast dtype of the networks (weights stay float32; sampler arithmetic is float32)")
+    parser.add_argument("--decode_slab", type=int, default=None, metavar="ROWS",
+                        help="decode in slabs of ROWS output rows along the first spatial axis (exact, for volumes "
+                             "whose decode does not fit at once; default: the autoencoder's ddconfig.decode_slab)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("-s", "--seed", type=int, default=23, help="sample i uses seed + i")
     parser.add_argument("--outdir", default=None, help="default: <run>/samples/<timestamp>/")
@@ -303,6 +306,19 @@ def draw_batch(model: torch.nn.Module, settings: SamplerSettings, timesteps: tor
     return images.float().clamp(-1, 1)
 
 
+def set_decode_slab(model: torch.nn.Module, rows: int) -> None:
+    """Every autoencoder Decoder in `model` decodes in slabs of `rows` output rows (slab_decode.py)."""
+    from ldm.modules.diffusionmodules.model import Decoder
+
+    if rows < 1:
+        raise ConfigError(f"--decode_slab must be >= 1 (output rows per slab), got {rows}")
+    decoders = [m for m in model.modules() if isinstance(m, Decoder)]
+    if not decoders:
+        raise ConfigError(f"--decode_slab: {type(model).__name__} has no autoencoder Decoder to decode in slabs")
+    for decoder in decoders:
+        decoder.decode_slab = rows
+
+
 def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
     """Sample as `opt` says; returns the output folder."""
     if opt.batch_size < 1:
@@ -320,6 +336,8 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
     device = pick_device(opt.device)
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(config, checkpoint, checkpoint_path)
+    if opt.decode_slab is not None:
+        set_decode_slab(model, opt.decode_slab)
     ema = use_ema_weights(model, opt.ema)
     settings = sampler_settings(opt, model_config_for(config.model, training=False).params, model)
     try:

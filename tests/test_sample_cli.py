@@ -165,6 +165,14 @@ def test_each_sample_is_reproducible_from_its_seed(ldm_run, tmp_path):
     assert not np.allclose(volume(raw / "sample_0000.nii.gz"), volume(batch / "sample_0000.nii.gz"))
 
 
+def test_decoding_in_slabs_gives_the_same_samples(ldm_run, tmp_path):
+    args = ["-r", str(ldm_run), "--cond", "split:test", "--n_samples", "1", "--seed", "5", *FAST]
+    plain, _ = sample(tmp_path, "plain", *args)
+    slabs, _ = sample(tmp_path, "slabs", *args, "--decode_slab", "3")  # 16 rows in slabs of 3
+    np.testing.assert_allclose(volume(slabs / "sample_0000.nii.gz"), volume(plain / "sample_0000.nii.gz"), atol=1e-5)
+    assert_error(["-r", str(ldm_run), "--cond", "split:test", "--decode_slab", "0"], "--decode_slab must be >= 1")
+
+
 def test_mask_files_as_label_maps_or_one_hot_condition_alike(ldm_run, tmp_path):
     """A test-split mask saved as a one-hot (D, H, W, 3) file, and as a label map stored left-right flipped with a
     matching affine: read in RAS they are the same mask, so the same seed gives the same sample, which takes the

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ldm.modules.attention import attention, set_model_attention_backend
 from ldm.modules.nn_dims import check_dims, conv_nd, spatial_dims
 from ldm.modules.resampling import Downsample, Upsample
+from ldm.modules.diffusionmodules.slab_decode import decode_in_slabs
 from ldm.modules.recomputed_conv import norm_act_conv, set_recompute_cheap
 from ldm.modules.normalization import GroupNormAct, set_kernels
 
@@ -209,7 +210,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z: (B, z_channels, *latent) -> (B, out_ch, *latent * factor), factor = 2**(len(ch_mult) - 1); any latent size."""
+    """z: (B, z_channels, *latent) -> (B, out_ch, *latent * factor), factor = 2**(len(ch_mult) - 1); any latent size.
+
+    `decode_slab` (rows of the output): in inference (eval mode, no autograd) an output larger than that along its
+    first spatial axis is decoded layer by layer in slabs of that many rows (slab_decode.py): the same result up to
+    rounding, with one slab per layer on the GPU at a time instead of whole activations.
+    """
 
     recompute_cheap = False  # as the Encoder's
 
@@ -217,8 +223,13 @@ class Decoder(nn.Module):
                  attn_resolutions: Sequence[Any], resolution: int | Sequence[int], z_channels: int,
                  dropout: float = 0.0, resamp_with_conv: bool = True, dims: int = 2, norm_num_groups: int = 32,
                  use_checkpoint: bool = False, kernels: str = "auto", attention_backend: str | None = None,
-                 recompute_cheap: bool = False):
+                 recompute_cheap: bool = False, decode_slab: int | None = None):
         super().__init__()
+        if decode_slab is not None and (isinstance(decode_slab, bool) or not isinstance(decode_slab, int)
+                                        or decode_slab < 1):
+            raise ValueError(f"Decoder: decode_slab must be a positive int (output rows per slab) or null, "
+                             f"got {decode_slab!r}")
+        self.decode_slab = decode_slab
         plan = _Plan("Decoder", ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dims, norm_num_groups)
         self.dims, self.factor, self.z_channels = plan.dims, plan.factor, z_channels
         self.conv_in = conv_nd(dims, z_channels, plan.channels[-1], 3, padding=1)
@@ -243,6 +254,9 @@ class Decoder(nn.Module):
         spatial_dims(z, self.dims)
         if z.shape[1] != self.z_channels:
             raise ValueError(f"Decoder: expected {self.z_channels} latent channels, got shape {tuple(z.shape)}")
+        if (self.decode_slab is not None and not self.training and not torch.is_grad_enabled()
+                and z.shape[2] * self.factor > self.decode_slab):
+            return decode_in_slabs(self, z, self.decode_slab)
         h = self.mid(self.conv_in(z))
         for level in self.up:
             h = level(h)
