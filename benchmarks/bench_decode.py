@@ -7,7 +7,8 @@ The decoder is the BraTS autoencoder's (configs/autoencoder/brats_kl_f4_3d.yaml:
 blocks per level, attention in the mid block) with random weights, in eval mode, bf16 autocast, Triton GroupNorm on
 CUDA. For each latent (B = 1, 4 channels) it decodes plainly (an out-of-memory is reported, not fatal) and in slabs of
 each `--slabs` output rows, and prints seconds (median of `--repeat` after one warm-up), peak GPU memory, and the
-largest absolute difference to the plain decode (bf16, and once in fp32, where only rounding separates them).
+largest absolute difference to the plain decode (bf16, and once in fp32 with TF32 off, where only rounding
+separates them).
 Writes DIR/bench_decode.json (DIR: --out, else $OUT, else .) and prints a markdown table last.
 """
 from __future__ import annotations
@@ -66,8 +67,8 @@ def measure(name: str, fn, device: torch.device, repeat: int, reference: torch.T
     row["method"] = name
     try:
         out, seconds, peak = timed(fn, device, repeat)
-    except torch.OutOfMemoryError as err:
-        row["status"] = f"out of memory: {str(err).splitlines()[0][:120]}"
+    except RuntimeError as err:  # out of memory, or a kernel refusing the size: a row, not the run's end
+        row["status"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
         return None
     finally:
         if device.type == "cuda":
@@ -76,6 +77,7 @@ def measure(name: str, fn, device: torch.device, repeat: int, reference: torch.T
     row.update(status="ok", seconds=seconds, peak_gib=peak, output_abs_max=out.abs().max().item())
     if reference is not None:
         row["max_abs_diff"] = (out - reference).abs().max().item()
+    print(json.dumps(row), flush=True)
     return out
 
 
@@ -99,7 +101,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                         reference, row)
                 rows.append(row)
             del reference
-        if index == 0 and device.type == "cuda":  # exactness: fp32 on both sides, one run each
+        if index == 0 and device.type == "cuda":  # exactness: fp32 on both sides (TF32 off), one run each
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
             with torch.no_grad():
                 row = dict(base, precision="fp32")
                 reference = measure("plain", lambda: decoder(z), device, 1, None, row)
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         device, 1, reference, row)
                 rows.append(row)
                 del reference
-        print("\n".join(json.dumps(r) for r in rows[-len(args.slabs) - 1:]), flush=True)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     return rows
 
 

@@ -440,6 +440,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kernels", default="torch,triton", help="our GroupNorm kernels to run: torch, triton")
     parser.add_argument("--channels-last", action="store_true", help="also run ours in channels_last_3d")
     parser.add_argument("--no-flash", action="store_true", help="skip MONAI's use_flash_attention variant")
+    parser.add_argument("--no-monai", action="store_true",
+                        help="run ours only (no ratios: iterating on ours against a MONAI run already made)")
     parser.add_argument("--recompute-cheap", action="store_true",
                         help="also run ours with recompute_cheap (norms and upsampling recomputed in backward)")
     parser.add_argument("--cuda-graph", action="store_true",
@@ -485,6 +487,8 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     ours = [Variant("ours", k, layout, recompute=r, graph=g)
             for layout in layouts for k in kernels for r in recompute for g in graphs]
     monai = [Variant("monai", flash=f, graph=g) for f in ([False] if args.no_flash else [False, True]) for g in graphs]
+    if args.no_monai:
+        monai = []
     return monai + ours
 
 
@@ -503,13 +507,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     case_variants = variants(args, device)
     for case in selected_cases(args):
-        counts = {"ours": None, "monai": None}
+        counts = {variant.model: None for variant in case_variants}
         for variant in case_variants:
             row = run_variant(case, variant, args, device)
             rows.append(row)
             counts[variant.model] = counts[variant.model] or row.get("params")
             print(json.dumps({k: v for k, v in row.items() if k not in ("steps_ms", "warmup_ms")}), flush=True)
-        print(f"{case.name}: parameters ours {counts['ours']:,} / MONAI {counts['monai']:,}"
+        print(f"{case.name}: parameters " + " / ".join(f"{'MONAI' if m == 'monai' else m} {n:,}"
+                                                       for m, n in counts.items())
               if None not in counts.values() else f"{case.name}: a model failed to build", flush=True)
     add_ratios(rows, matmul)
     out = Path(args.out)

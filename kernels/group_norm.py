@@ -92,6 +92,7 @@ class _Plan:
     tiles_per_split: int
     fused: bool
     barrier: bool
+    dense_lanes: bool  # lanes are the segment's channels one to one, all real (no power-of-two padding)
 
     @property
     def block_splits(self) -> int:
@@ -140,7 +141,9 @@ def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device
                  groups_per_segment=groups_per_segment, segments_per_sample=segments_per_sample,
                  num_segments=N * segments_per_sample, splits=triton.cdiv(tiles, tiles_per_split),
                  tiles_per_split=tiles_per_split, fused=fused,
-                 barrier=fused and (splits > 1 if barrier is None else barrier))
+                 barrier=fused and (splits > 1 if barrier is None else barrier),
+                 dense_lanes=cpg == cpg_pad and G % groups_per_segment == 0
+                 and triton.next_power_of_2(groups_per_segment) == groups_per_segment)
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,6 +158,7 @@ def _plan_meta(plan: _Plan, channels_last: bool) -> dict:
     """The compile-time arguments both kernels take from a plan (layout, block shapes, warps)."""
     return dict(CHANNELS_LAST=channels_last, ONE_TILE=plan.tiles_per_split == 1, BLOCK_C=plan.block_c,
                 BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, CPG_PAD=plan.cpg_pad, BLOCK_SPLITS=plan.block_splits,
+                DENSE_LANES=plan.dense_lanes,
                 num_warps=max(1, min(16, plan.block_c * plan.block_s // 1024)))
 
 

@@ -10,10 +10,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _lanes(c0, channels_per_group, groups_here, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+def _lanes(c0, channels_per_group, groups_here, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
+           DENSE_LANES: tl.constexpr):
     """The channel of each of the tile's BLOCK_G * CPG_PAD channel lanes (lane i: group i // CPG_PAD of the segment,
-    its channel i % CPG_PAD), and whether the lane is a real channel (groups padded to a power of two)."""
+    its channel i % CPG_PAD), and whether the lane is a real channel (groups padded to a power of two).
+
+    DENSE_LANES (no padding: channels per group and groups per segment are powers of two): lane i is channel c0 + i
+    and every lane is real. Written as a plain arange with an all-true mask, so that Triton's axis analysis sees the
+    channels-last tile's channel axis as contiguous and vectorises its loads and stores (the // and % of the general
+    form hide that, and a channels-last tile was then read element by element)."""
     lane = tl.arange(0, BLOCK_G * CPG_PAD)
+    if DENSE_LANES:
+        return c0 + lane, tl.full((BLOCK_G * CPG_PAD,), 1, tl.int1)
     group = lane // CPG_PAD
     within = lane % CPG_PAD
     return c0 + group * channels_per_group + within, (within < channels_per_group) & (group < groups_here)
@@ -122,14 +130,20 @@ def _segment_of_program(sync_ptr, splits, BARRIER: tl.constexpr):
 
 @triton.jit
 def _program_part(sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-                  BARRIER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+                  BARRIER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
+                  CHANNELS_LAST: tl.constexpr, DENSE_LANES: tl.constexpr):
     """Where this program works: segment, split, sample n, first group g0, groups in the segment, the lanes'
     channels and validity, and the first spatial position of its part."""
     seg, split = _segment_of_program(sync_ptr, splits, BARRIER)
-    n = seg // segments_per_sample
-    g0 = (seg % segments_per_sample) * groups_per_segment
+    if CHANNELS_LAST:  # a segment is a whole sample: g0 = 0, known at compile time (aligned channel offsets)
+        n = seg
+        g0 = 0
+    else:
+        n = seg // segments_per_sample
+        g0 = (seg % segments_per_sample) * groups_per_segment
     groups_here = tl.minimum(groups_per_segment, G - g0)
-    channel, lane_valid = _lanes(g0 * channels_per_group, channels_per_group, groups_here, BLOCK_G, CPG_PAD)
+    channel, lane_valid = _lanes(g0 * channels_per_group, channels_per_group, groups_here, BLOCK_G, CPG_PAD,
+                                 DENSE_LANES)
     return seg, split, n, g0, groups_here, channel, lane_valid, split * tiles_per_split * BLOCK_S
 
 
@@ -142,12 +156,12 @@ def gn_forward_kernel(
         CHANNELS_LAST: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
-        BLOCK_SPLITS: tl.constexpr):
+        BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr):
     """Forward; PHASE 0: one launch with the barrier, 1: partials only, 2: combine and apply. ONE_TILE: the program's
     part is one tile (kept in registers across the barrier in phase 0)."""
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
         sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD)
+        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
     split_elems = tiles_per_split * BLOCK_S * channels_per_group
@@ -264,12 +278,12 @@ def gn_backward_kernel(
         CHANNELS_LAST: tl.constexpr, HAS_DH: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
-        BLOCK_SPLITS: tl.constexpr):
+        BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr):
     """dx = rstd * (k * dz - mean_g(k * dz) - xhat * mean_g(k * dz * xhat)), k = weight * (1 + scale); also the
     per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow."""
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
         sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD)
+        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
 

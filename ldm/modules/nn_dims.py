@@ -1,6 +1,7 @@
 """Layers picked by spatial dimensionality (`dims` 1, 2 or 3), so 2D and 3D networks share one code path."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -55,6 +56,10 @@ def upsample_nearest(x: torch.Tensor, scale_factor: int | Sequence[int] = 2) -> 
     # through the interpolation and its backward and leaves the next conv to cast the 2^dims times larger result back
     # down. Nearest neighbour only copies values, so it is exact in the input's own dtype.
     size = [s * f for s, f in zip(spatial, factors)]
+    channels_last = _is_channels_last(x)
+    if channels_last or math.prod(size) * x.shape[0] * x.shape[1] >= 2 ** 31:
+        # channels-last, or too large for PyTorch's nearest kernels (a 128 x 256^2 x 512 output fails on CUDA)
+        return _upsample_nearest_broadcast(x, factors, channels_last)
     if not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
         return F.interpolate(x, size=size, mode="nearest")
     with torch.autocast(x.device.type, enabled=False):
@@ -66,3 +71,22 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.detach().zero_()
     return module
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """x: (B, C, *spatial) stored with channels innermost (and not also plain contiguous)."""
+    return x.ndim >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _upsample_nearest_broadcast(x: torch.Tensor, factors: Sequence[int], channels_last: bool) -> torch.Tensor:
+    """Nearest upsampling as a broadcast along a new axis after each spatial axis, written once by a copy kernel
+    (which indexes any size). Channels-last x is handled as (B, *spatial, C) and stays channels-last (PyTorch's 3D
+    nearest kernel reads it through layout copies). Exact in any dtype; backward sums over the broadcast axes."""
+    b, c, *spatial = x.shape
+    unit = [n for s in spatial for n in (s, 1)]
+    repeated = [n for s, f in zip(spatial, factors) for n in (s, f)]
+    size = [s * f for s, f in zip(spatial, factors)]
+    if not channels_last:
+        return x.reshape(b, c, *unit).expand(b, c, *repeated).reshape(b, c, *size)
+    y = x.movedim(1, -1).reshape(b, *unit, c).expand(b, *repeated, c)
+    return y.reshape(b, *size, c).movedim(-1, 1)

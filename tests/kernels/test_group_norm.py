@@ -115,6 +115,19 @@ def test_launch_plans(plan, layout):
     assert_close(errors, torch.float32)
 
 
+def test_dense_lanes_only_where_no_lane_is_padding():
+    """The contiguous-arange lane form (vectorised channels-last loads) is taken exactly where lanes and channels
+    coincide; the shapes above run both forms."""
+    from kernels.group_norm import _plan
+
+    cpu = torch.device("cpu")
+    assert _plan(1, 64, 100, 32, True, 8192, cpu).dense_lanes  # 2 channels per group, 32 groups
+    assert _plan(2, 48, 60, 6, False, 8192, cpu).dense_lanes  # contiguous: one group of 8 channels per segment
+    assert not _plan(2, 48, 60, 6, True, 8192, cpu).dense_lanes  # channels-last: 6 groups padded to 8
+    assert not _plan(2, 30, 90, 3, True, 8192, cpu).dense_lanes  # 10 channels per group padded to 16
+    assert not _plan(2, 30, 90, 3, False, 8192, cpu).dense_lanes
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(dtype):
     assert_close(run_case((2, 8, 4, 5, 6), 4, dtype=dtype, scale_shift=True, residual=True), dtype)

@@ -105,6 +105,31 @@ def test_upsample_keeps_bf16_under_autocast(monkeypatch):
     torch.testing.assert_close(out, x.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4))
 
 
+@pytest.mark.parametrize("shape,memory_format", [((2, 3, 4, 5, 6), torch.channels_last_3d),
+                                                 ((2, 3, 4, 5), torch.channels_last)])
+def test_upsample_of_channels_last_input_stays_channels_last(shape, memory_format):
+    from ldm.modules.nn_dims import upsample_nearest
+
+    x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_()
+    reference = x.detach().contiguous().requires_grad_()
+    y, expected = upsample_nearest(x, 2), torch.nn.functional.interpolate(reference, scale_factor=2, mode="nearest")
+    assert torch.equal(y, expected) and y.is_contiguous(memory_format=memory_format)
+    grad = torch.randn_like(expected)
+    y.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, reference.grad)
+
+
+def test_broadcast_upsampling_for_outputs_past_int32_matches_interpolate():
+    """Outputs of 2^31 elements or more (where PyTorch's CUDA nearest kernel fails) take the broadcast path."""
+    from ldm.modules.nn_dims import _upsample_nearest_broadcast
+
+    x = torch.randn(2, 3, 4, 5, 6)
+    for factors in ([2, 2, 2], [3, 1, 2]):
+        expected = torch.nn.functional.interpolate(x, scale_factor=factors, mode="nearest")
+        assert torch.equal(_upsample_nearest_broadcast(x, factors, channels_last=False), expected)
+
+
 def test_avgpool_resampling_round_trip():
     encoder, decoder = build_encoder_decoder(_ddconfig(3, resamp_with_conv=False))
     assert decoder(encoder(torch.randn(1, 2, 4, 8, 8))[:, :4]).shape == (1, 3, 4, 8, 8)
