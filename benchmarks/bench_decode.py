@@ -7,8 +7,8 @@ The decoder is the BraTS autoencoder's (configs/autoencoder/brats_kl_f4_3d.yaml:
 blocks per level, attention in the mid block) with random weights, in eval mode, bf16 autocast, Triton GroupNorm on
 CUDA. For each latent (B = 1, 4 channels) it decodes plainly (an out-of-memory is reported, not fatal) and in slabs of
 each `--slabs` output rows, and prints seconds (median of `--repeat` after one warm-up), peak GPU memory, and the
-largest absolute difference to the plain decode (bf16, and once in fp32 with TF32 off, where only rounding
-separates them).
+largest absolute difference to the plain decode (bf16; then, on CUDA, once in fp32 with TF32 off on the smaller
+`--exact-latent`, where only rounding separates them).
 Writes DIR/bench_decode.json (DIR: --out, else $OUT, else .) and prints a markdown table last.
 """
 from __future__ import annotations
@@ -101,19 +101,30 @@ def run(args: argparse.Namespace) -> list[dict]:
                         reference, row)
                 rows.append(row)
             del reference
-        if index == 0 and device.type == "cuda":  # exactness: fp32 on both sides (TF32 off), one run each
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-            with torch.no_grad():
-                row = dict(base, precision="fp32")
-                reference = measure("plain", lambda: decoder(z), device, 1, None, row)
-                rows.append(row)
-                row = dict(base, precision="fp32")
-                measure(f"slabs of {args.slabs[0]}", lambda: decode_in_slabs(decoder, z, args.slabs[0], storage),
-                        device, 1, reference, row)
-                rows.append(row)
-                del reference
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    if device.type == "cuda":
+        rows += exactness_rows(decoder, args, device, storage)
     return rows
+
+
+def exactness_rows(decoder: torch.nn.Module, args: argparse.Namespace, device: torch.device,
+                   storage: str | None) -> list[dict]:
+    """Plain against slabs in fp32 with TF32 off, on the smaller `--exact-latent` (fp32 3D convolutions without
+    TF32 take seconds per decode at 256^3): only rounding separates them."""
+    z = torch.randn(1, decoder.z_channels, *args.exact_latent, device=device)
+    slab = max(1, args.slabs[-1] // 2)
+    base = dict(latent=list(args.exact_latent), output=[s * decoder.factor for s in args.exact_latent],
+                precision="fp32, no TF32")
+    allow = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            plain, slabs = dict(base), dict(base)
+            reference = measure("plain", lambda: decoder(z), device, 1, None, plain)
+            measure(f"slabs of {slab}", lambda: decode_in_slabs(decoder, z, slab, storage), device, 1, reference,
+                    slabs)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allow
+    return [plain, slabs]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -134,6 +145,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latents", default=None, help="latent sizes DxHxW, comma-separated (default "
                                                         "64x64x64,64x64x128; --quick 8x8x8)")
+    parser.add_argument("--exact-latent", default="32x32x32",
+                        help="latent of the fp32 exactness check (CUDA only; default 32x32x32)")
     parser.add_argument("--slabs", default=None, help="slab sizes in output rows (default 64,32; --quick 8)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per method (default 3; --quick 1)")
     parser.add_argument("--storage", default=None, help="where whole intermediate tensors live (default: the device)")
@@ -143,6 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     latents = args.latents or ("8x8x8" if args.quick else "64x64x64,64x64x128")
     args.latents = [tuple(int(s) for s in shape.split("x")) for shape in latents.split(",")]
+    args.exact_latent = tuple(int(s) for s in args.exact_latent.split("x"))
     args.slabs = [int(s) for s in (args.slabs or ("8" if args.quick else "64,32")).split(",")]
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.storage = args.storage or torch.device(args.device).type
