@@ -27,6 +27,15 @@ def test_equals_the_plain_decode_in_float64(dims, latent, slab):
         torch.testing.assert_close(decode_in_slabs(decoder, z, slab), decoder(z), atol=1e-12, rtol=0)
 
 
+def test_storage_device_holds_the_result():
+    decoder = _decoder(2)
+    z = torch.randn(1, 4, 5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        out = decode_in_slabs(decoder, z, 6, storage="cpu")
+        torch.testing.assert_close(out, decoder(z), atol=1e-12, rtol=0)
+    assert out.device == torch.device("cpu")
+
+
 def test_nearest_upsampling_without_conv_and_silu_free_norms():
     decoder = _decoder(3, resamp_with_conv=False, attn_resolutions=[])
     z = torch.randn(1, 4, 4, 3, 2, dtype=torch.float64)
