@@ -88,3 +88,28 @@ def test_a_strided_convolution_is_refused():
     decoder.conv_out.stride = (2, 2)
     with pytest.raises(ValueError, match="not a stride-1, zero-padded 'same' convolution"):
         decode_in_slabs(decoder, torch.randn(1, 4, 4, 4, dtype=torch.float64), 4)
+
+
+@pytest.mark.parametrize("act", [True, False])
+def test_normalize_with_the_tensors_own_statistics_is_the_norm(act):
+    """slab_decode.normalize with whole-tensor statistics equals GroupNormAct's forward; bf16 input keeps its dtype
+    and is computed in fp32; a mean of 1000 with deviation 1 stays within fp32 GroupNorm's own error."""
+    from ldm.modules.normalization import GroupNormAct
+
+    torch.manual_seed(0)
+    norm = GroupNormAct(8, num_groups=4, act=act, kernels="torch")
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    def statistics(x):
+        groups = x.double().unflatten(1, (4, 2)).flatten(2)
+        return groups.mean(2), torch.rsqrt(groups.var(2, correction=0) + norm.eps)
+
+    x = 1000.0 + torch.randn(2, 8, 3, 4, 5)
+    half = torch.randn(2, 8, 3, 4, 5).bfloat16()
+    with torch.no_grad():
+        torch.testing.assert_close(slab_decode.normalize(x, norm, *statistics(x)), norm(x), atol=2e-4, rtol=0)
+        out = slab_decode.normalize(half, norm, *statistics(half))
+        expected = norm(half.float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.02, rtol=0.01)  # bf16 rounding of the result only
