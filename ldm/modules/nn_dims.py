@@ -52,9 +52,6 @@ def upsample_nearest(x: torch.Tensor, scale_factor: int | Sequence[int] = 2) -> 
     factors = [scale_factor] * len(spatial) if isinstance(scale_factor, int) else list(scale_factor)
     if len(factors) != len(spatial):
         raise ValueError(f"upsample_nearest: {len(factors)} scale factors for {len(spatial)} spatial dims")
-    # Outside autocast: CUDA autocast runs upsample_nearest in fp32, which casts a bf16 input up, moves twice the bytes
-    # through the interpolation and its backward and leaves the next conv to cast the 2^dims times larger result back
-    # down. Nearest neighbour only copies values, so it is exact in the input's own dtype.
     size = [s * f for s, f in zip(spatial, factors)]
     channels_last = _is_channels_last(x)
     if channels_last or math.prod(size) * x.shape[0] * x.shape[1] >= 2 ** 31:
@@ -62,6 +59,9 @@ def upsample_nearest(x: torch.Tensor, scale_factor: int | Sequence[int] = 2) -> 
         return _upsample_nearest_broadcast(x, factors, channels_last)
     if not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
         return F.interpolate(x, size=size, mode="nearest")
+    # Outside autocast: CUDA autocast runs upsample_nearest in fp32, which casts a bf16 input up, moves twice the bytes
+    # through the interpolation and its backward and leaves the next conv to cast the 2^dims times larger result back
+    # down. Nearest neighbour only copies values, so it is exact in the input's own dtype.
     with torch.autocast(x.device.type, enabled=False):
         return F.interpolate(x, size=size, mode="nearest")
 

@@ -214,7 +214,8 @@ class Decoder(nn.Module):
 
     `decode_slab` (rows of the output): in inference (eval mode, no autograd) an output larger than that along its
     first spatial axis is decoded layer by layer in slabs of that many rows (slab_decode.py): the same result up to
-    rounding, with one slab per layer on the GPU at a time instead of whole activations.
+    rounding; each layer's temporaries (normalised input, convolution workspace) are one slab's, not the whole
+    tensor's, and PyTorch kernels with 32-bit indexing only ever see slabs.
     """
 
     recompute_cheap = False  # as the Encoder's
