@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_models import fmt  # noqa: E402
 from ldm.modules.diffusionmodules.model import build_encoder_decoder  # noqa: E402
 from ldm.modules.diffusionmodules.slab_decode import decode_in_slabs  # noqa: E402
 
@@ -128,9 +129,6 @@ def exactness_rows(decoder: torch.nn.Module, args: argparse.Namespace, device: t
 
 
 def markdown_table(rows: list[dict]) -> str:
-    def fmt(value, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
     lines = ["| latent -> output | precision | method | seconds | peak GiB | max abs diff to plain | output abs max "
              "| status |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

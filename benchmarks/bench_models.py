@@ -2,8 +2,7 @@
 
     python benchmarks/bench_models.py [--only ae|unet] [--cases ae96,ae128,unet] [--steps 9] [--warmup 3]
                                       [--channels-last] [--recompute-cheap] [--cuda-graph] [--kernels torch,triton]
-                                      [--profile]
-                                      [--quick] [--out DIR]
+                                      [--profile] [--quick] [--no-monai] [--out DIR]
 
 Cases (the anchors of /work/shared/ANCHORS.md; `ae256` is the issue's scale goal, run only when named):
   ae96   AutoencoderKL, channels (32, 64, 64), 2 res blocks, latent 4, attention in the mid blocks only, 2 x 1 x 96^3
@@ -19,12 +18,13 @@ biases, and our AE encoder's last conv gives mean and log-variance together (2 x
 Every variant trains for `--warmup` + `--steps` steps: forward + backward + AdamW step under bf16 autocast with
 cudnn.benchmark, `torch.cuda.synchronize()` around each step; the step time is the median of the timed steps; peak
 memory is `torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's autotuning does not
-count; for a CUDA graph, over its capture, since replays allocate nothing). Losses: L1 reconstruction + 1e-6 KL (summed over the latent, mean over the batch) for the autoencoder; MSE on
-eps for the UNet with t uniform in [0, 1000) on a linear beta schedule. Variants: ours with kernels=torch and
-kernels=triton, contiguous (and channels_last_3d with `--channels-last`; each also with `recompute_cheap`, "RC", with
-`--recompute-cheap`: GroupNorm+SiLU and nearest upsampling recomputed in backward); MONAI with and without
-use_flash_attention. `--cuda-graph` adds each variant (MONAI's too) with its whole step captured once as a CUDA graph
-and replayed: what is left when the host's per-kernel launch work is gone.
+count; for a CUDA graph, over its capture, since replays allocate nothing). Losses: L1 reconstruction + 1e-6 KL (summed
+over the latent, mean over the batch) for the autoencoder; MSE on eps for the UNet with t uniform in [0, 1000) on a
+linear beta schedule. Variants: ours with kernels=torch and kernels=triton, contiguous (and channels_last_3d with
+`--channels-last`; each also with `recompute_cheap`, "RC", with `--recompute-cheap`: GroupNorm+SiLU and nearest
+upsampling recomputed in backward); MONAI with and without use_flash_attention. `--cuda-graph` adds each variant
+(MONAI's too) with its whole step captured once as a CUDA graph and replayed: what is left when the host's per-kernel
+launch work is gone.
 Ratios are ours / the best MONAI variant (fastest for time, smallest for memory).
 
 Conv FLOPs: counted by forward hooks on every convolution (2 * output elements * in_channels / groups * kernel volume),
@@ -413,10 +413,12 @@ def add_ratios(rows: list[dict], matmul: float) -> None:
                     row["memory_vs_monai_best"] = row["peak_gib"] / min(memories)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    def fmt(value, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+def fmt(value, spec: str) -> str:
+    """A table cell: `value` formatted with `spec`, or "-" when it was not measured."""
+    return "-" if value is None else format(value, spec)
 
+
+def markdown_table(rows: list[dict]) -> str:
     lines = ["| case | input | variant | params | step ms | peak GiB | time / MONAI best | memory / MONAI best "
              "| conv TFLOP/s | % matmul | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

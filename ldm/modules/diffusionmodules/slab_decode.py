@@ -60,7 +60,8 @@ class SlabDecoder:
     def resnet_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """norm1+SiLU -> conv1 -> norm2+SiLU -> conv2, plus skip(x); dropout is inert in inference."""
         h = self.norm_then_conv(block.norm1, block.conv1, x)
-        return self.norm_then_conv(block.norm2, block.conv2, h, residual=lambda lo, hi: block.skip(self.load(x, lo, hi)))
+        return self.norm_then_conv(block.norm2, block.conv2, h,
+                                   residual=lambda lo, hi: block.skip(self.load(x, lo, hi)))
 
     def upsample(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Nearest 2x (every spatial axis), then the block's conv; rows of the doubled tensor come from x's rows."""
