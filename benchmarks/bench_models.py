@@ -1,7 +1,8 @@
 """Training-step time and memory of our 3D autoencoder and UNet against MONAI 1.6.1's, in one run (issue 9).
 
     python benchmarks/bench_models.py [--only ae|unet] [--cases ae96,ae128,unet] [--steps 9] [--warmup 3]
-                                      [--channels-last] [--recompute-cheap] [--cuda-graph] [--kernels torch,triton]
+                                      [--channels-last] [--recompute-cheap] [--cuda-graph] [--graph-network]
+                                      [--kernels torch,triton]
                                       [--profile] [--quick] [--no-monai] [--out DIR]
 
 Cases (the anchors of /work/shared/ANCHORS.md; `ae256` is the issue's scale goal, run only when named):
@@ -24,7 +25,9 @@ linear beta schedule. Variants: ours with kernels=torch and kernels=triton, cont
 `--channels-last`; each also with `recompute_cheap`, "RC", with `--recompute-cheap`: GroupNorm+SiLU and nearest
 upsampling recomputed in backward); MONAI with and without use_flash_attention. `--cuda-graph` adds each variant
 (MONAI's too) with its whole step captured once as a CUDA graph and replayed: what is left when the host's per-kernel
-launch work is gone.
+launch work is gone. `--graph-network` adds each variant with what `trainer.cuda_graph` does in training
+(ldm/engine/cuda_graph.py): the networks' forward and backward replayed as CUDA graphs ("netgraph"; the AE's encoder
+and decoder separately for ours, the whole model for MONAI's), loss and AdamW eager.
 Ratios are ours / the best MONAI variant (fastest for time, smallest for memory).
 
 Conv FLOPs: counted by forward hooks on every convolution (2 * output elements * in_channels / groups * kernel volume),
@@ -57,6 +60,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ldm.engine.cuda_graph import graph_training_forward  # noqa: E402
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.modules.attention import set_attention_backend  # noqa: E402
 from ldm.modules.diffusionmodules.model import build_encoder_decoder  # noqa: E402
@@ -112,10 +116,11 @@ class Variant:
     flash: bool = False             # monai: use_flash_attention
     recompute: bool = False         # ours: recompute_cheap (GroupNorm+SiLU, upsampling recomputed in backward)
     graph: bool = False             # the whole step (forward, backward, AdamW) captured once as a CUDA graph
+    graph_network: bool = False     # the networks' forward + backward as CUDA graphs (trainer.cuda_graph)
 
     @property
     def label(self) -> str:
-        graph = " graph" if self.graph else ""
+        graph = " graph" if self.graph else " netgraph" if self.graph_network else ""
         if self.model == "monai":
             return "MONAI" + (" flash" if self.flash else "") + graph
         return (f"ours {self.kernels}" + (" CL" if self.layout == "channels_last" else "")
@@ -210,6 +215,13 @@ def make_loss(case: Case, variant: Variant, model: nn.Module, x: torch.Tensor) -
         prediction = model(x_t, t) if variant.model == "ours" else model(x_t, timesteps=t)
         return F.mse_loss(prediction.float(), noise)
     return eps_loss
+
+
+def graphed_networks(case: Case, variant: Variant, model: nn.Module) -> dict[str, nn.Module]:
+    """What --graph-network captures: each network the loss calls once per step."""
+    if variant.model == "ours" and case.kind == "ae":
+        return {"encoder": model.encoder, "decoder": model.decoder}
+    return {variant.model: model}
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -351,6 +363,9 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     memory_format = torch.channels_last_3d if variant.layout == "channels_last" else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).train()
     x = torch.randn(case.input_shape, device=device).clamp(-1, 1).contiguous(memory_format=memory_format)
+    if variant.graph_network:
+        for name, network in graphed_networks(case, variant, model).items():
+            graph_training_forward(network, name)
     loss_fn = make_loss(case, variant, model, x)
     step = (make_graphed_step(model, loss_fn, device, args.precision) if variant.graph
             else make_step(model, loss_fn, device, args.precision))
@@ -448,6 +463,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also run ours with recompute_cheap (norms and upsampling recomputed in backward)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also run every variant with its whole step captured as a CUDA graph (CUDA only)")
+    parser.add_argument("--graph-network", action="store_true",
+                        help="also run every variant with its networks' forward and backward as CUDA graphs, the rest "
+                             "eager (what trainer.cuda_graph does; CUDA only)")
     parser.add_argument("--compvis-decoder", action="store_true",
                         help="our AE decoder with num_res_blocks + 1 blocks per level (not MONAI's architecture)")
     parser.add_argument("--attention-backend", default=None, help="our attention backend (ldm.modules.attention)")
@@ -486,9 +504,12 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     layouts = ["contiguous", "channels_last"] if args.channels_last else ["contiguous"]
     recompute = [False, True] if args.recompute_cheap else [False]
     graphs = [False, True] if args.cuda_graph and device.type == "cuda" else [False]
-    ours = [Variant("ours", k, layout, recompute=r, graph=g)
-            for layout in layouts for k in kernels for r in recompute for g in graphs]
-    monai = [Variant("monai", flash=f, graph=g) for f in ([False] if args.no_flash else [False, True]) for g in graphs]
+    modes = [dict(graph=g) for g in graphs]
+    if args.graph_network and device.type == "cuda":
+        modes.append(dict(graph_network=True))
+    ours = [Variant("ours", k, layout, recompute=r, **mode)
+            for layout in layouts for k in kernels for r in recompute for mode in modes]
+    monai = [Variant("monai", flash=f, **mode) for f in ([False] if args.no_flash else [False, True]) for mode in modes]
     if args.no_monai:
         monai = []
     return monai + ours

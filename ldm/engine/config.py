@@ -38,6 +38,7 @@ class TrainerConfig:
     max_bad_steps: int = 5         # consecutive non-finite losses tolerated (steps skipped) before the run stops
     benchmark: bool = True         # cudnn.benchmark
     channels_last: bool = False    # on CUDA: rank-4/5 weights and batch tensors stored NHWC / NDHWC (memory_format.py)
+    cuda_graph: bool = False       # on CUDA: the model's cuda_graph_modules() replay forward + backward as CUDA graphs
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     callbacks: dict = field(default_factory=dict)  # name -> {target, params}, e.g. image_logger
     logger: list = field(default_factory=lambda: ["tensorboard", "csv"])
@@ -51,6 +52,10 @@ class TrainerConfig:
         unknown_loggers = set(self.logger) - {"tensorboard", "csv"}
         if unknown_loggers:
             raise ConfigError(f"trainer.logger: unknown logger(s) {sorted(unknown_loggers)} (known: tensorboard, csv)")
+        if self.cuda_graph and self.accumulate_grad_batches > 1:
+            raise ConfigError("trainer.cuda_graph: not with accumulate_grad_batches > 1 (a replay overwrites the "
+                              "gradients of the previous micro-batch, see ldm/engine/cuda_graph.py); raise the "
+                              "batch size or turn cuda_graph off")
         if self.max_steps < 0 and self.max_epochs < 0:
             raise ConfigError("trainer: set max_steps or max_epochs (both are -1, the run would never end)")
 

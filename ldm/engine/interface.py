@@ -45,5 +45,7 @@ class TrainableModel(Protocol):
 
 
 def optional_hook(model: torch.nn.Module, name: str):
-    """`model.<name>` if the model defines that optional hook (e.g. `on_train_batch_end(batch, batch_idx)` for EMA)."""
+    """`model.<name>` if the model defines that optional hook: `on_train_batch_end(batch, batch_idx)` (e.g. for EMA),
+    `cuda_graph_modules()` (name -> network whose training forward and backward `trainer.cuda_graph` captures; each
+    must run once per training step, see ldm/engine/cuda_graph.py)."""
     return getattr(model, name, None)

@@ -20,12 +20,14 @@ from tqdm.auto import tqdm
 
 from ldm.engine import checkpoint as ckpt
 from ldm.engine.config import TrainerConfig, fabric_kwargs
+from ldm.engine.cuda_graph import graph_training_forward
 from ldm.engine.guard import NonFiniteLossError, StepGuard, describe_loss, gradient_norm
 from ldm.engine.images import batch_affines, save_images
 from ldm.engine.interface import optional_hook
 from ldm.engine.loggers import RunLogger
 from ldm.engine.memory_format import batch_to_channels_last, model_to_channels_last
 from ldm.engine.signals import PreemptionFlags
+from ldm.util import ConfigError
 
 
 def _as_optimizers(configured: Any) -> tuple[list, list]:
@@ -109,7 +111,25 @@ class Trainer:
             module, *optimizers = self.fabric.setup(model, *optimizers)
         self._mark_forward_methods(module, model)
         self.raw_model, self.module = model, module
+        if self.config.cuda_graph:
+            self._graph_networks(model)
         return module, optimizers, schedulers
+
+    def _graph_networks(self, model: torch.nn.Module) -> None:
+        """trainer.cuda_graph: the model's `cuda_graph_modules()` (name -> module) capture on their first training
+        call (ldm/engine/cuda_graph.py). Single-process CUDA runs only; elsewhere a notice, and eager."""
+        hook = optional_hook(model, "cuda_graph_modules")
+        if hook is None:
+            raise ConfigError(f"trainer.cuda_graph: {type(model).__name__} has no cuda_graph_modules() naming the "
+                              f"networks to capture")
+        if self.fabric.world_size > 1 or self.sharded:
+            raise ConfigError(f"trainer.cuda_graph: single-process runs only (this run has "
+                              f"{self.fabric.world_size} processes, strategy {self.config.strategy!r})")
+        if self.fabric.device.type != "cuda":
+            tqdm.write(f"trainer.cuda_graph: no effect on {self.fabric.device.type} (CUDA only); running eagerly")
+            return
+        for name, network in hook().items():
+            graph_training_forward(network, name)
 
     @staticmethod
     def _mark_forward_methods(module, model) -> None:

@@ -96,3 +96,10 @@ class ToyRegressor(nn.Module):
 
     def log_images(self, batch, split: str, max_images: int):
         return {"inputs": batch["image"][:max_images].clamp(-1, 1)}
+
+
+class GraphableToy(ToyRegressor):
+    """ToyRegressor that names its linear layer for `trainer.cuda_graph`."""
+
+    def cuda_graph_modules(self) -> dict:
+        return {"linear": self.linear}

@@ -155,6 +155,10 @@ class DDPM(nn.Module):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.model]
 
+    def cuda_graph_modules(self) -> dict[str, nn.Module]:
+        """What `trainer.cuda_graph` captures: the denoising network, called once per training step."""
+        return {"model": self.model}
+
     # ------------------------------------------------------------------------------------------- network
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Network output for x_t: (B, channels, *image_size) at timesteps t: (B,) under `cond`."""
