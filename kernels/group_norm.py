@@ -1,6 +1,9 @@
-"""Fused GroupNorm (+ per-sample scale-shift, + SiLU, + residual add) in Triton, forward and backward.
+"""Fused GroupNorm (+ input bias, + per-sample scale-shift, + SiLU, + residual add) in Triton, forward and backward.
 
     h = x + residual                                      (optional; h is returned too, for the skip path)
+    h = x + input_bias[n, c]                              (optional, instead; input_bias: (C,) or (N, C), e.g. the
+                                                           bias of the convolution that made x, plus a per-sample
+                                                           embedding; h is not materialised)
     z = GroupNorm(h) * weight + bias                      statistics in fp32 per (sample, group)
     z = z * (1 + scale) + shift                           (optional; scale, shift: (N, C), the UNet's scale-shift norm)
     y = silu(z)                                           (optional)
@@ -21,7 +24,9 @@ tiles and reads them a second time after the barrier (mostly from L2). Channels-
 Triton's interpreter (which runs programs one after another), use two launches instead: partial statistics, then combine
 and apply (measured faster there; `_plan` has the rules, benchmarks/bench_group_norm.py the numbers).
 
-Saved for backward: h (the input), and mean, rstd per (sample, group) in fp32 — not the normalised activations.
+Saved for backward: h (the input), or x and input_bias, and mean, rstd per (sample, group) in fp32 — not the
+normalised activations. The input bias's gradient (dx summed over samples and space) follows in closed form from
+per-(sample, channel) sums the backward kernel forms anyway, plus one: the sum of xhat (`_input_bias_grad`).
 """
 from __future__ import annotations
 
@@ -57,17 +62,22 @@ LAST_KERNELS: dict = {}
 
 def group_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
                          eps: float = 1e-6, act: bool = False, scale: torch.Tensor | None = None,
-                         shift: torch.Tensor | None = None, residual: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spec, in PyTorch: returns (y, h) with h = x + residual (x itself without residual).
+                         shift: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                         input_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec, in PyTorch: returns (y, h) with h = x (+ residual) (+ input_bias per channel).
 
-    x, residual: (N, C, *spatial); weight, bias: (C,); scale, shift: (N, C) or (N, C, 1, ...). Computes in fp32 (or the
-    input's dtype when that is float64) and returns y in x's dtype.
+    x, residual: (N, C, *spatial); weight, bias: (C,); input_bias: (C,) or (N, C); scale, shift: (N, C) or
+    (N, C, 1, ...). Computes in
+    fp32 (or the input's dtype when that is float64; input_bias is added there) and returns y and h in x's dtype.
     """
     h = x if residual is None else x + residual
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     spatial = (1,) * (x.ndim - 2)
-    y = F.group_norm(h.to(compute), num_groups, None if weight is None else weight.to(compute),
+    h_compute = h.to(compute)
+    if input_bias is not None:
+        h_compute = h_compute + input_bias.to(compute).reshape(-1, x.shape[1], *spatial)
+        h = h_compute.to(x.dtype)
+    y = F.group_norm(h_compute, num_groups, None if weight is None else weight.to(compute),
                      None if bias is None else bias.to(compute), eps)
     if scale is not None:
         y = y * (1 + scale.reshape(*scale.shape[:2], *spatial).to(compute))
@@ -195,14 +205,16 @@ class GroupNormTuning:
     barrier: bool | None = None
 
 
-def _scratch(shape: tuple[int, int], plan: _Plan, per_part: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """One fp32 allocation for two `shape` results (e.g. mean and rstd) and two partials buffers of `per_part`
-    values per program (only where a plan combines partials)."""
+def _scratch(shape: tuple[int, int], plan: _Plan, per_part: int, device: torch.device,
+             count: int = 2) -> tuple[torch.Tensor, ...]:
+    """One fp32 allocation for `count` `shape` results (e.g. mean and rstd), then `count` partials buffers of
+    `per_part` values per program (only where a plan combines partials); returns the results, then the partials."""
     size = shape[0] * shape[1]
     parts = plan.num_segments * plan.splits * per_part if (plan.barrier or not plan.fused) else 1
-    scratch = torch.empty(2 * size + 2 * parts, device=device, dtype=torch.float32)
-    return (scratch[:size].view(shape), scratch[size:2 * size].view(shape), scratch[2 * size:2 * size + parts],
-            scratch[2 * size + parts:])
+    scratch = torch.empty(count * (size + parts), device=device, dtype=torch.float32)
+    results = tuple(scratch[i * size:(i + 1) * size].view(shape) for i in range(count))
+    partials = tuple(scratch[count * size + i * parts:count * size + (i + 1) * parts] for i in range(count))
+    return results + partials
 
 
 def _sync_counters(plan: _Plan, device: torch.device) -> torch.Tensor:
@@ -212,9 +224,10 @@ def _sync_counters(plan: _Plan, device: torch.device) -> torch.Tensor:
     return torch.zeros(1 + 2 * plan.num_segments, device=device, dtype=torch.int32)
 
 
-def _launch_forward(h_in: torch.Tensor, residual, weight, bias, scale, shift, G: int, eps: float, act: bool,
-                    channels_last: bool, tuning: GroupNormTuning):
-    """Runs the forward kernel(s). Returns y, h (= x + residual, or x), mean, rstd ((N, G) fp32)."""
+def _launch_forward(h_in: torch.Tensor, residual, input_bias, weight, bias, scale, shift, G: int, eps: float,
+                    act: bool, channels_last: bool, tuning: GroupNormTuning):
+    """Runs the forward kernel(s). Returns y, h (= x + residual, or x: also with input_bias, which is added in
+    registers only), mean, rstd ((N, G) fp32)."""
     N, C = h_in.shape[:2]
     S = h_in[0, 0].numel()
     plan = _plan(N, C, S, G, channels_last, tuning.forward_tile, h_in.device, tuning.splits, tuning.fused,
@@ -224,13 +237,13 @@ def _launch_forward(h_in: torch.Tensor, residual, weight, bias, scale, shift, G:
     mean, rstd, part_mean, part_m2 = _scratch((N, G), plan, plan.block_g, h_in.device)
     sync = _sync_counters(plan, h_in.device)
     dummy = mean  # stands for absent optional tensors (never read: the constexpr flags prune those loads)
-    args = (h_in, residual if residual is not None else h_in, h, y, weight, bias,
-            scale if scale is not None else dummy, shift if shift is not None else dummy, mean, rstd,
-            part_mean, part_m2, sync,
+    args = (h_in, residual if residual is not None else h_in, input_bias if input_bias is not None else dummy,
+            h, y, weight, bias, scale if scale is not None else dummy, shift if shift is not None else dummy,
+            mean, rstd, part_mean, part_m2, sync,
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split, eps)
-    meta = dict(_plan_meta(plan, channels_last), HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None,
-                ACT=act)
+    meta = dict(_plan_meta(plan, channels_last), HAS_RESIDUAL=residual is not None,
+                HAS_INPUT_BIAS=input_bias is not None, HAS_SCALE=scale is not None, ACT=act)
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
         LAST_KERNELS["forward"] = gn_forward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
@@ -243,55 +256,84 @@ def _launch_forward(h_in: torch.Tensor, residual, weight, bias, scale, shift, G:
     return y, h, mean, rstd
 
 
-def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, weight, bias, scale, shift, mean, rstd, G: int, act: bool,
-                     channels_last: bool, tuning: GroupNormTuning):
-    """Runs the backward kernel(s). Returns dx and the (N, C) fp32 sums A = sum(dz), B = sum(dz * xhat)."""
+def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, bias, scale, shift, mean, rstd, G: int,
+                     act: bool, channels_last: bool, tuning: GroupNormTuning):
+    """Runs the backward kernel(s); h is x where input_bias is given. Returns dx and the (N, C) fp32 sums
+    A = sum(dz), B = sum(dz * xhat) and, with input_bias, X = sum(xhat) (else None)."""
     N, C = h.shape[:2]
     S = h[0, 0].numel()
     plan = _plan(N, C, S, G, channels_last, tuning.backward_tile, h.device, tuning.splits, tuning.fused,
                  tuning.barrier)
     dx = torch.empty_like(h)
-    sum_a, sum_b, part_a, part_b = _scratch((N, C), plan, plan.block_c, h.device)
-    sync = _sync_counters(plan, h.device)
     dummy = mean
-    args = (h, dy, dh if dh is not None else dy, dx, weight, bias,
+    if input_bias is None:
+        sum_a, sum_b, part_a, part_b = _scratch((N, C), plan, plan.block_c, h.device)
+        sum_x, part_x = None, dummy
+    else:
+        sum_a, sum_b, sum_x, part_a, part_b, part_x = _scratch((N, C), plan, plan.block_c, h.device, count=3)
+    sync = _sync_counters(plan, h.device)
+    args = (h, input_bias if input_bias is not None else dummy, dy, dh if dh is not None else dy, dx, weight, bias,
             scale if scale is not None else dummy, shift if shift is not None else dummy, mean, rstd,
-            part_a, part_b, sum_a, sum_b, sync,
+            part_a, part_b, part_x, sum_a, sum_b, sum_x if sum_x is not None else dummy, sync,
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split)
-    meta = dict(_plan_meta(plan, channels_last), HAS_DH=dh is not None, HAS_SCALE=scale is not None, ACT=act)
+    meta = dict(_plan_meta(plan, channels_last), HAS_DH=dh is not None, HAS_INPUT_BIAS=input_bias is not None,
+                HAS_SCALE=scale is not None, ACT=act)
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
         LAST_KERNELS["backward"] = gn_backward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
     else:
         gn_backward_kernel[grid](*args, PHASE=PHASE_PARTIALS, BARRIER=False, **meta)
         gn_backward_kernel[grid](*args, PHASE=PHASE_APPLY, BARRIER=False, **meta)
-    return dx, sum_a, sum_b
+    return dx, sum_a, sum_b, sum_x
+
+
+def _input_bias_grad(sum_a: torch.Tensor, sum_b: torch.Tensor, sum_x: torch.Tensor, k: torch.Tensor,
+                     rstd: torch.Tensor, S: int) -> torch.Tensor:
+    """d input_bias: dx summed over samples and space, in closed form from the backward kernel's per-(sample, channel)
+    sums A = sum(dz), B = sum(dz * xhat), X = sum(xhat) over space (fp32, (N, C)); k = weight * (1 + scale): (C,) or
+    (N, C); rstd: (N, G). The kernel's dx = rstd * (k dz - mean_g(k dz) - xhat mean_g(k dz xhat)) summed over space:
+    rstd * (k A - S mean_g(k dz) - X mean_g(k dz xhat)), mean_g over the group's S * C/G elements. Returns (N, C) fp32
+    (per sample: sum over dim 0 for a (C,) bias).
+    """
+    N, C = sum_a.shape
+    G = rstd.shape[1]
+    k_a = (k * sum_a).view(N, G, C // G)
+    k_b = (k * sum_b).view(N, G, C // G)
+    group_elems = S * (C // G)
+    mean_k_dz = k_a.sum(2, keepdim=True) / group_elems
+    mean_k_dz_xhat = k_b.sum(2, keepdim=True) / group_elems
+    per_sample = rstd.view(N, G, 1) * (k_a - S * mean_k_dz - sum_x.view(N, G, C // G) * mean_k_dz_xhat)
+    return per_sample.reshape(N, C)
 
 
 class _GroupNormActFunction(torch.autograd.Function):
-    """Autograd for the fused kernels. Saves h, weight, bias, scale, shift and (N, G) mean / rstd only."""
+    """Autograd for the fused kernels. Saves h (or x and input_bias), weight, bias, scale, shift and (N, G) mean /
+    rstd only."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, scale, shift, num_groups, eps, act, tuning):
+    def forward(ctx, x, residual, input_bias, weight, bias, scale, shift, num_groups, eps, act, tuning):
         x_in, channels_last = _as_kernel_layout(x)
         if residual is not None:
             residual = residual.contiguous(memory_format=_memory_format(x_in, channels_last))
-        y, h, mean, rstd = _launch_forward(x_in, residual, weight, bias, scale, shift, num_groups, eps, act,
-                                           channels_last, tuning)
-        ctx.save_for_backward(h, weight, bias, scale, shift, mean, rstd)
+        ctx.per_sample_bias = input_bias is not None and input_bias.ndim == 2
+        if input_bias is not None:  # the kernels read (N, C)
+            input_bias = input_bias.expand(x.shape[0], -1).contiguous()
+        y, h, mean, rstd = _launch_forward(x_in, residual, input_bias, weight, bias, scale, shift, num_groups, eps,
+                                           act, channels_last, tuning)
+        ctx.save_for_backward(h, input_bias, weight, bias, scale, shift, mean, rstd)
         ctx.config = (num_groups, act, channels_last, tuning, residual is not None)
         return (y, h) if residual is not None else y
 
     @staticmethod
     def backward(ctx, dy, *maybe_dh):
-        h, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        h, input_bias, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
         num_groups, act, channels_last, tuning, has_residual = ctx.config
         fmt = _memory_format(h, channels_last)
         dy = dy.contiguous(memory_format=fmt)
         dh = maybe_dh[0].contiguous(memory_format=fmt) if (maybe_dh and maybe_dh[0] is not None) else None
-        dx, sum_a, sum_b = _launch_backward(h, dy, dh, weight, bias, scale, shift, mean, rstd, num_groups, act,
-                                            channels_last, tuning)
+        dx, sum_a, sum_b, sum_x = _launch_backward(h, dy, dh, input_bias, weight, bias, scale, shift, mean, rstd,
+                                                   num_groups, act, channels_last, tuning)
         if scale is not None:
             factor = 1.0 + scale.float()
             d_weight, d_bias = (factor * sum_b).sum(0), (factor * sum_a).sum(0)
@@ -301,7 +343,12 @@ class _GroupNormActFunction(torch.autograd.Function):
         else:
             d_weight, d_bias, d_scale, d_shift = sum_b.sum(0), sum_a.sum(0), None, None
         d_residual = dx if has_residual else None
-        return (dx, d_residual, d_weight.to(weight.dtype), d_bias.to(bias.dtype), d_scale, d_shift,
+        d_input_bias = None
+        if input_bias is not None:
+            k = weight.float() if scale is None else weight.float() * (1.0 + scale.float())
+            d_input_bias = _input_bias_grad(sum_a, sum_b, sum_x, k, rstd, h[0, 0].numel())
+            d_input_bias = (d_input_bias if ctx.per_sample_bias else d_input_bias.sum(0)).to(input_bias.dtype)
+        return (dx, d_residual, d_input_bias, d_weight.to(weight.dtype), d_bias.to(bias.dtype), d_scale, d_shift,
                 None, None, None, None)
 
 
@@ -313,12 +360,15 @@ def _memory_format(x: torch.Tensor, channels_last: bool) -> torch.memory_format:
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-6,
                    act: bool = False, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                   residual: torch.Tensor | None = None, tuning: GroupNormTuning | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernels. Returns (y, h) like `group_norm_reference`.
+                   residual: torch.Tensor | None = None, tuning: GroupNormTuning | None = None,
+                   input_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused kernels. Returns (y, h) like `group_norm_reference`; (y, None) with input_bias, whose
+    h = x + input_bias is never materialised.
 
     x, residual: (N, C, *spatial) with 1 to 3 spatial dims; weight, bias: (C,); scale, shift: (N, C) or (N, C, 1, ...),
-    given together or not at all. x in fp32, bf16 or fp16; y and h in x's dtype and layout.
+    given together or not at all; input_bias: (C,) or (N, C) in any float dtype (under autocast, the fp32 bias of the
+    convolution that made a bf16 x; added in fp32; its gradient comes back in its dtype), not together with residual. x in fp32,
+    bf16 or fp16; y and h in x's dtype and layout.
     """
     if x.ndim < 3:
         raise ValueError(f"group_norm_act: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
@@ -329,6 +379,11 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
         raise ValueError("group_norm_act: give scale and shift together (shift may be zeros)")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"group_norm_act: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+    if input_bias is not None and residual is not None:
+        raise ValueError("group_norm_act: input_bias and residual are not supported together")
+    if input_bias is not None and input_bias.shape not in ((C,), (N, C)):
+        raise ValueError(f"group_norm_act: input_bias must be (C,) = ({C},) or (N, C) = ({N}, {C}), got "
+                         f"{tuple(input_bias.shape)}")
     if weight is None:
         weight = torch.ones(C, device=x.device, dtype=torch.float32)
     if bias is None:
@@ -336,7 +391,10 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
     scale = _per_sample_channels(scale, N, C, "scale")
     shift = _per_sample_channels(shift, N, C, "shift")
     if x.numel() == 0:
-        return group_norm_reference(x, weight, bias, num_groups, eps, act, scale, shift, residual)
-    out = _GroupNormActFunction.apply(x, residual, weight.contiguous(), bias.contiguous(), scale, shift, num_groups,
-                                      eps, act, tuning or GroupNormTuning())
-    return out if residual is not None else (out, x)
+        y, h = group_norm_reference(x, weight, bias, num_groups, eps, act, scale, shift, residual, input_bias)
+        return y, (h if input_bias is None else None)
+    out = _GroupNormActFunction.apply(x, residual, input_bias, weight.contiguous(), bias.contiguous(), scale, shift,
+                                      num_groups, eps, act, tuning or GroupNormTuning())
+    if residual is not None:
+        return out
+    return out, (x if input_bias is None else None)

@@ -3,6 +3,8 @@
 Tiles are (lanes, BLOCK_S): BLOCK_G groups of CPG_PAD channel lanes (channels per group padded to a power of two) by
 BLOCK_S spatial positions. PHASE 0 is the single launch (with BARRIER: programs of a segment meet in global memory;
 without: one program per segment), PHASE 1 writes partial statistics, PHASE 2 combines them and applies.
+HAS_INPUT_BIAS: h = x + input_bias[n, c] is formed in registers wherever a tile is read (forward and backward) and never
+written.
 """
 import triton
 import triton.language as tl
@@ -52,14 +54,28 @@ def _tile_offsets(n, channel, lane_valid, s0, C, S, BLOCK_S: tl.constexpr, CHANN
 
 
 @triton.jit
-def _load_input(x_ptr, r_ptr, h_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
-    """The tile of h = x (+ residual) in fp32; with a residual, h is also written in x's dtype (and used rounded)."""
+def _lane_input_bias(ib_ptr, n, C, channel, lane_valid, BLOCK_C: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr):
+    """The (BLOCK_C,) fp32 input bias of sample n's lanes in the tile (input_bias: (N, C); zeros without one)."""
+    input_bias = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_INPUT_BIAS:
+        input_bias = tl.load(ib_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
+    return input_bias
+
+
+@triton.jit
+def _load_input(x_ptr, r_ptr, h_ptr, input_bias, offsets, mask, HAS_RESIDUAL: tl.constexpr,
+                HAS_INPUT_BIAS: tl.constexpr):
+    """The tile of h = x (+ residual) (+ input_bias per lane) in fp32, 0 outside `mask` (the moments sum it); with a
+    residual, h is also written in x's dtype (and used rounded); with an input bias, h is not written (nor rounded)."""
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         h = (x.to(tl.float32) + tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
         tl.store(h_ptr + offsets, h, mask=mask)
         x = h
-    return x.to(tl.float32)
+    h = x.to(tl.float32)
+    if HAS_INPUT_BIAS:
+        h = tl.where(mask, h + input_bias[:, None], 0.0)
+    return h
 
 
 @triton.jit
@@ -149,11 +165,12 @@ def _program_part(sync_ptr, G, channels_per_group, groups_per_segment, segments_
 
 @triton.jit
 def gn_forward_kernel(
-        x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+        x_ptr, r_ptr, ib_ptr, h_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
         part_mean_ptr, part_m2_ptr, sync_ptr,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
         eps,
-        CHANNELS_LAST: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
         BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr):
@@ -164,13 +181,14 @@ def gn_forward_kernel(
         PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
+    input_bias = _lane_input_bias(ib_ptr, n, C, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS)
     split_elems = tiles_per_split * BLOCK_S * channels_per_group
     group_elems = S * channels_per_group
 
     # 1. partial statistics of this program's part (kept in registers when it is one tile)
     if PHASE != 2:
         offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
-        h = _load_input(x_ptr, r_ptr, h_ptr, offsets, mask, HAS_RESIDUAL)
+        h = _load_input(x_ptr, r_ptr, h_ptr, input_bias, offsets, mask, HAS_RESIDUAL, HAS_INPUT_BIAS)
         count = (tl.minimum(S - s_begin, BLOCK_S) * channels_per_group).to(tl.float32)
         mean, m2 = _tile_moments(h, mask, count, BLOCK_G, CPG_PAD)
         if not ONE_TILE:
@@ -181,7 +199,8 @@ def gn_forward_kernel(
             sum_d2 = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
             for t in range(1, tiles_per_split):
                 t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s_begin + t * BLOCK_S, C, S, BLOCK_S, CHANNELS_LAST)
-                d = tl.where(t_mask, _load_input(x_ptr, r_ptr, h_ptr, t_offsets, t_mask, HAS_RESIDUAL) - shift, 0.0)
+                t_h = _load_input(x_ptr, r_ptr, h_ptr, input_bias, t_offsets, t_mask, HAS_RESIDUAL, HAS_INPUT_BIAS)
+                d = tl.where(t_mask, t_h - shift, 0.0)
                 sum_d += d
                 sum_d2 += d * d
             rest_end = tl.minimum(S, s_begin + tiles_per_split * BLOCK_S)
@@ -248,6 +267,8 @@ def gn_forward_kernel(
                 t_h = tl.load(h_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
             else:
                 t_h = tl.load(x_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
+            if HAS_INPUT_BIAS:
+                t_h += input_bias[:, None]
             z = t_h * a[:, None] + b[:, None]
             if ACT:
                 z = z * tl.sigmoid(z)
@@ -255,10 +276,13 @@ def gn_forward_kernel(
 
 
 @triton.jit
-def _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, b, scale, shift,
-                   HAS_SCALE: tl.constexpr, ACT: tl.constexpr):
-    """xhat and dz (the gradient at the normalised-and-affine output, before scale) of one tile, both fp32."""
+def _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, b, scale, shift, input_bias,
+                   HAS_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr):
+    """xhat and dz (the gradient at the normalised-and-affine output, before scale) of one tile, both fp32; dz is 0
+    outside `mask`, xhat is not. With HAS_INPUT_BIAS, h_ptr holds x and h = x + input_bias is formed here."""
     h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_INPUT_BIAS:
+        h += input_bias[:, None]
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     xhat = (h - channel_mean[:, None]) * channel_rstd[:, None]
     if ACT:
@@ -272,15 +296,17 @@ def _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, 
 
 @triton.jit
 def gn_backward_kernel(
-        h_ptr, dy_ptr, dh_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-        part_a_ptr, part_b_ptr, sum_a_ptr, sum_b_ptr, sync_ptr,
+        h_ptr, ib_ptr, dy_ptr, dh_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+        part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, sum_x_ptr, sync_ptr,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
-        CHANNELS_LAST: tl.constexpr, HAS_DH: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, HAS_DH: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+        ACT: tl.constexpr,
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
         BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr):
     """dx = rstd * (k * dz - mean_g(k * dz) - xhat * mean_g(k * dz * xhat)), k = weight * (1 + scale); also the
-    per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow."""
+    per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow, and with
+    HAS_INPUT_BIAS (h_ptr then holds x) X = sum(xhat), from which the input bias's gradient follows."""
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
         sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
         PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES)
@@ -298,41 +324,57 @@ def gn_backward_kernel(
     if HAS_SCALE:
         scale += tl.load(scale_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
+    input_bias = _lane_input_bias(ib_ptr, n, C, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS)
 
-    # 1. per-channel partial sums of dz and dz * xhat over this program's part
+    # 1. per-channel partial sums of dz, dz * xhat (and xhat) over this program's part
     if PHASE != 2:
         offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
         xhat, dz = _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, b, scale, shift,
-                                  HAS_SCALE, ACT)
+                                  input_bias, HAS_SCALE, ACT, HAS_INPUT_BIAS)
         if ONE_TILE:
             sum_a = tl.sum(dz, axis=1)
             sum_b = tl.sum(dz * xhat, axis=1)
+            if HAS_INPUT_BIAS:
+                sum_x = tl.sum(tl.where(mask, xhat, 0.0), axis=1)
         else:  # per-lane sums over the tiles, reduced once after the loop
             lane_a = dz
             lane_b = dz * xhat
+            if HAS_INPUT_BIAS:
+                lane_x = tl.where(mask, xhat, 0.0)
             for t in range(1, tiles_per_split):
                 t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s_begin + t * BLOCK_S, C, S, BLOCK_S, CHANNELS_LAST)
                 t_xhat, t_dz = _backward_tile(h_ptr, dy_ptr, t_offsets, t_mask, channel_mean, channel_rstd, w, b,
-                                              scale, shift, HAS_SCALE, ACT)
+                                              scale, shift, input_bias, HAS_SCALE, ACT, HAS_INPUT_BIAS)
                 lane_a += t_dz
                 lane_b += t_dz * t_xhat
+                if HAS_INPUT_BIAS:
+                    lane_x += tl.where(t_mask, t_xhat, 0.0)
             sum_a = tl.sum(lane_a, axis=1)
             sum_b = tl.sum(lane_b, axis=1)
+            if HAS_INPUT_BIAS:
+                sum_x = tl.sum(lane_x, axis=1)
         if PHASE == 1 or BARRIER:
             part = (seg * splits + split) * BLOCK_C + tl.arange(0, BLOCK_C)
             tl.store(part_a_ptr + part, sum_a)
             tl.store(part_b_ptr + part, sum_b)
+            if HAS_INPUT_BIAS:
+                tl.store(part_x_ptr + part, sum_x)
 
     if PHASE == 1:  # two launches: this one only writes the partials
         return
 
-    # 2. the segment's totals: A and B per channel (written for the parameter gradients)
+    # 2. the segment's totals: A and B per channel (written for the parameter gradients; X only written, for the
+    # input bias's)
     sums = n * C + channel
     if PHASE == 0 and BARRIER:
         if _arrive(sync_ptr, seg, splits):
-            total_a, total_b = _sum_partials(part_a_ptr, part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+            total_a = _sum_partials(part_a_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+            total_b = _sum_partials(part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
             tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
             tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
+            if HAS_INPUT_BIAS:
+                total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+                tl.store(sum_x_ptr + sums, total_x, mask=lane_valid)
             _publish(sync_ptr, seg, num_segments)
         _wait_published(sync_ptr, seg, num_segments)
         total_a = tl.load(sum_a_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
@@ -341,11 +383,17 @@ def gn_backward_kernel(
         total_a, total_b = sum_a, sum_b
         tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
         tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
+        if HAS_INPUT_BIAS:
+            tl.store(sum_x_ptr + sums, sum_x, mask=lane_valid)
     else:
-        total_a, total_b = _sum_partials(part_a_ptr, part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+        total_a = _sum_partials(part_a_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+        total_b = _sum_partials(part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
         if split == 0:
             tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
             tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
+            if HAS_INPUT_BIAS:
+                tl.store(sum_x_ptr + sums, _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C),
+                         mask=lane_valid)
 
     k = w * scale
     inv_elems = 1.0 / (S * channels_per_group).to(tl.float32)
@@ -362,7 +410,7 @@ def gn_backward_kernel(
         for t in range(0, tiles_per_split):
             t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s_begin + t * BLOCK_S, C, S, BLOCK_S, CHANNELS_LAST)
             t_xhat, t_dz = _backward_tile(h_ptr, dy_ptr, t_offsets, t_mask, channel_mean, channel_rstd, w, b, scale,
-                                          shift, HAS_SCALE, ACT)
+                                          shift, input_bias, HAS_SCALE, ACT, HAS_INPUT_BIAS)
             dx = channel_rstd[:, None] * (k[:, None] * t_dz - c1[:, None] - t_xhat * c2[:, None])
             if HAS_DH:
                 dx += tl.load(dh_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
@@ -370,12 +418,10 @@ def gn_backward_kernel(
 
 
 @triton.jit
-def _sum_partials(part_a_ptr, part_b_ptr, seg, splits, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sum of the splits' per-channel partials, in split order (deterministic). Returns two (BLOCK_C,) vectors."""
+def _sum_partials(part_ptr, seg, splits, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum of the splits' per-channel partials, in split order (deterministic): a (BLOCK_C,) vector."""
     p = tl.arange(0, BLOCK_SPLITS)
     c = tl.arange(0, BLOCK_C)
     index = (seg * splits + p)[:, None] * BLOCK_C + c[None, :]
     valid = (p < splits)[:, None]
-    total_a = tl.sum(tl.load(part_a_ptr + index, mask=valid, other=0.0, volatile=True), axis=0)
-    total_b = tl.sum(tl.load(part_b_ptr + index, mask=valid, other=0.0, volatile=True), axis=0)
-    return total_a, total_b
+    return tl.sum(tl.load(part_ptr + index, mask=valid, other=0.0, volatile=True), axis=0)

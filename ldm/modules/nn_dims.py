@@ -25,6 +25,12 @@ def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
     return _CONV[check_dims(dims, "conv_nd")](*args, **kwargs)
 
 
+def conv_without_bias(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` without adding `conv.bias`, for a following op that adds it in its own pass over the output
+    (`GroupNormAct(..., input_bias=conv.bias)`): PyTorch adds a cuDNN convolution's bias in a separate pass."""
+    return conv._conv_forward(x, conv.weight, None)
+
+
 def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
     """`nn.AvgPool{dims}d(*args, **kwargs)`."""
     return _AVG_POOL[check_dims(dims, "avg_pool_nd")](*args, **kwargs)

@@ -1,4 +1,5 @@
-"""GroupNorm with optional fused scale-shift and SiLU: the one place every model takes its normalisation from.
+"""GroupNorm with optional fused input bias, scale-shift and SiLU: the one place every model takes its
+normalisation from.
 
 `kernels` chooses the implementation: `torch` (PyTorch's GroupNorm and elementwise ops), `triton` (the fused kernels
 in kernels/group_norm.py: one read of x and one write of y, statistics in fp32, x's dtype and memory layout kept) or
@@ -21,10 +22,12 @@ def _check_kernels(kernels: str) -> str:
 
 
 class GroupNormAct(nn.GroupNorm):
-    """GroupNorm over `num_groups` groups, then optionally `* (1 + scale) + shift` per sample and channel, then SiLU
-    when `act` is True.
+    """Optionally `+ input_bias` per (sample,) channel, then GroupNorm over `num_groups` groups, then optionally
+    `* (1 + scale) + shift` per sample and channel, then SiLU when `act` is True.
 
-    x: (B, C, *spatial) -> same shape; scale, shift: (B, C) or (B, C, 1, ...), given together or not at all.
+    x: (B, C, *spatial) -> same shape; scale, shift: (B, C) or (B, C, 1, ...), given together or not at all;
+    input_bias: (C,) or (B, C), e.g. the bias of a convolution run without it, plus a per-sample embedding (the Triton
+    kernels add it while reading x, instead of separate passes, and reduce its gradient from sums they form anyway).
     Statistics are computed in fp32 either way. With `kernels: torch` under autocast the output is fp32 (PyTorch's
     autocast policy for group_norm); the Triton kernels return x's dtype.
     """
@@ -40,18 +43,24 @@ class GroupNormAct(nn.GroupNorm):
     def uses_triton(self, x: torch.Tensor) -> bool:
         return self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
-                shift: torch.Tensor | None = None) -> torch.Tensor:
-        return self.normalize(x, self.weight, self.bias, scale, shift)
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                input_bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.normalize(x, self.weight, self.bias, scale, shift, input_bias)
 
     def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None = None,
-                  shift: torch.Tensor | None = None) -> torch.Tensor:
-        """`forward` with the affine parameters given (for recomputation from saved tensors): weight, bias (C,)."""
+                  shift: torch.Tensor | None = None, input_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` with the affine parameters given (for recomputation from saved tensors): weight, bias (C,).
+
+        The torch path adds input_bias in the promoted dtype: under autocast (bf16 x, fp32 convolution bias) the sum
+        stays fp32, unrounded, as in the Triton kernels (autocast's group_norm computes in fp32 anyway)."""
         if (scale is None) != (shift is None):
             raise ValueError("GroupNormAct: give scale and shift together")
         if self.uses_triton(x):
             from kernels.group_norm import group_norm_act  # imported on first use: CPU-only runs never load Triton
-            return group_norm_act(x, weight, bias, self.num_groups, self.eps, self.act, scale, shift)[0]
+            return group_norm_act(x, weight, bias, self.num_groups, self.eps, self.act, scale, shift,
+                                  input_bias=input_bias)[0]
+        if input_bias is not None:
+            x = x + input_bias.reshape(-1, x.shape[1], *(1,) * (x.ndim - 2))
         y = F.group_norm(x, self.num_groups, weight, bias, self.eps)
         if scale is not None:
             spatial = (1,) * (x.ndim - 2)

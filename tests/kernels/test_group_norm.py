@@ -24,14 +24,18 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(got: torch.Tensor, ref: torch.Tensor, norm: torch.Tensor | None = None) -> float:
+    """Relative L2 error of got against ref, relative to `norm` where given (else ref's norm)."""
     assert torch.isfinite(got).all(), "non-finite values (an element was not written?)"
-    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return ((got.double() - ref).norm() / (ref.norm() if norm is None else norm).clamp_min(1e-30)).item()
 
 
 def run_case(shape, groups, *, device="cpu", dtype=torch.float32, layout="contiguous", act=True, scale_shift=False,
-             residual=False, tuning=None, seed=0):
-    """Forward + backward of ours and of the float64 reference on the same inputs; returns a dict of errors."""
+             residual=False, input_bias=False, tuning=None, seed=0):
+    """Forward + backward of ours and of the float64 reference on the same inputs; returns a dict of errors.
+
+    input_bias (True: (C,), "per_sample": (N, C)) stays fp32 whatever x's dtype (the convolution's bias under
+    autocast); ours then returns no h."""
     gen = torch.Generator().manual_seed(seed)
     N, C = shape[:2]
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3  # an offset mean: cancellation must not hurt
@@ -42,6 +46,9 @@ def run_case(shape, groups, *, device="cpu", dtype=torch.float32, layout="contig
         inputs["shift"] = torch.randn(N, C, generator=gen, dtype=torch.float64)
     if residual:
         inputs["residual"] = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if input_bias:  # per-channel offsets larger than x's spread: X = sum(xhat) differs between a group's channels
+        bias_shape = (N, C) if input_bias == "per_sample" else (C,)
+        inputs["input_bias"] = 4 * torch.randn(bias_shape, generator=gen, dtype=torch.float64)
     # Round the inputs to the tested dtype first, so both sides see the same numbers.
     ours_in = {k: v.to(dtype if k in ("x", "residual") else torch.float32).to(device) for k, v in inputs.items()}
     ref_in = {k: v.to(ours_in[k].dtype).double() for k, v in inputs.items()}
@@ -55,7 +62,7 @@ def run_case(shape, groups, *, device="cpu", dtype=torch.float32, layout="contig
             x_in = channels_last(x_in)
         kwargs = {"tuning": tuning} if fn is group_norm_act else {}
         y, h = fn(x_in, leaves["weight"], leaves["bias"], groups, 1e-5, act, leaves.get("scale"), leaves.get("shift"),
-                  leaves.get("residual"), **kwargs)
+                  leaves.get("residual"), input_bias=leaves.get("input_bias"), **kwargs)
         loss = (y.double() * grad_y.to(y.device)).sum()
         if residual:
             loss = loss + (h.double() * grad_h.to(h.device)).sum()
@@ -67,8 +74,15 @@ def run_case(shape, groups, *, device="cpu", dtype=torch.float32, layout="contig
     assert y.dtype == dtype and y.shape == shape
     if layout == "channels_last" and min(shape[2:]) > 1:
         assert is_channels_last(y) and (not residual or is_channels_last(h))
-    errors = {"y": rel_err(y.cpu(), y_ref), "h": rel_err(h.cpu(), h_ref)}
+    errors = {"y": rel_err(y.cpu(), y_ref)}
+    if input_bias:
+        assert h is None
+    else:
+        errors["h"] = rel_err(h.cpu(), h_ref)
     errors.update({f"d{k}": rel_err(grads[k].cpu(), grads_ref[k]) for k in grads_ref})
+    if input_bias:  # it vanishes where groups = C (xhat ignores a per-group offset): measure it against dx, its summand
+        errors["dinput_bias"] = rel_err(grads["input_bias"].cpu(), grads_ref["input_bias"],
+                                        torch.maximum(grads_ref["input_bias"].norm(), grads_ref["x"].norm()))
     return errors
 
 
@@ -189,6 +203,9 @@ def test_scale_shift_accepts_broadcast_shape():
     (dict(scale=torch.zeros(2, 4)), "scale and shift together"),
     (dict(scale=torch.zeros(2, 5), shift=torch.zeros(2, 5)), "scale must be (N, C)"),
     (dict(residual=torch.zeros(2, 4, 3)), "residual"),
+    (dict(residual=torch.zeros(2, 4, 3, 3), input_bias=torch.zeros(4)), "input_bias and residual"),
+    (dict(input_bias=torch.zeros(5)), "input_bias must be (C,)"),
+    (dict(input_bias=torch.zeros(1, 4)), "input_bias must be (C,)"),
 ])
 def test_bad_input_is_named(kwargs, message):
     x = torch.randn(2, 4, 3, 3)
@@ -205,5 +222,86 @@ def test_bad_input_is_named(kwargs, message):
 def test_cuda_single_launch_with_barrier(shape, layout, dtype):
     """On the GPU, segments are split over many programs that meet at the in-kernel barrier."""
     errors = run_case(shape, 32, device="cuda", dtype=dtype, layout=layout, scale_shift=True, residual=True,
+                      tuning=GroupNormTuning(forward_tile=1024, backward_tile=1024))
+    assert_close(errors, dtype, grad_factor=2.0)
+
+
+# The convolution's bias added by the norm (input_bias). On top of PLANS, the single launch forced (the interpreter
+# would run two): one tile, several tiles, and with the barrier (one split in the interpreter). The shape's plans
+# have several tiles per program, several splits, a split that starts on the partial last tile, and padded lanes
+# (3 channels per group).
+ONE_LAUNCH_PLANS = {
+    "one-launch": GroupNormTuning(fused=True),
+    "one-launch-multi-tile": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True),
+    "one-launch-barrier": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True, barrier=True),
+}
+INPUT_BIAS_PLANS = {**PLANS, **ONE_LAUNCH_PLANS}
+INPUT_BIAS_SHAPES = [((2, 30, 9, 10), 3), ((3, 6, 5, 7), 1), ((2, 6, 3, 4, 5), 6), ((2, 8, 3, 5, 7), 4)]
+
+
+@pytest.mark.parametrize("shape,groups", INPUT_BIAS_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_input_bias_every_shape_and_layout(shape, groups, layout):
+    assert_close(run_case(shape, groups, layout=layout, scale_shift=True, input_bias=True), torch.float32)
+
+
+@pytest.mark.parametrize("plan", ["two-launch", "one-launch-barrier"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_per_sample_input_bias(plan, layout):
+    """(N, C) input_bias (a conv bias plus the UNet's timestep embedding), its (N, C) gradient."""
+    tuning = INPUT_BIAS_PLANS[plan]
+    errors = run_case((3, 8, 5, 6), 2, layout=layout, input_bias="per_sample", tuning=tuning)
+    assert_close(errors, torch.float32)
+
+
+@pytest.mark.parametrize("act,scale_shift", [(False, False), (True, False), (False, True), (True, True)])
+def test_input_bias_every_fusion_option(act, scale_shift):
+    errors = run_case((2, 12, 5, 7), 3, act=act, scale_shift=scale_shift, input_bias=True)
+    assert_close(errors, torch.float32)
+
+
+@pytest.mark.parametrize("plan", INPUT_BIAS_PLANS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_input_bias_launch_plans(plan, layout):
+    errors = run_case((2, 6, 7, 10), 2, layout=layout, scale_shift=True, input_bias=True,
+                      tuning=INPUT_BIAS_PLANS[plan])
+    assert_close(errors, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_input_bias_half_precision(dtype, layout):
+    """A half-precision x with an fp32 input_bias, as under autocast."""
+    assert_close(run_case((2, 8, 4, 5, 6), 4, dtype=dtype, layout=layout, scale_shift=True, input_bias=True), dtype)
+
+
+def test_input_bias_in_another_dtype_than_x():
+    """A bf16 input_bias with an fp32 x: added in fp32, its gradient in bf16."""
+    x = torch.randn(2, 4, 3, 5)
+    w, b = torch.randn(4), torch.randn(4)
+    input_bias = torch.randn(4, dtype=torch.bfloat16, requires_grad=True)
+    y, h = group_norm_act(x, w, b, 2, act=True, input_bias=input_bias)
+    assert h is None
+    torch.testing.assert_close(y, group_norm_reference(x, w, b, 2, 1e-6, True, input_bias=input_bias)[0])
+    y.sum().backward()
+    assert input_bias.grad.dtype == torch.bfloat16
+
+
+def test_input_bias_empty_input():
+    empty = torch.randn(0, 4, 3, 5, requires_grad=True)
+    input_bias = torch.randn(4, requires_grad=True)
+    y, h = group_norm_act(empty, torch.ones(4), torch.zeros(4), 2, act=True, input_bias=input_bias)
+    assert y.shape == empty.shape and h is None
+    y.sum().backward()
+    assert torch.equal(input_bias.grad, torch.zeros(4))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 64, 32, 32, 32), (2, 128, 16, 16, 16), (3, 320, 24, 24)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_input_bias_single_launch_with_barrier(shape, layout, dtype):
+    """input_bias on the GPU, where segments are split over many programs that meet at the in-kernel barrier."""
+    errors = run_case(shape, 32, device="cuda", dtype=dtype, layout=layout, scale_shift=True, input_bias=True,
                       tuning=GroupNormTuning(forward_tile=1024, backward_tile=1024))
     assert_close(errors, dtype, grad_factor=2.0)

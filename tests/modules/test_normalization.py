@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.diffusionmodules.model import Decoder, Encoder, ResnetBlock
 from ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
 from ldm.modules.normalization import GroupNormAct, set_kernels
 
@@ -39,12 +39,60 @@ def test_module_scale_shift_matches_torch_path(act):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("act,scale_shift,bias_shape", [(False, False, (8,)), (True, True, (8,)), (True, False, (2, 8))])
+def test_module_input_bias_matches_torch_path(act, scale_shift, bias_shape):
+    """The convolution's bias (+ a per-sample embedding) added by the norm: output and every gradient, input_bias's
+    included."""
+    torch.manual_seed(0)
+    norm = GroupNormAct(8, 4, act=act)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x, input_bias = torch.randn(2, 8, 3, 4, 5), 3 * torch.randn(bias_shape)
+    scale, shift = (torch.randn(2, 8), torch.randn(2, 8)) if scale_shift else (None, None)
+    results = {}
+    for kernels in ("torch", "triton"):
+        module = set_kernels(copy.deepcopy(norm), kernels)
+        x_leaf, bias_leaf = x.clone().requires_grad_(), input_bias.clone().requires_grad_()
+        out = module(x_leaf, scale, shift, input_bias=bias_leaf)
+        out.square().mean().backward()
+        results[kernels] = dict(out=out.detach(), x=x_leaf.grad, input_bias=bias_leaf.grad, weight=module.weight.grad,
+                                bias=module.bias.grad)
+    for name, expected in results["torch"].items():
+        torch.testing.assert_close(results["triton"][name], expected, atol=2e-5, rtol=1e-4, msg=name)
+
+
 def test_unet_resblock_with_scale_shift_norm_same_with_triton_kernels():
     torch.manual_seed(0)
     block = ResBlock(32, emb_channels=8, dropout=0.0, dims=3, use_scale_shift_norm=True)
     for p in block.parameters():  # the zero-initialised output convolution would hide the first norm's gradients
         torch.nn.init.normal_(p, std=0.2)
     assert_same_model_results(block, (torch.randn(2, 32, 3, 4, 4), torch.randn(2, 8)))
+
+
+def test_unet_resblock_with_added_embedding_same_with_triton_kernels():
+    """The embedding and in_conv's bias enter out_norm as one (N, C) input bias."""
+    torch.manual_seed(0)
+    block = ResBlock(32, emb_channels=8, dropout=0.0, dims=2, out_channels=64)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    assert_same_model_results(block, (torch.randn(2, 32, 5, 6), torch.randn(2, 8)))
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_resblocks_equal_the_plain_composition_with_biased_convs(kernels):
+    """The conv biases folded into the next norm (input_bias) give what the blocks' layers give one after another."""
+    torch.manual_seed(0)
+    ae_block = set_kernels(ResnetBlock(16, 32, 0.0, 3, 8), kernels)
+    x = torch.randn(2, 16, 3, 4, 5)
+    expected = ae_block.skip(x) + ae_block.conv2(ae_block.norm2(ae_block.conv1(ae_block.norm1(x))))
+    torch.testing.assert_close(ae_block(x), expected, atol=1e-5, rtol=1e-4)
+    unet_block = set_kernels(ResBlock(32, emb_channels=8, dropout=0.0, dims=3), kernels)
+    for p in unet_block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, emb = torch.randn(2, 32, 3, 4, 5), torch.randn(2, 8)
+    h = unet_block.in_conv(unet_block.in_norm(x)) + unet_block.emb_proj(emb)[:, :, None, None, None]
+    expected = unet_block.skip(x) + unet_block.out_conv(unet_block.out_norm(h))
+    torch.testing.assert_close(unet_block(x, emb), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_unet_applies_kernels_choice_to_every_norm():

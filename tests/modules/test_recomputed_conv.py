@@ -152,7 +152,8 @@ def test_unet_with_recompute_cheap_computes_the_same_and_keeps_less(scale_shift)
         out.square().mean().backward()
         results.append((kept, out.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (plain_kept, plain_out, plain_grads), (kept, out, grads) = results
-    torch.testing.assert_close(out, plain_out)
+    # The plain path adds in_conv's bias inside out_norm (input_bias): fp32 sums in another order.
+    torch.testing.assert_close(out, plain_out, atol=1e-4, rtol=1e-4)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     assert kept < 0.6 * plain_kept, kept / plain_kept

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import attention, set_model_attention_backend
-from ldm.modules.nn_dims import check_dims, conv_nd, spatial_dims
+from ldm.modules.nn_dims import check_dims, conv_nd, conv_without_bias, spatial_dims
 from ldm.modules.resampling import Downsample, Upsample
 from ldm.modules.diffusionmodules.slab_decode import decode_in_slabs
 from ldm.modules.recomputed_conv import norm_act_conv, set_recompute_cheap
@@ -56,12 +56,14 @@ class ResnetBlock(_Checkpointed):
     recompute_cheap = False  # keep the norms' inputs only: GroupNorm+SiLU recomputed in backward (recomputed_conv.py)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = norm_act_conv(self.norm1, self.conv1, x) if self.recompute_cheap else self.conv1(self.norm1(x))
-        if self.recompute_cheap and (self.dropout.p == 0 or not self.training):  # dropout sits before conv2
-            h = norm_act_conv(self.norm2, self.conv2, h)
-        else:
-            h = self.conv2(self.dropout(self.norm2(h)))
-        return self.skip(x) + h
+        if self.recompute_cheap:
+            h = norm_act_conv(self.norm1, self.conv1, x)
+            if self.dropout.p == 0 or not self.training:  # dropout sits before conv2
+                return self.skip(x) + norm_act_conv(self.norm2, self.conv2, h)
+            h = self.norm2(h)
+        else:  # conv1's bias is added inside norm2, not in a pass of its own (nor its gradient reduced in one)
+            h = self.norm2(conv_without_bias(self.conv1, self.norm1(x)), input_bias=self.conv1.bias)
+        return self.skip(x) + self.conv2(self.dropout(h))
 
 
 class AttentionBlock(_Checkpointed):

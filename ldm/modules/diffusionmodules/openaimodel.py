@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import CrossAttention, SpatialTransformer, set_model_attention_backend
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
-from ldm.modules.nn_dims import conv_nd, spatial_dims, zero_module
+from ldm.modules.nn_dims import conv_nd, conv_without_bias, spatial_dims, zero_module
 from ldm.modules.recomputed_conv import prepared_conv, set_recompute_cheap
 from ldm.modules.resampling import Downsample, Upsample
 from ldm.modules.normalization import GroupNormAct, set_kernels
@@ -65,14 +65,30 @@ class ResBlock(nn.Module):
         """x: (B, channels, *spatial), emb: (B, emb_channels) -> (B, out_channels, *spatial resampled)."""
         # Resample between the norm and the conv, as the original does, so the conv runs at the new resolution.
         norm_params = (self.in_norm.weight, self.in_norm.bias)
-        h = (prepared_conv(self._in_prepare, self.in_conv, x, norm_params) if self.recompute_cheap
-             else self.in_conv(self._in_prepare(x, *norm_params)))
+        if self.recompute_cheap:
+            return self._forward_recomputing(x, emb, norm_params)
+        h = conv_without_bias(self.in_conv, self._in_prepare(x, *norm_params))
+        x = self.resample(x)
+        emb_out = self.emb_proj(emb)
+        # in_conv's bias (and the added embedding) enter out_norm as its per-(sample, channel) input bias: no pass of
+        # their own over h, forward or backward.
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.to(h.dtype).chunk(2, dim=1)
+            h = self.out_norm(h, scale, shift, input_bias=self.in_conv.bias)
+        else:
+            h = self.out_norm(h, input_bias=self.in_conv.bias + emb_out)
+        return self.skip(x) + self.out_conv(self.dropout(h))
+
+    def _forward_recomputing(self, x: torch.Tensor, emb: torch.Tensor,
+                             norm_params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`forward` with recompute_cheap: the norms (and resampling) recomputed in backward, convs biased."""
+        h = prepared_conv(self._in_prepare, self.in_conv, x, norm_params)
         x = self.resample(x)
         emb_out = self.emb_proj(emb).to(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
         modulation = emb_out.chunk(2, dim=1) if self.use_scale_shift_norm else (emb_out,)
         out_params = (self.out_norm.weight, self.out_norm.bias, *modulation)
-        if self.recompute_cheap and (self.dropout.p == 0 or not self.training):  # dropout sits before out_conv
+        if self.dropout.p == 0 or not self.training:  # dropout sits before out_conv
             return self.skip(x) + prepared_conv(self._out_prepare, self.out_conv, h, out_params)
         return self.skip(x) + self.out_conv(self.dropout(self._out_prepare(h, *out_params)))
 
