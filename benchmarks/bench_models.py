@@ -19,7 +19,8 @@ biases, and our AE encoder's last conv gives mean and log-variance together (2 x
 Every variant trains for `--warmup` + `--steps` steps: forward + backward + AdamW step under bf16 autocast with
 cudnn.benchmark, `torch.cuda.synchronize()` around each step; the step time is the median of the timed steps; peak
 memory is `torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's autotuning does not
-count; for a CUDA graph, over its capture, since replays allocate nothing). Losses: L1 reconstruction + 1e-6 KL (summed
+count; for a CUDA graph, over its capture, since replays allocate nothing; for "netgraph", the memory reserved after
+the timed steps with the cache emptied, since the graphs' activations live in their private pools). Losses: L1 reconstruction + 1e-6 KL (summed
 over the latent, mean over the batch) for the autoencoder; MSE on eps for the UNet with t uniform in [0, 1000) on a
 linear beta schedule. Variants: ours with kernels=torch and kernels=triton, contiguous (and channels_last_3d with
 `--channels-last`; each also with `recompute_cheap`, "RC", with `--recompute-cheap`: GroupNorm+SiLU and nearest
@@ -30,8 +31,8 @@ launch work is gone. `--graph-network` adds each variant with what `trainer.cuda
 and decoder separately for ours, the whole model for MONAI's), loss and AdamW eager.
 Ratios are ours / the best MONAI variant (fastest for time, smallest for memory).
 
-Conv FLOPs: counted by forward hooks on every convolution (2 * output elements * in_channels / groups * kernel volume),
-times 3 for forward + input gradient + weight gradient; "conv TFLOP/s" is that over the step time and "% matmul" that
+Conv FLOPs: counted by PyTorch's FlopCounterMode over one eager forward + backward (convolutions and their backward,
+input gradients only where needed); "conv TFLOP/s" is that over the step time and "% matmul" that
 over a measured bf16 matmul rate (8192^3 on CUDA): how far the step is from the hardware's compute limit.
 `--profile` prints the 15 GPU kernels (CPU ops without a GPU) with the most time in one step of each variant.
 `--quick` runs tiny models for a smoke test on any device (kernels=triton on CPU needs TRITON_INTERPRET=1, and Triton's
@@ -58,6 +59,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.engine.cuda_graph import graph_training_forward  # noqa: E402
@@ -289,22 +291,16 @@ def make_graphed_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], dev
     return step
 
 
-def conv_flops(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device, precision: str) -> int:
-    """FLOPs of every convolution in one forward pass: 2 * output elements * in_channels / groups * kernel volume."""
-    total = 0
-
-    def hook(module: nn.modules.conv._ConvNd, inputs, output) -> None:
-        nonlocal total
-        total += 2 * output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    try:
-        with torch.no_grad(), autocast(device, precision):
-            loss_fn()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
+def conv_flops(loss_fn: Callable[[], torch.Tensor], device: torch.device, precision: str) -> int:
+    """FLOPs of every convolution in one eager forward + backward (PyTorch's FlopCounterMode: aten.convolution and
+    aten.convolution_backward, whichever module or function calls them; an input gradient that is not needed is not
+    computed, so not counted)."""
+    with FlopCounterMode(display=False) as counter:  # (entering it again would reset its counts)
+        with autocast(device, precision):
+            loss = loss_fn()
+        loss.backward()
+    counts = counter.get_flop_counts()["Global"]
+    return sum(flops for op, flops in counts.items() if "convolution" in str(op))
 
 
 def matmul_tflops(device: torch.device, precision: str) -> float:
@@ -347,6 +343,17 @@ def print_top_kernels(step: Callable[[], float], device: torch.device, title: st
         print(f"| {name[:110].replace('|', '/')} | {t / 1e3:.2f} | {100 * t / total:.1f} | {calls} |")
 
 
+def peak_gib(device: torch.device, variant: Variant) -> float | None:
+    """Peak allocated GiB since the last reset; for netgraph variants the memory reserved now (after emptying the
+    cache): their activations live in the graphs' private pools, which count as reserved, not allocated."""
+    if device.type != "cuda":
+        return None
+    if variant.graph_network:
+        torch.cuda.empty_cache()
+        return max(torch.cuda.max_memory_allocated(device), torch.cuda.memory_reserved(device)) / GIB
+    return torch.cuda.max_memory_allocated(device) / GIB
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -363,10 +370,12 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     memory_format = torch.channels_last_3d if variant.layout == "channels_last" else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).train()
     x = torch.randn(case.input_shape, device=device).clamp(-1, 1).contiguous(memory_format=memory_format)
+    loss_fn = make_loss(case, variant, model, x)
+    row["conv_tflop_per_step"] = conv_flops(loss_fn, device, args.precision) / 1e12  # before any graph is captured
+    model.zero_grad(set_to_none=True)
     if variant.graph_network:
         for name, network in graphed_networks(case, variant, model).items():
             graph_training_forward(network, name)
-    loss_fn = make_loss(case, variant, model, x)
     step = (make_graphed_step(model, loss_fn, device, args.precision) if variant.graph
             else make_step(model, loss_fn, device, args.precision))
     warmup = []
@@ -385,10 +394,9 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
         times.append(1e3 * (time.perf_counter() - start))
     losses = [float(loss) for loss in losses]
     row.update(step_ms=statistics.median(times), steps_ms=times, warmup_ms=warmup, loss=losses[-1],
-               peak_gib=torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None)
+               peak_gib=peak_gib(device, variant))
     if not all(math.isfinite(v) for v in losses):
         row["status"] = f"non-finite loss {losses}"
-    row["conv_tflop_per_step"] = 3 * conv_flops(model, loss_fn, device, args.precision) / 1e12
     if args.profile:
         print_top_kernels(step, device, f"{case.name} {variant.label}")
 
@@ -456,7 +464,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 3; --quick 1)")
     parser.add_argument("--kernels", default="torch,triton", help="our GroupNorm kernels to run: torch, triton")
     parser.add_argument("--channels-last", action="store_true", help="also run ours in channels_last_3d")
+    parser.add_argument("--channels-last-only", action="store_true", help="run ours in channels_last_3d only")
     parser.add_argument("--no-flash", action="store_true", help="skip MONAI's use_flash_attention variant")
+    parser.add_argument("--only-flash", action="store_true", help="run MONAI with use_flash_attention only")
     parser.add_argument("--no-monai", action="store_true",
                         help="run ours only (no ratios: iterating on ours against a MONAI run already made)")
     parser.add_argument("--recompute-cheap", action="store_true",
@@ -501,7 +511,8 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     if "triton" in kernels and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         print("kernels=triton skipped: it needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
         kernels.remove("triton")
-    layouts = ["contiguous", "channels_last"] if args.channels_last else ["contiguous"]
+    layouts = (["channels_last"] if args.channels_last_only else
+               ["contiguous", "channels_last"] if args.channels_last else ["contiguous"])
     recompute = [False, True] if args.recompute_cheap else [False]
     graphs = [False, True] if args.cuda_graph and device.type == "cuda" else [False]
     modes = [dict(graph=g) for g in graphs]
@@ -509,7 +520,8 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
         modes.append(dict(graph_network=True))
     ours = [Variant("ours", k, layout, recompute=r, **mode)
             for layout in layouts for k in kernels for r in recompute for mode in modes]
-    monai = [Variant("monai", flash=f, **mode) for f in ([False] if args.no_flash else [False, True]) for mode in modes]
+    flash = [True] if args.only_flash else [False] if args.no_flash else [False, True]
+    monai = [Variant("monai", flash=f, **mode) for f in flash for mode in modes]
     if args.no_monai:
         monai = []
     return monai + ours

@@ -61,3 +61,14 @@ def test_full_size_cases_match_monai_architecture():
                 # two L->L ones
                 extra = (top * 27 + 1) * latent + (2 * latent) * (2 * latent + 1) - 2 * latent * (latent + 1)
                 assert parameter_count(ours) - parameter_count(monai) == extra
+
+
+def test_conv_flops_count_forward_and_needed_gradients():
+    """2 * outputs * in_channels * kernel volume forward, the same for the weight gradient; no input gradient for an
+    input that needs none, one more for the second conv's input; whether the conv is called through its module or not."""
+    from benchmarks.bench_models import conv_flops
+    first, second = torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.Conv3d(4, 4, 1)
+    x = torch.randn(1, 2, 4, 4, 4)
+    forward = 2 * 4 * 64 * 2 * 27 + 2 * 4 * 64 * 4 * 1
+    flops = conv_flops(lambda: second._conv_forward(first(x), second.weight, None).sum(), torch.device("cpu"), "fp32")
+    assert flops == 2 * forward + 2 * 4 * 64 * 4
