@@ -45,6 +45,36 @@ def test_installed_forward_is_eager_on_cpu_and_refuses_a_second_install():
         graph_training_forward(layer, "layer")
 
 
+def test_capture_and_replay_rebuild_the_call(monkeypatch, capsys):
+    """The capture path on CPU, with make_graphed_callables replaced by "call the positional module": arguments and
+    keyword arguments (a None among them) reach the network as they were given, one capture per signature, other
+    signatures eager and announced once."""
+    captured = []
+
+    def fake_make_graphed_callables(module, samples, num_warmup_iters):
+        captured.append([tuple(t.shape) for t in samples])
+        return module
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(GraphedTrainingForward, "_graphable",
+                        lambda self, tensors: self.module.training and torch.is_grad_enabled())
+    torch.manual_seed(0)
+    model = tiny_unet(dims=2, context_dim=6)
+    x, t, context = torch.randn(2, 2, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 6)
+    expected = model(x, t, context=context)
+    graphed = graph_training_forward(model, "unet")
+    torch.testing.assert_close(model(x, t, context=context), expected)
+    torch.testing.assert_close(model(x, t, context), expected)  # positional: another signature, run eagerly
+    torch.testing.assert_close(model(x, t, context=context), expected)
+    model(x[:1], t[:1], context=context[:1])
+    model(x[:1], t[:1], context=context[:1])
+    assert captured == [[(2, 2, 8, 8), (2,), (2, 5, 6)]]
+    assert (graphed.captures, graphed.graph_calls, graphed.eager_calls) == (1, 2, 3)
+    notices = [line for line in capsys.readouterr().out.splitlines() if "running these eagerly" in line]
+    assert len(notices) == 2 and "(1, 2, 8, 8) float32" in notices[1]
+
+
 def tiny_unet(dims: int = 3, context_dim: int | None = None) -> UNetModel:
     return UNetModel(image_size=8, dims=dims, in_channels=2, model_channels=32, out_channels=2, num_res_blocks=1,
                      attention_resolutions=[2], channel_mult=[1, 2], num_head_channels=16, use_scale_shift_norm=True,
