@@ -113,12 +113,14 @@ def test_every_fusion_option(act, scale_shift, residual):
     assert_close(errors, torch.float32)
 
 
-# Launch plans: many tiles per program (the multi-tile loops), two launches with several splits (the partials'
-# combination), and the single launch with its barrier (one split in the interpreter; many on a GPU).
+# Launch plans: the single launch with one tile per program and with many (the multi-tile loops), two launches with
+# several splits (the partials' combination), and the single launch with its barrier (one split in the interpreter;
+# many on a GPU). The single launch is forced: in the interpreter the planner would choose two.
 PLANS = {
-    "multi-tile": GroupNormTuning(forward_tile=64, backward_tile=64),
+    "one-launch": GroupNormTuning(fused=True),
+    "multi-tile": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True),
     "two-launch": GroupNormTuning(forward_tile=64, backward_tile=64, splits=3, fused=False),
-    "barrier": GroupNormTuning(forward_tile=64, backward_tile=64, barrier=True),
+    "barrier": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True, barrier=True),
 }
 
 
@@ -226,16 +228,8 @@ def test_cuda_single_launch_with_barrier(shape, layout, dtype):
     assert_close(errors, dtype, grad_factor=2.0)
 
 
-# The convolution's bias added by the norm (input_bias). On top of PLANS, the single launch forced (the interpreter
-# would run two): one tile, several tiles, and with the barrier (one split in the interpreter). The shape's plans
-# have several tiles per program, several splits, a split that starts on the partial last tile, and padded lanes
-# (3 channels per group).
-ONE_LAUNCH_PLANS = {
-    "one-launch": GroupNormTuning(fused=True),
-    "one-launch-multi-tile": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True),
-    "one-launch-barrier": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True, barrier=True),
-}
-INPUT_BIAS_PLANS = {**PLANS, **ONE_LAUNCH_PLANS}
+# The convolution's bias added by the norm (input_bias). The shape's plans have several tiles per program, several
+# splits, a split that starts on the partial last tile, and padded lanes (3 channels per group).
 INPUT_BIAS_SHAPES = [((2, 30, 9, 10), 3), ((3, 6, 5, 7), 1), ((2, 6, 3, 4, 5), 6), ((2, 8, 3, 5, 7), 4)]
 
 
@@ -245,11 +239,11 @@ def test_input_bias_every_shape_and_layout(shape, groups, layout):
     assert_close(run_case(shape, groups, layout=layout, scale_shift=True, input_bias=True), torch.float32)
 
 
-@pytest.mark.parametrize("plan", ["two-launch", "one-launch-barrier"])
+@pytest.mark.parametrize("plan", ["two-launch", "barrier"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_per_sample_input_bias(plan, layout):
     """(N, C) input_bias (a conv bias plus the UNet's timestep embedding), its (N, C) gradient."""
-    tuning = INPUT_BIAS_PLANS[plan]
+    tuning = PLANS[plan]
     errors = run_case((3, 8, 5, 6), 2, layout=layout, input_bias="per_sample", tuning=tuning)
     assert_close(errors, torch.float32)
 
@@ -260,11 +254,11 @@ def test_input_bias_every_fusion_option(act, scale_shift):
     assert_close(errors, torch.float32)
 
 
-@pytest.mark.parametrize("plan", INPUT_BIAS_PLANS)
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_input_bias_launch_plans(plan, layout):
     errors = run_case((2, 6, 7, 10), 2, layout=layout, scale_shift=True, input_bias=True,
-                      tuning=INPUT_BIAS_PLANS[plan])
+                      tuning=PLANS[plan])
     assert_close(errors, torch.float32)
 
 
