@@ -25,8 +25,9 @@ Triton's interpreter (which runs programs one after another), use two launches i
 and apply (measured faster there; `_plan` has the rules, benchmarks/bench_group_norm.py the numbers).
 
 Saved for backward: h (the input), or x and input_bias, and mean, rstd per (sample, group) in fp32 — not the
-normalised activations. The input bias's gradient (dx summed over samples and space) follows in closed form from
-per-(sample, channel) sums the backward kernel forms anyway, plus one: the sum of xhat (`_input_bias_grad`).
+normalised activations. The input bias's gradient (dx summed over space, per sample and channel) follows in closed
+form from per-(sample, channel) sums the backward kernel forms anyway, plus one: the sum of xhat; the program that
+combines a segment's sums writes it (`_input_bias_grad` in kernels/group_norm_triton.py).
 """
 from __future__ import annotations
 
@@ -239,7 +240,7 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, weight, bias, scal
     dummy = mean  # stands for absent optional tensors (never read: the constexpr flags prune those loads)
     args = (h_in, residual if residual is not None else h_in, input_bias if input_bias is not None else dummy,
             h, y, weight, bias, scale if scale is not None else dummy, shift if shift is not None else dummy,
-            mean, rstd, part_mean, part_m2, sync,
+            mean, rstd, part_mean, part_m2, sync, _sample_stride(input_bias),
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split, eps)
     meta = dict(_plan_meta(plan, channels_last), HAS_RESIDUAL=residual is not None,
@@ -258,8 +259,8 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, weight, bias, scal
 
 def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, bias, scale, shift, mean, rstd, G: int,
                      act: bool, channels_last: bool, tuning: GroupNormTuning):
-    """Runs the backward kernel(s); h is x where input_bias is given. Returns dx and the (N, C) fp32 sums
-    A = sum(dz), B = sum(dz * xhat) and, with input_bias, X = sum(xhat) (else None)."""
+    """Runs the backward kernel(s); h is x where input_bias is given. Returns dx, the (N, C) fp32 sums A = sum(dz),
+    B = sum(dz * xhat) and, with input_bias, its (N, C) fp32 gradient per sample (else None)."""
     N, C = h.shape[:2]
     S = h[0, 0].numel()
     plan = _plan(N, C, S, G, channels_last, tuning.backward_tile, h.device, tuning.splits, tuning.fused,
@@ -268,13 +269,14 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, 
     dummy = mean
     if input_bias is None:
         sum_a, sum_b, part_a, part_b = _scratch((N, C), plan, plan.block_c, h.device)
-        sum_x, part_x = None, dummy
+        d_input_bias, part_x = None, dummy
     else:
-        sum_a, sum_b, sum_x, part_a, part_b, part_x = _scratch((N, C), plan, plan.block_c, h.device, count=3)
+        sum_a, sum_b, d_input_bias, part_a, part_b, part_x = _scratch((N, C), plan, plan.block_c, h.device, count=3)
     sync = _sync_counters(plan, h.device)
     args = (h, input_bias if input_bias is not None else dummy, dy, dh if dh is not None else dy, dx, weight, bias,
             scale if scale is not None else dummy, shift if shift is not None else dummy, mean, rstd,
-            part_a, part_b, part_x, sum_a, sum_b, sum_x if sum_x is not None else dummy, sync,
+            part_a, part_b, part_x, sum_a, sum_b, d_input_bias if d_input_bias is not None else dummy, sync,
+            _sample_stride(input_bias),
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split)
     meta = dict(_plan_meta(plan, channels_last), HAS_DH=dh is not None, HAS_INPUT_BIAS=input_bias is not None,
@@ -285,26 +287,12 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, 
     else:
         gn_backward_kernel[grid](*args, PHASE=PHASE_PARTIALS, BARRIER=False, **meta)
         gn_backward_kernel[grid](*args, PHASE=PHASE_APPLY, BARRIER=False, **meta)
-    return dx, sum_a, sum_b, sum_x
+    return dx, sum_a, sum_b, d_input_bias
 
 
-def _input_bias_grad(sum_a: torch.Tensor, sum_b: torch.Tensor, sum_x: torch.Tensor, k: torch.Tensor,
-                     rstd: torch.Tensor, S: int) -> torch.Tensor:
-    """d input_bias: dx summed over samples and space, in closed form from the backward kernel's per-(sample, channel)
-    sums A = sum(dz), B = sum(dz * xhat), X = sum(xhat) over space (fp32, (N, C)); k = weight * (1 + scale): (C,) or
-    (N, C); rstd: (N, G). The kernel's dx = rstd * (k dz - mean_g(k dz) - xhat mean_g(k dz xhat)) summed over space:
-    rstd * (k A - S mean_g(k dz) - X mean_g(k dz xhat)), mean_g over the group's S * C/G elements. Returns (N, C) fp32
-    (per sample: sum over dim 0 for a (C,) bias).
-    """
-    N, C = sum_a.shape
-    G = rstd.shape[1]
-    k_a = (k * sum_a).view(N, G, C // G)
-    k_b = (k * sum_b).view(N, G, C // G)
-    group_elems = S * (C // G)
-    mean_k_dz = k_a.sum(2, keepdim=True) / group_elems
-    mean_k_dz_xhat = k_b.sum(2, keepdim=True) / group_elems
-    per_sample = rstd.view(N, G, 1) * (k_a - S * mean_k_dz - sum_x.view(N, G, C // G) * mean_k_dz_xhat)
-    return per_sample.reshape(N, C)
+def _sample_stride(input_bias: torch.Tensor | None) -> int:
+    """Elements between samples' rows of an input bias: C for (N, C), 0 for (C,) (one row for all)."""
+    return input_bias.stride(0) if input_bias is not None and input_bias.ndim == 2 else 0
 
 
 class _GroupNormActFunction(torch.autograd.Function):
@@ -316,9 +304,6 @@ class _GroupNormActFunction(torch.autograd.Function):
         x_in, channels_last = _as_kernel_layout(x)
         if residual is not None:
             residual = residual.contiguous(memory_format=_memory_format(x_in, channels_last))
-        ctx.per_sample_bias = input_bias is not None and input_bias.ndim == 2
-        if input_bias is not None:  # the kernels read (N, C)
-            input_bias = input_bias.expand(x.shape[0], -1).contiguous()
         y, h, mean, rstd = _launch_forward(x_in, residual, input_bias, weight, bias, scale, shift, num_groups, eps,
                                            act, channels_last, tuning)
         ctx.save_for_backward(h, input_bias, weight, bias, scale, shift, mean, rstd)
@@ -332,8 +317,8 @@ class _GroupNormActFunction(torch.autograd.Function):
         fmt = _memory_format(h, channels_last)
         dy = dy.contiguous(memory_format=fmt)
         dh = maybe_dh[0].contiguous(memory_format=fmt) if (maybe_dh and maybe_dh[0] is not None) else None
-        dx, sum_a, sum_b, sum_x = _launch_backward(h, dy, dh, input_bias, weight, bias, scale, shift, mean, rstd,
-                                                   num_groups, act, channels_last, tuning)
+        dx, sum_a, sum_b, d_input_bias = _launch_backward(h, dy, dh, input_bias, weight, bias, scale, shift, mean,
+                                                          rstd, num_groups, act, channels_last, tuning)
         if scale is not None:
             factor = 1.0 + scale.float()
             d_weight, d_bias = (factor * sum_b).sum(0), (factor * sum_a).sum(0)
@@ -343,11 +328,8 @@ class _GroupNormActFunction(torch.autograd.Function):
         else:
             d_weight, d_bias, d_scale, d_shift = sum_b.sum(0), sum_a.sum(0), None, None
         d_residual = dx if has_residual else None
-        d_input_bias = None
-        if input_bias is not None:
-            k = weight.float() if scale is None else weight.float() * (1.0 + scale.float())
-            d_input_bias = _input_bias_grad(sum_a, sum_b, sum_x, k, rstd, h[0, 0].numel())
-            d_input_bias = (d_input_bias if ctx.per_sample_bias else d_input_bias.sum(0)).to(input_bias.dtype)
+        if input_bias is not None:  # per (sample, channel) from the kernel
+            d_input_bias = (d_input_bias if input_bias.ndim == 2 else d_input_bias.sum(0)).to(input_bias.dtype)
         return (dx, d_residual, d_input_bias, d_weight.to(weight.dtype), d_bias.to(bias.dtype), d_scale, d_shift,
                 None, None, None, None)
 
@@ -393,6 +375,8 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
     if x.numel() == 0:
         y, h = group_norm_reference(x, weight, bias, num_groups, eps, act, scale, shift, residual, input_bias)
         return y, (h if input_bias is None else None)
+    if input_bias is not None:
+        input_bias = input_bias.contiguous()
     out = _GroupNormActFunction.apply(x, residual, input_bias, weight.contiguous(), bias.contiguous(), scale, shift,
                                       num_groups, eps, act, tuning or GroupNormTuning())
     if residual is not None:

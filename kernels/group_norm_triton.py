@@ -54,11 +54,13 @@ def _tile_offsets(n, channel, lane_valid, s0, C, S, BLOCK_S: tl.constexpr, CHANN
 
 
 @triton.jit
-def _lane_input_bias(ib_ptr, n, C, channel, lane_valid, BLOCK_C: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr):
-    """The (BLOCK_C,) fp32 input bias of sample n's lanes in the tile (input_bias: (N, C); zeros without one)."""
+def _lane_input_bias(ib_ptr, ib_sample_stride, n, channel, lane_valid, BLOCK_C: tl.constexpr,
+                     HAS_INPUT_BIAS: tl.constexpr):
+    """The (BLOCK_C,) fp32 input bias of sample n's lanes in the tile (zeros without one); input_bias is (N, C) with
+    ib_sample_stride = C, or (C,) with ib_sample_stride = 0."""
     input_bias = tl.zeros((BLOCK_C,), tl.float32)
     if HAS_INPUT_BIAS:
-        input_bias = tl.load(ib_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
+        input_bias = tl.load(ib_ptr + n * ib_sample_stride + channel, mask=lane_valid, other=0.0).to(tl.float32)
     return input_bias
 
 
@@ -166,7 +168,7 @@ def _program_part(sync_ptr, G, channels_per_group, groups_per_segment, segments_
 @triton.jit
 def gn_forward_kernel(
         x_ptr, r_ptr, ib_ptr, h_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-        part_mean_ptr, part_m2_ptr, sync_ptr,
+        part_mean_ptr, part_m2_ptr, sync_ptr, ib_sample_stride,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
         eps,
         CHANNELS_LAST: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
@@ -181,7 +183,7 @@ def gn_forward_kernel(
         PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
-    input_bias = _lane_input_bias(ib_ptr, n, C, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS)
+    input_bias = _lane_input_bias(ib_ptr, ib_sample_stride, n, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS)
     split_elems = tiles_per_split * BLOCK_S * channels_per_group
     group_elems = S * channels_per_group
 
@@ -297,7 +299,7 @@ def _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, 
 @triton.jit
 def gn_backward_kernel(
         h_ptr, ib_ptr, dy_ptr, dh_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-        part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, sum_x_ptr, sync_ptr,
+        part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, sync_ptr, ib_sample_stride,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
         CHANNELS_LAST: tl.constexpr, HAS_DH: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
         ACT: tl.constexpr,
@@ -306,7 +308,8 @@ def gn_backward_kernel(
         BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr):
     """dx = rstd * (k * dz - mean_g(k * dz) - xhat * mean_g(k * dz * xhat)), k = weight * (1 + scale); also the
     per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow, and with
-    HAS_INPUT_BIAS (h_ptr then holds x) X = sum(xhat), from which the input bias's gradient follows."""
+    HAS_INPUT_BIAS (h_ptr then holds x) the input bias's per-(sample, channel) gradient, dx summed over space
+    (`_input_bias_grad`, from A, B and X = sum(xhat))."""
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
         sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
         PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES)
@@ -324,7 +327,9 @@ def gn_backward_kernel(
     if HAS_SCALE:
         scale += tl.load(scale_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
-    input_bias = _lane_input_bias(ib_ptr, n, C, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS)
+    input_bias = _lane_input_bias(ib_ptr, ib_sample_stride, n, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS)
+    k = w * scale
+    inv_elems = 1.0 / (S * channels_per_group).to(tl.float32)
 
     # 1. per-channel partial sums of dz, dz * xhat (and xhat) over this program's part
     if PHASE != 2:
@@ -363,8 +368,8 @@ def gn_backward_kernel(
     if PHASE == 1:  # two launches: this one only writes the partials
         return
 
-    # 2. the segment's totals: A and B per channel (written for the parameter gradients; X only written, for the
-    # input bias's)
+    # 2. the segment's totals: A and B per channel (written for the parameter gradients; with an input bias, its
+    # gradient written instead of X)
     sums = n * C + channel
     if PHASE == 0 and BARRIER:
         if _arrive(sync_ptr, seg, splits):
@@ -374,7 +379,8 @@ def gn_backward_kernel(
             tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
             if HAS_INPUT_BIAS:
                 total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
-                tl.store(sum_x_ptr + sums, total_x, mask=lane_valid)
+                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
+                tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
             _publish(sync_ptr, seg, num_segments)
         _wait_published(sync_ptr, seg, num_segments)
         total_a = tl.load(sum_a_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
@@ -384,7 +390,8 @@ def gn_backward_kernel(
         tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
         tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
         if HAS_INPUT_BIAS:
-            tl.store(sum_x_ptr + sums, sum_x, mask=lane_valid)
+            d_ib = _input_bias_grad(total_a, total_b, sum_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
+            tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
     else:
         total_a = _sum_partials(part_a_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
         total_b = _sum_partials(part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
@@ -392,11 +399,10 @@ def gn_backward_kernel(
             tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
             tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
             if HAS_INPUT_BIAS:
-                tl.store(sum_x_ptr + sums, _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C),
-                         mask=lane_valid)
+                total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
+                tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
 
-    k = w * scale
-    inv_elems = 1.0 / (S * channels_per_group).to(tl.float32)
     c1 = _to_lanes(_group_sum(k * total_a, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
     c2 = _to_lanes(_group_sum(k * total_b, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
 
@@ -415,6 +421,17 @@ def gn_backward_kernel(
             if HAS_DH:
                 dx += tl.load(dh_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + t_offsets, dx.to(dx_ptr.dtype.element_ty), mask=t_mask)
+
+
+@triton.jit
+def _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G: tl.constexpr,
+                     CPG_PAD: tl.constexpr):
+    """Per lane: dx summed over the sample's space, rstd * (k A - S mean_g(k dz) - X mean_g(k dz xhat)), from the
+    totals A = sum(dz), B = sum(dz * xhat), X = sum(xhat); mean_g over the group's elements (inv_elems = 1 / their
+    number). The gradient of an input bias added to this sample's channels."""
+    c1 = _to_lanes(_group_sum(k * total_a, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
+    c2 = _to_lanes(_group_sum(k * total_b, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
+    return channel_rstd * (k * total_a - S * c1 - total_x * c2)
 
 
 @triton.jit
