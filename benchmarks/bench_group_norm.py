@@ -1,6 +1,6 @@
 """GroupNorm(32 groups) + SiLU in bf16: our Triton kernels against PyTorch eager and torch.compile, on the GPU.
 
-    python benchmarks/bench_group_norm.py [--no-compile] [--layouts contiguous,channels_last] [--out DIR]
+    python benchmarks/bench_group_norm.py [--no-compile] [--layouts contiguous,channels_last] [--input-bias] [--out DIR]
 
 For each shape and layout: checks ours against the fp32 PyTorch reference on the same bf16 inputs (output and the
 gradients of x, weight, bias), then times forward and forward+backward as GPU time: the calls are captured in a CUDA
@@ -9,7 +9,9 @@ and the median replay time is divided by the number of sets. In a model the host
 layers' GPU work; the last column is the same forward+backward timed by `triton.testing.do_bench` without a graph
 (host launch cost included, L2 cleared), which is what small tensors cost when nothing hides the launches.
 % = the fewest bytes the op must move / time / measured copy bandwidth, where the forward moves 2 tensors (read x,
-write y) and forward+backward 5 (also read x and dy, write dx). Writes the numbers to DIR/bench_group_norm.json
+write y) and forward+backward 5 (also read x and dy, write dx). `--input-bias` adds a per-channel fp32 bias to x first
+(a convolution's bias, as the ResNet blocks do), with its gradient: ours fused (`input_bias`) against the same bias added
+in a separate pass before our kernels, and eager PyTorch. Writes the numbers to DIR/bench_group_norm.json
 ($OUT when set) and prints a markdown table last.
 """
 from __future__ import annotations
@@ -79,14 +81,23 @@ def graph_time(call, sets: int, replays: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def eager(x, w, b):
-    return F.silu(F.group_norm(x, GROUPS, w.to(x.dtype), b.to(x.dtype), EPS))
+def biased(x, ib):
+    """x + ib per channel in x's dtype (a separate pass), or x without a bias."""
+    return x if ib is None else x + ib.view(1, -1, *(1,) * (x.ndim - 2)).to(x.dtype)
+
+
+def eager(x, w, b, ib=None):
+    return F.silu(F.group_norm(biased(x, ib), GROUPS, w.to(x.dtype), b.to(x.dtype), EPS))
 
 
 def ours(tuning):
-    def run(x, w, b):
-        return group_norm_act(x, w, b, GROUPS, EPS, act=True, tuning=tuning)[0]
+    def run(x, w, b, ib=None):
+        return group_norm_act(x, w, b, GROUPS, EPS, act=True, tuning=tuning, input_bias=ib)[0]
     return run
+
+
+def add_then_ours(x, w, b, ib):
+    return group_norm_act(biased(x, ib), w, b, GROUPS, EPS, act=True)[0]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,25 +107,30 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def check(fn, x, w, b, dy) -> float:
+def check(fn, x, w, b, ib, dy) -> float:
     """Largest relative error of fn's output and gradients against the fp32 reference on the same inputs."""
-    y = fn(x, w, b)
-    got = [y, *torch.autograd.grad(y, (x, w, b), dy)]
-    xr, wr, br = (t.detach().float().requires_grad_() for t in (x, w, b))
-    yr = group_norm_reference(xr, wr, br, GROUPS, EPS, act=True)[0]
-    ref = [yr, *torch.autograd.grad(yr, (xr, wr, br), dy.float())]
+    params = (w, b) if ib is None else (w, b, ib)
+    y = fn(x, w, b, ib)
+    got = [y, *torch.autograd.grad(y, (x, *params), dy)]
+    xr, *params_r = (t.detach().float().requires_grad_() for t in (x, *params))
+    yr = group_norm_reference(xr, *params_r[:2], GROUPS, EPS, act=True,
+                              input_bias=params_r[2] if ib is not None else None)[0]
+    ref = [yr, *torch.autograd.grad(yr, (xr, *params_r), dy.float())]
     return max(rel_err(g, r) for g, r in zip(got, ref))
 
 
-def time_fn(fn, xs, w, b, dys) -> tuple[float, float, float]:
-    """GPU ms of forward and of forward+backward (gradients of x, weight, bias), and host-inclusive forward+backward."""
+def time_fn(fn, xs, w, b, ib, dys) -> tuple[float, float, float]:
+    """GPU ms of forward and of forward+backward (gradients of x, weight, bias and the input bias, if any), and
+    host-inclusive forward+backward."""
+    params = (w, b) if ib is None else (w, b, ib)
+
     def forward(i):
         with torch.no_grad():
-            fn(xs[i], w, b)
+            fn(xs[i], w, b, ib)
 
     def forward_backward(i):
-        y = fn(xs[i], w, b)
-        torch.autograd.grad(y, (xs[i], w, b), dys[i])
+        y = fn(xs[i], w, b, ib)
+        torch.autograd.grad(y, (xs[i], *params), dys[i])
     fwd = graph_time(forward, len(xs))
     both = graph_time(forward_backward, len(xs))
     host = triton.testing.do_bench(lambda: forward_backward(0), warmup=25, rep=200, return_mode="median")
@@ -145,6 +161,8 @@ def main() -> None:
                         "list of GroupNormTuning fields, e.g. 'forward_tile=4096,backward_tile=2048;splits=64'")
     parser.add_argument("--host-profile", action="store_true",
                         help="also profile the host side of 200 forward+backward calls (cProfile, top functions)")
+    parser.add_argument("--input-bias", action="store_true",
+                        help="add a per-channel bias to x first: ours fused, ours after a separate add, eager")
     parser.add_argument("--shapes", default="", help="only these shape indices (0-3), e.g. 0,1")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -158,6 +176,8 @@ def main() -> None:
           f"copy bandwidth {bandwidth / 1e12:.3f} TB/s", flush=True)
 
     variants = {"ours": ours(GroupNormTuning()), "eager": eager}
+    if args.input_bias:
+        variants["ours, separate bias add"] = add_then_ours
     for spec in filter(None, args.tunings.split(";")):
         fields = {key: (value == "True") if value in ("True", "False") else int(value)
                   for key, value in (item.split("=") for item in spec.split(","))}
@@ -175,24 +195,26 @@ def main() -> None:
             elem_bytes = 2 * torch.Size(shape).numel()
             sets = max(1, -(-4 * l2_bytes // (2 * elem_bytes)))
             xs, w, b, dys = make_inputs(shape, layout, device, sets)
+            ib = (0.5 * torch.randn(shape[1], device=device)).requires_grad_() if args.input_bias else None
             for name, fn in variants.items():
                 gn_module.LAST_KERNELS.clear()
-                err = check(fn, xs[0], w, b, dys[0])
+                err = check(fn, xs[0], w, b, ib, dys[0])
                 regs = {k: f"{v.n_regs}/{v.n_spills}" for k, v in gn_module.LAST_KERNELS.items()}
-                fwd, both, host = time_fn(fn, xs, w, b, dys)
-                row = dict(shape=list(shape), layout=layout, variant=name, fwd_ms=fwd, fwd_bwd_ms=both,
+                fwd, both, host = time_fn(fn, xs, w, b, ib, dys)
+                row = dict(shape=list(shape), layout=layout, variant=name, input_bias=args.input_bias,
+                           fwd_ms=fwd, fwd_bwd_ms=both,
                            fwd_pct=100 * 2 * elem_bytes / (fwd * 1e-3) / bandwidth,
                            fwd_bwd_pct=100 * 5 * elem_bytes / (both * 1e-3) / bandwidth, host_fwd_bwd_ms=host,
                            max_rel_err=err, regs_spills=regs, input_sets=sets)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            del xs, w, b, dys
+            del xs, w, b, ib, dys
             torch.cuda.empty_cache()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_group_norm.json").write_text(json.dumps(dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
-    print(f"\nGroupNorm({GROUPS}) + SiLU, bf16, {torch.cuda.get_device_name()}, copy {bandwidth / 1e12:.2f} TB/s; "
+    print(f"\n{'input bias + ' if args.input_bias else ''}GroupNorm({GROUPS}) + SiLU, bf16, {torch.cuda.get_device_name()}, copy {bandwidth / 1e12:.2f} TB/s; "
           f"GPU ms (% of copy bandwidth), median of CUDA-graph replays; host = fwd+bwd without a graph; "
           f"err = max rel. error of y, dx, dw, db vs fp32 reference; regs = registers/spills (fwd, bwd)")
     print("| shape | layout | variant | fwd | fwd+bwd | host fwd+bwd | err | regs |")
