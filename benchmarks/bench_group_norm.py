@@ -9,9 +9,9 @@ and the median replay time is divided by the number of sets. In a model the host
 layers' GPU work; the last column is the same forward+backward timed by `triton.testing.do_bench` without a graph
 (host launch cost included, L2 cleared), which is what small tensors cost when nothing hides the launches.
 % = the fewest bytes the op must move / time / measured copy bandwidth, where the forward moves 2 tensors (read x,
-write y) and forward+backward 5 (also read x and dy, write dx). `--input-bias` adds a per-channel fp32 bias to x first
-(a convolution's bias, as the ResNet blocks do), with its gradient: ours fused (`input_bias`) against the same bias added
-in a separate pass before our kernels, and eager PyTorch. Writes the numbers to DIR/bench_group_norm.json
+write y) and forward+backward 5 (also read x and dy, write dx). `--input-bias` adds a per-channel fp32 bias to x
+first (a convolution's bias, as the ResNet blocks do), with its gradient: ours fused (`input_bias`) against the same
+bias added in a separate pass before our kernels, and eager PyTorch. Writes the numbers to DIR/bench_group_norm.json
 ($OUT when set) and prints a markdown table last.
 """
 from __future__ import annotations
@@ -214,7 +214,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_group_norm.json").write_text(json.dumps(dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
-    print(f"\n{'input bias + ' if args.input_bias else ''}GroupNorm({GROUPS}) + SiLU, bf16, {torch.cuda.get_device_name()}, copy {bandwidth / 1e12:.2f} TB/s; "
+    prefix = "input bias + " if args.input_bias else ""
+    print(f"\n{prefix}GroupNorm({GROUPS}) + SiLU, bf16, {torch.cuda.get_device_name()}, "
+          f"copy {bandwidth / 1e12:.2f} TB/s; "
           f"GPU ms (% of copy bandwidth), median of CUDA-graph replays; host = fwd+bwd without a graph; "
           f"err = max rel. error of y, dx, dw, db vs fp32 reference; regs = registers/spills (fwd, bwd)")
     print("| shape | layout | variant | fwd | fwd+bwd | host fwd+bwd | err | regs |")

@@ -19,10 +19,11 @@ biases, and our AE encoder's last conv gives mean and log-variance together (2 x
 Every variant trains for `--warmup` + `--steps` steps: forward + backward + AdamW step under bf16 autocast with
 cudnn.benchmark, `torch.cuda.synchronize()` around each step; the step time is the median of the timed steps; peak
 memory is `torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's autotuning does not
-count; for a CUDA graph, over its capture, since replays allocate nothing; for "netgraph", the memory reserved after
-the timed steps with the cache emptied, since the graphs' activations live in their private pools). Losses: L1 reconstruction + 1e-6 KL (summed
-over the latent, mean over the batch) for the autoencoder; MSE on eps for the UNet with t uniform in [0, 1000) on a
-linear beta schedule. Variants: ours with kernels=torch and kernels=triton, contiguous (and channels_last_3d with
+count; for a CUDA graph, over its capture, since replays allocate nothing; for "netgraph", the memory reserved after the
+timed steps with the cache emptied, since the graphs' activations live in their private pools). Losses: L1
+reconstruction + 1e-6 KL (summed over the latent, mean over the batch) for the autoencoder; MSE on eps for the UNet with
+t uniform in [0, 1000) on a linear beta schedule.
+Variants: ours with kernels=torch and kernels=triton, contiguous (and channels_last_3d with
 `--channels-last`; each also with `recompute_cheap`, "RC", with `--recompute-cheap`: GroupNorm+SiLU and nearest
 upsampling recomputed in backward); MONAI with and without use_flash_attention. `--cuda-graph` adds each variant
 (MONAI's too) with its whole step captured once as a CUDA graph and replayed: what is left when the host's per-kernel

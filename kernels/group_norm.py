@@ -349,8 +349,8 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
 
     x, residual: (N, C, *spatial) with 1 to 3 spatial dims; weight, bias: (C,); scale, shift: (N, C) or (N, C, 1, ...),
     given together or not at all; input_bias: (C,) or (N, C) in any float dtype (under autocast, the fp32 bias of the
-    convolution that made a bf16 x; added in fp32; its gradient comes back in its dtype), not together with residual. x in fp32,
-    bf16 or fp16; y and h in x's dtype and layout.
+    convolution that made a bf16 x; added in fp32; its gradient comes back in its dtype), not together with residual.
+    x in fp32, bf16 or fp16; y and h in x's dtype and layout.
     """
     if x.ndim < 3:
         raise ValueError(f"group_norm_act: x must be (N, C, *spatial), got shape {tuple(x.shape)}")

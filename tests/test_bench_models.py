@@ -65,7 +65,8 @@ def test_full_size_cases_match_monai_architecture():
 
 def test_conv_flops_count_forward_and_needed_gradients():
     """2 * outputs * in_channels * kernel volume forward, the same for the weight gradient; no input gradient for an
-    input that needs none, one more for the second conv's input; whether the conv is called through its module or not."""
+    input that needs none, one more for the second conv's input; whether the conv is called through its module or
+    not."""
     from benchmarks.bench_models import conv_flops
     first, second = torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.Conv3d(4, 4, 1)
     x = torch.randn(1, 2, 4, 4, 4)

@@ -39,7 +39,8 @@ def test_module_scale_shift_matches_torch_path(act):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("act,scale_shift,bias_shape", [(False, False, (8,)), (True, True, (8,)), (True, False, (2, 8))])
+@pytest.mark.parametrize("act,scale_shift,bias_shape",
+                         [(False, False, (8,)), (True, True, (8,)), (True, False, (2, 8))])
 def test_module_input_bias_matches_torch_path(act, scale_shift, bias_shape):
     """The convolution's bias (+ a per-sample embedding) added by the norm: output and every gradient, input_bias's
     included."""
