@@ -221,9 +221,11 @@ def test_bad_input_is_named(kwargs, message):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 64, 32, 32, 32), (2, 128, 16, 16, 16), (3, 320, 24, 24)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_single_launch_with_barrier(shape, layout, dtype):
-    """On the GPU, segments are split over many programs that meet at the in-kernel barrier."""
-    errors = run_case(shape, 32, device="cuda", dtype=dtype, layout=layout, scale_shift=True, residual=True,
+@pytest.mark.parametrize("added", ["residual", "input_bias"])
+def test_cuda_single_launch_with_barrier(shape, layout, dtype, added):
+    """On the GPU, segments are split over many programs that meet at the in-kernel barrier; with a residual or an
+    input bias added to x."""
+    errors = run_case(shape, 32, device="cuda", dtype=dtype, layout=layout, scale_shift=True, **{added: True},
                       tuning=GroupNormTuning(forward_tile=1024, backward_tile=1024))
     assert_close(errors, dtype, grad_factor=2.0)
 
@@ -288,14 +290,3 @@ def test_input_bias_empty_input():
     assert y.shape == empty.shape and h is None
     y.sum().backward()
     assert torch.equal(input_bias.grad, torch.zeros(4))
-
-
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(1, 64, 32, 32, 32), (2, 128, 16, 16, 16), (3, 320, 24, 24)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_input_bias_single_launch_with_barrier(shape, layout, dtype):
-    """input_bias on the GPU, where segments are split over many programs that meet at the in-kernel barrier."""
-    errors = run_case(shape, 32, device="cuda", dtype=dtype, layout=layout, scale_shift=True, input_bias=True,
-                      tuning=GroupNormTuning(forward_tile=1024, backward_tile=1024))
-    assert_close(errors, dtype, grad_factor=2.0)
