@@ -31,6 +31,14 @@ def conv_without_bias(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.T
     return conv._conv_forward(x, conv.weight, None)
 
 
+def residual_sum(skip: nn.Module, x: torch.Tensor, conv: nn.modules.conv._ConvNd, h: torch.Tensor) -> torch.Tensor:
+    """`skip(x) + conv(h)`, skip an identity or a convolution (a ResNet block's shortcut). A convolution shortcut
+    takes conv's bias into its own (one add of two (C,) vectors), so no pass over the output adds it alone."""
+    if isinstance(skip, nn.modules.conv._ConvNd) and skip.bias is not None and conv.bias is not None:
+        return skip._conv_forward(x, skip.weight, skip.bias + conv.bias) + conv_without_bias(conv, h)
+    return skip(x) + conv(h)
+
+
 def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
     """`nn.AvgPool{dims}d(*args, **kwargs)`."""
     return _AVG_POOL[check_dims(dims, "avg_pool_nd")](*args, **kwargs)

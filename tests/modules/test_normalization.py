@@ -79,21 +79,38 @@ def test_unet_resblock_with_added_embedding_same_with_triton_kernels():
     assert_same_model_results(block, (torch.randn(2, 32, 5, 6), torch.randn(2, 8)))
 
 
+def assert_equals_plain_composition(block, inputs, plain):
+    """block(*inputs) and plain(*inputs) (the block's layers one after another): outputs and parameter gradients."""
+    results = []
+    for fn in (block, plain):
+        block.zero_grad()
+        out = fn(*inputs)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in block.named_parameters()}))
+    (out, grads), (out_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-4)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_resblocks_equal_the_plain_composition_with_biased_convs(kernels):
-    """The conv biases folded into the next norm (input_bias) give what the blocks' layers give one after another."""
+@pytest.mark.parametrize("shortcut", ["identity", "conv"])
+def test_resblocks_equal_the_plain_composition_with_biased_convs(kernels, shortcut):
+    """Conv biases folded into the next norm (input_bias) and into a 1x1 shortcut's bias give what the blocks' layers
+    give one after another, gradients included; identity and convolution shortcuts."""
     torch.manual_seed(0)
-    ae_block = set_kernels(ResnetBlock(16, 32, 0.0, 3, 8), kernels)
-    x = torch.randn(2, 16, 3, 4, 5)
-    expected = ae_block.skip(x) + ae_block.conv2(ae_block.norm2(ae_block.conv1(ae_block.norm1(x))))
-    torch.testing.assert_close(ae_block(x), expected, atol=1e-5, rtol=1e-4)
-    unet_block = set_kernels(ResBlock(32, emb_channels=8, dropout=0.0, dims=3), kernels)
-    for p in unet_block.parameters():
+    widen = 2 if shortcut == "conv" else 1
+    ae = set_kernels(ResnetBlock(16, 16 * widen, 0.0, 3, 8), kernels)
+    assert_equals_plain_composition(ae, (torch.randn(2, 16, 3, 4, 5),),
+                                    lambda x: ae.skip(x) + ae.conv2(ae.norm2(ae.conv1(ae.norm1(x)))))
+    unet = set_kernels(ResBlock(32, emb_channels=8, dropout=0.0, dims=3, out_channels=32 * widen), kernels)
+    for p in unet.parameters():  # the zero-initialised output convolution would hide the rest
         torch.nn.init.normal_(p, std=0.2)
-    x, emb = torch.randn(2, 32, 3, 4, 5), torch.randn(2, 8)
-    h = unet_block.in_conv(unet_block.in_norm(x)) + unet_block.emb_proj(emb)[:, :, None, None, None]
-    expected = unet_block.skip(x) + unet_block.out_conv(unet_block.out_norm(h))
-    torch.testing.assert_close(unet_block(x, emb), expected, atol=1e-5, rtol=1e-4)
+
+    def unet_plain(x, emb):
+        h = unet.in_conv(unet.in_norm(x)) + unet.emb_proj(emb)[:, :, None, None, None]
+        return unet.skip(x) + unet.out_conv(unet.out_norm(h))
+    assert_equals_plain_composition(unet, (torch.randn(2, 32, 3, 4, 5), torch.randn(2, 8)), unet_plain)
 
 
 def test_unet_applies_kernels_choice_to_every_norm():

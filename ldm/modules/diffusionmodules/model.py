@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import attention, set_model_attention_backend
-from ldm.modules.nn_dims import check_dims, conv_nd, conv_without_bias, spatial_dims
+from ldm.modules.nn_dims import check_dims, conv_nd, conv_without_bias, residual_sum, spatial_dims
 from ldm.modules.resampling import Downsample, Upsample
 from ldm.modules.diffusionmodules.slab_decode import decode_in_slabs
 from ldm.modules.recomputed_conv import norm_act_conv, set_recompute_cheap
@@ -63,7 +63,7 @@ class ResnetBlock(_Checkpointed):
             h = self.norm2(h)
         else:  # conv1's bias is added inside norm2, not in a pass of its own (nor its gradient reduced in one)
             h = self.norm2(conv_without_bias(self.conv1, self.norm1(x)), input_bias=self.conv1.bias)
-        return self.skip(x) + self.conv2(self.dropout(h))
+        return residual_sum(self.skip, x, self.conv2, self.dropout(h))
 
 
 class AttentionBlock(_Checkpointed):

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import CrossAttention, SpatialTransformer, set_model_attention_backend
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
-from ldm.modules.nn_dims import conv_nd, conv_without_bias, spatial_dims, zero_module
+from ldm.modules.nn_dims import conv_nd, conv_without_bias, residual_sum, spatial_dims, zero_module
 from ldm.modules.recomputed_conv import prepared_conv, set_recompute_cheap
 from ldm.modules.resampling import Downsample, Upsample
 from ldm.modules.normalization import GroupNormAct, set_kernels
@@ -77,7 +77,7 @@ class ResBlock(nn.Module):
             h = self.out_norm(h, scale, shift, input_bias=self.in_conv.bias)
         else:
             h = self.out_norm(h, input_bias=self.in_conv.bias + emb_out)
-        return self.skip(x) + self.out_conv(self.dropout(h))
+        return residual_sum(self.skip, x, self.out_conv, self.dropout(h))
 
     def _forward_recomputing(self, x: torch.Tensor, emb: torch.Tensor,
                              norm_params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
