@@ -403,8 +403,7 @@ def gn_backward_kernel(
                 d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
                 tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
 
-    c1 = _to_lanes(_group_sum(k * total_a, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
-    c2 = _to_lanes(_group_sum(k * total_b, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
+    c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD)
 
     # 3. dx for this program's part
     if ONE_TILE and PHASE == 0:
@@ -429,9 +428,17 @@ def _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, B
     """Per lane: dx summed over the sample's space, rstd * (k A - S mean_g(k dz) - X mean_g(k dz xhat)), from the
     totals A = sum(dz), B = sum(dz * xhat), X = sum(xhat); mean_g over the group's elements (inv_elems = 1 / their
     number). The gradient of an input bias added to this sample's channels."""
-    c1 = _to_lanes(_group_sum(k * total_a, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
-    c2 = _to_lanes(_group_sum(k * total_b, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
+    c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD)
     return channel_rstd * (k * total_a - S * c1 - total_x * c2)
+
+
+@triton.jit
+def _group_means(k_a, k_b, inv_elems, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """Per lane, its group's mean_g(k dz) and mean_g(k dz xhat) from per-lane sums k A and k B (inv_elems = 1 / the
+    group's number of elements)."""
+    c1 = _to_lanes(_group_sum(k_a, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
+    c2 = _to_lanes(_group_sum(k_b, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
+    return c1, c2
 
 
 @triton.jit
