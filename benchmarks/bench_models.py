@@ -35,7 +35,9 @@ Ratios are ours / the best MONAI variant (fastest for time, smallest for memory)
 Conv FLOPs: counted by PyTorch's FlopCounterMode over one eager forward + backward (convolutions and their backward,
 input gradients only where needed); "conv TFLOP/s" is that over the step time and "% matmul" that
 over a measured bf16 matmul rate (8192^3 on CUDA): how far the step is from the hardware's compute limit.
-`--profile` prints the 15 GPU kernels (CPU ops without a GPU) with the most time in one step of each variant.
+`--profile [TOP]` prints the TOP (15) GPU kernels (CPU ops without a GPU) with the most time in one step of each variant,
+GPU time per kernel category (convolution, GroupNorm, attention, layout / copy, ...) and the PyTorch ops that launched
+the most GPU time, with their input shapes.
 `--quick` runs tiny models for a smoke test on any device (kernels=triton on CPU needs TRITON_INTERPRET=1, and Triton's
 interpreter takes ~15 s per step even then). Off CUDA
 the default precision is fp32 (`--precision`): CPU bf16 3D convolutions are slow, and their weight gradients overflowed
@@ -322,13 +324,31 @@ def matmul_tflops(device: torch.device, precision: str) -> float:
     return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
+# Kernel name fragments -> what the kernel does, for the per-category sums of `--profile` (first match wins).
+KERNEL_CATEGORIES = (
+    ("GroupNorm", ("gn_forward", "gn_backward", "group_norm")),
+    ("attention", ("flash", "fmha", "attn", "attention", "sdpa")),
+    ("convolution", ("conv", "xmma", "implicit_gemm", "dgrad", "wgrad", "cutlass", "gemm", "cudnn")),
+    ("layout / copy", ("copy", "nchwtonhwc", "nhwctonchw", "transpose", "cat")),
+    ("reduction", ("reduce",)),
+    ("elementwise", ("elementwise", "triton")),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    return next((category for category, parts in KERNEL_CATEGORIES if any(p in lowered for p in parts)), "other")
+
+
 def print_top_kernels(step: Callable[[], float], device: torch.device, title: str, top: int = 15) -> None:
-    """Profiles one step; prints the `top` GPU kernels by total time (CPU ops by self time without a GPU)."""
+    """Profiles one step; prints the `top` GPU kernels by total time (CPU ops by self time without a GPU), GPU time
+    per kernel category, and the `top` PyTorch ops by the GPU time of the kernels they launch, with input shapes
+    (which layer a copy or an elementwise pass comes from)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         step()
         synchronize(device)
     events = prof.key_averages()
@@ -342,6 +362,24 @@ def print_top_kernels(step: Callable[[], float], device: torch.device, title: st
     print("| kernel | ms | % | calls |\n|---|---|---|---|")
     for name, t, calls in sorted(kernels, key=lambda k: -k[1])[:top]:
         print(f"| {name[:110].replace('|', '/')} | {t / 1e3:.2f} | {100 * t / total:.1f} | {calls} |")
+    if unit != "GPU kernels":
+        return
+    by_category: dict[str, list[float]] = {}
+    for name, t, calls in kernels:
+        entry = by_category.setdefault(kernel_category(name), [0.0, 0])
+        entry[0] += t
+        entry[1] += calls
+    print(f"\n{title}: GPU time by kernel category")
+    print("| category | ms | % | kernels |\n|---|---|---|---|")
+    for category, (t, calls) in sorted(by_category.items(), key=lambda kv: -kv[1][0]):
+        print(f"| {category} | {t / 1e3:.2f} | {100 * t / total:.1f} | {calls} |")
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
+    print(f"\n{title}: top {top} PyTorch ops by the GPU time of their own kernels, by input shapes")
+    print("| op | input shapes | ms | calls |\n|---|---|---|---|")
+    for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:top]:
+        shapes = str([list(s) for s in e.input_shapes if s])[:90]
+        print(f"| {e.key} | {shapes} | {e.self_device_time_total / 1e3:.2f} | {e.count} |")
 
 
 def peak_gib(device: torch.device, variant: Variant) -> float | None:
@@ -399,7 +437,7 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     if not all(math.isfinite(v) for v in losses):
         row["status"] = f"non-finite loss {losses}"
     if args.profile:
-        print_top_kernels(step, device, f"{case.name} {variant.label}")
+        print_top_kernels(step, device, f"{case.name} {variant.label}", top=args.profile)
 
 
 def run_variant(case: Case, variant: Variant, args: argparse.Namespace, device: torch.device) -> dict:
@@ -480,7 +518,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compvis-decoder", action="store_true",
                         help="our AE decoder with num_res_blocks + 1 blocks per level (not MONAI's architecture)")
     parser.add_argument("--attention-backend", default=None, help="our attention backend (ldm.modules.attention)")
-    parser.add_argument("--profile", action="store_true", help="print the top 15 kernels of one step per variant")
+    parser.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="TOP",
+                        help="print the top TOP (15) kernels of one step per variant, GPU time per kernel category, "
+                        "and the ops behind the kernels with their input shapes")
     parser.add_argument("--quick", action="store_true", help="tiny models and few steps: a smoke test on any device")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,

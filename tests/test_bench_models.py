@@ -73,3 +73,13 @@ def test_conv_flops_count_forward_and_needed_gradients():
     forward = 2 * 4 * 64 * 2 * 27 + 2 * 4 * 64 * 4 * 1
     flops = conv_flops(lambda: second._conv_forward(first(x), second.weight, None).sum(), torch.device("cpu"), "fp32")
     assert flops == 2 * forward + 2 * 4 * 64 * 4
+
+
+def test_kernel_categories_name_what_a_kernel_does():
+    from benchmarks.bench_models import kernel_category
+    assert kernel_category("gn_backward_kernel") == "GroupNorm"
+    assert kernel_category("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_ndhwc_kernel") == "convolution"
+    assert kernel_category("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>") == "layout / copy"
+    assert kernel_category("void at::native::vectorized_elementwise_kernel<4, AddFunctor<float>>") == "elementwise"
+    assert kernel_category("flash_fwd_kernel") == "attention"
+    assert kernel_category("Memset (Device)") == "other"
