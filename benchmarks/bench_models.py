@@ -66,6 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.engine.cuda_graph import graph_training_forward  # noqa: E402
+from ldm.engine.memory_format import channels_last, model_to_channels_last  # noqa: E402
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.modules.attention import set_attention_backend  # noqa: E402
 from ldm.modules.diffusionmodules.model import build_encoder_decoder  # noqa: E402
@@ -406,9 +407,10 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
              else build_monai(case, variant.flash))
     set_recompute_cheap(model, variant.recompute)
     row["params"] = parameter_count(model)
-    memory_format = torch.channels_last_3d if variant.layout == "channels_last" else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format).train()
-    x = torch.randn(case.input_shape, device=device).clamp(-1, 1).contiguous(memory_format=memory_format)
+    model = model.to(device=device).train()
+    x = torch.randn(case.input_shape, device=device).clamp(-1, 1)
+    if variant.layout == "channels_last":  # as the trainer does (trainer.channels_last)
+        model, x = model_to_channels_last(model), channels_last(x)
     loss_fn = make_loss(case, variant, model, x)
     row["conv_tflop_per_step"] = conv_flops(loss_fn, device, args.precision) / 1e12  # before any graph is captured
     model.zero_grad(set_to_none=True)

@@ -17,9 +17,18 @@ _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def channels_last(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` stored channels-last when it is rank 4 or 5 (a no-op view when it already is), else unchanged."""
+    """`tensor` stored channels-last when it is rank 4 or 5 (a no-op view when it already is), else unchanged.
+
+    A one-channel tensor (a single MRI modality) holds the same memory in both layouts, and `contiguous` leaves its
+    NCDHW strides, from which convolutions infer NCDHW: a channels-last network's first convolution would then output
+    NCDHW, and every layer after it would mix layouts (copies forward and backward). It is re-viewed with the
+    channels-last strides instead (no copy)."""
     memory_format = _FORMATS.get(tensor.dim())
-    return tensor if memory_format is None else tensor.contiguous(memory_format=memory_format)
+    if memory_format is None:
+        return tensor
+    if tensor.shape[1] == 1 and tensor.is_contiguous():
+        return tensor.squeeze(1).unsqueeze(-1).movedim(-1, 1)
+    return tensor.contiguous(memory_format=memory_format)
 
 
 def model_to_channels_last(model: torch.nn.Module) -> torch.nn.Module:

@@ -23,6 +23,19 @@ def test_tensor_layouts_by_rank():
     assert torch.equal(channels_last(x5), x5)  # same values, other strides
 
 
+def test_one_channel_volume_takes_channels_last_strides_without_a_copy():
+    """A one-channel volume's default strides read as NCDHW to PyTorch (suggest_memory_format), so a channels-last
+    network's first convolution would output NCDHW; it must carry the channels-last strides, on the same memory."""
+    from torch._prims_common import suggest_memory_format
+    for x, fmt in ((torch.randn(1, 1, 4, 5, 6), CL3D), (torch.randn(3, 1, 4, 5, 6), CL3D), (torch.randn(2, 1, 4, 5), CL2D)):
+        assert suggest_memory_format(x) == torch.contiguous_format
+        y = channels_last(x)
+        assert suggest_memory_format(y) == fmt, (x.shape, y.stride())
+        assert y.data_ptr() == x.data_ptr() and torch.equal(y, x)
+    sliced = torch.randn(2, 1, 4, 5, 12)[..., ::2]  # not contiguous: copied into channels-last as any other tensor
+    assert suggest_memory_format(channels_last(sliced)) == CL3D and torch.equal(channels_last(sliced), sliced)
+
+
 def test_batch_walk_converts_floating_volumes_only():
     Pair = namedtuple("Pair", "image label")
     batch = {"image": torch.randn(1, 2, 4, 4, 4), "mask": torch.ones(1, 1, 4, 4, 4, dtype=torch.uint8),
