@@ -31,11 +31,17 @@ def conv_without_bias(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.T
     return conv._conv_forward(x, conv.weight, None)
 
 
-def residual_sum(skip: nn.Module, x: torch.Tensor, conv: nn.modules.conv._ConvNd, h: torch.Tensor) -> torch.Tensor:
+def residual_sum(skip: nn.Module, x: torch.Tensor, conv: nn.modules.conv._ConvNd, h: torch.Tensor,
+                 fused_add: bool = False) -> torch.Tensor:
     """`skip(x) + conv(h)`, skip an identity or a convolution (a ResNet block's shortcut). A convolution shortcut
-    takes conv's bias into its own (one add of two (C,) vectors), so no pass over the output adds it alone."""
+    takes conv's bias into its own (one add of two (C,) vectors), so no pass over the output adds it alone. With
+    `fused_add`, an identity shortcut's sum and conv's bias are added in one pass by the Triton kernel
+    (kernels/residual_add.py) instead of two."""
     if isinstance(skip, nn.modules.conv._ConvNd) and skip.bias is not None and conv.bias is not None:
         return skip._conv_forward(x, skip.weight, skip.bias + conv.bias) + conv_without_bias(conv, h)
+    if fused_add and isinstance(skip, nn.Identity) and conv.bias is not None:
+        from kernels.residual_add import residual_bias_add  # imported on first use: CPU-only runs never load Triton
+        return residual_bias_add(x, conv_without_bias(conv, h), conv.bias)
     return skip(x) + conv(h)
 
 

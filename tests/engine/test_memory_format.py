@@ -135,3 +135,14 @@ def test_channels_last_on_cuda_converts_model_and_batches():
     assert model.conv.weight.is_cuda and model.conv.weight.is_contiguous(memory_format=CL3D)
     out = trainer._to_layout({"image": torch.randn(1, 1, 4, 4, 4, device="cuda")})
     assert out["image"].is_contiguous(memory_format=CL3D)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_channel_input_keeps_a_channels_last_network_channels_last_on_cuda():
+    """cuDNN picks the output layout from the input's and weight's strides: with a one-channel volume that was only
+    `contiguous(channels_last_3d)`-ed (and a one-input-channel weight) the first convolution output NCDHW."""
+    net = model_to_channels_last(nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1)).cuda())
+    x = channels_last(torch.randn(1, 1, 8, 8, 8, device="cuda"))
+    first = net[0](x)
+    assert first.is_contiguous(memory_format=CL3D) and not first.is_contiguous()
+    assert net(x).is_contiguous(memory_format=CL3D)

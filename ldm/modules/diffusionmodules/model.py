@@ -63,7 +63,7 @@ class ResnetBlock(_Checkpointed):
             h = self.norm2(h)
         else:  # conv1's bias is added inside norm2, not in a pass of its own (nor its gradient reduced in one)
             h = self.norm2(conv_without_bias(self.conv1, self.norm1(x)), input_bias=self.conv1.bias)
-        return residual_sum(self.skip, x, self.conv2, self.dropout(h))
+        return residual_sum(self.skip, x, self.conv2, self.dropout(h), fused_add=self.norm1.uses_triton(x))
 
 
 class AttentionBlock(_Checkpointed):

@@ -77,7 +77,7 @@ class ResBlock(nn.Module):
             h = self.out_norm(h, scale, shift, input_bias=self.in_conv.bias)
         else:
             h = self.out_norm(h, input_bias=self.in_conv.bias + emb_out)
-        return residual_sum(self.skip, x, self.out_conv, self.dropout(h))
+        return residual_sum(self.skip, x, self.out_conv, self.dropout(h), fused_add=self.out_norm.uses_triton(h))
 
     def _forward_recomputing(self, x: torch.Tensor, emb: torch.Tensor,
                              norm_params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
