@@ -21,10 +21,8 @@ once, and the backward reads x and dy once and writes dx once. The barrier is sa
 the grid from a ticket counter (in start order) and a segment never has more parts than the GPU has multiprocessors, so
 all programs of a segment can be resident at once. When a part is larger than one register tile, the program loops over
 tiles and reads them a second time after the barrier (mostly from L2). Channels-last tensors with few samples, and
-Triton's interpreter (which runs programs one after another), use two launches instead: partial statistics, which the
-last program of each segment to store its own combines (an arrival counter, no waiting), then apply, where every program
-reads only its segment's statistics (measured faster there; `_plan` has the rules, benchmarks/bench_group_norm.py the
-numbers).
+Triton's interpreter (which runs programs one after another), use two launches instead: partial statistics, then combine
+and apply (measured faster there; `_plan` has the rules, benchmarks/bench_group_norm.py the numbers).
 
 Saved for backward: h (the input), or x and input_bias, and mean, rstd per (sample, group) in fp32 — not the
 normalised activations. The input bias's gradient (dx summed over space, per sample and channel) follows in closed
@@ -221,9 +219,8 @@ def _scratch(shape: tuple[int, int], plan: _Plan, per_part: int, device: torch.d
 
 
 def _sync_counters(plan: _Plan, device: torch.device) -> torch.Tensor:
-    """Zeroed ticket, arrival counters and flags for the barrier or for the two-launch plan's arrival counters (a
-    dummy for a single launch without the barrier)."""
-    if plan.fused and not plan.barrier:
+    """Zeroed ticket, arrival counters and flags for the barrier (a dummy when there is none)."""
+    if not plan.barrier:
         return torch.empty(1, device=device, dtype=torch.int32)
     return torch.zeros(1 + 2 * plan.num_segments, device=device, dtype=torch.int32)
 

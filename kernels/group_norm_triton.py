@@ -2,8 +2,7 @@
 
 Tiles are (lanes, BLOCK_S): BLOCK_G groups of CPG_PAD channel lanes (channels per group padded to a power of two) by
 BLOCK_S spatial positions. PHASE 0 is the single launch (with BARRIER: programs of a segment meet in global memory;
-without: one program per segment), PHASE 1 writes partial statistics and the last program of each segment to write
-them combines them (an arrival counter; nobody waits), PHASE 2 applies.
+without: one program per segment), PHASE 1 writes partial statistics, PHASE 2 combines them and applies.
 HAS_INPUT_BIAS: h = x + input_bias[n, c] is formed in registers wherever a tile is read (forward and backward) and never
 written.
 """
@@ -220,16 +219,11 @@ def gn_forward_kernel(
             part = (seg * splits + split) * BLOCK_G + g
             tl.store(part_mean_ptr + part, mean)
             tl.store(part_m2_ptr + part, m2)
-    stats = n * G + g0 + g
-    if PHASE == 1:  # two launches: the last program of a segment to store its partials combines them (none waits)
-        if _arrive(sync_ptr, seg, splits):
-            mean, rstd = _combine_moments(part_mean_ptr, part_m2_ptr, seg, splits, split_elems, group_elems, eps,
-                                          BLOCK_SPLITS, BLOCK_G)
-            tl.store(mean_ptr + stats, mean, mask=g_mask)
-            tl.store(rstd_ptr + stats, rstd, mask=g_mask)
+    if PHASE == 1:  # two launches: this one only writes the partials
         return
 
     # 2. the group statistics of the whole segment
+    stats = n * G + g0 + g
     if PHASE == 0 and BARRIER:
         if _arrive(sync_ptr, seg, splits):
             mean, rstd = _combine_moments(part_mean_ptr, part_m2_ptr, seg, splits, split_elems, group_elems, eps,
@@ -244,9 +238,12 @@ def gn_forward_kernel(
         rstd = 1.0 / tl.sqrt(tl.maximum(m2 / tl.maximum(count, 1.0), 0.0) + eps)
         tl.store(mean_ptr + stats, mean, mask=g_mask)
         tl.store(rstd_ptr + stats, rstd, mask=g_mask)
-    else:  # combined by the first launch
-        mean = tl.load(mean_ptr + stats, mask=g_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + stats, mask=g_mask, other=0.0)
+    else:
+        mean, rstd = _combine_moments(part_mean_ptr, part_m2_ptr, seg, splits, split_elems, group_elems, eps,
+                                      BLOCK_SPLITS, BLOCK_G)
+        if split == 0:
+            tl.store(mean_ptr + stats, mean, mask=g_mask)
+            tl.store(rstd_ptr + stats, rstd, mask=g_mask)
 
     # 3. per-channel affine map y = h * a + b (group statistics, weight, bias, scale, shift folded in)
     channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD)
@@ -368,20 +365,22 @@ def gn_backward_kernel(
             if HAS_INPUT_BIAS:
                 tl.store(part_x_ptr + part, sum_x)
 
+    if PHASE == 1:  # two launches: this one only writes the partials
+        return
+
     # 2. the segment's totals: A and B per channel (written for the parameter gradients; with an input bias, its
     # gradient written instead of X)
     sums = n * C + channel
-    if PHASE == 1:  # two launches: the last program of a segment to store its partials sums them (none waits)
-        if _arrive(sync_ptr, seg, splits):
-            _store_segment_sums(part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, sums, lane_valid,
-                                seg, splits, k, channel_rstd, S, inv_elems, HAS_INPUT_BIAS, BLOCK_SPLITS, BLOCK_C,
-                                BLOCK_G, CPG_PAD)
-        return
     if PHASE == 0 and BARRIER:
         if _arrive(sync_ptr, seg, splits):
-            _store_segment_sums(part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, sums, lane_valid,
-                                seg, splits, k, channel_rstd, S, inv_elems, HAS_INPUT_BIAS, BLOCK_SPLITS, BLOCK_C,
-                                BLOCK_G, CPG_PAD)
+            total_a = _sum_partials(part_a_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+            total_b = _sum_partials(part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+            tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
+            tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
+            if HAS_INPUT_BIAS:
+                total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
+                tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
             _publish(sync_ptr, seg, num_segments)
         _wait_published(sync_ptr, seg, num_segments)
         total_a = tl.load(sum_a_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
@@ -393,9 +392,16 @@ def gn_backward_kernel(
         if HAS_INPUT_BIAS:
             d_ib = _input_bias_grad(total_a, total_b, sum_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
             tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
-    else:  # summed by the first launch
-        total_a = tl.load(sum_a_ptr + sums, mask=lane_valid, other=0.0)
-        total_b = tl.load(sum_b_ptr + sums, mask=lane_valid, other=0.0)
+    else:
+        total_a = _sum_partials(part_a_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+        total_b = _sum_partials(part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+        if split == 0:
+            tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
+            tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
+            if HAS_INPUT_BIAS:
+                total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
+                tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
 
     c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD)
 
@@ -414,23 +420,6 @@ def gn_backward_kernel(
             if HAS_DH:
                 dx += tl.load(dh_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + t_offsets, dx.to(dx_ptr.dtype.element_ty), mask=t_mask)
-
-
-@triton.jit
-def _store_segment_sums(part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, sums, lane_valid, seg,
-                        splits, k, channel_rstd, S, inv_elems, HAS_INPUT_BIAS: tl.constexpr,
-                        BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
-                        CPG_PAD: tl.constexpr):
-    """Sums the segment's partials and stores A and B per (sample, channel) and, with an input bias, its gradient
-    (run by the one program that arrived last)."""
-    total_a = _sum_partials(part_a_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
-    total_b = _sum_partials(part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
-    tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
-    tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
-    if HAS_INPUT_BIAS:
-        total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
-        d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
-        tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
 
 
 @triton.jit
