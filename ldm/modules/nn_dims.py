@@ -45,6 +45,23 @@ def residual_sum(skip: nn.Module, x: torch.Tensor, conv: nn.modules.conv._ConvNd
     return skip(x) + conv(h)
 
 
+def thin_conv(conv: nn.modules.conv._ConvNd, x: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    """`conv(x)`. With `use_triton`, a 3x3x3 convolution (stride 1, zero padding 1) with one input or one output channel
+    (an autoencoder's first or last layer) on an x stored channels-last (channels innermost) runs in the Triton kernels
+    of kernels/thin_conv.py: cuDNN has no fast kernel for a one-channel side (~6 ms forward + backward for the two
+    layers of a 128^3 autoencoder, ~7 GFLOP each)."""
+    if use_triton and _is_thin_conv3d(conv) and x.ndim == 5 and x.shape[1] == conv.in_channels and x.stride(1) == 1:
+        from kernels.thin_conv import thin_conv3d  # imported on first use: CPU-only runs never load Triton
+        return thin_conv3d(x, conv.weight, conv.bias)
+    return conv(x)
+
+
+def _is_thin_conv3d(conv: nn.modules.conv._ConvNd) -> bool:
+    return (isinstance(conv, nn.Conv3d) and conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1)
+            and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and 1 in (conv.in_channels, conv.out_channels))
+
+
 def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
     """`nn.AvgPool{dims}d(*args, **kwargs)`."""
     return _AVG_POOL[check_dims(dims, "avg_pool_nd")](*args, **kwargs)

@@ -132,6 +132,25 @@ def test_autoencoder_encoder_decoder_same_with_triton_kernels():
     assert_same_model_results(decoder, (torch.randn(1, 2, 4, 4, 4),))
 
 
+def test_channels_last_autoencoder_runs_its_one_channel_layers_in_the_thin_conv_kernels(monkeypatch):
+    """A channels-last Encoder / Decoder of a one-channel image: conv_in and the decoder's conv_out go through
+    kernels/thin_conv.py with kernels=triton, and the models give what the torch path gives, gradients included."""
+    import kernels.thin_conv as thin
+    from ldm.engine.memory_format import channels_last, model_to_channels_last
+    calls = []
+    real = thin.thin_conv3d
+    monkeypatch.setattr(thin, "thin_conv3d", lambda x, w, b: calls.append(tuple(w.shape)) or real(x, w, b))
+    torch.manual_seed(0)
+    config = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=[], resolution=8, z_channels=2, dims=3,
+                  norm_num_groups=4)
+    encoder = model_to_channels_last(Encoder(in_channels=1, **config))
+    decoder = model_to_channels_last(Decoder(out_ch=1, **config))
+    # batch 2: PyTorch's CPU convolutions return NCDHW for a batch of one, whatever the input's layout
+    assert_same_model_results(encoder, (channels_last(torch.randn(2, 1, 8, 8, 8)),))
+    assert_same_model_results(decoder, (channels_last(torch.randn(2, 2, 4, 4, 4)),))
+    assert calls == [(8, 1, 3, 3, 3), (1, 8, 3, 3, 3)]
+
+
 def test_auto_uses_torch_on_cpu_and_bad_choice_is_named():
     norm = GroupNormAct(4, 2)
     assert norm.kernels == "auto" and not norm.uses_triton(torch.zeros(1, 4, 2))

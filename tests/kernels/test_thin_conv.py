@@ -1,0 +1,84 @@
+"""kernels/thin_conv.py: 3x3x3 convolutions with one input or one output channel against F.conv3d in float64,
+output and the gradients of input, weight and bias; Triton's interpreter on CPU (CI), CUDA when present."""
+import os
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from kernels.thin_conv import thin_conv3d
+
+DEVICES = ["cuda"] if torch.cuda.is_available() else []
+if os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICES.append("cpu")
+pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def _case(kind, channels, spatial, device, bias, channels_last_input):
+    torch.manual_seed(0)
+    c_in, c_out = (1, channels) if kind == "thin_to_wide" else (channels, 1)
+    x = torch.randn(2, c_in, *spatial, device=device)
+    if channels_last_input:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = torch.randn(c_out, c_in, 3, 3, 3, device=device) * 0.3
+    b = torch.randn(c_out, device=device) if bias else None
+    return [t.requires_grad_() if t is not None else None for t in (x, weight, b)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["thin_to_wide", "wide_to_thin"])
+@pytest.mark.parametrize("channels", [8, 5, 1])
+@pytest.mark.parametrize("spatial", [(3, 4, 5), (1, 2, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_conv3d_forward_and_gradients(device, kind, channels, spatial, bias):
+    x, weight, b = _case(kind, channels, spatial, device, bias, channels_last_input=kind == "wide_to_thin")
+    out = thin_conv3d(x, weight, b)
+    params = [t for t in (x, weight, b) if t is not None]
+    ref = F.conv3d(*(t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, b)),
+                   padding=1)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    if channels > 1 and kind == "thin_to_wide":
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, grad)
+    ref_params = [t.detach().double().requires_grad_() for t in params]
+    ref = F.conv3d(ref_params[0], ref_params[1], ref_params[2] if bias else None, padding=1)
+    expected = torch.autograd.grad(ref, ref_params, grad.double())
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for name, g, e in zip(("x", "weight", "bias"), got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_tap_lands_where_conv3d_puts_it(device):
+    """A weight with a single non-zero tap, one at a time: a mirrored or shifted tap offset fails here."""
+    x = torch.randn(1, 1, 4, 5, 6, device=device)
+    for tap in (0, 5, 13, 21, 26):
+        weight = torch.zeros(3, 1, 27, device=device)
+        weight[:, 0, tap] = torch.tensor([1.0, 2.0, -1.0], device=device)
+        weight = weight.reshape(3, 1, 3, 3, 3)
+        torch.testing.assert_close(thin_conv3d(x, weight), F.conv3d(x, weight, padding=1))
+        wide = torch.randn(1, 3, 4, 5, 6, device=device).contiguous(memory_format=torch.channels_last_3d)
+        back = weight.transpose(0, 1)
+        torch.testing.assert_close(thin_conv3d(wide, back), F.conv3d(wide, back, padding=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_computes_in_its_dtype(device):
+    x, weight, b = _case("wide_to_thin", 8, (3, 4, 5), device, True, True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = thin_conv3d(x, weight, b)
+        ref = F.conv3d(x, weight, b, padding=1)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+
+
+def test_bad_shapes_name_the_culprit():
+    with pytest.raises(ValueError, match="one input or one output channel"):
+        thin_conv3d(torch.zeros(1, 2, 3, 3, 3), torch.zeros(4, 2, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"\(C_out, C_in, 3, 3, 3\)"):
+        thin_conv3d(torch.zeros(1, 1, 3, 3, 3), torch.zeros(4, 1, 5, 5, 5))
+    with pytest.raises(ValueError, match="bias"):
+        thin_conv3d(torch.zeros(1, 1, 3, 3, 3), torch.zeros(4, 1, 3, 3, 3), torch.zeros(3))
