@@ -46,15 +46,6 @@ def _positions(pid, total, D, H, W, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _row_mask(rows_ok, c, C: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(BLOCK_S, BLOCK_C) mask of a wide tile: rows_ok per position, and c < C only where channels are padded. Without
-    padding the mask is constant along the channel axis, which Triton needs to vectorise the row's loads / stores."""
-    if BLOCK_C == C:
-        return rows_ok[:, None]
-    return rows_ok[:, None] & (c < C)[None, :]
-
-
-@triton.jit
 def _gather_taps(t_ptr, s, d, h, w, valid, D, H, W, FLIP: tl.constexpr, ONES_COLUMN: tl.constexpr):
     """(BLOCK_S, 32) tile: column k < 27 holds t at s + o_k (s - o_k with FLIP), 0 outside the volume; column 27 holds
     1 where s is valid (ONES_COLUMN) or 0; the rest 0."""
@@ -88,7 +79,7 @@ def _thin_to_wide_kernel(t_ptr, w_ptr, b_ptr, out_ptr, total, D, H, W, C: tl.con
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
     offsets = s.to(tl.int64)[:, None] * C + c[None, :]
-    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=_row_mask(valid, c, C, BLOCK_C))
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (c < C)[None, :])
 
 
 @triton.jit
@@ -106,7 +97,7 @@ def _wide_to_thin_kernel(u_ptr, w_ptr, b_ptr, out_ptr, total, D, H, W, C: tl.con
         dw = sign * (k % 3 - 1)
         inside = ((d + dd >= 0) & (d + dd < D) & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < W))
         rows = (s + dd * H * W + dh * W + dw).to(tl.int64)
-        u = tl.load(u_ptr + rows[:, None] * C + c[None, :], mask=_row_mask(valid & inside, c, C, BLOCK_C), other=0.0)
+        u = tl.load(u_ptr + rows[:, None] * C + c[None, :], mask=(valid & inside)[:, None] & c_ok[None, :], other=0.0)
         weight = tl.load(w_ptr + k * C + c, mask=c_ok, other=0.0).to(tl.float32)
         acc += u.to(tl.float32) * weight[None, :]
     out = tl.sum(acc, axis=1)
@@ -125,7 +116,8 @@ def _weight_grad_kernel(t_ptr, u_ptr, part_ptr, total, D, H, W, C: tl.constexpr,
     acc = tl.zeros((32, BLOCK_C), tl.float32)
     for i in range(tiles_per_program):
         s, d, h, w, valid = _positions(pid * tiles_per_program + i, total, D, H, W, BLOCK_S)
-        u = tl.load(u_ptr + s.to(tl.int64)[:, None] * C + c[None, :], mask=_row_mask(valid, c, C, BLOCK_C), other=0.0)
+        u = tl.load(u_ptr + s.to(tl.int64)[:, None] * C + c[None, :], mask=valid[:, None] & (c < C)[None, :],
+                    other=0.0)
         taps = _gather_taps(t_ptr, s, d, h, w, valid, D, H, W, FLIP, True)
         acc += tl.dot(tl.trans(taps.to(u.dtype)), u, input_precision=PRECISION)
     k = tl.arange(0, 32)
