@@ -27,7 +27,7 @@ def _case(kind, channels, spatial, device, bias, channels_last_input):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["thin_to_wide", "wide_to_thin"])
-@pytest.mark.parametrize("channels", [16, 8, 5, 1])  # 16: no padded lanes (unmasked channel axis)
+@pytest.mark.parametrize("channels", [16, 8, 5, 1])  # 16: no padded lanes
 @pytest.mark.parametrize("spatial", [(3, 4, 5), (1, 2, 7)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_conv3d_forward_and_gradients(device, kind, channels, spatial, bias):
