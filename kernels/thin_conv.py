@@ -186,57 +186,35 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _ThinToWideConv(torch.autograd.Function):
-    """x: (N, 1, D, H, W), weight (C, 1, 3, 3, 3), bias (C,) or None -> (N, C, D, H, W) channels-last."""
+class _ThinConv3d(torch.autograd.Function):
+    """Thin to wide: x (N, 1, D, H, W), weight (C, 1, 3, 3, 3) -> (N, C, D, H, W) channels-last. Wide to thin:
+    x (N, C, D, H, W), weight (1, C, 3, 3, 3) -> (N, 1, D, H, W). bias: (C_out,) or None."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):
-        x_c = _thin(x.to(dtype))
-        taps = weight.reshape(weight.shape[0], TAPS).t().contiguous().to(dtype)
-        out = _thin_to_wide(x_c, taps, None if bias is None else bias.to(dtype), flip=False)
+        thin_input = weight.shape[1] == 1
+        x_c = (_thin if thin_input else _wide)(x.to(dtype))
+        taps = weight.reshape(weight.shape[0 if thin_input else 1], TAPS).t().contiguous().to(dtype)
+        conv = _thin_to_wide if thin_input else _wide_to_thin
+        out = conv(x_c, taps, None if bias is None else bias.to(dtype), flip=False)
         ctx.save_for_backward(x_c, taps)
-        ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, weight.shape)
+        ctx.meta = (thin_input, x.dtype, weight.dtype, None if bias is None else bias.dtype, weight.shape)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x_c, taps = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype, w_shape = ctx.meta
-        grad = _wide(grad.to(taps.dtype))
+        thin_input, x_dtype, w_dtype, b_dtype, w_shape = ctx.meta
+        grad = (_wide if thin_input else _thin)(grad.to(taps.dtype))
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _wide_to_thin(grad, taps, None, flip=True).to(x_dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            g = _weight_grad(x_c, grad, flip=False)
+        if ctx.needs_input_grad[0]:  # a pass of the other kind, taps mirrored
+            dx = (_wide_to_thin if thin_input else _thin_to_wide)(grad, taps, None, flip=True).to(x_dtype)
+        if ctx.needs_input_grad[1] or (thin_input and ctx.needs_input_grad[2]):
+            # rows k < 27: sum_s thin[s +- o_k] wide[s, :]; row 27: sum_s wide[s, :] (the thin-to-wide bias gradient)
+            g = _weight_grad(x_c, grad, flip=False) if thin_input else _weight_grad(grad, x_c, flip=True)
             dw = g[:TAPS].t().reshape(w_shape).to(w_dtype)
-            db = g[TAPS].to(b_dtype) if b_dtype is not None else None
-        return dx, dw, db, None
-
-
-class _WideToThinConv(torch.autograd.Function):
-    """x: (N, C, D, H, W), weight (1, C, 3, 3, 3), bias (1,) or None -> (N, 1, D, H, W)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, dtype):
-        x_c = _wide(x.to(dtype))
-        taps = weight.reshape(weight.shape[1], TAPS).t().contiguous().to(dtype)
-        out = _wide_to_thin(x_c, taps, None if bias is None else bias.to(dtype), flip=False)
-        ctx.save_for_backward(x_c, taps)
-        ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, weight.shape)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_c, taps = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype, w_shape = ctx.meta
-        grad = _thin(grad.to(taps.dtype))
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _thin_to_wide(grad, taps, None, flip=True).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            dw = _weight_grad(grad, x_c, flip=True)[:TAPS].t().reshape(w_shape).to(w_dtype)
         if ctx.needs_input_grad[2] and b_dtype is not None:
-            db = grad.float().sum().reshape(1).to(b_dtype)
+            db = (g[TAPS] if thin_input else grad.float().sum().reshape(1)).to(b_dtype)
         return dx, dw, db, None
 
 
@@ -252,7 +230,4 @@ def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"thin_conv3d: one input or one output channel expected, weight {tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"thin_conv3d: bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}")
-    dtype = _compute_dtype(x)
-    if weight.shape[1] == 1:
-        return _ThinToWideConv.apply(x, weight, bias, dtype)
-    return _WideToThinConv.apply(x, weight, bias, dtype)
+    return _ThinConv3d.apply(x, weight, bias, _compute_dtype(x))
