@@ -16,7 +16,8 @@ Shapes: thin (N, 1, D, H, W), wide (N, C, D, H, W) channels-last (others are cop
 (1, C, 3, 3, 3); bias (C,) or (1,). Under autocast the inputs are cast to its dtype, as for a convolution; products are
 summed in fp32. C is a compile-time constant: the wide rows' offsets s * C + c are then known to be contiguous and
 aligned, and their loads and stores vectorised (with C a runtime argument, the wide -> thin pass ran 16x slower than
-cuDNN on an H100). `thin_conv3d_reference` (F.conv3d) is the spec.
+cuDNN on an H100). `F.conv3d(x, weight, bias, padding=1)` is the spec. Positions are indexed in int32: fewer than
+2^31 voxels per tensor.
 """
 from __future__ import annotations
 
@@ -25,17 +26,12 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.nn import functional as F
 
 TAPS = 27
 TAP_COLUMNS = 32  # the taps, then a column of ones (bias gradient), padded to a power of two
 BLOCK_S = 128
 WIDE_TO_THIN_BLOCK_S = 64
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def thin_conv3d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.conv3d(x, weight, bias, padding=1)
 
 
 @triton.jit
@@ -230,4 +226,6 @@ def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"thin_conv3d: one input or one output channel expected, weight {tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"thin_conv3d: bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}")
+    if x.shape[0] * x[0, 0].numel() + 2 * BLOCK_S >= 2 ** 31:
+        raise ValueError(f"thin_conv3d: {tuple(x.shape)} has 2^31 or more voxels, beyond the kernels' int32 positions")
     return _ThinConv3d.apply(x, weight, bias, _compute_dtype(x))

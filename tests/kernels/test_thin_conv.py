@@ -82,3 +82,9 @@ def test_bad_shapes_name_the_culprit():
         thin_conv3d(torch.zeros(1, 1, 3, 3, 3), torch.zeros(4, 1, 5, 5, 5))
     with pytest.raises(ValueError, match="bias"):
         thin_conv3d(torch.zeros(1, 1, 3, 3, 3), torch.zeros(4, 1, 3, 3, 3), torch.zeros(3))
+
+
+def test_too_many_voxels_is_refused_before_any_kernel():
+    huge = torch.empty(1, 1, 1024, 1024, 2048, device="meta")
+    with pytest.raises(ValueError, match="2\\^31 or more voxels"):
+        thin_conv3d(huge, torch.zeros(4, 1, 3, 3, 3, device="meta"))
