@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from kernels.layout import dot_precision
+
 logger = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
@@ -469,11 +471,6 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """IEEE fp32 products for fp32 inputs (exact to rounding, slow); half inputs run on the tensor cores anyway."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -498,7 +495,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             heads, len_q, len_k, scale * LOG2E,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_DV=cfg.block_c, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             EVEN_M=len_q % cfg.block_m == 0, EVEN_N=len_k % cfg.block_n == 0, MASK_D=head_dim != block_d,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is not None:
         _launch_first_that_fits("forward", (config,), None, launch)
@@ -520,7 +517,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         return dq, dk.zero_(), dv.zero_()
     block_d = padded_head_dim(head_dim)
     mask_d = head_dim != block_d
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     key = (block_d, q.dtype, q.device)
 
     delta = _new_output(q, (batch, heads, len_q))

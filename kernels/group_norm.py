@@ -40,6 +40,7 @@ import triton
 from torch.nn import functional as F
 
 from kernels.group_norm_triton import gn_backward_kernel, gn_forward_kernel
+from kernels.layout import is_channels_last
 
 # Elements of one register tile, forward and backward (measured: benchmarks/bench_group_norm.py).
 FORWARD_TILE = 8192
@@ -173,16 +174,9 @@ def _plan_meta(plan: _Plan, channels_last: bool) -> dict:
                 num_warps=max(1, min(16, plan.block_c * plan.block_s // 1024)))
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    """True when x is (N, C, *spatial) stored with channels innermost and is not also plain contiguous."""
-    if x.is_contiguous():
-        return False
-    return x.movedim(1, -1).is_contiguous()
-
-
 def _as_kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """x in a layout the kernels read: kept if contiguous or channels-last, else made contiguous."""
-    if _is_channels_last(x):
+    if is_channels_last(x):
         return x, True
     return x.contiguous(), False
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.layout import is_channels_last
+
 BLOCK = 4096
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -39,18 +41,12 @@ def _residual_bias_add_kernel(x_ptr, y_ptr, bias_ptr, out_ptr, numel, S, C: tl.c
     tl.store(out_ptr + offsets, (x + y + bias).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _layout(t: torch.Tensor) -> str | None:
-    """'contiguous', 'channels_last' (channels innermost, not also plain contiguous) or None (anything else)."""
-    if t.is_contiguous():
-        return "contiguous"
-    if t.ndim >= 3 and t.movedim(1, -1).is_contiguous():
-        return "channels_last"
-    return None
-
-
 def _kernel_takes(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Same shape, dtype and device, and both contiguous or both channels-last."""
+    same_layout = ((x.is_contiguous() and y.is_contiguous())
+                   or (is_channels_last(x) and is_channels_last(y)))
     return (x.shape == y.shape and x.dtype == y.dtype and x.device == y.device == bias.device
-            and (x.is_cuda or _INTERPRET) and x.numel() > 0 and _layout(x) is not None and _layout(x) == _layout(y))
+            and (x.is_cuda or _INTERPRET) and x.numel() > 0 and same_layout)
 
 
 class _ResidualBiasAdd(torch.autograd.Function):
@@ -61,7 +57,7 @@ class _ResidualBiasAdd(torch.autograd.Function):
         numel = x.numel()
         grid = (triton.cdiv(numel, BLOCK),)
         _residual_bias_add_kernel[grid](x, y, bias.contiguous(), out, numel, x[0, 0].numel(), C=C,
-                                        CHANNELS_LAST=_layout(x) == "channels_last", INT64=numel + BLOCK >= 2 ** 31,
+                                        CHANNELS_LAST=is_channels_last(x), INT64=numel + BLOCK >= 2 ** 31,
                                         BLOCK=BLOCK, num_warps=8)
         ctx.bias_dtype = bias.dtype
         return out

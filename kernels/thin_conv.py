@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.layout import dot_precision
+
 TAPS = 27
 TAP_COLUMNS = 32  # the taps, then a column of ones (bias gradient), padded to a power of two
 BLOCK_S = 128
@@ -120,10 +122,6 @@ def _weight_grad_kernel(t_ptr, u_ptr, part_ptr, total, D, H, W, C: tl.constexpr,
     tl.store(part_ptr + pid * 32 * BLOCK_C + k[:, None] * BLOCK_C + c[None, :], acc)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _block_c(C: int) -> int:
     return max(16, triton.next_power_of_2(C))
 
@@ -145,7 +143,7 @@ def _thin_to_wide(t: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None
     total = N * D * H * W
     _thin_to_wide_kernel[(triton.cdiv(total, BLOCK_S),)](
         t, taps, bias if bias is not None else taps, out, total, D, H, W, C, FLIP=flip, HAS_BIAS=bias is not None,
-        BLOCK_S=BLOCK_S, BLOCK_C=_block_c(C), PRECISION=_precision(taps.dtype), num_warps=4)
+        BLOCK_S=BLOCK_S, BLOCK_C=_block_c(C), PRECISION=dot_precision(taps.dtype), num_warps=4)
     return out
 
 
@@ -172,7 +170,7 @@ def _weight_grad(t: torch.Tensor, u: torch.Tensor, flip: bool) -> torch.Tensor:
     block_c = _block_c(C)
     parts = torch.empty((programs, TAP_COLUMNS, block_c), device=u.device, dtype=torch.float32)
     _weight_grad_kernel[(programs,)](t, u, parts, total, D, H, W, C, tiles_per_program, FLIP=flip, BLOCK_S=BLOCK_S,
-                                     BLOCK_C=block_c, PRECISION=_precision(u.dtype), num_warps=4)
+                                     BLOCK_C=block_c, PRECISION=dot_precision(u.dtype), num_warps=4)
     return parts.sum(0)[:TAPS + 1, :C]
 
 

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kernels.layout import is_channels_last  # PyTorch only: does not load Triton
+
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -90,7 +92,7 @@ def upsample_nearest(x: torch.Tensor, scale_factor: int | Sequence[int] = 2) -> 
     if len(factors) != len(spatial):
         raise ValueError(f"upsample_nearest: {len(factors)} scale factors for {len(spatial)} spatial dims")
     size = [s * f for s, f in zip(spatial, factors)]
-    channels_last = _is_channels_last(x)
+    channels_last = is_channels_last(x)
     if channels_last or math.prod(size) * x.shape[0] * x.shape[1] >= 2 ** 31:
         # channels-last, or too large for PyTorch's nearest kernels (a 128 x 256^2 x 512 output fails on CUDA)
         return _upsample_nearest_broadcast(x, factors, channels_last)
@@ -108,11 +110,6 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.detach().zero_()
     return module
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    """x: (B, C, *spatial) stored with channels innermost (and not also plain contiguous)."""
-    return x.ndim >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
 def _upsample_nearest_broadcast(x: torch.Tensor, factors: Sequence[int], channels_last: bool) -> torch.Tensor:

@@ -1,0 +1,16 @@
+"""Small host-side helpers the kernels share (PyTorch only: importing this module does not load Triton, so the
+models can use it on CPU-only machines too)."""
+from __future__ import annotations
+
+import torch
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """x: (N, C, *spatial) stored with channels innermost, and not also plain contiguous."""
+    return x.ndim >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input_precision: IEEE fp32 products for fp32 inputs (exact to rounding, slow); half inputs run on
+    the tensor cores anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
