@@ -17,10 +17,14 @@ none). Parameter counts are printed side by side; they differ only where the des
 biases, and our AE encoder's last conv gives mean and log-variance together (2 x latent channels) for one quant conv.
 
 Every variant trains for `--warmup` + `--steps` steps: forward + backward + AdamW step under bf16 autocast with
-cudnn.benchmark, `torch.cuda.synchronize()` around each step; the step time is the median of the timed steps; peak
-memory is `torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's autotuning does not
-count; for a CUDA graph, over its capture, since replays allocate nothing; for "netgraph", the memory reserved after the
-timed steps with the cache emptied, since the graphs' activations live in their private pools). Losses: L1
+cudnn.benchmark, `torch.cuda.synchronize()` around each step; the step time is the median of the timed steps. Memory is
+reported twice. "alloc": `torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's
+autotuning does not count; for a CUDA graph, over its capture, since replays allocate nothing; not measurable for
+"netgraph": its activations live in the graphs' private pools, which count as reserved, not allocated). "reserved":
+`torch.cuda.max_memory_reserved` over the same steps, with the cache emptied before them: what the allocator holds
+from the GPU, fragmentation and graph pools included, the like-for-like figure for every variant. Each ratio is
+against MONAI's smallest of the same kind. `--memory-cap-gib G` caps this process's GPU memory at G GiB
+(`set_per_process_memory_fraction`), e.g. 79 to stand for an 80 GB H100 on a larger GPU. Losses: L1
 reconstruction + 1e-6 KL (summed over the latent, mean over the batch) for the autoencoder; MSE on eps for the UNet with
 t uniform in [0, 1000) on a linear beta schedule.
 Variants: ours with kernels=torch and kernels=triton, contiguous (and channels_last_3d with
@@ -284,6 +288,7 @@ def make_graphed_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], dev
     graph = torch.cuda.CUDAGraph()
     optimizer.zero_grad(set_to_none=True)
     # Replays allocate nothing: the step's memory is what the capture takes from the allocator (its private pool).
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     with torch.cuda.graph(graph):
         static_loss = forward_backward_update()
@@ -383,15 +388,13 @@ def print_top_kernels(step: Callable[[], float], device: torch.device, title: st
         print(f"| {e.key} | {shapes} | {e.self_device_time_total / 1e3:.2f} | {e.count} |")
 
 
-def peak_gib(device: torch.device, variant: Variant) -> float | None:
-    """Peak allocated GiB since the last reset; for netgraph variants the memory reserved now (after emptying the
-    cache): their activations live in the graphs' private pools, which count as reserved, not allocated."""
+def peak_memory_gib(device: torch.device, variant: Variant) -> tuple[float | None, float | None]:
+    """(peak allocated, peak reserved) GiB since the last reset; allocated is None for netgraph variants, whose
+    activations live in the graphs' private pools (reserved, not allocated)."""
     if device.type != "cuda":
-        return None
-    if variant.graph_network:
-        torch.cuda.empty_cache()
-        return max(torch.cuda.max_memory_allocated(device), torch.cuda.memory_reserved(device)) / GIB
-    return torch.cuda.max_memory_allocated(device) / GIB
+        return None, None
+    allocated = None if variant.graph_network else torch.cuda.max_memory_allocated(device) / GIB
+    return allocated, torch.cuda.max_memory_reserved(device) / GIB
 
 
 def free_memory(device: torch.device) -> None:
@@ -403,6 +406,11 @@ def free_memory(device: torch.device) -> None:
 def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torch.device, row: dict) -> None:
     """Builds one variant, trains it for warm-up + timed steps and fills `row` with what was measured."""
     torch.manual_seed(0)
+    started = time.perf_counter()
+
+    def progress(what: str) -> None:  # a 256^3 case spends minutes before its first step: say where it is
+        print(f"  {case.name} {variant.label}: {what} ({time.perf_counter() - started:.1f} s)", flush=True)
+
     model = (build_ours(case, variant.kernels, args.compvis_decoder) if variant.model == "ours"
              else build_monai(case, variant.flash))
     set_recompute_cheap(model, variant.recompute)
@@ -412,8 +420,10 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     if variant.layout == "channels_last":  # as the trainer does (trainer.channels_last)
         model, x = model_to_channels_last(model), channels_last(x)
     loss_fn = make_loss(case, variant, model, x)
+    progress("built")
     row["conv_tflop_per_step"] = conv_flops(loss_fn, device, args.precision) / 1e12  # before any graph is captured
     model.zero_grad(set_to_none=True)
+    progress(f"conv FLOPs counted ({row['conv_tflop_per_step']:.2f} TFLOP per step)")
     if variant.graph_network:
         for name, network in graphed_networks(case, variant, model).items():
             graph_training_forward(network, name)
@@ -425,7 +435,9 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
         step()
         synchronize(device)
         warmup.append(1e3 * (time.perf_counter() - start))
+        progress(f"warm-up step {len(warmup)}: {warmup[-1]:.0f} ms")
     if device.type == "cuda" and not variant.graph:  # a graph's peak is that of its capture (make_graphed_step)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
     for _ in range(args.steps):
@@ -434,8 +446,9 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
         synchronize(device)
         times.append(1e3 * (time.perf_counter() - start))
     losses = [float(loss) for loss in losses]
+    allocated, reserved = peak_memory_gib(device, variant)
     row.update(step_ms=statistics.median(times), steps_ms=times, warmup_ms=warmup, loss=losses[-1],
-               peak_gib=peak_gib(device, variant))
+               peak_gib=allocated, reserved_gib=reserved)
     if not all(math.isfinite(v) for v in losses):
         row["status"] = f"non-finite loss {losses}"
     if args.profile:
@@ -469,12 +482,13 @@ def add_ratios(rows: list[dict], matmul: float) -> None:
         if not monai:
             continue
         best_ms = min(r["step_ms"] for r in monai)
-        memories = [r["peak_gib"] for r in monai if r["peak_gib"] is not None]
         for row in rows:
             if row["case"] == case and row["status"] == "ok":
                 row["time_vs_monai_best"] = row["step_ms"] / best_ms
-                if memories and row["peak_gib"] is not None:
-                    row["memory_vs_monai_best"] = row["peak_gib"] / min(memories)
+                for key, ratio in (("peak_gib", "memory_vs_monai_best"), ("reserved_gib", "reserved_vs_monai_best")):
+                    memories = [r[key] for r in monai if r.get(key) is not None]
+                    if memories and row.get(key) is not None:
+                        row[ratio] = row[key] / min(memories)
 
 
 def fmt(value, spec: str) -> str:
@@ -483,14 +497,16 @@ def fmt(value, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| case | input | variant | params | step ms | peak GiB | time / MONAI best | memory / MONAI best "
-             "| conv TFLOP/s | % matmul | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | input | variant | params | step ms | alloc GiB | reserved GiB | time / MONAI best "
+             "| alloc / MONAI best | reserved / MONAI best | conv TFLOP/s | % matmul | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         percent = None if r.get("conv_fraction_of_matmul") is None else 100 * r["conv_fraction_of_matmul"]
         lines.append(
             f"| {r['case']} | {'x'.join(map(str, r['input']))} | {r['variant']} | {fmt(r.get('params'), ',')} "
-            f"| {fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('peak_gib'), '.2f')} "
+            f"| {fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('peak_gib'), '.2f')} | {fmt(r.get('reserved_gib'), '.2f')} "
             f"| {fmt(r.get('time_vs_monai_best'), '.2f')} | {fmt(r.get('memory_vs_monai_best'), '.2f')} "
+            f"| {fmt(r.get('reserved_vs_monai_best'), '.2f')} "
             f"| {fmt(r.get('conv_tflops'), '.1f')} | {fmt(percent, '.1f')} | {r['status']} |")
     return "\n".join(lines)
 
@@ -523,6 +539,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="TOP",
                         help="print the top TOP (15) kernels of one step per variant, GPU time per kernel category, "
                         "and the ops behind the kernels with their input shapes")
+    parser.add_argument("--memory-cap-gib", type=float, default=None,
+                        help="cap this process's GPU memory at this many GiB (79: an 80 GB H100 on a larger GPU)")
     parser.add_argument("--quick", action="store_true", help="tiny models and few steps: a smoke test on any device")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
@@ -570,6 +588,18 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     return monai + ours
 
 
+def cap_memory(device: torch.device, gib: float) -> float:
+    """Caps this process's GPU memory at `gib` GiB (the caching allocator refuses more: out of memory); returns it."""
+    if device.type != "cuda":
+        raise SystemExit("--memory-cap-gib needs a CUDA device")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory / GIB
+    if not 0 < gib <= total:
+        raise SystemExit(f"--memory-cap-gib {gib}: must be in (0, {total:.1f}], this GPU's memory")
+    torch.cuda.set_per_process_memory_fraction(gib / total, index)
+    return gib
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -579,6 +609,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import monai
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    if args.memory_cap_gib is not None:
+        name += f" capped at {cap_memory(device, args.memory_cap_gib):.1f} GiB"
     matmul = matmul_tflops(device, args.precision)
     print(f"device: {name}, torch {torch.__version__}, MONAI {monai.__version__}; "
           f"{args.precision} matmul {matmul:.1f} TFLOP/s", flush=True)

@@ -27,7 +27,7 @@ def test_quick_run_measures_every_variant(tmp_path, capsys):
     report = json.loads((tmp_path / "bench_models.json").read_text())
     assert report["matmul_tflops"] > 0 and len(report["rows"]) == len(rows)
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[-len(rows) - 2].startswith("| case | input | variant | params | step ms | peak GiB")
+    assert table[-len(rows) - 2].startswith("| case | input | variant | params | step ms | alloc GiB | reserved GiB")
     assert table[-1].startswith("| unet-quick | 1x4x8x8x8 | ours torch CL | ")
 
 
