@@ -123,15 +123,16 @@ class StageOneModel(nn.Module):
     # --------------------------------------------------------------------------------------- loop interface
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """[autoencoder (everything trainable outside the discriminator, e.g. loss.logvar), discriminator], both
-        Adam with betas (0.5, 0.9) at `learning_rate`."""
+        Adam with betas (0.5, 0.9) at `learning_rate`, fused (one kernel per step for all parameters of a device and
+        dtype)."""
         if not hasattr(self.loss, "discriminator"):
             raise ValueError(f"{type(self).__name__}: cannot train with lossconfig {type(self.loss).__name__} "
                              f"(it has no discriminator; use a loss from ldm.modules.losses)")
         discriminator = list(self.loss.discriminator.parameters())
         chosen = {id(p) for p in discriminator}
         autoencoder = [p for p in self.parameters() if p.requires_grad and id(p) not in chosen]
-        return [torch.optim.Adam(autoencoder, lr=self.learning_rate, betas=(0.5, 0.9)),
-                torch.optim.Adam(discriminator, lr=self.learning_rate, betas=(0.5, 0.9))]
+        return [torch.optim.Adam(autoencoder, lr=self.learning_rate, betas=(0.5, 0.9), fused=True),
+                torch.optim.Adam(discriminator, lr=self.learning_rate, betas=(0.5, 0.9), fused=True)]
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int, optimizer_idx: int):
         """optimizer 0: autoencoder loss; 1: discriminator loss. Returns (loss, scalars named train/<term>)."""

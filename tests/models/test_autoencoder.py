@@ -104,6 +104,7 @@ def test_optimizers_split_autoencoder_and_discriminator():
     assert ae_params | disc_params == {id(p) for p in model.parameters()}
     assert disc_params == {id(p) for p in model.loss.discriminator.parameters()}
     assert ae.defaults["betas"] == (0.5, 0.9) and ae.defaults["lr"] == 1e-3
+    assert ae.defaults["fused"] and disc.defaults["fused"]
 
 
 @pytest.mark.parametrize("global_step", [0, 3])

@@ -113,6 +113,25 @@ def test_first_stage_gets_no_gradient_and_stays_in_eval_mode():
         assert torch.equal(value, first_stage_before[key]), key
 
 
+def test_the_fused_adamw_steps_as_the_per_parameter_reference():
+    model = build(ldm_config(**CASES["concat_encoder"][0]))
+    (optimizer,) = model.configure_optimizers()
+    assert optimizer.defaults["fused"]
+    reference_model = copy.deepcopy(model)
+    (reference,) = reference_model.configure_optimizers()
+    reference = torch.optim.AdamW(reference.param_groups[0]["params"], lr=reference.defaults["lr"], foreach=False)
+    model.train(), reference_model.train()
+    for step in range(3):
+        for net, opt in ((model, optimizer), (reference_model, reference)):
+            torch.manual_seed(step)  # the same t and noise on both sides
+            loss, _ = net.training_step(batch(seed=step), step, 0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_a_frozen_conditioning_stage_is_not_trained():
     model = build(ldm_config(**{**CASES["concat_encoder"][0], "cond_stage_trainable": False}))
     (optimizer,) = model.configure_optimizers()
