@@ -16,7 +16,7 @@ Both sides build the same architecture. Ours: `AutoencoderKL` whose decoder has 
 none). Parameter counts are printed side by side; they differ only where the designs do: MONAI's UNet has q/k/v
 biases, and our AE encoder's last conv gives mean and log-variance together (2 x latent channels) for one quant conv.
 
-Every variant trains for `--warmup` + `--steps` steps: forward + backward + AdamW step under bf16 autocast with
+Every variant trains for `--warmup` + `--steps` steps: forward + backward + fused AdamW step (the same for both) under bf16 autocast with
 cudnn.benchmark, `torch.cuda.synchronize()` around each step; the step time is the median of the timed steps. Memory is
 reported twice. "alloc": `torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's
 autotuning does not count; for a CUDA graph, over its capture, since replays allocate nothing; not measurable for
@@ -37,7 +37,7 @@ and decoder separately for ours, the whole model for MONAI's), loss and AdamW ea
 Ratios are ours / the best MONAI variant (fastest for time, smallest for memory).
 
 Conv FLOPs: counted by PyTorch's FlopCounterMode over one eager forward + backward (convolutions and their backward,
-input gradients only where needed); "conv TFLOP/s" is that over the step time and "% matmul" that
+input gradients only where needed; above 128^3 voxels per sample at the input halved per axis, times the voxel ratio); "conv TFLOP/s" is that over the step time and "% matmul" that
 over a measured bf16 matmul rate (8192^3 on CUDA): how far the step is from the hardware's compute limit.
 `--profile [TOP]` prints the TOP (15) GPU kernels (CPU ops without a GPU) with the most time in one step of each variant,
 GPU time per kernel category (convolution, GroupNorm, attention, layout / copy, ...) and the PyTorch ops that launched
@@ -81,6 +81,7 @@ KL_WEIGHT = 1e-6
 TIMESTEPS = 1000
 LEARNING_RATE = 1e-4
 GIB = 2 ** 30
+FLOP_COUNT_VOXELS = 128 ** 3   # larger inputs have their conv FLOPs counted at a smaller size and scaled
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
 def make_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
               precision: str) -> Callable[[], torch.Tensor]:
     """One training step (zero grads, forward under autocast, backward, AdamW); returns the detached loss."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=True)
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -269,7 +270,7 @@ def make_graphed_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], dev
     same tensors (the benchmark's x); gradients live in the graph's pool and are overwritten, not accumulated."""
     if device.type != "cuda":
         raise RuntimeError("CUDA graphs need a CUDA device")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, capturable=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, capturable=True, fused=True)
 
     def forward_backward_update() -> torch.Tensor:
         with autocast(device, precision, cache_enabled=False):
@@ -298,6 +299,22 @@ def make_graphed_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], dev
         return static_loss.clone()
 
     return step
+
+
+def flop_count_input(x: torch.Tensor, max_voxels: int = FLOP_COUNT_VOXELS) -> tuple[torch.Tensor, int]:
+    """(x, 1), or for an input of more than `max_voxels` per sample a copy halved along every spatial axis until it has
+    no more, and the voxel ratio: the conv FLOPs of these fully convolutional networks scale exactly with the voxel
+    count (every convolution's output shrinks by the same factor), and counting at 256^3 means an extra eager
+    forward + backward with a fresh round of cuDNN autotuning at the largest size. x: (B, C, *spatial)."""
+    spatial = x.shape[2:]
+    factor = 1
+    while math.prod(s // factor for s in spatial) > max_voxels and all(s % (2 * factor) == 0 for s in spatial):
+        factor *= 2
+    if factor == 1:
+        return x, 1
+    small = x[(slice(None), slice(None), *(slice(None, s // factor) for s in spatial))].clone(
+        memory_format=torch.preserve_format)
+    return small, factor ** len(spatial)
 
 
 def conv_flops(loss_fn: Callable[[], torch.Tensor], device: torch.device, precision: str) -> int:
@@ -421,7 +438,9 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
         model, x = model_to_channels_last(model), channels_last(x)
     loss_fn = make_loss(case, variant, model, x)
     progress("built")
-    row["conv_tflop_per_step"] = conv_flops(loss_fn, device, args.precision) / 1e12  # before any graph is captured
+    counted_x, scale = flop_count_input(x)
+    counted_loss = loss_fn if counted_x is x else make_loss(case, variant, model, counted_x)
+    row["conv_tflop_per_step"] = scale * conv_flops(counted_loss, device, args.precision) / 1e12  # before any graph
     model.zero_grad(set_to_none=True)
     progress(f"conv FLOPs counted ({row['conv_tflop_per_step']:.2f} TFLOP per step)")
     if variant.graph_network:
@@ -633,7 +652,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   args=vars(args), rows=rows)
     (out / "bench_models.json").write_text(json.dumps(report, indent=1))
     precision = "bf16 autocast" if args.precision == "bf16" else "fp32"
-    print(f"\nTraining step, {precision}, AdamW, {args.warmup} warm-up + {args.steps} timed steps, {name}; "
+    print(f"\nTraining step, {precision}, fused AdamW, {args.warmup} warm-up + {args.steps} timed steps, {name}; "
           f"{args.precision} matmul {matmul:.1f} TFLOP/s")
     print(markdown_table(rows))
     return rows

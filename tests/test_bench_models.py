@@ -83,3 +83,17 @@ def test_kernel_categories_name_what_a_kernel_does():
     assert kernel_category("void at::native::vectorized_elementwise_kernel<4, AddFunctor<float>>") == "elementwise"
     assert kernel_category("flash_fwd_kernel") == "attention"
     assert kernel_category("Memset (Device)") == "other"
+
+
+def test_conv_flops_counted_at_a_halved_input_scale_exactly():
+    """Above FLOP_COUNT_VOXELS the count runs at the input halved per axis, times the voxel ratio: the same number."""
+    from benchmarks.bench_models import QUICK_CASES, Variant, build_ours, conv_flops, flop_count_input, make_loss
+
+    case, variant = QUICK_CASES["ae"], Variant("ours", "torch")
+    model = build_ours(case, "torch", compvis_decoder=False)
+    x = torch.randn(1, 1, 16, 16, 16)
+    small, scale = flop_count_input(x, max_voxels=8 ** 3)
+    assert small.shape == (1, 1, 8, 8, 8) and scale == 8 and torch.equal(small, x[:, :, :8, :8, :8])
+    assert flop_count_input(x, max_voxels=16 ** 3) == (x, 1)
+    full = conv_flops(make_loss(case, variant, model, x), x.device, "fp32")
+    assert scale * conv_flops(make_loss(case, variant, model, small), x.device, "fp32") == full
