@@ -153,6 +153,16 @@ def profile_host(fn, device) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
 
 
+def parse_shape(token: str) -> tuple[int, ...]:
+    """'2' -> SHAPES[2]; '4x128x32x32x32' -> (4, 128, 32, 32, 32)."""
+    if "x" not in token:
+        return SHAPES[int(token)]
+    shape = tuple(int(size) for size in token.split("x"))
+    if len(shape) not in (4, 5) or shape[1] % GROUPS:
+        raise SystemExit(f"--shapes: {token!r} must be N x C x (D x) H x W with C a multiple of {GROUPS}")
+    return shape
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves minutes of compiling)")
@@ -163,7 +173,8 @@ def main() -> None:
                         help="also profile the host side of 200 forward+backward calls (cProfile, top functions)")
     parser.add_argument("--input-bias", action="store_true",
                         help="add a per-channel bias to x first: ours fused, ours after a separate add, eager")
-    parser.add_argument("--shapes", default="", help="only these shape indices (0-3), e.g. 0,1")
+    parser.add_argument("--shapes", default="", help="only these shapes: indices into the issue's four (0-3) or "
+                        "explicit N x C x spatial shapes, e.g. 0,1,4x128x32x32x32")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -188,7 +199,7 @@ def main() -> None:
 
     if args.host_profile:
         profile_host(variants["ours"], device)
-    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    shapes = [parse_shape(token) for token in args.shapes.split(",")] if args.shapes else SHAPES
     rows = []
     for layout in args.layouts.split(","):
         for shape in shapes:
