@@ -3,7 +3,7 @@ the convolution run without its bias (PyTorch adds a cuDNN convolution's bias in
 
 x, y: (N, C, *spatial) of one dtype, both contiguous or both channels-last; bias: (C,) in any float dtype, added in
 fp32; out has x's dtype and layout. Backward: the gradient passes to x and y unchanged, and the bias's is its sum over
-samples and space (in fp32). `residual_bias_add_reference` is the spec; inputs the kernel does not take (other
+samples and space (in fp32; `kernels.channel_sum` for channels-last gradients). `residual_bias_add_reference` is the spec; inputs the kernel does not take (other
 layouts, mixed dtypes, CPU tensors outside Triton's interpreter) go through it.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.channel_sum import channel_sum
 from kernels.layout import is_channels_last
 
 BLOCK = 4096
@@ -66,7 +67,7 @@ class _ResidualBiasAdd(torch.autograd.Function):
     def backward(ctx, grad):
         d_bias = None
         if ctx.needs_input_grad[2]:
-            d_bias = grad.sum(dim=[d for d in range(grad.ndim) if d != 1], dtype=torch.float32).to(ctx.bias_dtype)
+            d_bias = channel_sum(grad).to(ctx.bias_dtype)
         return grad, grad, d_bias
 
 

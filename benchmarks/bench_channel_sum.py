@@ -1,0 +1,110 @@
+"""Per-channel fp32 sums of channels-last bf16 gradients (a bias's gradient): kernels.channel_sum against PyTorch.
+
+    python benchmarks/bench_channel_sum.py [--out DIR]
+
+Shapes: the UNet's (4 x C x 32^3 / 16^3 / 8^3) and the 128^3 autoencoder's largest. For each: checks both against a
+float64 sum, then times them as GPU time: the calls are captured in a CUDA graph over enough distinct inputs to exceed
+4x the L2 cache, the graph is replayed 20 times, and the median replay time is divided by the number of inputs.
+% = bytes read (the tensor once) / time / measured copy bandwidth. Writes DIR/bench_channel_sum.json ($OUT when set)
+and prints a markdown table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.channel_sum import channel_sum  # noqa: E402
+
+SHAPES = [(4, 128, 32, 32, 32), (4, 256, 16, 16, 16), (4, 512, 8, 8, 8), (1, 64, 128, 128, 128),
+          (1, 128, 64, 64, 64)]
+
+
+def torch_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(dim=[d for d in range(x.ndim) if d != 1], dtype=torch.float32)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second of a 1 GiB device-to-device copy (median of 10)."""
+    src = torch.randn(256 * 2 ** 20, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * 4 / statistics.median(times[2:])
+
+
+def graph_time_ms(fn, inputs: list[torch.Tensor]) -> float:
+    """Median GPU ms of one call: a CUDA graph of one call per input, replayed 20 times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x in inputs[:2]:
+            fn(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for x in inputs:
+            fn(x)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / len(inputs))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_channel_sum.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    rows = []
+    for shape in SHAPES:
+        nbytes = 2 * torch.Size(shape).numel()
+        sets = max(1, -(-4 * l2 // nbytes))
+        inputs = [torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last_3d) for _ in range(sets)]
+        expected = inputs[0].double().sum(dim=(0, 2, 3, 4))
+        for name, fn in (("ours", channel_sum), ("torch", torch_sum)):
+            err = ((fn(inputs[0]).double() - expected).abs().max() / expected.abs().max()).item()
+            ms = graph_time_ms(fn, inputs)
+            row = dict(shape=list(shape), variant=name, ms=ms, pct=100 * nbytes / (ms * 1e-3) / bandwidth,
+                       max_rel_err=err, input_sets=sets)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del inputs
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_channel_sum.json").write_text(json.dumps(dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
+    print(f"\nPer-channel fp32 sum of a channels-last bf16 tensor, {torch.cuda.get_device_name()}, copy "
+          f"{bandwidth / 1e12:.2f} TB/s; GPU ms (% of copy bandwidth), median of CUDA-graph replays; err = max error "
+          f"/ max |sum| vs float64")
+    print("| shape | variant | ms | err |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {'x'.join(map(str, r['shape']))} | {r['variant']} | {r['ms']:.4f} ({r['pct']:.0f}%) | "
+              f"{r['max_rel_err']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
