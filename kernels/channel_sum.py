@@ -80,3 +80,28 @@ def channel_sum(x: torch.Tensor) -> torch.Tensor:
                                                    BLOCK_C=block_c, INT64=x.numel() + TILE >= 2 ** 31,
                                                    num_warps=8)
     return partials.sum(dim=0)
+
+
+class _AddChannelBias(torch.autograd.Function):
+    """y += bias[c] in place (PyTorch adds a cuDNN convolution's bias the same way, in a pass of its own); the bias's
+    gradient is `channel_sum` of the incoming one."""
+
+    @staticmethod
+    def forward(ctx, y, bias):
+        y.add_(bias.to(y.dtype).reshape(1, -1, *(1,) * (y.ndim - 2)))
+        ctx.mark_dirty(y)
+        ctx.bias_dtype = bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, channel_sum(grad).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+
+
+def add_channel_bias_(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """y: (N, C, *spatial) += bias: (C,) (cast to y's dtype), in place, e.g. on a convolution's output computed without
+    its bias; returns y. Backward: the gradient passes to y, and bias's is its fp32 per-channel sum (`channel_sum`)."""
+    if y.ndim < 2 or bias.shape != (y.shape[1],):
+        raise ValueError(f"add_channel_bias_: y (N, C, *spatial) and a (C,) bias expected, got y {tuple(y.shape)}, "
+                         f"bias {tuple(bias.shape)}")
+    return _AddChannelBias.apply(y, bias)

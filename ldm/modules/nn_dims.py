@@ -10,7 +10,41 @@ from torch.nn import functional as F
 
 from kernels.layout import is_channels_last  # PyTorch only: does not load Triton
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class ChannelBiasGradConv:
+    """A convolution whose bias, where the output is channels-last and `kernels` picks Triton, is added after the
+    convolution by `kernels.channel_sum.add_channel_bias_`: the same in-place pass PyTorch adds it in, but a backward
+    that sums the bias's gradient in Triton (PyTorch's reduction over a channels-last gradient's outer axes runs at a
+    few percent of bandwidth). `kernels` (`auto`, `triton`, `torch`) is set with the models' norms by
+    `ldm.modules.normalization.set_kernels`."""
+
+    kernels = "torch"
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        use_triton = self.kernels == "triton" or (self.kernels == "auto" and input.is_cuda)
+        if bias is None or not use_triton:
+            return super()._conv_forward(input, weight, bias)
+        y = super()._conv_forward(input, weight, None)
+        if not is_channels_last(y):
+            return y.add_(bias.to(y.dtype).reshape(1, -1, *(1,) * (y.ndim - 2)))
+        from kernels.channel_sum import add_channel_bias_  # imported on first use: CPU-only runs never load Triton
+        return add_channel_bias_(y, bias)
+
+
+class Conv1d(ChannelBiasGradConv, nn.Conv1d):
+    """`nn.Conv1d` with the bias gradient of `ChannelBiasGradConv`."""
+
+
+class Conv2d(ChannelBiasGradConv, nn.Conv2d):
+    """`nn.Conv2d` with the bias gradient of `ChannelBiasGradConv`."""
+
+
+class Conv3d(ChannelBiasGradConv, nn.Conv3d):
+    """`nn.Conv3d` with the bias gradient of `ChannelBiasGradConv`."""
+
+
+_CONV = {1: Conv1d, 2: Conv2d, 3: Conv3d}
 _AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -23,7 +57,7 @@ def check_dims(dims: int, where: str = "dims") -> int:
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
-    """`nn.Conv{dims}d(*args, **kwargs)`."""
+    """`nn.Conv{dims}d(*args, **kwargs)`, with the bias gradient of `ChannelBiasGradConv`."""
     return _CONV[check_dims(dims, "conv_nd")](*args, **kwargs)
 
 

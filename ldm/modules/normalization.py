@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ldm.modules.nn_dims import ChannelBiasGradConv
+
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
@@ -72,9 +74,10 @@ class GroupNormAct(nn.GroupNorm):
 
 
 def set_kernels(model: nn.Module, kernels: str) -> nn.Module:
-    """Sets the implementation (`auto`, `triton`, `torch`) of every GroupNormAct in `model`; returns `model`."""
+    """Sets the implementation (`auto`, `triton`, `torch`) of every GroupNormAct in `model`, and of every
+    convolution's bias gradient (`ldm.modules.nn_dims.conv_nd`); returns `model`."""
     _check_kernels(kernels)
     for module in model.modules():
-        if isinstance(module, GroupNormAct):
+        if isinstance(module, (GroupNormAct, ChannelBiasGradConv)):
             module.kernels = kernels
     return model

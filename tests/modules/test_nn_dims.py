@@ -1,0 +1,47 @@
+"""ldm/modules/nn_dims.py: convolutions whose bias gradient comes from kernels.channel_sum (kernels: triton) match
+PyTorch's convolution, output and every gradient, in both layouts; through Triton's interpreter on CPU."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from ldm.modules.nn_dims import ChannelBiasGradConv, conv_nd
+from ldm.modules.normalization import GroupNormAct, set_kernels
+
+needs_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                  reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@needs_triton
+@pytest.mark.parametrize("dims, kernel, stride", [(3, 3, 1), (3, 1, 1), (3, 3, 2), (2, 3, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_bias_gradient_matches_pytorch(dims, kernel, stride, channels_last):
+    torch.manual_seed(0)
+    conv = conv_nd(dims, 6, 10, kernel, stride=stride, padding=kernel // 2).to(DEVICE).double()
+    reference = getattr(nn, f"Conv{dims}d")(6, 10, kernel, stride=stride, padding=kernel // 2).to(DEVICE).double()
+    reference.load_state_dict(conv.state_dict())
+    set_kernels(conv, "triton")
+    x = torch.randn(2, 6, *(9,) * dims, device=DEVICE, dtype=torch.float64)
+    if channels_last:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    x = x.float().requires_grad_()  # fp32: the channel_sum kernel takes fp32 and half inputs
+    conv, reference = conv.float(), reference.float()
+    out, expected = conv(x), reference(x)
+    assert out.stride() == expected.stride()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    want = torch.autograd.grad(expected, (x, reference.weight, reference.bias), grad)
+    for name, a, b in zip(("x", "weight", "bias"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_set_kernels_reaches_convolutions_and_norms():
+    model = nn.Sequential(conv_nd(3, 4, 4, 3, padding=1), GroupNormAct(4, 2), conv_nd(2, 4, 4, 1))
+    assert all(m.kernels == "torch" for m in model if isinstance(m, ChannelBiasGradConv))
+    set_kernels(model, "triton")
+    assert [m.kernels for m in model] == ["triton"] * 3
+    assert isinstance(model[0], nn.Conv3d) and isinstance(model[2], nn.Conv2d)  # state dicts and isinstance unchanged
+    assert set(model[0].state_dict()) == {"weight", "bias"}
