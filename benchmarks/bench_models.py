@@ -16,10 +16,10 @@ Both sides build the same architecture. Ours: `AutoencoderKL` whose decoder has 
 none). Parameter counts are printed side by side; they differ only where the designs do: MONAI's UNet has q/k/v
 biases, and our AE encoder's last conv gives mean and log-variance together (2 x latent channels) for one quant conv.
 
-Every variant trains for `--warmup` + `--steps` steps: forward + backward + fused AdamW step (the same for both) under bf16 autocast with
-cudnn.benchmark, `torch.cuda.synchronize()` around each step; the step time is the median of the timed steps. Memory is
-reported twice. "alloc": `torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's
-autotuning does not count; for a CUDA graph, over its capture, since replays allocate nothing; not measurable for
+Every variant trains for `--warmup` + `--steps` steps: forward + backward + fused AdamW step (the same for both)
+under bf16 autocast with cudnn.benchmark (`--no-cudnn-benchmark`: without), `torch.cuda.synchronize()` around each
+step; the step time is the median of the timed steps. Memory is reported twice. "alloc":
+`torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's autotuning does not count; for a CUDA graph, over its capture, since replays allocate nothing; not measurable for
 "netgraph": its activations live in the graphs' private pools, which count as reserved, not allocated). "reserved":
 `torch.cuda.max_memory_reserved` over the same steps, with the cache emptied before them: what the allocator holds
 from the GPU, fragmentation and graph pools included, the like-for-like figure for every variant. Each ratio is
@@ -560,6 +560,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "and the ops behind the kernels with their input shapes")
     parser.add_argument("--memory-cap-gib", type=float, default=None,
                         help="cap this process's GPU memory at this many GiB (79: an 80 GB H100 on a larger GPU)")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true",
+                        help="cuDNN's heuristics instead of autotuning (cudnn.benchmark), e.g. where autotuning every "
+                        "convolution at 256^3 takes longer than the run")
     parser.add_argument("--quick", action="store_true", help="tiny models and few steps: a smoke test on any device")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
@@ -622,7 +625,7 @@ def cap_memory(device: torch.device, gib: float) -> float:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     if args.attention_backend is not None:
         set_attention_backend(args.attention_backend)
     import monai
