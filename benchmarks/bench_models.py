@@ -20,7 +20,8 @@ Every variant trains for `--warmup` + `--steps` steps: forward + backward + fuse
 under bf16 autocast with cudnn.benchmark (`--no-cudnn-benchmark`: without), `torch.cuda.synchronize()` around each
 step; the step time is the median of the timed steps. Memory is reported twice. "alloc":
 `torch.cuda.max_memory_allocated` over the timed steps (reset after warm-up, so cuDNN's autotuning does not count;
-for a CUDA graph, over its capture, since replays allocate nothing; not measurable for "netgraph": its activations live in the graphs' private pools, which count as reserved, not allocated). "reserved":
+for a CUDA graph, over its capture, since replays allocate nothing; not measurable for "netgraph": its activations
+live in the graphs' private pools, which count as reserved, not allocated). "reserved":
 `torch.cuda.max_memory_reserved` over the same steps, with the cache emptied before them: what the allocator holds
 from the GPU, fragmentation and graph pools included, the like-for-like figure for every variant. Each ratio is
 against MONAI's smallest of the same kind. `--memory-cap-gib G` caps this process's GPU memory at G GiB
