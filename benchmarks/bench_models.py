@@ -38,8 +38,9 @@ and decoder separately for ours, the whole model for MONAI's), loss and AdamW ea
 Ratios are ours / the best MONAI variant (fastest for time, smallest for memory).
 
 Conv FLOPs: counted by PyTorch's FlopCounterMode over one eager forward + backward (convolutions and their backward,
-input gradients only where needed; above 128^3 voxels per sample at the input halved per axis, times the voxel ratio); "conv TFLOP/s" is that over the step time and "% matmul" that
-over a measured bf16 matmul rate (8192^3 on CUDA): how far the step is from the hardware's compute limit.
+input gradients only where needed; above 128^3 voxels per sample at the input halved per axis, times the voxel ratio);
+"conv TFLOP/s" is that over the step time and "% matmul" that over a measured bf16 matmul rate (8192^3 on CUDA): how far
+the step is from the hardware's compute limit.
 `--profile [TOP]` prints the TOP (15) GPU kernels (CPU ops without a GPU) with the most time in one step of each variant,
 GPU time per kernel category (convolution, GroupNorm, attention, layout / copy, ...) and the PyTorch ops that launched
 the most GPU time, with their input shapes.
