@@ -2,11 +2,12 @@
 
     python benchmarks/bench_channel_sum.py [--out DIR]
 
-Shapes: the UNet's (4 x C x 32^3 / 16^3 / 8^3) and the 128^3 autoencoder's largest. For each: checks both against a
-float64 sum, then times them as GPU time: the calls are captured in a CUDA graph over enough distinct inputs to exceed
-4x the L2 cache, the graph is replayed 20 times, and the median replay time is divided by the number of inputs.
-% = bytes read (the tensor once) / time / measured copy bandwidth. Writes DIR/bench_channel_sum.json ($OUT when set)
-and prints a markdown table last.
+Shapes: the UNet's (4 x C x 32^3 / 16^3 / 8^3) and the 128^3 autoencoder's largest, each dense channels-last and as
+the first C channels of a 2C-channel channels-last tensor (what torch.cat hands its inputs in backward). For each:
+checks both against a float64 sum, then times them as GPU time: the calls are captured in a CUDA graph over enough
+distinct inputs to exceed 4x the L2 cache, the graph is replayed 20 times, and the median replay time is divided by
+the number of inputs. % = bytes read (the tensor once) / time / measured copy bandwidth. Writes
+DIR/bench_channel_sum.json ($OUT when set) and prints a markdown table last.
 """
 from __future__ import annotations
 
@@ -81,28 +82,31 @@ def main() -> None:
     for shape in SHAPES:
         nbytes = 2 * torch.Size(shape).numel()
         sets = max(1, -(-4 * l2 // nbytes))
-        inputs = [torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(
-            memory_format=torch.channels_last_3d) for _ in range(sets)]
-        expected = inputs[0].double().sum(dim=(0, 2, 3, 4))
-        for name, fn in (("ours", channel_sum), ("torch", torch_sum)):
-            err = ((fn(inputs[0]).double() - expected).abs().max() / expected.abs().max()).item()
-            ms = graph_time_ms(fn, inputs)
-            row = dict(shape=list(shape), variant=name, ms=ms, pct=100 * nbytes / (ms * 1e-3) / bandwidth,
-                       max_rel_err=err, input_sets=sets)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        del inputs
-        torch.cuda.empty_cache()
+        for layout in ("channels-last", "slice"):  # slice: the first C channels of a 2C-channel tensor (cat's grad)
+            wide = 2 if layout == "slice" else 1
+            inputs = [torch.randn(shape[0], wide * shape[1], *shape[2:], device=device, dtype=torch.bfloat16)
+                      .contiguous(memory_format=torch.channels_last_3d)[:, :shape[1]] for _ in range(sets)]
+            expected = inputs[0].double().sum(dim=(0, 2, 3, 4))
+            for name, fn in (("ours", channel_sum), ("torch", torch_sum)):
+                err = ((fn(inputs[0]).double() - expected).abs().max() / expected.abs().max()).item()
+                ms = graph_time_ms(fn, inputs)
+                row = dict(shape=list(shape), layout=layout, variant=name, ms=ms,
+                           pct=100 * nbytes / (ms * 1e-3) / bandwidth, max_rel_err=err, input_sets=sets)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del inputs
+            torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_channel_sum.json").write_text(json.dumps(dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
     print(f"\nPer-channel fp32 sum of a channels-last bf16 tensor, {torch.cuda.get_device_name()}, copy "
           f"{bandwidth / 1e12:.2f} TB/s; GPU ms (% of copy bandwidth), median of CUDA-graph replays; err = max error "
           f"/ max |sum| vs float64")
-    print("| shape | variant | ms | err |")
-    print("|---|---|---|---|")
+    print("| shape | layout | variant | ms | err |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {'x'.join(map(str, r['shape']))} | {r['variant']} | {r['ms']:.4f} ({r['pct']:.0f}%) | "
+        print(f"| {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['variant']} | "
+              f"{r['ms']:.4f} ({r['pct']:.0f}%) | "
               f"{r['max_rel_err']:.1e} |")
 
 

@@ -38,6 +38,18 @@ def test_many_row_blocks_per_program_and_a_ragged_last_block(device, monkeypatch
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_channel_slice_of_a_wider_channels_last_tensor(device, dtype):
+    # what torch.cat along channels hands each input in backward: rows 24 channels apart, 10 of them summed
+    wide = _channels_last((2, 24, 5, 6, 7), dtype, device)
+    x = wide[:, 7:17]
+    assert module._channel_rows(x).stride() == (24, 1)
+    torch.testing.assert_close(channel_sum(x).double(), x.double().sum(dim=(0, 2, 3, 4)), rtol=1e-5, atol=1e-4)
+    assert module._channel_rows(wide[:, :, 1:]) is None  # outer axes that do not collapse: the reference
+    torch.testing.assert_close(channel_sum(wide[:, :, 1:]), wide[:, :, 1:].float().sum(dim=(0, 2, 3, 4)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_other_layouts_take_the_reference(device):
     x = torch.randn(2, 6, 4, 5, device=device)
     torch.testing.assert_close(channel_sum(x), x.sum(dim=(0, 2, 3)))

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from kernels import channel_sum as channel_sum_module
+from kernels.channel_sum import channel_sum as original_channel_sum
 from ldm.modules.nn_dims import ChannelBiasGradConv, conv_nd
 from ldm.modules.normalization import GroupNormAct, set_kernels
 
@@ -45,3 +47,26 @@ def test_set_kernels_reaches_convolutions_and_norms():
     assert [m.kernels for m in model] == ["triton"] * 3
     assert isinstance(model[0], nn.Conv3d) and isinstance(model[2], nn.Conv2d)  # state dicts and isinstance unchanged
     assert set(model[0].state_dict()) == {"weight", "bias"}
+
+
+@needs_triton
+def test_bias_gradient_through_a_channel_concatenation(monkeypatch):
+    """In a UNet the encoder's outputs reach the loss through torch.cat, whose backward hands each a channel slice."""
+    torch.manual_seed(0)
+    conv = conv_nd(3, 3, 8, 3, padding=1).to(DEVICE)
+    set_kernels(conv, "triton")
+    reference = nn.Conv3d(3, 8, 3, padding=1).to(DEVICE)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, 6, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    other = torch.randn(2, 5, 6, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    weights = torch.randn(2, 13, 6, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    sliced = []
+    monkeypatch.setattr(channel_sum_module, "channel_sum",
+                        lambda g: sliced.append(g.stride(0) == 13 * 6 ** 3
+                                                and channel_sum_module._channel_rows(g) is not None)
+                        or original_channel_sum(g))
+    for module in (conv, reference):
+        (torch.cat([other, module(x)], dim=1) * weights).sum().backward()
+    assert sliced == [True]  # the bias gradient arrived as a 13-channel-wide slice, and the kernel summed it
+    torch.testing.assert_close(conv.bias.grad, reference.bias.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-4)
