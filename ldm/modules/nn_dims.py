@@ -21,9 +21,11 @@ class ChannelBiasGradConv:
 
     kernels = "torch"
 
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        return self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        use_triton = self.kernels == "triton" or (self.kernels == "auto" and input.is_cuda)
-        if bias is None or not use_triton:
+        if bias is None or not self.uses_triton(input):
             return super()._conv_forward(input, weight, bias)
         y = super()._conv_forward(input, weight, None)
         if not is_channels_last(y):

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ldm.modules.nn_dims import ChannelBiasGradConv
 from ldm.modules.normalization import GroupNormAct
 
 
@@ -45,11 +46,17 @@ class _PreparedConvFunction(torch.autograd.Function):
             params_ = [p.detach().requires_grad_(need) for p, need in zip(prepare_params, needs_params)]
             y = ctx.prepare(x_, *params_)
         conv, compute = ctx.conv, ctx.compute_dtype
+        # a convolution whose bias gradient the Triton channel sum forms (nn_dims.ChannelBiasGradConv) gets it here too
+        triton_bias = (ctx.has_bias and needs_b and isinstance(conv, ChannelBiasGradConv)
+                       and conv.uses_triton(grad_out))
         grad_y, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out.to(compute), y.detach().to(compute), conv_weight.to(compute),
             [conv_weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding),
             list(conv.dilation), False, [0] * len(conv.stride), conv.groups,
-            [needs_x or any(needs_params), needs_w, ctx.has_bias and needs_b])
+            [needs_x or any(needs_params), needs_w, ctx.has_bias and needs_b and not triton_bias])
+        if triton_bias:
+            from kernels.channel_sum import channel_sum  # imported on first use: CPU-only runs never load Triton
+            grad_b = channel_sum(grad_out)
         wanted = [t for t, need in zip((x_, *params_), (needs_x, *needs_params)) if need]
         grads = iter(torch.autograd.grad(y, wanted, grad_y.to(y.dtype)) if wanted else ())
         grad_x = next(grads) if needs_x else None

@@ -7,7 +7,10 @@ from ldm.modules.diffusionmodules.model import ResnetBlock, build_encoder_decode
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.resampling import Upsample
 from ldm.modules.recomputed_conv import norm_act_conv, prepared_conv
-from ldm.modules.normalization import GroupNormAct
+from kernels import channel_sum as channel_sum_module
+from kernels.channel_sum import channel_sum as original_channel_sum
+from ldm.modules.nn_dims import conv_nd
+from ldm.modules.normalization import GroupNormAct, set_kernels
 from tests.modules.helpers import randomize_zero_parameters
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -177,6 +180,31 @@ def test_triton_norm_recompute_matches_the_plain_composition():
         out.square().mean().backward()
         results.append([out.detach(), x.grad, scale.grad, shift.grad, norm.weight.grad, norm.bias.grad,
                         conv.weight.grad])
+    for plain, fused in zip(*results):
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_triton_bias_gradient_of_a_recomputed_channels_last_conv(monkeypatch):
+    """A conv_nd convolution with Triton kernels sums its bias gradient with kernels.channel_sum in the recompute's
+    backward too (channels-last, Triton's interpreter on CPU); the result is the plain composition's."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        norm = GroupNormAct(8, 4, kernels="triton")
+        conv = conv_nd(3, 8, 6, 3, padding=1)
+        set_kernels(conv, "triton")
+        x = torch.randn(2, 8, 5, 5, 5, generator=torch.Generator().manual_seed(1))
+        x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+        # a channels-last loss weight keeps the incoming gradient channels-last, as in the models
+        weight = torch.randn(2, 6, 5, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+        sums = []
+        monkeypatch.setattr(channel_sum_module, "channel_sum",
+                            lambda g: sums.append(channel_sum_module._channel_rows(g) is not None)
+                            or original_channel_sum(g))
+        out = norm_act_conv(norm, conv, x) if fused else conv(norm(x))
+        (out * weight).sum().backward()
+        assert sums == [True]  # the bias gradient came from the Triton channel sum
+        results.append([out.detach(), x.grad, norm.weight.grad, conv.weight.grad, conv.bias.grad])
     for plain, fused in zip(*results):
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
 
