@@ -10,13 +10,13 @@ The rows may be further apart than C (a channel slice of a wider channels-last t
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.layout import multiprocessors
 
 TILE = 8192                    # elements of one (rows, channels) register tile
 MAX_BLOCK_C = 256
@@ -50,13 +50,6 @@ def _channel_sum_kernel(x_ptr, part_ptr, M, C, row_stride, rows_per_program, BLO
     tl.store(part_ptr + pid_m * C + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    if _INTERPRET or device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _channel_rows(x: torch.Tensor) -> torch.Tensor | None:
     """x: (N, C, *spatial) as (N * spatial, C) rows with adjacent channels (a view), or None where its strides do not
     allow that (e.g. plain contiguous x)."""
@@ -84,7 +77,7 @@ def channel_sum(x: torch.Tensor) -> torch.Tensor:
     block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C)
     block_m = max(1, min(TILE // block_c, triton.next_power_of_2(M)))
     column_blocks = triton.cdiv(C, block_c)
-    wanted = max(1, PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(x.device) // column_blocks)
+    wanted = max(1, PROGRAMS_PER_MULTIPROCESSOR * multiprocessors(x.device) // column_blocks)
     rows_per_program = block_m * triton.cdiv(triton.cdiv(M, wanted), block_m)
     programs = triton.cdiv(M, rows_per_program)
     partials = torch.empty(programs, C, device=x.device, dtype=torch.float32)

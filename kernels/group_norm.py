@@ -40,7 +40,7 @@ import triton
 from torch.nn import functional as F
 
 from kernels.group_norm_triton import gn_backward_kernel, gn_forward_kernel
-from kernels.layout import is_channels_last
+from kernels.layout import is_channels_last, multiprocessors
 
 # Elements of one register tile, forward and backward (measured: benchmarks/bench_group_norm.py).
 FORWARD_TILE = 8192
@@ -116,6 +116,11 @@ class _Plan:
         return triton.next_power_of_2(self.splits)
 
 
+def _power_of_two_at_most(n: int) -> int:
+    """The largest power of two <= n (n >= 1)."""
+    return triton.next_power_of_2(n) // (2 if n & (n - 1) else 1)
+
+
 @functools.lru_cache(maxsize=1024)
 def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device: torch.device,
           splits: int | None = None, fused: bool | None = None, barrier: bool | None = None) -> _Plan:
@@ -137,22 +142,22 @@ def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device
     block_s = max(1, min(tile // block_c, triton.next_power_of_2(S)))
     tiles = triton.cdiv(S, block_s)
     segments_per_sample = triton.cdiv(G, groups_per_segment)
-    max_splits = _multiprocessors(device)
+    max_splits = multiprocessors(device)  # programs of one segment surely resident together: one per multiprocessor
     num_segments = N * segments_per_sample
     if fused is None:  # measured: channels-last (one segment per sample) runs faster in two launches than gang-synced
         fused = not _INTERPRET and not (channels_last and num_segments < max_splits)
     if splits is None:
-        wanted = triton.cdiv(PROGRAMS_PER_MULTIPROCESSOR * max_splits, num_segments)
         if not fused and channels_last:
             wanted = triton.cdiv(CHANNELS_LAST_PROGRAMS_PER_MULTIPROCESSOR * max_splits, num_segments)
-            splits = max(triton.next_power_of_2(wanted) // (2 if wanted & (wanted - 1) else 1),
-                         triton.cdiv(tiles, CHANNELS_LAST_MAX_TILES_PER_SPLIT))
-        elif not fused:
-            splits = wanted
-        elif num_segments >= max_splits:
-            splits = 1
-        else:  # a power of two: measured faster than its neighbours (e.g. 16 vs 17 splits of 512 tiles)
-            splits = triton.next_power_of_2(wanted) // (2 if wanted & (wanted - 1) else 1)
+            splits = max(_power_of_two_at_most(wanted), triton.cdiv(tiles, CHANNELS_LAST_MAX_TILES_PER_SPLIT))
+        else:
+            wanted = triton.cdiv(PROGRAMS_PER_MULTIPROCESSOR * max_splits, num_segments)
+            if not fused:
+                splits = wanted
+            elif num_segments >= max_splits:
+                splits = 1
+            else:  # a power of two: measured faster than its neighbours (e.g. 16 vs 17 splits of 512 tiles)
+                splits = _power_of_two_at_most(wanted)
     if fused:
         splits = min(splits, max_splits)
     splits = max(1, min(splits, tiles, MAX_SPLITS))
@@ -166,14 +171,6 @@ def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device
                  barrier=fused and (splits > 1 if barrier is None else barrier),
                  dense_lanes=cpg == cpg_pad and G % groups_per_segment == 0
                  and triton.next_power_of_2(groups_per_segment) == groups_per_segment)
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    """Programs of one segment that are surely resident together: one per multiprocessor (1 in the interpreter)."""
-    if _INTERPRET or device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _plan_meta(plan: _Plan, channels_last: bool) -> dict:

@@ -2,7 +2,12 @@
 models can use it on CPU-only machines too)."""
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -14,3 +19,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot`'s input_precision: IEEE fp32 products for fp32 inputs (exact to rounding, slow); half inputs run on
     the tensor cores anyway."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """The device's streaming multiprocessors; 1 off CUDA and in Triton's interpreter, which runs programs one after
+    another (so no two programs are ever resident together)."""
+    if _INTERPRET or device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -172,7 +172,7 @@ def test_every_output_element_is_written(monkeypatch):
 def test_barrier_can_be_switched_off(monkeypatch):
     """LDM_GROUP_NORM_BARRIER=0 (read at import) turns every plan that would wait at the barrier into two launches."""
     device = torch.device("cpu")
-    monkeypatch.setattr(gn, "_multiprocessors", lambda device: 132)  # plan as for a GPU with 132 SMs
+    monkeypatch.setattr(gn, "multiprocessors", lambda device: 132)  # plan as for a GPU with 132 SMs
     gn._plan.cache_clear()
     plan = gn._plan(1, 64, 2 ** 21, 32, False, 8192, device, fused=True)
     assert plan.fused and plan.barrier and plan.splits == 16
