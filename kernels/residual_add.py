@@ -3,8 +3,8 @@ the convolution run without its bias (PyTorch adds a cuDNN convolution's bias in
 
 x, y: (N, C, *spatial) of one dtype, both contiguous or both channels-last; bias: (C,) in any float dtype, added in
 fp32; out has x's dtype and layout. Backward: the gradient passes to x and y unchanged, and the bias's is its sum over
-samples and space (in fp32; `kernels.channel_sum` for channels-last gradients). `residual_bias_add_reference` is the spec; inputs the kernel does not take (other
-layouts, mixed dtypes, CPU tensors outside Triton's interpreter) go through it.
+samples and space (in fp32, by `kernels.channel_sum`). `residual_bias_add_reference` is the spec; inputs the kernel
+does not take (other layouts, mixed dtypes, CPU tensors outside Triton's interpreter) go through it.
 """
 from __future__ import annotations
 

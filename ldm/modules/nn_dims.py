@@ -11,27 +11,28 @@ from torch.nn import functional as F
 from kernels.layout import is_channels_last  # PyTorch only: does not load Triton
 
 
+def triton_selected(kernels: str, x: torch.Tensor) -> bool:
+    """Whether a layer's `kernels` choice (`auto`, `triton`, `torch`) runs Triton on x: `auto` does on CUDA."""
+    return kernels == "triton" or (kernels == "auto" and x.is_cuda)
+
 
 class ChannelBiasGradConv:
-    """A convolution whose bias, where the output is channels-last and `kernels` picks Triton, is added after the
-    convolution by `kernels.channel_sum.add_channel_bias_`: the same in-place pass PyTorch adds it in, but a backward
-    that sums the bias's gradient in Triton (PyTorch's reduction over a channels-last gradient's outer axes runs at a
-    few percent of bandwidth). `kernels` (`auto`, `triton`, `torch`) is set with the models' norms by
+    """A convolution whose bias, where `kernels` picks Triton, is added after the convolution by
+    `kernels.channel_sum.add_channel_bias_`: the same in-place pass PyTorch adds it in, but a backward that sums the
+    bias's gradient in Triton where it is channels-last (PyTorch's reduction over a channels-last gradient's outer axes
+    runs at a few percent of bandwidth). `kernels` (`auto`, `triton`, `torch`) is set with the models' norms by
     `ldm.modules.normalization.set_kernels`."""
 
     kernels = "torch"
 
     def uses_triton(self, x: torch.Tensor) -> bool:
-        return self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
+        return triton_selected(self.kernels, x)
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if bias is None or not self.uses_triton(input):
             return super()._conv_forward(input, weight, bias)
-        y = super()._conv_forward(input, weight, None)
-        if not is_channels_last(y):
-            return y.add_(bias.to(y.dtype).reshape(1, -1, *(1,) * (y.ndim - 2)))
         from kernels.channel_sum import add_channel_bias_  # imported on first use: CPU-only runs never load Triton
-        return add_channel_bias_(y, bias)
+        return add_channel_bias_(super()._conv_forward(input, weight, None), bias)
 
 
 class Conv1d(ChannelBiasGradConv, nn.Conv1d):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ldm.modules.nn_dims import ChannelBiasGradConv
+from ldm.modules.nn_dims import ChannelBiasGradConv, triton_selected
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -43,7 +43,7 @@ class GroupNormAct(nn.GroupNorm):
         self.kernels = _check_kernels(kernels)
 
     def uses_triton(self, x: torch.Tensor) -> bool:
-        return self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
+        return triton_selected(self.kernels, x)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
                 input_bias: torch.Tensor | None = None) -> torch.Tensor:

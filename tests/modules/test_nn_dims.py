@@ -21,15 +21,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_triton_bias_gradient_matches_pytorch(dims, kernel, stride, channels_last):
     torch.manual_seed(0)
-    conv = conv_nd(dims, 6, 10, kernel, stride=stride, padding=kernel // 2).to(DEVICE).double()
-    reference = getattr(nn, f"Conv{dims}d")(6, 10, kernel, stride=stride, padding=kernel // 2).to(DEVICE).double()
+    conv = conv_nd(dims, 6, 10, kernel, stride=stride, padding=kernel // 2).to(DEVICE)
+    reference = getattr(nn, f"Conv{dims}d")(6, 10, kernel, stride=stride, padding=kernel // 2).to(DEVICE)
     reference.load_state_dict(conv.state_dict())
     set_kernels(conv, "triton")
-    x = torch.randn(2, 6, *(9,) * dims, device=DEVICE, dtype=torch.float64)
+    x = torch.randn(2, 6, *(9,) * dims, device=DEVICE)  # fp32: the channel_sum kernel takes fp32 and half inputs
     if channels_last:
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-    x = x.float().requires_grad_()  # fp32: the channel_sum kernel takes fp32 and half inputs
-    conv, reference = conv.float(), reference.float()
+    x.requires_grad_()
     out, expected = conv(x), reference(x)
     assert out.stride() == expected.stride()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
