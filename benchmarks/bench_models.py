@@ -3,7 +3,7 @@
     python benchmarks/bench_models.py [--only ae|unet] [--cases ae96,ae128,unet] [--steps 9] [--warmup 3]
                                       [--channels-last] [--recompute-cheap] [--cuda-graph] [--graph-network]
                                       [--kernels torch,triton]
-                                      [--profile] [--quick] [--no-monai] [--out DIR]
+                                      [--profile [TOP] [--trace]] [--quick] [--no-monai] [--out DIR]
 
 Cases (the anchors of /work/shared/ANCHORS.md; `ae256` is the issue's scale goal, run only when named):
   ae96   AutoencoderKL, channels (32, 64, 64), 2 res blocks, latent 4, attention in the mid blocks only, 2 x 1 x 96^3
@@ -54,11 +54,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -365,10 +368,12 @@ def kernel_category(name: str) -> str:
     return next((category for category, parts in KERNEL_CATEGORIES if any(p in lowered for p in parts)), "other")
 
 
-def print_top_kernels(step: Callable[[], float], device: torch.device, title: str, top: int = 15) -> None:
+def print_top_kernels(step: Callable[[], float], device: torch.device, title: str, top: int = 15,
+                      trace: str | None = None) -> None:
     """Profiles one step; prints the `top` GPU kernels by total time (CPU ops by self time without a GPU), GPU time
     per kernel category, and the `top` PyTorch ops by the GPU time of the kernels they launch, with input shapes
-    (which layer a copy or an elementwise pass comes from)."""
+    (which layer a copy or an elementwise pass comes from). `trace`: also writes the step's timeline there as a
+    gzipped Chrome trace (chrome://tracing, Perfetto), for the gaps between kernels that the sums do not show."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -376,6 +381,13 @@ def print_top_kernels(step: Callable[[], float], device: torch.device, title: st
     with profile(activities=activities, record_shapes=True) as prof:
         step()
         synchronize(device)
+    if trace:
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(raw)
+            with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        print(f"timeline written to {trace}")
     events = prof.key_averages()
     kernels = [(e.key, e.self_device_time_total, e.count) for e in events if e.device_type == DeviceType.CUDA]
     unit = "GPU kernels"
@@ -473,7 +485,9 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     if not all(math.isfinite(v) for v in losses):
         row["status"] = f"non-finite loss {losses}"
     if args.profile:
-        print_top_kernels(step, device, f"{case.name} {variant.label}", top=args.profile)
+        trace = (os.path.join(args.out, f"trace_{case.name}_{variant.label.replace(' ', '_')}.json.gz")
+                 if args.trace else None)
+        print_top_kernels(step, device, f"{case.name} {variant.label}", top=args.profile, trace=trace)
 
 
 def run_variant(case: Case, variant: Variant, args: argparse.Namespace, device: torch.device) -> dict:
@@ -560,6 +574,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="TOP",
                         help="print the top TOP (15) kernels of one step per variant, GPU time per kernel category, "
                         "and the ops behind the kernels with their input shapes")
+    parser.add_argument("--trace", action="store_true",
+                        help="with --profile: also write each profiled step's timeline to DIR/trace_CASE_VARIANT.json.gz")
     parser.add_argument("--memory-cap-gib", type=float, default=None,
                         help="cap this process's GPU memory at this many GiB (79: an 80 GB H100 on a larger GPU)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true",

@@ -1,4 +1,5 @@
 """benchmarks/bench_models.py --quick trains tiny copies of ours and MONAI's networks on CPU and reports them."""
+import gzip
 import json
 
 import pytest
@@ -97,3 +98,13 @@ def test_conv_flops_counted_at_a_halved_input_scale_exactly():
     assert flop_count_input(x, max_voxels=16 ** 3) == (x, 1)
     full = conv_flops(make_loss(case, variant, model, x), x.device, "fp32")
     assert scale * conv_flops(make_loss(case, variant, model, small), x.device, "fp32") == full
+
+
+def test_profile_trace_is_a_gzipped_chrome_timeline(tmp_path, capsys):
+    x = torch.randn(64, 64, requires_grad=True)
+    trace = tmp_path / "trace.json.gz"
+    print_top_kernels(lambda: (x @ x).sum().backward(), torch.device("cpu"), "matmul", top=3, trace=str(trace))
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)
+    assert f"timeline written to {trace}" in capsys.readouterr().out
