@@ -84,6 +84,36 @@ def residual_sum(skip: nn.Module, x: torch.Tensor, conv: nn.modules.conv._ConvNd
     return skip(x) + conv(h)
 
 
+def concat_skip(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """torch.cat([h, skip], dim=1): a UNet decoder block's input, h: (B, C_h, *spatial) from the block below, skip:
+    (B, C_s, *spatial) from the encoder. In backward, cat hands each input a channel slice of its gradient, strided
+    rather than dense. h's slice goes on to convolutions (a ResBlock's conv and shortcut, an upsampler's conv), and
+    cuDNN copies a strided gradient to dense once for the input gradient and once for the weight gradient, in every one
+    of them; so h's gradient is made dense here, once, in h's own layout. skip's slice is only added to the gradient
+    the encoder's next block returns, which reads it as it is."""
+    return torch.cat([_DenseGradient.apply(h), skip], dim=1)
+
+
+class _DenseGradient(torch.autograd.Function):
+    """Identity whose backward returns the gradient dense in the forward input's layout (contiguous or channels-last;
+    no copy where it already is)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.memory_format = _dense_format(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.memory_format)
+
+
+def _dense_format(x: torch.Tensor) -> torch.memory_format:
+    if is_channels_last(x):
+        return torch.channels_last_3d if x.ndim == 5 else torch.channels_last
+    return torch.contiguous_format
+
+
 def thin_conv(conv: nn.modules.conv._ConvNd, x: torch.Tensor, use_triton: bool) -> torch.Tensor:
     """`conv(x)`. With `use_triton`, a 3x3x3 convolution (stride 1, zero padding 1) with one input or one output channel
     (an autoencoder's first or last layer) on an x stored channels-last (channels innermost) runs in the Triton kernels

@@ -8,7 +8,7 @@ from torch import nn
 
 from kernels import channel_sum as channel_sum_module
 from kernels.channel_sum import channel_sum as original_channel_sum
-from ldm.modules.nn_dims import ChannelBiasGradConv, conv_nd
+from ldm.modules.nn_dims import ChannelBiasGradConv, concat_skip, conv_nd
 from ldm.modules.normalization import GroupNormAct, set_kernels
 
 needs_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -69,3 +69,23 @@ def test_bias_gradient_through_a_channel_concatenation(monkeypatch):
     assert sliced == [True]  # the bias gradient arrived as a 13-channel-wide slice, and the kernel summed it
     torch.testing.assert_close(conv.bias.grad, reference.bias.grad, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_concat_skip_is_cat_and_gives_h_a_dense_gradient(memory_format):
+    """Forward: torch.cat along channels. Backward: the same gradients as torch.cat's, h's dense in h's layout (what
+    the convolutions it came from would otherwise copy it to), skip's the strided slice cat hands it."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, 4, 4, 4).contiguous(memory_format=memory_format).requires_grad_()
+    skip = torch.randn(2, 5, 4, 4, 4).contiguous(memory_format=memory_format).requires_grad_()
+    weights = torch.randn(2, 8, 4, 4, 4).contiguous(memory_format=memory_format)
+    out = concat_skip(h, skip)
+    torch.testing.assert_close(out, torch.cat([h, skip], dim=1), rtol=0, atol=0)
+    grads = {}
+    h.register_hook(lambda g: grads.setdefault("h", g))
+    skip.register_hook(lambda g: grads.setdefault("skip", g))
+    (out * weights).sum().backward()
+    torch.testing.assert_close(h.grad, weights[:, :3], rtol=0, atol=0)
+    torch.testing.assert_close(skip.grad, weights[:, 3:], rtol=0, atol=0)
+    assert grads["h"].is_contiguous(memory_format=memory_format)
+    assert not grads["skip"].is_contiguous(memory_format=memory_format)

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import CrossAttention, SpatialTransformer, set_model_attention_backend
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
-from ldm.modules.nn_dims import conv_nd, conv_without_bias, residual_sum, spatial_dims, zero_module
+from ldm.modules.nn_dims import concat_skip, conv_nd, conv_without_bias, residual_sum, spatial_dims, zero_module
 from ldm.modules.recomputed_conv import prepared_conv, set_recompute_cheap
 from ldm.modules.resampling import Downsample, Upsample
 from ldm.modules.normalization import GroupNormAct, set_kernels
@@ -296,5 +296,5 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self._run(block, concat_skip(h, skips.pop()), emb, context)
         return self.out(h)
