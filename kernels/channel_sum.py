@@ -50,6 +50,23 @@ def _channel_sum_kernel(x_ptr, part_ptr, M, C, row_stride, rows_per_program, BLO
     tl.store(part_ptr + pid_m * C + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
+@triton.jit
+def _add_channel_bias_kernel(y_ptr, bias_ptr, M, C, row_stride, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                             INT64: tl.constexpr):
+    """Program (m, c) adds bias[channels] to rows [m * BLOCK_M, ...) of y: (M, C), rows `row_stride` apart, in place;
+    the sum is rounded to y's dtype, as PyTorch's add of a bias already cast to that dtype is."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INT64:
+        rows = rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    offsets = rows[:, None] * row_stride + cols[None, :]
+    y = tl.load(y_ptr + offsets, mask=mask)
+    bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(y.dtype)
+    tl.store(y_ptr + offsets, (y.to(tl.float32) + bias.to(tl.float32)[None, :]).to(y.dtype), mask=mask)
+
+
 def _channel_rows(x: torch.Tensor) -> torch.Tensor | None:
     """x: (N, C, *spatial) as (N * spatial, C) rows with adjacent channels (a view), or None where its strides do not
     allow that (e.g. plain contiguous x)."""
@@ -87,13 +104,27 @@ def channel_sum(x: torch.Tensor) -> torch.Tensor:
     return partials.sum(dim=0)
 
 
+def _add_bias_to_rows(rows: torch.Tensor, bias: torch.Tensor) -> None:
+    """rows: (M, C) with adjacent channels += bias: (C,) cast to rows' dtype, in place."""
+    M, C = rows.shape
+    block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C)
+    block_m = max(1, min(TILE // block_c, triton.next_power_of_2(M)))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
+    _add_channel_bias_kernel[grid](rows, bias, M, C, rows.stride(0), BLOCK_M=block_m, BLOCK_C=block_c,
+                                   INT64=M * rows.stride(0) + TILE >= 2 ** 31, num_warps=8)
+
+
 class _AddChannelBias(torch.autograd.Function):
-    """y += bias[c] in place (PyTorch adds a cuDNN convolution's bias the same way, in a pass of its own); the bias's
-    gradient is `channel_sum` of the incoming one."""
+    """y += bias[c] in place (PyTorch adds a cuDNN convolution's bias the same way, in a pass of its own; here in
+    Triton where y's channels are innermost); the bias's gradient is `channel_sum` of the incoming one."""
 
     @staticmethod
     def forward(ctx, y, bias):
-        y.add_(bias.to(y.dtype).reshape(1, -1, *(1,) * (y.ndim - 2)))
+        rows = _channel_rows(y) if _kernel_takes(y) else None
+        if rows is None:
+            y.add_(bias.to(y.dtype).reshape(1, -1, *(1,) * (y.ndim - 2)))
+        else:  # PyTorch's add of a broadcast bias to channels-last y takes its unvectorised kernel: ~half bandwidth
+            _add_bias_to_rows(rows, bias)
         ctx.mark_dirty(y)
         ctx.bias_dtype = bias.dtype
         return y

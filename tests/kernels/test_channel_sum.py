@@ -1,12 +1,12 @@
-"""kernels/channel_sum.py: per-channel fp32 sums of channels-last tensors against a float64 sum, through Triton's
-interpreter on CPU (CI) and on CUDA when present."""
+"""kernels/channel_sum.py: per-channel fp32 sums of channels-last tensors against a float64 sum, and the in-place
+bias add against PyTorch's, through Triton's interpreter on CPU (CI) and on CUDA when present."""
 import os
 
 import pytest
 import torch
 
 from kernels import channel_sum as module
-from kernels.channel_sum import channel_sum
+from kernels.channel_sum import add_channel_bias_, channel_sum
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else []
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -56,3 +56,38 @@ def test_other_layouts_take_the_reference(device):
     torch.testing.assert_close(channel_sum(x.double()), x.double().sum(dim=(0, 2, 3)))
     with pytest.raises(ValueError, match=r"channel_sum: x \(N, C, \*spatial\) expected, got \(5,\)"):
         channel_sum(torch.randn(5, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["channels_last", "slice", "contiguous"])
+def test_add_channel_bias_is_pytorchs_add_bit_for_bit(device, dtype, layout, monkeypatch):
+    """The Triton add (channels-last y, or a channel slice of a wider one) and PyTorch's (other layouts) give y +
+    bias.to(y.dtype) exactly, in place; the small tile makes several row blocks, the last one ragged. Triton's
+    interpreter rounds fp32 to bf16 by truncation (the GPU rounds to nearest, as PyTorch does): within 2 bf16 steps."""
+    monkeypatch.setattr(module, "TILE", 64)
+    wide = _channels_last((2, 24, 5, 6, 7), dtype, device)
+    y = {"channels_last": wide[:, :10].contiguous(memory_format=torch.channels_last_3d), "slice": wide[:, 7:17],
+         "contiguous": wide[:, :10].contiguous()}[layout]
+    assert (module._channel_rows(y) is not None) == (layout != "contiguous")
+    bias = torch.randn(10, device=device)
+    expected, before = y + bias.to(dtype).view(1, -1, 1, 1, 1), wide.clone()
+    out = add_channel_bias_(y, bias)
+    assert out is y
+    inexact = dtype == torch.bfloat16 and device == "cpu" and layout != "contiguous"
+    torch.testing.assert_close(out, expected, rtol=2 ** -6 if inexact else 0, atol=2 ** -6 if inexact else 0)
+    if layout == "slice":  # the channels outside the slice are untouched
+        torch.testing.assert_close(wide[:, :7], before[:, :7], rtol=0, atol=0)
+        torch.testing.assert_close(wide[:, 17:], before[:, 17:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_channel_bias_gradients(device):
+    y0 = _channels_last((2, 6, 3, 4, 5), torch.float32, device).requires_grad_()
+    bias = torch.randn(6, device=device, requires_grad=True)
+    weights = _channels_last((2, 6, 3, 4, 5), torch.float32, device)
+    (add_channel_bias_(y0 * 1.0, bias) * weights).sum().backward()
+    torch.testing.assert_close(y0.grad, weights, rtol=0, atol=0)
+    torch.testing.assert_close(bias.grad, weights.sum(dim=(0, 2, 3, 4)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"add_channel_bias_: y \(N, C, \*spatial\) and a \(C,\) bias expected"):
+        add_channel_bias_(torch.zeros(2, 6, 3, device=device), torch.zeros(5, device=device))
