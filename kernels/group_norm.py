@@ -209,14 +209,14 @@ class GroupNormTuning:
 
 def _scratch(shape: tuple[int, int], plan: _Plan, per_part: int, device: torch.device,
              count: int = 2) -> tuple[torch.Tensor, ...]:
-    """One fp32 allocation for `count` `shape` results (e.g. mean and rstd), then `count` partials buffers of
-    `per_part` values per program (only where a plan combines partials); returns the results, then the partials."""
+    """One fp32 allocation for `count` `shape` results (e.g. mean and rstd), as one (count, *shape) tensor, then
+    `count` partials buffers of `per_part` values per program (only where a plan combines partials)."""
     size = shape[0] * shape[1]
     parts = plan.num_segments * plan.splits * per_part if (plan.barrier or not plan.fused) else 1
     scratch = torch.empty(count * (size + parts), device=device, dtype=torch.float32)
-    results = tuple(scratch[i * size:(i + 1) * size].view(shape) for i in range(count))
+    results = scratch[:count * size].view(count, *shape)
     partials = tuple(scratch[count * size + i * parts:count * size + (i + 1) * parts] for i in range(count))
-    return results + partials
+    return (results,) + partials
 
 
 def _sync_counters(plan: _Plan, device: torch.device) -> torch.Tensor:
@@ -236,7 +236,7 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, weight, bias, scal
                  tuning.barrier)
     y = torch.empty_like(h_in)
     h = torch.empty_like(h_in) if residual is not None else h_in
-    mean, rstd, part_mean, part_m2 = _scratch((N, G), plan, plan.block_g, h_in.device)
+    (mean, rstd), part_mean, part_m2 = _scratch((N, G), plan, plan.block_g, h_in.device)
     sync = _sync_counters(plan, h_in.device)
     dummy = mean  # stands for absent optional tensors (never read: the constexpr flags prune those loads)
     args = (h_in, residual if residual is not None else h_in, input_bias if input_bias is not None else dummy,
@@ -260,8 +260,8 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, weight, bias, scal
 
 def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, bias, scale, shift, mean, rstd, G: int,
                      act: bool, channels_last: bool, tuning: GroupNormTuning):
-    """Runs the backward kernel(s); h is x where input_bias is given. Returns dx, the (N, C) fp32 sums A = sum(dz),
-    B = sum(dz * xhat) and, with input_bias, its (N, C) fp32 gradient per sample (else None)."""
+    """Runs the backward kernel(s); h is x where input_bias is given. Returns dx, the (2, N, C) fp32 sums [A = sum(dz),
+    B = sum(dz * xhat)] and, with input_bias, its (N, C) fp32 gradient per sample (else None)."""
     N, C = h.shape[:2]
     S = h[0, 0].numel()
     plan = _plan(N, C, S, G, channels_last, tuning.backward_tile, h.device, tuning.splits, tuning.fused,
@@ -269,10 +269,12 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, 
     dx = torch.empty_like(h)
     dummy = mean
     if input_bias is None:
-        sum_a, sum_b, part_a, part_b = _scratch((N, C), plan, plan.block_c, h.device)
-        d_input_bias, part_x = None, dummy
+        sums, part_a, part_b = _scratch((N, C), plan, plan.block_c, h.device)
+        part_x = dummy
     else:
-        sum_a, sum_b, d_input_bias, part_a, part_b, part_x = _scratch((N, C), plan, plan.block_c, h.device, count=3)
+        sums, part_a, part_b, part_x = _scratch((N, C), plan, plan.block_c, h.device, count=3)
+    sum_a, sum_b = sums[0], sums[1]
+    d_input_bias = sums[2] if input_bias is not None else None
     sync = _sync_counters(plan, h.device)
     args = (h, input_bias if input_bias is not None else dummy, dy, dh if dh is not None else dy, dx, weight, bias,
             scale if scale is not None else dummy, shift if shift is not None else dummy, mean, rstd,
@@ -288,7 +290,7 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, 
     else:
         gn_backward_kernel[grid](*args, PHASE=PHASE_PARTIALS, BARRIER=False, **meta)
         gn_backward_kernel[grid](*args, PHASE=PHASE_APPLY, BARRIER=False, **meta)
-    return dx, sum_a, sum_b, d_input_bias
+    return dx, sums[:2], d_input_bias
 
 
 def _sample_stride(input_bias: torch.Tensor | None) -> int:
@@ -318,16 +320,16 @@ class _GroupNormActFunction(torch.autograd.Function):
         fmt = _memory_format(h, channels_last)
         dy = dy.contiguous(memory_format=fmt)
         dh = maybe_dh[0].contiguous(memory_format=fmt) if (maybe_dh and maybe_dh[0] is not None) else None
-        dx, sum_a, sum_b, d_input_bias = _launch_backward(h, dy, dh, input_bias, weight, bias, scale, shift, mean,
-                                                          rstd, num_groups, act, channels_last, tuning)
+        dx, sums, d_input_bias = _launch_backward(h, dy, dh, input_bias, weight, bias, scale, shift, mean, rstd,
+                                                  num_groups, act, channels_last, tuning)
+        sum_a, sum_b = sums
         if scale is not None:
-            factor = 1.0 + scale.float()
-            d_weight, d_bias = (factor * sum_b).sum(0), (factor * sum_a).sum(0)
+            d_bias, d_weight = ((1.0 + scale.float()) * sums).sum(1)
             d_scale = weight.float() * sum_b + bias.float() * sum_a
             d_shift = sum_a
             d_scale, d_shift = d_scale.to(scale.dtype), d_shift.to(shift.dtype)
         else:
-            d_weight, d_bias, d_scale, d_shift = sum_b.sum(0), sum_a.sum(0), None, None
+            (d_bias, d_weight), d_scale, d_shift = sums.sum(1), None, None  # one reduction for both
         d_residual = dx if has_residual else None
         if input_bias is not None:  # per (sample, channel) from the kernel
             d_input_bias = (d_input_bias if input_bias.ndim == 2 else d_input_bias.sum(0)).to(input_bias.dtype)
