@@ -84,6 +84,10 @@ def test_kernel_categories_name_what_a_kernel_does():
     assert kernel_category("void at::native::vectorized_elementwise_kernel<4, AddFunctor<float>>") == "elementwise"
     assert kernel_category("flash_fwd_kernel") == "attention"
     assert kernel_category("Memset (Device)") == "other"
+    assert kernel_category("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NNN") == "matmul (linear layers)"
+    assert kernel_category("void multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, FusedAdamMathFunctor>"
+                           ) == "optimizer"
+    assert kernel_category("_channel_sum_kernel") == "reduction"
 
 
 def test_conv_flops_counted_at_a_halved_input_scale_exactly():
