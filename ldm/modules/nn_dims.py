@@ -16,17 +16,21 @@ def triton_selected(kernels: str, x: torch.Tensor) -> bool:
     return kernels == "triton" or (kernels == "auto" and x.is_cuda)
 
 
-class ChannelBiasGradConv:
-    """A convolution whose bias, where `kernels` picks Triton, is added after the convolution by
-    `kernels.channel_sum.add_channel_bias_`: the same in-place pass PyTorch adds it in, but a backward that sums the
-    bias's gradient in Triton where it is channels-last (PyTorch's reduction over a channels-last gradient's outer axes
-    runs at a few percent of bandwidth). `kernels` (`auto`, `triton`, `torch`) is set with the models' norms by
-    `ldm.modules.normalization.set_kernels`."""
+class KernelChoice:
+    """A layer with Triton kernels as an option: `kernels` (`auto`, `triton`, `torch`), which
+    `ldm.modules.normalization.set_kernels` sets on every such layer of a model."""
 
     kernels = "torch"
 
     def uses_triton(self, x: torch.Tensor) -> bool:
         return triton_selected(self.kernels, x)
+
+
+class ChannelBiasGradConv(KernelChoice):
+    """A convolution whose bias, where `kernels` picks Triton, is added after the convolution by
+    `kernels.channel_sum.add_channel_bias_`: the same in-place pass PyTorch adds it in, but a backward that sums the
+    bias's gradient in Triton where it is channels-last (PyTorch's reduction over a channels-last gradient's outer axes
+    runs at a few percent of bandwidth)."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if bias is None or not self.uses_triton(input):
@@ -149,15 +153,21 @@ def spatial_dims(x: torch.Tensor, dims: int) -> tuple[int, ...]:
     return tuple(x.shape[2:])
 
 
-def upsample_nearest(x: torch.Tensor, scale_factor: int | Sequence[int] = 2) -> torch.Tensor:
+def upsample_nearest(x: torch.Tensor, scale_factor: int | Sequence[int] = 2, use_triton: bool = False) -> torch.Tensor:
     """Nearest-neighbour upsampling of x: (B, C, *spatial) -> (B, C, *spatial * scale_factor), any dims, any dtype.
 
-    The output size is given explicitly so that odd sizes map to exactly `size * factor` (no float rounding).
+    The output size is given explicitly so that odd sizes map to exactly `size * factor` (no float rounding). With
+    `use_triton`, channels-last x goes through the Triton kernels of kernels/upsample.py (forward and backward at
+    memory speed; the broadcast copy below runs PyTorch's unvectorised copy kernel).
     """
     spatial = x.shape[2:]
     factors = [scale_factor] * len(spatial) if isinstance(scale_factor, int) else list(scale_factor)
     if len(factors) != len(spatial):
         raise ValueError(f"upsample_nearest: {len(factors)} scale factors for {len(spatial)} spatial dims")
+    if use_triton:
+        from kernels import upsample  # imported on first use: CPU-only runs never load Triton
+        if upsample.kernel_takes(x):
+            return upsample.upsample_nearest(x, tuple(factors))
     size = [s * f for s, f in zip(spatial, factors)]
     channels_last = is_channels_last(x)
     if channels_last or math.prod(size) * x.shape[0] * x.shape[1] >= 2 ** 31:

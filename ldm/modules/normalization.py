@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ldm.modules.nn_dims import ChannelBiasGradConv, triton_selected
+from ldm.modules.nn_dims import KernelChoice
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -23,7 +23,7 @@ def _check_kernels(kernels: str) -> str:
     return kernels
 
 
-class GroupNormAct(nn.GroupNorm):
+class GroupNormAct(KernelChoice, nn.GroupNorm):
     """Optionally `+ input_bias` per (sample,) channel, then GroupNorm over `num_groups` groups, then optionally
     `* (1 + scale) + shift` per sample and channel, then SiLU when `act` is True.
 
@@ -41,9 +41,6 @@ class GroupNormAct(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=True)
         self.act = act
         self.kernels = _check_kernels(kernels)
-
-    def uses_triton(self, x: torch.Tensor) -> bool:
-        return triton_selected(self.kernels, x)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
                 input_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,10 +71,11 @@ class GroupNormAct(nn.GroupNorm):
 
 
 def set_kernels(model: nn.Module, kernels: str) -> nn.Module:
-    """Sets the implementation (`auto`, `triton`, `torch`) of every GroupNormAct in `model`, and of every
-    convolution's bias gradient (`ldm.modules.nn_dims.conv_nd`); returns `model`."""
+    """Sets the implementation (`auto`, `triton`, `torch`) of every layer in `model` with Triton kernels as an option
+    (`ldm.modules.nn_dims.KernelChoice`: GroupNormAct, the convolutions' bias gradient, nearest upsampling); returns
+    `model`."""
     _check_kernels(kernels)
     for module in model.modules():
-        if isinstance(module, (GroupNormAct, ChannelBiasGradConv)):
+        if isinstance(module, KernelChoice):
             module.kernels = kernels
     return model

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm.modules.nn_dims import avg_pool_nd, conv_nd, upsample_nearest
+from ldm.modules.nn_dims import KernelChoice, avg_pool_nd, conv_nd, upsample_nearest
 from ldm.modules.recomputed_conv import prepared_conv
 
 
@@ -20,8 +20,9 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-class Upsample(nn.Module):
-    """Double every spatial size: nearest neighbour, then a 3x3 conv if `with_conv`. x: (B, C, *S) -> (B, C, *2S)."""
+class Upsample(KernelChoice, nn.Module):
+    """Double every spatial size: nearest neighbour, then a 3x3 conv if `with_conv`. x: (B, C, *S) -> (B, C, *2S).
+    `kernels` (set by `set_kernels`) picks the Triton upsampling kernels for channels-last x."""
 
     def __init__(self, channels: int, dims: int, with_conv: bool):
         super().__init__()
@@ -31,9 +32,8 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recompute_cheap and not isinstance(self.conv, nn.Identity):
-            return prepared_conv(_double, self.conv, x)
-        return self.conv(upsample_nearest(x, 2))
+            return prepared_conv(self.double, self.conv, x)
+        return self.conv(self.double(x))
 
-
-def _double(x: torch.Tensor) -> torch.Tensor:
-    return upsample_nearest(x, 2)
+    def double(self, x: torch.Tensor) -> torch.Tensor:
+        return upsample_nearest(x, 2, use_triton=self.uses_triton(x))

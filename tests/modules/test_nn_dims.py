@@ -10,6 +10,7 @@ from kernels import channel_sum as channel_sum_module
 from kernels.channel_sum import channel_sum as original_channel_sum
 from ldm.modules.nn_dims import ChannelBiasGradConv, concat_skip, conv_nd
 from ldm.modules.normalization import GroupNormAct, set_kernels
+from ldm.modules.resampling import Upsample
 
 needs_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                   reason="needs CUDA or TRITON_INTERPRET=1")
@@ -39,11 +40,12 @@ def test_triton_bias_gradient_matches_pytorch(dims, kernel, stride, channels_las
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_set_kernels_reaches_convolutions_and_norms():
-    model = nn.Sequential(conv_nd(3, 4, 4, 3, padding=1), GroupNormAct(4, 2), conv_nd(2, 4, 4, 1))
-    assert all(m.kernels == "torch" for m in model if isinstance(m, ChannelBiasGradConv))
+def test_set_kernels_reaches_convolutions_norms_and_upsamplers():
+    model = nn.Sequential(conv_nd(3, 4, 4, 3, padding=1), GroupNormAct(4, 2), conv_nd(2, 4, 4, 1),
+                          Upsample(4, dims=3, with_conv=False))
+    assert all(m.kernels == "torch" for m in model if isinstance(m, (ChannelBiasGradConv, Upsample)))
     set_kernels(model, "triton")
-    assert [m.kernels for m in model] == ["triton"] * 3
+    assert [m.kernels for m in model] == ["triton"] * 4
     assert isinstance(model[0], nn.Conv3d) and isinstance(model[2], nn.Conv2d)  # state dicts and isinstance unchanged
     assert set(model[0].state_dict()) == {"weight", "bias"}
 
@@ -89,3 +91,30 @@ def test_concat_skip_is_cat_and_gives_h_a_dense_gradient(memory_format):
     torch.testing.assert_close(skip.grad, weights[:, 3:], rtol=0, atol=0)
     assert grads["h"].is_contiguous(memory_format=memory_format)
     assert not grads["skip"].is_contiguous(memory_format=memory_format)
+
+
+@needs_triton
+@pytest.mark.parametrize("recompute_cheap", [False, True])
+def test_triton_upsampler_matches_torch(recompute_cheap, monkeypatch):
+    """Upsample with kernels: triton (kernels/upsample.py on channels-last x) against kernels: torch, output and every
+    gradient, with the upsampled tensor kept or recomputed in backward."""
+    torch.manual_seed(0)
+    ours, reference = Upsample(6, dims=3, with_conv=True).to(DEVICE), Upsample(6, dims=3, with_conv=True).to(DEVICE)
+    reference.load_state_dict(ours.state_dict())
+    set_kernels(ours, "triton")
+    ours.recompute_cheap = reference.recompute_cheap = recompute_cheap
+    from kernels import upsample
+    calls = []
+    original = upsample.upsample_nearest
+    monkeypatch.setattr(upsample, "upsample_nearest", lambda x, f: calls.append(f) or original(x, f))
+    x = torch.randn(2, 6, 3, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [module(x_) for module, x_ in zip((ours, reference), xs)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(outs[0])
+    for out in outs:
+        (out * weights).sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+    assert calls and all(f == (2, 2, 2) for f in calls)  # the kernel ran (twice where recomputed), the reference not
+    for a, b in zip(ours.parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-4)
