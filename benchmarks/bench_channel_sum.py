@@ -1,4 +1,5 @@
-"""Per-channel fp32 sums of channels-last bf16 gradients (a bias's gradient): kernels.channel_sum against PyTorch.
+"""Per-channel fp32 sums of channels-last bf16 gradients (a bias's gradient): kernels.channel_sum against PyTorch; and
+the in-place bias add (kernels.channel_sum.add_channel_bias_) against PyTorch's broadcast add_.
 
     python benchmarks/bench_channel_sum.py [--out DIR]
 
@@ -6,7 +7,8 @@ Shapes: the UNet's (4 x C x 32^3 / 16^3 / 8^3) and the 128^3 autoencoder's large
 the first C channels of a 2C-channel channels-last tensor (what torch.cat hands its inputs in backward). For each:
 checks both against a float64 sum, then times them as GPU time: the calls are captured in a CUDA graph over enough
 distinct inputs to exceed 4x the L2 cache, the graph is replayed 20 times, and the median replay time is divided by
-the number of inputs. % = bytes read (the tensor once) / time / measured copy bandwidth. Writes
+the number of inputs. % = bytes read (the tensor once; the bias add: read and written) / time / measured copy
+bandwidth. Writes
 DIR/bench_channel_sum.json ($OUT when set) and prints a markdown table last.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.channel_sum import channel_sum  # noqa: E402
+from kernels.channel_sum import add_channel_bias_, channel_sum  # noqa: E402
 
 SHAPES = [(4, 128, 32, 32, 32), (4, 256, 16, 16, 16), (4, 512, 8, 8, 8), (1, 64, 128, 128, 128),
           (1, 128, 64, 64, 64)]
@@ -94,6 +96,18 @@ def main() -> None:
                            pct=100 * nbytes / (ms * 1e-3) / bandwidth, max_rel_err=err, input_sets=sets)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            if layout == "channels-last":
+                bias = torch.randn(shape[1], device=device)
+                expected = inputs[0] + bias.to(torch.bfloat16).view(1, -1, 1, 1, 1)
+                add = (("ours", lambda y: add_channel_bias_(y, bias)),
+                       ("torch", lambda y: y.add_(bias.to(y.dtype).view(1, -1, 1, 1, 1))))
+                for name, fn in add:
+                    err = (fn(inputs[0].clone()).float() - expected.float()).abs().max().item()
+                    ms = graph_time_ms(fn, inputs)
+                    row = dict(shape=list(shape), layout="bias add", variant=name, ms=ms,
+                               pct=100 * 2 * nbytes / (ms * 1e-3) / bandwidth, max_rel_err=err, input_sets=sets)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
             del inputs
             torch.cuda.empty_cache()
     out = Path(args.out)
@@ -101,7 +115,7 @@ def main() -> None:
     (out / "bench_channel_sum.json").write_text(json.dumps(dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
     print(f"\nPer-channel fp32 sum of a channels-last bf16 tensor, {torch.cuda.get_device_name()}, copy "
           f"{bandwidth / 1e12:.2f} TB/s; GPU ms (% of copy bandwidth), median of CUDA-graph replays; err = max error "
-          f"/ max |sum| vs float64")
+          f"/ max |sum| vs float64 (bias add: max abs difference to PyTorch's add)")
     print("| shape | layout | variant | ms | err |")
     print("|---|---|---|---|---|")
     for r in rows:
