@@ -27,15 +27,23 @@ class KernelChoice:
 
 
 class ChannelBiasGradConv(KernelChoice):
-    """A convolution whose bias, where `kernels` picks Triton, is added after the convolution by
-    `kernels.channel_sum.add_channel_bias_`: the same in-place pass PyTorch adds it in, but a backward that sums the
-    bias's gradient in Triton where it is channels-last (PyTorch's reduction over a channels-last gradient's outer axes
-    runs at a few percent of bandwidth)."""
+    """A convolution with Triton kernels where `kernels` picks them. A 3x3x3 convolution (stride 1, zero padding 1)
+    with at most 8 channels on one side and more on the other (an autoencoder's image layers, a latent UNet's first
+    and last) on channels-last input runs in kernels/thin_conv.py: cuDNN has no fast kernel for a thin side (~6 ms forward + backward
+    for the two one-channel layers of a 128^3 autoencoder, ~0.6 ms for a 4-channel UNet's two at 4 x 32^3). Any other
+    has its bias added after the convolution by `kernels.channel_sum.add_channel_bias_`: the same in-place pass PyTorch
+    adds it in, but one that runs at memory speed on channels-last outputs and a backward that sums the bias's gradient
+    in Triton (PyTorch's reduction over a channels-last gradient's outer axes runs at a few percent of bandwidth)."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if bias is None or not self.uses_triton(input):
+        if not self.uses_triton(input):
             return super()._conv_forward(input, weight, bias)
-        from kernels.channel_sum import add_channel_bias_  # imported on first use: CPU-only runs never load Triton
+        if _is_thin_conv3d(self) and input.stride(1) == 1:  # channels-last input (of a model run channels-last)
+            from kernels.thin_conv import thin_conv3d  # imported on first use: CPU-only runs never load Triton
+            return thin_conv3d(input, weight, bias)
+        if bias is None:
+            return super()._conv_forward(input, weight, bias)
+        from kernels.channel_sum import add_channel_bias_
         return add_channel_bias_(super()._conv_forward(input, weight, None), bias)
 
 
@@ -118,21 +126,14 @@ def _dense_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def thin_conv(conv: nn.modules.conv._ConvNd, x: torch.Tensor, use_triton: bool) -> torch.Tensor:
-    """`conv(x)`. With `use_triton`, a 3x3x3 convolution (stride 1, zero padding 1) with one input or one output channel
-    (an autoencoder's first or last layer) on an x stored channels-last (channels innermost) runs in the Triton kernels
-    of kernels/thin_conv.py: cuDNN has no fast kernel for a one-channel side (~6 ms forward + backward for the two
-    layers of a 128^3 autoencoder, ~7 GFLOP each)."""
-    if use_triton and _is_thin_conv3d(conv) and x.ndim == 5 and x.shape[1] == conv.in_channels and x.stride(1) == 1:
-        from kernels.thin_conv import thin_conv3d  # imported on first use: CPU-only runs never load Triton
-        return thin_conv3d(x, conv.weight, conv.bias)
-    return conv(x)
+THIN_CHANNELS = 8  # kernels.thin_conv.MAX_THIN (not imported here: this module does not load Triton)
 
 
 def _is_thin_conv3d(conv: nn.modules.conv._ConvNd) -> bool:
     return (isinstance(conv, nn.Conv3d) and conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1)
             and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and 1 in (conv.in_channels, conv.out_channels))
+            and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) <= THIN_CHANNELS
+            and conv.in_channels != conv.out_channels)  # a thin side against a wider one
 
 
 def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:

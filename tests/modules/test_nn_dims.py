@@ -8,6 +8,7 @@ from torch import nn
 
 from kernels import channel_sum as channel_sum_module
 from kernels.channel_sum import channel_sum as original_channel_sum
+from ldm.engine.memory_format import channels_last
 from ldm.modules.nn_dims import ChannelBiasGradConv, concat_skip, conv_nd
 from ldm.modules.normalization import GroupNormAct, set_kernels
 from ldm.modules.resampling import Upsample
@@ -22,11 +23,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_triton_bias_gradient_matches_pytorch(dims, kernel, stride, channels_last):
     torch.manual_seed(0)
-    conv = conv_nd(dims, 6, 10, kernel, stride=stride, padding=kernel // 2).to(DEVICE)
-    reference = getattr(nn, f"Conv{dims}d")(6, 10, kernel, stride=stride, padding=kernel // 2).to(DEVICE)
+    # 12 -> 10 channels: more than 8 on both sides, not a thin convolution (kernels/thin_conv.py)
+    conv = conv_nd(dims, 12, 10, kernel, stride=stride, padding=kernel // 2).to(DEVICE)
+    reference = getattr(nn, f"Conv{dims}d")(12, 10, kernel, stride=stride, padding=kernel // 2).to(DEVICE)
     reference.load_state_dict(conv.state_dict())
     set_kernels(conv, "triton")
-    x = torch.randn(2, 6, *(9,) * dims, device=DEVICE)  # fp32: the channel_sum kernel takes fp32 and half inputs
+    x = torch.randn(2, 12, *(9,) * dims, device=DEVICE)  # fp32: the channel_sum kernel takes fp32 and half inputs
     if channels_last:
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
     x.requires_grad_()
@@ -54,21 +56,21 @@ def test_set_kernels_reaches_convolutions_norms_and_upsamplers():
 def test_bias_gradient_through_a_channel_concatenation(monkeypatch):
     """In a UNet the encoder's outputs reach the loss through torch.cat, whose backward hands each a channel slice."""
     torch.manual_seed(0)
-    conv = conv_nd(3, 3, 8, 3, padding=1).to(DEVICE)
+    conv = conv_nd(3, 10, 12, 3, padding=1).to(DEVICE)
     set_kernels(conv, "triton")
-    reference = nn.Conv3d(3, 8, 3, padding=1).to(DEVICE)
+    reference = nn.Conv3d(10, 12, 3, padding=1).to(DEVICE)
     reference.load_state_dict(conv.state_dict())
-    x = torch.randn(2, 3, 6, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 10, 6, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
     other = torch.randn(2, 5, 6, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
-    weights = torch.randn(2, 13, 6, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    weights = torch.randn(2, 17, 6, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
     sliced = []
     monkeypatch.setattr(channel_sum_module, "channel_sum",
-                        lambda g: sliced.append(g.stride(0) == 13 * 6 ** 3
+                        lambda g: sliced.append(g.stride(0) == 17 * 6 ** 3
                                                 and channel_sum_module._channel_rows(g) is not None)
                         or original_channel_sum(g))
     for module in (conv, reference):
         (torch.cat([other, module(x)], dim=1) * weights).sum().backward()
-    assert sliced == [True]  # the bias gradient arrived as a 13-channel-wide slice, and the kernel summed it
+    assert sliced == [True]  # the bias gradient arrived as a 17-channel-wide slice, and the kernel summed it
     torch.testing.assert_close(conv.bias.grad, reference.bias.grad, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-4)
 
@@ -118,3 +120,33 @@ def test_triton_upsampler_matches_torch(recompute_cheap, monkeypatch):
     assert calls and all(f == (2, 2, 2) for f in calls)  # the kernel ran (twice where recomputed), the reference not
     for a, b in zip(ours.parameters(), reference.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("c_in, c_out", [(4, 16), (16, 4), (1, 12)])
+def test_thin_convolutions_take_the_thin_conv_kernels(c_in, c_out, monkeypatch):
+    """A 3x3x3 conv_nd convolution with at most 8 channels on one side, channels-last input and kernels: triton runs
+    in kernels/thin_conv.py and matches nn.Conv3d; contiguous input or kernels: torch takes cuDNN's path."""
+    import kernels.thin_conv as thin
+    calls = []
+    real = thin.thin_conv3d
+    monkeypatch.setattr(thin, "thin_conv3d", lambda x, w, b: calls.append(tuple(w.shape)) or real(x, w, b))
+    torch.manual_seed(0)
+    conv = conv_nd(3, c_in, c_out, 3, padding=1).to(DEVICE)
+    reference = nn.Conv3d(c_in, c_out, 3, padding=1).to(DEVICE)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(2, c_in, 4, 5, 3, device=DEVICE)
+    conv(x.contiguous(memory_format=torch.channels_last_3d))
+    assert calls == []  # kernels: torch
+    set_kernels(conv, "triton")
+    conv(x)
+    assert calls == []  # contiguous input
+    x = channels_last(x).requires_grad_()  # channels-last strides, one channel too
+    out, expected = conv(x), reference(x)
+    assert calls == [(c_out, c_in, 3, 3, 3)]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    want = torch.autograd.grad(expected, (x, reference.weight, reference.bias), grad)
+    for name, a, b in zip(("x", "weight", "bias"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)

@@ -134,7 +134,8 @@ def test_autoencoder_encoder_decoder_same_with_triton_kernels():
 
 def test_channels_last_autoencoder_runs_its_one_channel_layers_in_the_thin_conv_kernels(monkeypatch):
     """A channels-last Encoder / Decoder of a one-channel image: conv_in and the decoder's conv_out go through
-    kernels/thin_conv.py with kernels=triton, and the models give what the torch path gives, gradients included."""
+    kernels/thin_conv.py with kernels=triton (and, in models this small, every other 3x3x3 convolution with at most 8
+    channels on one side and more on the other), and the models give what the torch path gives, gradients included."""
     import kernels.thin_conv as thin
     from ldm.engine.memory_format import channels_last, model_to_channels_last
     calls = []
@@ -148,7 +149,8 @@ def test_channels_last_autoencoder_runs_its_one_channel_layers_in_the_thin_conv_
     # batch 2: PyTorch's CPU convolutions return NCDHW for a batch of one, whatever the input's layout
     assert_same_model_results(encoder, (channels_last(torch.randn(2, 1, 8, 8, 8)),))
     assert_same_model_results(decoder, (channels_last(torch.randn(2, 2, 4, 4, 4)),))
-    assert calls == [(8, 1, 3, 3, 3), (1, 8, 3, 3, 3)]
+    assert (8, 1, 3, 3, 3) in calls and (1, 8, 3, 3, 3) in calls
+    assert all(min(shape[:2]) <= 8 and shape[0] != shape[1] for shape in calls), calls
 
 
 def test_auto_uses_torch_on_cpu_and_bad_choice_is_named():

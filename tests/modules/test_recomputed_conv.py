@@ -190,13 +190,13 @@ def test_triton_bias_gradient_of_a_recomputed_channels_last_conv(monkeypatch):
     results = []
     for fused in (False, True):
         torch.manual_seed(0)
-        norm = GroupNormAct(8, 4, kernels="triton")
-        conv = conv_nd(3, 8, 6, 3, padding=1)
+        norm = GroupNormAct(12, 4, kernels="triton")
+        conv = conv_nd(3, 12, 10, 3, padding=1)  # more than 8 channels both sides: not a thin convolution
         set_kernels(conv, "triton")
-        x = torch.randn(2, 8, 5, 5, 5, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(2, 12, 5, 5, 5, generator=torch.Generator().manual_seed(1))
         x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
         # a channels-last loss weight keeps the incoming gradient channels-last, as in the models
-        weight = torch.randn(2, 6, 5, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+        weight = torch.randn(2, 10, 5, 5, 5).contiguous(memory_format=torch.channels_last_3d)
         sums = []
         monkeypatch.setattr(channel_sum_module, "channel_sum",
                             lambda g: sums.append(channel_sum_module._channel_rows(g) is not None)

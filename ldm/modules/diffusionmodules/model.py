@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import attention, set_model_attention_backend
-from ldm.modules.nn_dims import check_dims, conv_nd, conv_without_bias, residual_sum, spatial_dims, thin_conv
+from ldm.modules.nn_dims import check_dims, conv_nd, conv_without_bias, residual_sum, spatial_dims
 from ldm.modules.resampling import Downsample, Upsample
 from ldm.modules.diffusionmodules.slab_decode import decode_in_slabs
 from ldm.modules.recomputed_conv import norm_act_conv, set_recompute_cheap
@@ -160,7 +160,7 @@ def _output_head(coder: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """An Encoder's / Decoder's conv_out(norm_out(h)), keeping only h for backward with `recompute_cheap`."""
     if coder.recompute_cheap:
         return norm_act_conv(coder.norm_out, coder.conv_out, h)
-    return thin_conv(coder.conv_out, coder.norm_out(h), coder.norm_out.uses_triton(h))
+    return coder.conv_out(coder.norm_out(h))
 
 
 class Encoder(nn.Module):
@@ -205,7 +205,7 @@ class Encoder(nn.Module):
         if any(s % self.factor for s in size):
             raise ValueError(f"Encoder: input spatial size {list(size)} is not divisible by the downsampling factor "
                              f"{self.factor}; crop or pad the input to a multiple of {self.factor}")
-        h = thin_conv(self.conv_in, x, self.norm_out.uses_triton(x))  # a one-channel image: Triton kernels
+        h = self.conv_in(x)  # a one-channel image: the Triton thin-conv kernels (nn_dims.ChannelBiasGradConv)
         for level in self.down:
             h = level(h)
         return _output_head(self, self.mid(h))
