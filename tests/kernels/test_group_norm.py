@@ -1,9 +1,11 @@
 """The fused GroupNorm kernels against a float64 PyTorch reference: output, h and every gradient.
 
 Without CUDA these run through Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), with
-small shapes; with CUDA they also run on the GPU in bf16/fp16, where the single-launch barrier path runs with many
-programs per segment.
+small shapes; on a GPU machine (interpreter off) the same cases run on the GPU, which also runs bf16/fp16 shapes where
+the single-launch barrier path has many programs per segment.
 """
+import os
+
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ from kernels import group_norm as gn
 from kernels.group_norm import GroupNormTuning, group_norm_act, group_norm_reference
 
 CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+# Where the kernels run: CPU tensors need Triton's interpreter, which is on where there is no GPU (or when asked for).
+DEVICE = "cuda" if CUDA and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 # Forward-only tolerances per dtype (relative L2 error against float64); bf16/fp16 outputs are rounded once.
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -30,7 +33,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor, norm: torch.Tensor | None = No
     return ((got.double() - ref).norm() / (ref.norm() if norm is None else norm).clamp_min(1e-30)).item()
 
 
-def run_case(shape, groups, *, device="cpu", dtype=torch.float32, layout="contiguous", act=True, scale_shift=False,
+def run_case(shape, groups, *, device=DEVICE, dtype=torch.float32, layout="contiguous", act=True, scale_shift=False,
              residual=False, input_bias=False, tuning=None, seed=0):
     """Forward + backward of ours and of the float64 reference on the same inputs; returns a dict of errors.
 
@@ -151,8 +154,8 @@ def test_half_precision(dtype):
 
 def test_large_mean_small_variance_is_stable():
     """mean 1e3, std 1e-1: E[x^2] - E[x]^2 in fp32 would lose every digit; the two-level moments must not."""
-    x = 1000 + 0.1 * torch.randn(2, 4, 3000)
-    weight, bias = torch.ones(4), torch.zeros(4)
+    x = 1000 + 0.1 * torch.randn(2, 4, 3000, device=DEVICE)
+    weight, bias = torch.ones(4, device=DEVICE), torch.zeros(4, device=DEVICE)
     y, _ = group_norm_act(x, weight, bias, 2, 1e-6, tuning=GroupNormTuning(forward_tile=256, backward_tile=256))
     ref, _ = group_norm_reference(x.double(), weight.double(), bias.double(), 2, 1e-6)
     assert rel_err(y, ref) < 1e-3
@@ -184,17 +187,17 @@ def test_barrier_can_be_switched_off(monkeypatch):
 
 
 def test_deterministic():
-    x = torch.randn(2, 8, 33, 17)
-    w, b = torch.randn(8), torch.randn(8)
+    x = torch.randn(2, 8, 33, 17, device=DEVICE)
+    w, b = torch.randn(8, device=DEVICE), torch.randn(8, device=DEVICE)
     tuning = GroupNormTuning(forward_tile=64, backward_tile=64, splits=4, fused=False)
     first, second = (group_norm_act(x, w, b, 4, act=True, tuning=tuning)[0] for _ in range(2))
     assert torch.equal(first, second)
 
 
 def test_scale_shift_accepts_broadcast_shape():
-    x = torch.randn(2, 4, 3, 3, 3)
-    w, b = torch.ones(4), torch.zeros(4)
-    scale, shift = torch.randn(2, 4, 1, 1, 1), torch.randn(2, 4, 1, 1, 1)
+    x = torch.randn(2, 4, 3, 3, 3, device=DEVICE)
+    w, b = torch.ones(4, device=DEVICE), torch.zeros(4, device=DEVICE)
+    scale, shift = torch.randn(2, 4, 1, 1, 1, device=DEVICE), torch.randn(2, 4, 1, 1, 1, device=DEVICE)
     y, _ = group_norm_act(x, w, b, 2, scale=scale, shift=shift)
     ref, _ = group_norm_reference(x, w, b, 2, 1e-6, scale=scale, shift=shift)
     assert torch.allclose(y, ref, atol=1e-5)
