@@ -284,6 +284,11 @@ def takes(weight: torch.Tensor) -> bool:
     return weight.ndim == 5 and tuple(weight.shape[2:]) == (3, 3, 3) and min(weight.shape[:2]) <= MAX_THIN
 
 
+def positions_fit(x: torch.Tensor) -> bool:
+    """Whether x's positions (N * D * H * W) fit the kernels' int32 indexing."""
+    return x.shape[0] * x[0, 0].numel() + 2 * BLOCK_S < 2 ** 31
+
+
 def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv3d(x, weight, bias, padding=1) for a 3x3x3 weight with at most MAX_THIN (8) input or output channels, in
     the kernels.
@@ -298,6 +303,6 @@ def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                          f"{tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"thin_conv3d: bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}")
-    if x.shape[0] * x[0, 0].numel() + 2 * BLOCK_S >= 2 ** 31:
+    if not positions_fit(x):
         raise ValueError(f"thin_conv3d: {tuple(x.shape)} has 2^31 or more voxels, beyond the kernels' int32 positions")
     return _ThinConv3d.apply(x, weight, bias, _compute_dtype(x))

@@ -102,6 +102,9 @@ def _padded(values: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class _UpsampleNearest(torch.autograd.Function):
+    """x: (N, C, *spatial) channels-last -> (N, C, *spatial * factors) channels-last; backward:
+    `upsample_nearest_backward`."""
+
     @staticmethod
     def forward(ctx, x, factors):
         N, C, *spatial = x.shape

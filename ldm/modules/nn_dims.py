@@ -26,11 +26,12 @@ class KernelChoice:
         return triton_selected(self.kernels, x)
 
 
-class ChannelBiasGradConv(KernelChoice):
+class KernelChoiceConv(KernelChoice):
     """A convolution with Triton kernels where `kernels` picks them. A 3x3x3 convolution (stride 1, zero padding 1)
     with at most 8 channels on one side and more on the other (an autoencoder's image layers, a latent UNet's first
-    and last) on channels-last input runs in kernels/thin_conv.py: cuDNN has no fast kernel for a thin side (~6 ms forward + backward
-    for the two one-channel layers of a 128^3 autoencoder, ~0.6 ms for a 4-channel UNet's two at 4 x 32^3). Any other
+    and last) on channels-last input runs in kernels/thin_conv.py: cuDNN has no fast kernel for a thin side (~6 ms
+    forward + backward for the two one-channel layers of a 128^3 autoencoder, ~0.6 ms for a 4-channel UNet's two at
+    4 x 32^3). Any other
     has its bias added after the convolution by `kernels.channel_sum.add_channel_bias_`: the same in-place pass PyTorch
     adds it in, but one that runs at memory speed on channels-last outputs and a backward that sums the bias's gradient
     in Triton (PyTorch's reduction over a channels-last gradient's outer axes runs at a few percent of bandwidth)."""
@@ -39,24 +40,25 @@ class ChannelBiasGradConv(KernelChoice):
         if not self.uses_triton(input):
             return super()._conv_forward(input, weight, bias)
         if _is_thin_conv3d(self) and input.stride(1) == 1:  # channels-last input (of a model run channels-last)
-            from kernels.thin_conv import thin_conv3d  # imported on first use: CPU-only runs never load Triton
-            return thin_conv3d(input, weight, bias)
+            from kernels import thin_conv  # imported on first use: CPU-only runs never load Triton
+            if thin_conv.positions_fit(input):  # else cuDNN, which indexes any size
+                return thin_conv.thin_conv3d(input, weight, bias)
         if bias is None:
             return super()._conv_forward(input, weight, bias)
         from kernels.channel_sum import add_channel_bias_
         return add_channel_bias_(super()._conv_forward(input, weight, None), bias)
 
 
-class Conv1d(ChannelBiasGradConv, nn.Conv1d):
-    """`nn.Conv1d` with the bias gradient of `ChannelBiasGradConv`."""
+class Conv1d(KernelChoiceConv, nn.Conv1d):
+    """`nn.Conv1d` with the Triton kernels of `KernelChoiceConv`."""
 
 
-class Conv2d(ChannelBiasGradConv, nn.Conv2d):
-    """`nn.Conv2d` with the bias gradient of `ChannelBiasGradConv`."""
+class Conv2d(KernelChoiceConv, nn.Conv2d):
+    """`nn.Conv2d` with the Triton kernels of `KernelChoiceConv`."""
 
 
-class Conv3d(ChannelBiasGradConv, nn.Conv3d):
-    """`nn.Conv3d` with the bias gradient of `ChannelBiasGradConv`."""
+class Conv3d(KernelChoiceConv, nn.Conv3d):
+    """`nn.Conv3d` with the Triton kernels of `KernelChoiceConv`."""
 
 
 _CONV = {1: Conv1d, 2: Conv2d, 3: Conv3d}
@@ -72,7 +74,7 @@ def check_dims(dims: int, where: str = "dims") -> int:
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
-    """`nn.Conv{dims}d(*args, **kwargs)`, with the bias gradient of `ChannelBiasGradConv`."""
+    """`nn.Conv{dims}d(*args, **kwargs)`, with the Triton kernels of `KernelChoiceConv`."""
     return _CONV[check_dims(dims, "conv_nd")](*args, **kwargs)
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ldm.modules.nn_dims import ChannelBiasGradConv
+from ldm.modules.nn_dims import KernelChoiceConv
 from ldm.modules.normalization import GroupNormAct
 
 
@@ -46,8 +46,8 @@ class _PreparedConvFunction(torch.autograd.Function):
             params_ = [p.detach().requires_grad_(need) for p, need in zip(prepare_params, needs_params)]
             y = ctx.prepare(x_, *params_)
         conv, compute = ctx.conv, ctx.compute_dtype
-        # a convolution whose bias gradient the Triton channel sum forms (nn_dims.ChannelBiasGradConv) gets it here too
-        triton_bias = (ctx.has_bias and needs_b and isinstance(conv, ChannelBiasGradConv)
+        # a convolution whose bias gradient the Triton channel sum forms (nn_dims.KernelChoiceConv) gets it here too
+        triton_bias = (ctx.has_bias and needs_b and isinstance(conv, KernelChoiceConv)
                        and conv.uses_triton(grad_out))
         grad_y, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out.to(compute), y.detach().to(compute), conv_weight.to(compute),

@@ -113,3 +113,11 @@ def test_too_many_voxels_is_refused_before_any_kernel():
     huge = torch.empty(1, 1, 1024, 1024, 2048, device="meta")
     with pytest.raises(ValueError, match="2\\^31 or more voxels"):
         thin_conv3d(huge, torch.zeros(4, 1, 3, 3, 3, device="meta"))
+
+
+def test_the_models_route_what_the_kernels_take():
+    """ldm.modules.nn_dims sends a convolution here by its own copy of the thin-channel limit (it does not import
+    Triton); the two must agree."""
+    from kernels.thin_conv import MAX_THIN
+    from ldm.modules.nn_dims import THIN_CHANNELS
+    assert THIN_CHANNELS == MAX_THIN

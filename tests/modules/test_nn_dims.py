@@ -9,7 +9,7 @@ from torch import nn
 from kernels import channel_sum as channel_sum_module
 from kernels.channel_sum import channel_sum as original_channel_sum
 from ldm.engine.memory_format import channels_last
-from ldm.modules.nn_dims import ChannelBiasGradConv, concat_skip, conv_nd
+from ldm.modules.nn_dims import KernelChoiceConv, concat_skip, conv_nd
 from ldm.modules.normalization import GroupNormAct, set_kernels
 from ldm.modules.resampling import Upsample
 
@@ -45,7 +45,7 @@ def test_triton_bias_gradient_matches_pytorch(dims, kernel, stride, channels_las
 def test_set_kernels_reaches_convolutions_norms_and_upsamplers():
     model = nn.Sequential(conv_nd(3, 4, 4, 3, padding=1), GroupNormAct(4, 2), conv_nd(2, 4, 4, 1),
                           Upsample(4, dims=3, with_conv=False))
-    assert all(m.kernels == "torch" for m in model if isinstance(m, (ChannelBiasGradConv, Upsample)))
+    assert all(m.kernels == "torch" for m in model if isinstance(m, (KernelChoiceConv, Upsample)))
     set_kernels(model, "triton")
     assert [m.kernels for m in model] == ["triton"] * 4
     assert isinstance(model[0], nn.Conv3d) and isinstance(model[2], nn.Conv2d)  # state dicts and isinstance unchanged
@@ -150,3 +150,6 @@ def test_thin_convolutions_take_the_thin_conv_kernels(c_in, c_out, monkeypatch):
     want = torch.autograd.grad(expected, (x, reference.weight, reference.bias), grad)
     for name, a, b in zip(("x", "weight", "bias"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+    monkeypatch.setattr(thin, "positions_fit", lambda x: False)  # beyond int32 positions: cuDNN's path
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1

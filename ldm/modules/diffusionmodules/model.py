@@ -205,7 +205,7 @@ class Encoder(nn.Module):
         if any(s % self.factor for s in size):
             raise ValueError(f"Encoder: input spatial size {list(size)} is not divisible by the downsampling factor "
                              f"{self.factor}; crop or pad the input to a multiple of {self.factor}")
-        h = self.conv_in(x)  # a one-channel image: the Triton thin-conv kernels (nn_dims.ChannelBiasGradConv)
+        h = self.conv_in(x)  # a one-channel image: the Triton thin-conv kernels (nn_dims.KernelChoiceConv)
         for level in self.down:
             h = level(h)
         return _output_head(self, self.mid(h))
