@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layout import multiprocessors
+from kernels.layout import multiprocessors, row_blocks
 
 TILE = 8192                    # elements of one (rows, channels) register tile
 MAX_BLOCK_C = 256
@@ -78,6 +78,11 @@ def _channel_rows(x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def _needs_int64(rows: torch.Tensor) -> bool:
+    """Whether offsets into (M, C) rows (a tile past the end included) reach int32's limit."""
+    return rows.shape[0] * rows.stride(0) + TILE >= 2 ** 31
+
+
 def _kernel_takes(x: torch.Tensor) -> bool:
     return x.ndim >= 3 and x.numel() > 0 and x.dtype != torch.float64 and (x.is_cuda or _INTERPRET)
 
@@ -91,27 +96,25 @@ def channel_sum(x: torch.Tensor) -> torch.Tensor:
     if rows is None:
         return channel_sum_reference(x)
     M, C = rows.shape
-    block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C)
-    block_m = max(1, min(TILE // block_c, triton.next_power_of_2(M)))
+    block_m, block_c = row_blocks(M, C, TILE, MAX_BLOCK_C)
     column_blocks = triton.cdiv(C, block_c)
     wanted = max(1, PROGRAMS_PER_MULTIPROCESSOR * multiprocessors(x.device) // column_blocks)
     rows_per_program = block_m * triton.cdiv(triton.cdiv(M, wanted), block_m)
     programs = triton.cdiv(M, rows_per_program)
     partials = torch.empty(programs, C, device=x.device, dtype=torch.float32)
     _channel_sum_kernel[(programs, column_blocks)](rows, partials, M, C, rows.stride(0), rows_per_program,
-                                                   BLOCK_M=block_m, BLOCK_C=block_c,
-                                                   INT64=M * rows.stride(0) + TILE >= 2 ** 31, num_warps=8)
+                                                   BLOCK_M=block_m, BLOCK_C=block_c, INT64=_needs_int64(rows),
+                                                   num_warps=8)
     return partials.sum(dim=0)
 
 
 def _add_bias_to_rows(rows: torch.Tensor, bias: torch.Tensor) -> None:
     """rows: (M, C) with adjacent channels += bias: (C,) cast to rows' dtype, in place."""
     M, C = rows.shape
-    block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C)
-    block_m = max(1, min(TILE // block_c, triton.next_power_of_2(M)))
+    block_m, block_c = row_blocks(M, C, TILE, MAX_BLOCK_C)
     grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
     _add_channel_bias_kernel[grid](rows, bias, M, C, rows.stride(0), BLOCK_M=block_m, BLOCK_C=block_c,
-                                   INT64=M * rows.stride(0) + TILE >= 2 ** 31, num_warps=8)
+                                   INT64=_needs_int64(rows), num_warps=8)
 
 
 class _AddChannelBias(torch.autograd.Function):

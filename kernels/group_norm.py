@@ -40,7 +40,7 @@ import triton
 from torch.nn import functional as F
 
 from kernels.group_norm_triton import gn_backward_kernel, gn_forward_kernel
-from kernels.layout import is_channels_last, multiprocessors
+from kernels.layout import dense, is_channels_last, multiprocessors
 
 # Elements of one register tile, forward and backward (measured: benchmarks/bench_group_norm.py).
 FORWARD_TILE = 8192
@@ -306,7 +306,7 @@ class _GroupNormActFunction(torch.autograd.Function):
     def forward(ctx, x, residual, input_bias, weight, bias, scale, shift, num_groups, eps, act, tuning):
         x_in, channels_last = _as_kernel_layout(x)
         if residual is not None:
-            residual = residual.contiguous(memory_format=_memory_format(x_in, channels_last))
+            residual = dense(residual, channels_last)
         y, h, mean, rstd = _launch_forward(x_in, residual, input_bias, weight, bias, scale, shift, num_groups, eps,
                                            act, channels_last, tuning)
         ctx.save_for_backward(h, input_bias, weight, bias, scale, shift, mean, rstd)
@@ -317,9 +317,8 @@ class _GroupNormActFunction(torch.autograd.Function):
     def backward(ctx, dy, *maybe_dh):
         h, input_bias, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
         num_groups, act, channels_last, tuning, has_residual = ctx.config
-        fmt = _memory_format(h, channels_last)
-        dy = dy.contiguous(memory_format=fmt)
-        dh = maybe_dh[0].contiguous(memory_format=fmt) if (maybe_dh and maybe_dh[0] is not None) else None
+        dy = dense(dy, channels_last)
+        dh = dense(maybe_dh[0], channels_last) if (maybe_dh and maybe_dh[0] is not None) else None
         dx, sums, d_input_bias = _launch_backward(h, dy, dh, input_bias, weight, bias, scale, shift, mean, rstd,
                                                   num_groups, act, channels_last, tuning)
         sum_a, sum_b = sums
@@ -335,12 +334,6 @@ class _GroupNormActFunction(torch.autograd.Function):
             d_input_bias = (d_input_bias if input_bias.ndim == 2 else d_input_bias.sum(0)).to(input_bias.dtype)
         return (dx, d_residual, d_input_bias, d_weight.to(weight.dtype), d_bias.to(bias.dtype), d_scale, d_shift,
                 None, None, None, None)
-
-
-def _memory_format(x: torch.Tensor, channels_last: bool) -> torch.memory_format:
-    if not channels_last:
-        return torch.contiguous_format
-    return torch.channels_last_3d if x.ndim == 5 else torch.channels_last
 
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-6,

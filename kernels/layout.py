@@ -15,6 +15,23 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.ndim >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
+def dense(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """t made dense, with channels innermost (channels-last, any rank) or plain contiguous; no copy where it already
+    is (e.g. a channel slice of a wider channels-last tensor is copied, a channels-last tensor is not)."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else t.contiguous()
+
+
+def row_blocks(rows: int, channels: int, tile: int, max_block_c: int = 256) -> tuple[int, int]:
+    """(block_m, block_c) of a register tile of at most `tile` elements over (rows, channels) rows: channels padded
+    to a power of two (at most max_block_c), as many rows as fit (a power of two, no more than the rows there are)."""
+    block_c = min(_next_power_of_2(channels), max_block_c)
+    return max(1, min(tile // block_c, _next_power_of_2(rows))), block_c
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot`'s input_precision: IEEE fp32 products for fp32 inputs (exact to rounding, slow); half inputs run on
     the tensor cores anyway."""

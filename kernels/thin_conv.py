@@ -225,7 +225,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def is_thin_input(weight: torch.Tensor) -> bool:
+def _is_thin_input(weight: torch.Tensor) -> bool:
     """Whether a (C_out, C_in, 3, 3, 3) weight's thin side is its input (else its output)."""
     return weight.shape[1] <= min(weight.shape[0], MAX_THIN)
 
@@ -251,7 +251,7 @@ class _ThinConv3d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):
-        thin_input = is_thin_input(weight)
+        thin_input = _is_thin_input(weight)
         x_c = (_thin if thin_input else _wide)(x.to(dtype))
         taps = _taps(weight, thin_input).to(dtype)
         conv = _thin_to_wide if thin_input else _wide_to_thin
@@ -278,12 +278,6 @@ class _ThinConv3d(torch.autograd.Function):
         return dx, dw, db, None
 
 
-def takes(weight: torch.Tensor) -> bool:
-    """Whether `thin_conv3d` takes a convolution of this weight: 3x3x3 with at most MAX_THIN input or output
-    channels."""
-    return weight.ndim == 5 and tuple(weight.shape[2:]) == (3, 3, 3) and min(weight.shape[:2]) <= MAX_THIN
-
-
 def positions_fit(x: torch.Tensor) -> bool:
     """Whether x's positions (N * D * H * W) fit the kernels' int32 indexing."""
     return x.shape[0] * x[0, 0].numel() + 2 * BLOCK_S < 2 ** 31
@@ -298,7 +292,7 @@ def thin_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if x.ndim != 5 or weight.ndim != 5 or tuple(weight.shape[2:]) != (3, 3, 3) or x.shape[1] != weight.shape[1]:
         raise ValueError(f"thin_conv3d: x (N, C_in, D, H, W) and a (C_out, C_in, 3, 3, 3) weight expected, got x "
                          f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
-    if not takes(weight):
+    if min(weight.shape[:2]) > MAX_THIN:
         raise ValueError(f"thin_conv3d: at most {MAX_THIN} input or output channels expected, weight "
                          f"{tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):

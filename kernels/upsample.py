@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layout import is_channels_last
+from kernels.layout import dense, is_channels_last, row_blocks
 
 TILE = 4096          # elements of one (rows, channels) tile
 MAX_BLOCK_C = 256
@@ -81,17 +81,11 @@ def _empty_channels_last(N: int, C: int, spatial: list[int], like: torch.Tensor)
     return torch.empty(N, *spatial, C, device=like.device, dtype=like.dtype).movedim(-1, 1)
 
 
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    """t with channels innermost (no copy where they already are)."""
-    return t.movedim(1, -1).contiguous().movedim(-1, 1)
-
-
 def _launch(kernel, src: torch.Tensor, dst: torch.Tensor, grid_rows: int, spatial: tuple[int, ...],
             factors: tuple[int, ...]) -> None:
     """Runs `kernel` over `grid_rows` rows of C channels; spatial / factors: the input's, padded to 3 axes."""
     C = src.shape[1]
-    block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C)
-    block_m = max(1, min(TILE // block_c, triton.next_power_of_2(grid_rows)))
+    block_m, block_c = row_blocks(grid_rows, C, TILE, MAX_BLOCK_C)
     grid = (triton.cdiv(grid_rows, block_m), triton.cdiv(C, block_c))
     kernel[grid](src, dst, grid_rows, C, *spatial, *factors, BLOCK_M=block_m, BLOCK_C=block_c,
                  INT64=max(src.numel(), dst.numel()) + TILE >= INT32_LIMIT, num_warps=4)
@@ -123,7 +117,7 @@ def upsample_nearest_backward(dy: torch.Tensor, input_shape: torch.Size, factors
     """The gradient of `upsample_nearest` for an x of `input_shape`: each input position's sum of its prod(factors)
     output positions of dy (any layout; made channels-last), summed in fp32, channels-last in dy's dtype."""
     N, C, *spatial = input_shape
-    dy = _channels_last(dy)
+    dy = dense(dy, channels_last=True)
     dx = _empty_channels_last(N, C, spatial, dy)
     _launch(_upsample_backward_kernel, dy, dx, N * math.prod(spatial), _padded(spatial), _padded(factors))
     return dx

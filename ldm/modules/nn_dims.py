@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kernels.layout import is_channels_last  # PyTorch only: does not load Triton
+from kernels.layout import dense, is_channels_last  # PyTorch only: does not load Triton
 
 
 def triton_selected(kernels: str, x: torch.Tensor) -> bool:
@@ -31,10 +31,10 @@ class KernelChoiceConv(KernelChoice):
     with at most 8 channels on one side and more on the other (an autoencoder's image layers, a latent UNet's first
     and last) on channels-last input runs in kernels/thin_conv.py: cuDNN has no fast kernel for a thin side (~6 ms
     forward + backward for the two one-channel layers of a 128^3 autoencoder, ~0.6 ms for a 4-channel UNet's two at
-    4 x 32^3). Any other
-    has its bias added after the convolution by `kernels.channel_sum.add_channel_bias_`: the same in-place pass PyTorch
-    adds it in, but one that runs at memory speed on channels-last outputs and a backward that sums the bias's gradient
-    in Triton (PyTorch's reduction over a channels-last gradient's outer axes runs at a few percent of bandwidth)."""
+    4 x 32^3). Any other has its bias added after the convolution by `kernels.channel_sum.add_channel_bias_`: the same
+    in-place pass PyTorch adds it in, but one that runs at memory speed on channels-last outputs and a backward that
+    sums the bias's gradient in Triton (PyTorch's reduction over a channels-last gradient's outer axes runs at a few
+    percent of bandwidth)."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not self.uses_triton(input):
@@ -114,18 +114,12 @@ class _DenseGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        ctx.memory_format = _dense_format(x)
+        ctx.channels_last = is_channels_last(x)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous(memory_format=ctx.memory_format)
-
-
-def _dense_format(x: torch.Tensor) -> torch.memory_format:
-    if is_channels_last(x):
-        return torch.channels_last_3d if x.ndim == 5 else torch.channels_last
-    return torch.contiguous_format
+        return dense(grad, ctx.channels_last)
 
 
 THIN_CHANNELS = 8  # kernels.thin_conv.MAX_THIN (not imported here: this module does not load Triton)
