@@ -71,6 +71,26 @@ def graph_time_ms(fn, inputs: list[torch.Tensor]) -> float:
     return statistics.median(times)
 
 
+def input_sets(nbytes: int, device: torch.device) -> int:
+    """How many distinct inputs of `nbytes` exceed 4x the L2 cache (so a replayed graph reads from memory)."""
+    return max(1, -(-4 * torch.cuda.get_device_properties(device).L2_cache_size // nbytes))
+
+
+def timed_row(fn, inputs: list[torch.Tensor], nbytes: int, bandwidth: float, err: float, **labels) -> dict:
+    """Times fn over inputs (`graph_time_ms`) and returns (and prints) the row: labels, ms, % of copy bandwidth for
+    `nbytes` moved per call, the error found beforehand and the number of inputs."""
+    ms = graph_time_ms(fn, inputs)
+    row = dict(labels, ms=ms, pct=100 * nbytes / (ms * 1e-3) / bandwidth, max_rel_err=err, input_sets=len(inputs))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def write_report(out: str, name: str, bandwidth: float, rows: list[dict]) -> None:
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -79,11 +99,10 @@ def main() -> None:
         raise SystemExit("bench_channel_sum.py needs a CUDA GPU")
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
     rows = []
     for shape in SHAPES:
         nbytes = 2 * torch.Size(shape).numel()
-        sets = max(1, -(-4 * l2 // nbytes))
+        sets = input_sets(nbytes, device)
         for layout in ("channels-last", "slice"):  # slice: the first C channels of a 2C-channel tensor (cat's grad)
             wide = 2 if layout == "slice" else 1
             inputs = [torch.randn(shape[0], wide * shape[1], *shape[2:], device=device, dtype=torch.bfloat16)
@@ -91,11 +110,8 @@ def main() -> None:
             expected = inputs[0].double().sum(dim=(0, 2, 3, 4))
             for name, fn in (("ours", channel_sum), ("torch", torch_sum)):
                 err = ((fn(inputs[0]).double() - expected).abs().max() / expected.abs().max()).item()
-                ms = graph_time_ms(fn, inputs)
-                row = dict(shape=list(shape), layout=layout, variant=name, ms=ms,
-                           pct=100 * nbytes / (ms * 1e-3) / bandwidth, max_rel_err=err, input_sets=sets)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(timed_row(fn, inputs, nbytes, bandwidth, err, shape=list(shape), layout=layout,
+                                      variant=name))
             if layout == "channels-last":
                 bias = torch.randn(shape[1], device=device)
                 expected = inputs[0] + bias.to(torch.bfloat16).view(1, -1, 1, 1, 1)
@@ -104,17 +120,11 @@ def main() -> None:
                 errors = {name: (fn(inputs[0].clone()).float() - expected.float()).abs().max().item()
                           for name, fn in add}  # before timing: the timed adds accumulate into the inputs
                 for name, fn in add:
-                    err = errors[name]
-                    ms = graph_time_ms(fn, inputs)
-                    row = dict(shape=list(shape), layout="bias add", variant=name, ms=ms,
-                               pct=100 * 2 * nbytes / (ms * 1e-3) / bandwidth, max_rel_err=err, input_sets=sets)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    rows.append(timed_row(fn, inputs, 2 * nbytes, bandwidth, errors[name], shape=list(shape),
+                                          layout="bias add", variant=name))
             del inputs
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_channel_sum.json").write_text(json.dumps(dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
+    write_report(args.out, "bench_channel_sum.json", bandwidth, rows)
     print(f"\nPer-channel fp32 sum of a channels-last bf16 tensor, {torch.cuda.get_device_name()}, copy "
           f"{bandwidth / 1e12:.2f} TB/s; GPU ms (% of copy bandwidth), median of CUDA-graph replays; err = max error "
           f"/ max |sum| vs float64 (bias add: max abs difference to PyTorch's add)")

@@ -12,7 +12,6 @@ reverse) / time / measured copy bandwidth. Writes DIR/bench_upsample.json ($OUT 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_channel_sum import copy_bandwidth, graph_time_ms  # noqa: E402
+from benchmarks.bench_channel_sum import copy_bandwidth, input_sets, timed_row, write_report  # noqa: E402
 from kernels.upsample import upsample_nearest, upsample_nearest_backward  # noqa: E402
 from ldm.modules.nn_dims import _upsample_nearest_broadcast  # noqa: E402
 
@@ -49,11 +48,10 @@ def main() -> None:
         raise SystemExit("bench_upsample.py needs a CUDA GPU")
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
     rows = []
     for shape in SHAPES:
         nbytes = 2 * torch.Size(shape).numel() * 9  # bf16: input once + 8x larger output once
-        sets = max(1, -(-4 * l2 // nbytes))
+        sets = input_sets(nbytes, device)
         xs = [torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
               for _ in range(sets)]
         dys = [torch.randn(*shape[:2], *(2 * s for s in shape[2:]), device=device, dtype=torch.bfloat16)
@@ -70,16 +68,11 @@ def main() -> None:
                  ("backward", "F.interpolate", interpolate_backward, dys, expected_dx))
         for direction, name, fn, inputs, reference in cases:
             err = ((fn(inputs[0]).float() - reference.float()).abs().max() / reference.float().abs().max()).item()
-            ms = graph_time_ms(fn, inputs)
-            row = dict(shape=list(shape), direction=direction, variant=name, ms=ms,
-                       pct=100 * nbytes / (ms * 1e-3) / bandwidth, max_rel_err=err, input_sets=sets)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(timed_row(fn, inputs, nbytes, bandwidth, err, shape=list(shape), direction=direction,
+                                  variant=name))
         del xs, dys
         torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_upsample.json").write_text(json.dumps(dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
+    write_report(args.out, "bench_upsample.json", bandwidth, rows)
     print(f"\n2x nearest upsampling of channels-last bf16, {torch.cuda.get_device_name()}, copy "
           f"{bandwidth / 1e12:.2f} TB/s; GPU ms (% of copy bandwidth), median of CUDA-graph replays; err = max error "
           f"/ max |value|")
