@@ -1,28 +1,20 @@
 """kernels/channel_sum.py: per-channel fp32 sums of channels-last tensors against a float64 sum, and the in-place
 bias add against PyTorch's, through Triton's interpreter on CPU (CI) and on CUDA when present."""
-import os
-
 import pytest
 import torch
 
 from kernels import channel_sum as module
 from kernels.channel_sum import add_channel_bias_, channel_sum
+from tests.kernels.devices import DEVICES, channels_last_randn, needs_a_triton_device
 
-DEVICES = ["cuda"] if torch.cuda.is_available() else []
-if os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICES.append("cpu")
-pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
-
-
-def _channels_last(shape, dtype, device):
-    return torch.randn(shape, device=device).to(dtype).movedim(1, -1).contiguous().movedim(-1, 1)
+pytestmark = needs_a_triton_device
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 5, 3, 4, 6), (3, 8, 17), (2, 64, 9, 9, 9), (1, 300, 4, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_the_float64_sum(device, shape, dtype):
-    x = _channels_last(shape, dtype, device)
+    x = channels_last_randn(shape, dtype, device)
     out = channel_sum(x)
     assert out.dtype == torch.float32 and out.shape == (shape[1],)
     expected = x.double().sum(dim=[d for d in range(x.ndim) if d != 1])
@@ -33,7 +25,7 @@ def test_matches_the_float64_sum(device, shape, dtype):
 def test_many_row_blocks_per_program_and_a_ragged_last_block(device, monkeypatch):
     # a small tile makes each program loop over several row blocks, the last one partly masked
     monkeypatch.setattr(module, "TILE", 64)
-    x = _channels_last((3, 16, 7, 11, 5), torch.float32, device)
+    x = channels_last_randn((3, 16, 7, 11, 5), torch.float32, device)
     torch.testing.assert_close(channel_sum(x).double(), x.double().sum(dim=(0, 2, 3, 4)), rtol=1e-6, atol=1e-5)
 
 
@@ -41,7 +33,7 @@ def test_many_row_blocks_per_program_and_a_ragged_last_block(device, monkeypatch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_channel_slice_of_a_wider_channels_last_tensor(device, dtype):
     # what torch.cat along channels hands each input in backward: rows 24 channels apart, 10 of them summed
-    wide = _channels_last((2, 24, 5, 6, 7), dtype, device)
+    wide = channels_last_randn((2, 24, 5, 6, 7), dtype, device)
     x = wide[:, 7:17]
     assert module._channel_rows(x).stride() == (24, 1)
     torch.testing.assert_close(channel_sum(x).double(), x.double().sum(dim=(0, 2, 3, 4)), rtol=1e-5, atol=1e-4)
@@ -66,7 +58,7 @@ def test_add_channel_bias_is_pytorchs_add_bit_for_bit(device, dtype, layout, mon
     bias.to(y.dtype) exactly, in place; the small tile makes several row blocks, the last one ragged. Triton's
     interpreter rounds fp32 to bf16 by truncation (the GPU rounds to nearest, as PyTorch does): within 2 bf16 steps."""
     monkeypatch.setattr(module, "TILE", 64)
-    wide = _channels_last((2, 24, 5, 6, 7), dtype, device)
+    wide = channels_last_randn((2, 24, 5, 6, 7), dtype, device)
     y = {"channels_last": wide[:, :10].contiguous(memory_format=torch.channels_last_3d), "slice": wide[:, 7:17],
          "contiguous": wide[:, :10].contiguous()}[layout]
     assert (module._channel_rows(y) is not None) == (layout != "contiguous")
@@ -83,9 +75,9 @@ def test_add_channel_bias_is_pytorchs_add_bit_for_bit(device, dtype, layout, mon
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_add_channel_bias_gradients(device):
-    y0 = _channels_last((2, 6, 3, 4, 5), torch.float32, device).requires_grad_()
+    y0 = channels_last_randn((2, 6, 3, 4, 5), torch.float32, device).requires_grad_()
     bias = torch.randn(6, device=device, requires_grad=True)
-    weights = _channels_last((2, 6, 3, 4, 5), torch.float32, device)
+    weights = channels_last_randn((2, 6, 3, 4, 5), torch.float32, device)
     (add_channel_bias_(y0 * 1.0, bias) * weights).sum().backward()
     torch.testing.assert_close(y0.grad, weights, rtol=0, atol=0)
     torch.testing.assert_close(bias.grad, weights.sum(dim=(0, 2, 3, 4)), rtol=1e-5, atol=1e-5)

@@ -1,16 +1,12 @@
 """kernels/residual_add.py: x + y + bias per channel in one pass, against the float64 reference, forward and
 gradients; through Triton's interpreter on CPU (CI) and on CUDA when present."""
-import os
-
 import pytest
 import torch
 
 from kernels.residual_add import residual_bias_add, residual_bias_add_reference
+from tests.kernels.devices import DEVICES, needs_a_triton_device
 
-DEVICES = ["cuda"] if torch.cuda.is_available() else []
-if os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICES.append("cpu")
-pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = needs_a_triton_device
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 

@@ -1,17 +1,13 @@
 """kernels/thin_conv.py: 3x3x3 convolutions with 1 to 8 input or output channels against F.conv3d in float64,
 output and the gradients of input, weight and bias; Triton's interpreter on CPU (CI), CUDA when present."""
-import os
-
 import pytest
 import torch
 from torch.nn import functional as F
 
 from kernels.thin_conv import thin_conv3d
+from tests.kernels.devices import DEVICES, needs_a_triton_device
 
-DEVICES = ["cuda"] if torch.cuda.is_available() else []
-if os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICES.append("cpu")
-pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = needs_a_triton_device
 
 
 def _case(kind, channels, spatial, device, bias, channels_last_input, thin=1):

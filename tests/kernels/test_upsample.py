@@ -1,22 +1,14 @@
 """kernels/upsample.py: nearest-neighbour upsampling of channels-last tensors against PyTorch's F.interpolate (exact)
 and its gradient against autograd through the reference, through Triton's interpreter on CPU (CI) and on CUDA."""
-import os
-
 import pytest
 import torch
 from torch.nn import functional as F
 
 from kernels import upsample as module
 from kernels.upsample import kernel_takes, upsample_nearest, upsample_nearest_reference
+from tests.kernels.devices import DEVICES, channels_last_randn, needs_a_triton_device
 
-DEVICES = ["cuda"] if torch.cuda.is_available() else []
-if os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICES.append("cpu")
-pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
-
-
-def _channels_last(shape, dtype, device):
-    return torch.randn(shape, device=device).to(dtype).movedim(1, -1).contiguous().movedim(-1, 1)
+pytestmark = needs_a_triton_device
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -25,14 +17,14 @@ def _channels_last(shape, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_interpolate_and_its_gradient(device, shape, factors, dtype, monkeypatch):
     monkeypatch.setattr(module, "TILE", 64)  # several row blocks, the last one ragged
-    x = _channels_last(shape, dtype, device).requires_grad_()
+    x = channels_last_randn(shape, dtype, device).requires_grad_()
     assert kernel_takes(x)
     y = upsample_nearest(x, factors)
     size = [s * f for s, f in zip(shape[2:], factors)]
     expected = F.interpolate(x.detach().float(), size=size, mode="nearest").to(dtype)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     assert y.movedim(1, -1).is_contiguous()  # channels-last out
-    dy = _channels_last(y.shape, dtype, device)
+    dy = channels_last_randn(y.shape, dtype, device)
     y.backward(dy)
     reference = x.detach().float().requires_grad_()
     upsample_nearest_reference(reference, factors).backward(dy.float())
@@ -44,7 +36,7 @@ def test_matches_interpolate_and_its_gradient(device, shape, factors, dtype, mon
 @pytest.mark.parametrize("device", DEVICES)
 def test_int64_offsets(device, monkeypatch):
     monkeypatch.setattr(module, "INT32_LIMIT", 0)  # what a 128 x 256^3 output needs
-    x = _channels_last((1, 8, 2, 3, 2), torch.float32, device).requires_grad_()
+    x = channels_last_randn((1, 8, 2, 3, 2), torch.float32, device).requires_grad_()
     y = upsample_nearest(x, (2, 2, 2))
     torch.testing.assert_close(y, F.interpolate(x.detach(), scale_factor=2, mode="nearest"), rtol=0, atol=0)
     y.backward(torch.ones_like(y))
@@ -53,7 +45,7 @@ def test_int64_offsets(device, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_contiguous_gradient_is_taken_too(device):
-    x = _channels_last((2, 4, 3, 3, 3), torch.float32, device).requires_grad_()
+    x = channels_last_randn((2, 4, 3, 3, 3), torch.float32, device).requires_grad_()
     dy = torch.randn(2, 4, 6, 6, 6, device=device)  # plain contiguous
     upsample_nearest(x, (2, 2, 2)).backward(dy)
     torch.testing.assert_close(x.grad, dy.reshape(2, 4, 3, 2, 3, 2, 3, 2).sum(dim=(3, 5, 7)))

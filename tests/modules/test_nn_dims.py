@@ -18,6 +18,18 @@ needs_triton = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def assert_conv_matches(conv: nn.Module, reference: nn.Module, x: torch.Tensor):
+    """conv(x) and every gradient (x's, the weight's, the bias's) against reference's; returns both outputs."""
+    out, expected = conv(x), reference(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    want = torch.autograd.grad(expected, (x, reference.weight, reference.bias), grad)
+    for name, a, b in zip(("x", "weight", "bias"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+    return out, expected
+
+
 @needs_triton
 @pytest.mark.parametrize("dims, kernel, stride", [(3, 3, 1), (3, 1, 1), (3, 3, 2), (2, 3, 1)])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -31,15 +43,8 @@ def test_triton_bias_gradient_matches_pytorch(dims, kernel, stride, channels_las
     x = torch.randn(2, 12, *(9,) * dims, device=DEVICE)  # fp32: the channel_sum kernel takes fp32 and half inputs
     if channels_last:
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-    x.requires_grad_()
-    out, expected = conv(x), reference(x)
+    out, expected = assert_conv_matches(conv, reference, x.requires_grad_())
     assert out.stride() == expected.stride()
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
-    want = torch.autograd.grad(expected, (x, reference.weight, reference.bias), grad)
-    for name, a, b in zip(("x", "weight", "bias"), got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_set_kernels_reaches_convolutions_norms_and_upsamplers():
@@ -142,14 +147,8 @@ def test_thin_convolutions_take_the_thin_conv_kernels(c_in, c_out, monkeypatch):
     conv(x)
     assert calls == []  # contiguous input
     x = channels_last(x).requires_grad_()  # channels-last strides, one channel too
-    out, expected = conv(x), reference(x)
+    _, expected = assert_conv_matches(conv, reference, x)
     assert calls == [(c_out, c_in, 3, 3, 3)]
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
-    want = torch.autograd.grad(expected, (x, reference.weight, reference.bias), grad)
-    for name, a, b in zip(("x", "weight", "bias"), got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
     monkeypatch.setattr(thin, "positions_fit", lambda x: False)  # beyond int32 positions: cuDNN's path
     torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
     assert len(calls) == 1
