@@ -34,7 +34,8 @@ upsampling recomputed in backward); MONAI with and without use_flash_attention. 
 (MONAI's too) with its whole step captured once as a CUDA graph and replayed: what is left when the host's per-kernel
 launch work is gone. `--graph-network` adds each variant with what `trainer.cuda_graph` does in training
 (ldm/engine/cuda_graph.py): the networks' forward and backward replayed as CUDA graphs ("netgraph"; the AE's encoder
-and decoder separately for ours, the whole model for MONAI's), loss and AdamW eager.
+and decoder separately for ours, the whole model for MONAI's), loss and AdamW eager, the weights autocast casts cast
+in one pass each way (ldm/engine/weight_cast.py; `--weight-casts autocast` or `both`: per layer, as autocast does).
 Ratios are ours / the best MONAI variant (fastest for time, smallest for memory).
 
 Conv FLOPs: counted by PyTorch's FlopCounterMode over one eager forward + backward (convolutions and their backward,
@@ -133,10 +134,12 @@ class Variant:
     recompute: bool = False         # ours: recompute_cheap (GroupNorm+SiLU, upsampling recomputed in backward)
     graph: bool = False             # the whole step (forward, backward, AdamW) captured once as a CUDA graph
     graph_network: bool = False     # the networks' forward + backward as CUDA graphs (trainer.cuda_graph)
+    weight_casts: str = "once"      # netgraph: autocast's weight casts in one pass ("once") or per layer ("autocast")
 
     @property
     def label(self) -> str:
         graph = " graph" if self.graph else " netgraph" if self.graph_network else ""
+        graph += " per-layer casts" if self.graph_network and self.weight_casts == "autocast" else ""
         if self.model == "monai":
             return "MONAI" + (" flash" if self.flash else "") + graph
         return (f"ours {self.kernels}" + (" CL" if self.layout == "channels_last" else "")
@@ -466,7 +469,7 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     progress(f"conv FLOPs counted ({row['conv_tflop_per_step']:.2f} TFLOP per step)")
     if variant.graph_network:
         for name, network in graphed_networks(case, variant, model).items():
-            graph_training_forward(network, name)
+            graph_training_forward(network, name, cast_weights_once=variant.weight_casts == "once")
     step = (make_graphed_step(model, loss_fn, device, args.precision) if variant.graph
             else make_step(model, loss_fn, device, args.precision))
     warmup = []
@@ -575,6 +578,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--graph-network", action="store_true",
                         help="also run every variant with its networks' forward and backward as CUDA graphs, the rest "
                              "eager (what trainer.cuda_graph does; CUDA only)")
+    parser.add_argument("--weight-casts", choices=("once", "autocast", "both"), default="once",
+                        help="netgraph variants: autocast's weight casts in one pass each way (once, what "
+                             "trainer.cuda_graph does), per layer (autocast), or both variants")
     parser.add_argument("--compvis-decoder", action="store_true",
                         help="our AE decoder with num_res_blocks + 1 blocks per level (not MONAI's architecture)")
     parser.add_argument("--attention-backend", default=None, help="our attention backend (ldm.modules.attention)")
@@ -625,7 +631,8 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     graphs = [False, True] if args.cuda_graph and device.type == "cuda" else [False]
     modes = [dict(graph=g) for g in graphs]
     if args.graph_network and device.type == "cuda":
-        modes.append(dict(graph_network=True))
+        casts = ["once", "autocast"] if args.weight_casts == "both" else [args.weight_casts]
+        modes += [dict(graph_network=True, weight_casts=c) for c in casts]
     ours = [Variant("ours", k, layout, recompute=r, **mode)
             for layout in layouts for k in kernels for r in recompute for mode in modes]
     flash = [True] if args.only_flash else [False] if args.no_flash else [False, True]

@@ -16,6 +16,10 @@ memory and the next replay overwrites them); one backward per optimizer step (th
 which autograd adopts as `.grad` and the next replay overwrites: gradient accumulation would count a micro-batch
 twice); parameters are updated in place (optimizers and EMA copies do that); no host synchronisation inside the
 network's forward.
+
+Under autocast, the capture first finds the weights that autocast casts (one probe call) and the graphs then cast them
+once per call in one pass each way instead of one copy kernel per weight and direction (ldm/engine/weight_cast.py;
+bit for bit the same result). `cast_weights_once=False` keeps autocast's own casts.
 """
 from __future__ import annotations
 
@@ -26,11 +30,14 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from ldm.engine.weight_cast import call_with_weights_cast, parameters_cast_by_autocast
+
 
 class _PositionalCall(nn.Module):
     """Calls `forward` of `target` with tensors given positionally, rebuilding (args, kwargs) around them.
 
     make_graphed_callables takes Modules whose forward receives tensors only; the graphed parameters are `target`'s.
+    `cast` ((names, dtype), set after a probe call) makes the call cast those parameters of target's up front.
     """
 
     def __init__(self, target: nn.Module, eager_forward: Callable, spec: pytree.TreeSpec, leaves: list,
@@ -41,13 +48,15 @@ class _PositionalCall(nn.Module):
         self._spec = spec
         self._leaves = leaves
         self._slots = tensor_slots
+        self.cast: tuple[list[str], torch.dtype] = ([], torch.float32)
 
     def forward(self, *tensors: torch.Tensor) -> Any:
         leaves = list(self._leaves)
         for slot, tensor in zip(self._slots, tensors):
             leaves[slot] = tensor
         args, kwargs = pytree.tree_unflatten(leaves, self._spec)
-        return self._eager_forward(*args, **kwargs)
+        names, dtype = self.cast
+        return call_with_weights_cast(self.target, names, dtype, self._eager_forward, *args, **kwargs)
 
 
 def _autocast_state() -> tuple[bool, torch.dtype]:
@@ -57,17 +66,20 @@ def _autocast_state() -> tuple[bool, torch.dtype]:
 class GraphedTrainingForward:
     """The replacement forward installed by `graph_training_forward`; see the module docstring.
 
-    captures: how many graphs were captured (0 or 1); eager_calls / graph_calls: counts, for tests and logs.
+    captures: how many graphs were captured (0 or 1); eager_calls / graph_calls: counts, for tests and logs;
+    weights_cast: the parameters the graphs cast once per call (ldm/engine/weight_cast.py).
     """
 
-    def __init__(self, module: nn.Module, name: str, warmup_iters: int = 3):
+    def __init__(self, module: nn.Module, name: str, warmup_iters: int = 3, cast_weights_once: bool = True):
         self.module = module
         self.name = name
+        self.cast_weights_once = cast_weights_once
         self.warmup_iters = warmup_iters
         self.eager_forward = type(module).forward.__get__(module)
         self.signature: tuple | None = None
         self.graphed: Callable | None = None
         self.captures = 0
+        self.weights_cast: list[str] = []
         self.eager_calls = 0
         self.graph_calls = 0
         self._announced: set[str] = set()
@@ -108,6 +120,8 @@ class GraphedTrainingForward:
         try:
             # Autocast's weight-cast cache must be off while capturing (a cached cast would outlive the graph).
             with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+                if enabled and self.cast_weights_once:
+                    positional.cast = (parameters_cast_by_autocast(self.module, positional(*samples), dtype), dtype)
                 self.graphed = torch.cuda.make_graphed_callables(positional, samples,
                                                                  num_warmup_iters=self.warmup_iters)
         except Exception as err:
@@ -118,7 +132,10 @@ class GraphedTrainingForward:
         torch.cuda.empty_cache()  # the warm-up's activations: the graph keeps its own memory pool
         self.signature = signature
         self.captures += 1
-        tqdm.write(f"cuda_graph: captured {self.name} forward + backward for inputs {_describe(signature)}")
+        self.weights_cast = positional.cast[0]
+        cast = (f"; {len(self.weights_cast)} weights cast to {str(dtype).replace('torch.', '')} once per call"
+                if self.weights_cast else "")
+        tqdm.write(f"cuda_graph: captured {self.name} forward + backward for inputs {_describe(signature)}{cast}")
 
     def _announce_once(self, message: str) -> None:
         if message not in self._announced:
@@ -132,10 +149,11 @@ def _describe(signature: tuple) -> str:
     return f"[{shapes}]" + (f" under {str(dtype).replace('torch.', '')} autocast" if enabled else "")
 
 
-def graph_training_forward(module: nn.Module, name: str = "network") -> GraphedTrainingForward:
+def graph_training_forward(module: nn.Module, name: str = "network",
+                           cast_weights_once: bool = True) -> GraphedTrainingForward:
     """Install a `GraphedTrainingForward` as `module.forward`; returns it. Installing twice is an error."""
     if isinstance(module.__dict__.get("forward"), GraphedTrainingForward):
         raise RuntimeError(f"cuda_graph: {name} is already graphed")
-    graphed = GraphedTrainingForward(module, name)
+    graphed = GraphedTrainingForward(module, name, cast_weights_once=cast_weights_once)
     module.forward = graphed
     return graphed

@@ -128,6 +128,21 @@ def test_graphed_training_equals_eager(autocast, context_dim):
 
 
 @cuda
+def test_weights_cast_once_train_bit_for_bit_like_autocasts_own_casts():
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.manual_seed(0)
+    once, per_layer = tiny_unet().cuda(), tiny_unet().cuda()
+    per_layer.load_state_dict(once.state_dict())
+    graphed = graph_training_forward(once, "unet")
+    graph_training_forward(per_layer, "unet", cast_weights_once=False)
+    batches = make_batches(3, 2, 8, None)
+    assert train_steps(once, batches, autocast=True) == train_steps(per_layer, batches, autocast=True)
+    assert len(graphed.weights_cast) > 20 and not any("norm" in name for name in graphed.weights_cast)
+    for (name, p_once), p_per_layer in zip(once.named_parameters(), per_layer.parameters()):
+        assert torch.equal(p_once, p_per_layer), name
+
+
+@cuda
 def test_other_signatures_and_eval_run_eagerly():
     torch.manual_seed(0)
     model = tiny_unet().cuda()
