@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
+from ldm.modules.diffusionmodules import openaimodel
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock, UNetModel, Upsample
 from ldm.util import instantiate_from_config
 from tests.modules.helpers import randomize_zero_parameters
@@ -207,6 +208,43 @@ def test_gradient_checkpointing_gives_the_same_gradients(variant):
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
     assert any(g.abs().max() > 0 for name, g in grads[0].items() if name.startswith("input_blocks"))
+
+
+def test_project_embedding_is_each_blocks_own_projection():
+    torch.manual_seed(0)
+    blocks = [ResBlock(32, 16, 0.0, out, dims=2, use_scale_shift_norm=shift) for out, shift in
+              ((32, False), (64, True), (96, False))]
+    emb = torch.randn(3, 16)
+    projected = openaimodel.project_embedding(emb, blocks)
+    assert list(projected) == blocks
+    for block in blocks:
+        torch.testing.assert_close(projected[block], block.emb_proj(emb), rtol=1e-6, atol=1e-6)
+    assert openaimodel.project_embedding(emb, []) == {}
+
+
+@pytest.mark.parametrize("variant", ["updown_scale_shift", "spatial_transformer"])
+def test_unet_with_projections_in_one_matmul_equals_per_block_projections(variant, monkeypatch):
+    """The UNet's one matmul for every ResBlock's embedding projection (project_embedding) against each block
+    projecting the embedding itself: output and every gradient."""
+    torch.manual_seed(0)
+    model = UNetModel(image_size=8, **TINY, **VARIANTS[variant])
+    randomize_zero_parameters(model)
+    assert len(model.res_blocks) == sum(isinstance(m, ResBlock) for m in model.modules()) > 4
+    x, t, context = make_inputs(model, 2, (8, 8))
+    results = []
+    for per_block in (False, True):
+        if per_block:  # ResBlocks given the embedding itself project it with their own emb_proj
+            monkeypatch.setattr(openaimodel, "project_embedding", lambda emb, blocks: emb)
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, context=context)
+        out.square().mean().backward()
+        results.append((out.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (out, grads), (reference, reference_grads) = results
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(grads[f"{name}.weight"].abs().max() > 0 for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".emb_proj." in f".{name}.")
 
 
 def test_builds_from_an_original_style_config():
