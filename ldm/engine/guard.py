@@ -10,11 +10,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def gradient_norm(parameters) -> torch.Tensor:
-    """2-norm of this rank's gradients (a local shard under FSDP: enough to tell finite from not)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    """2-norm of this rank's gradients (a local shard under FSDP: enough to tell finite from not), fp32.
+
+    One multi-tensor norm per device and dtype (`torch.nn.utils.get_total_norm`), not a cast and a norm kernel per
+    gradient: ~1400 launches for a 700-parameter UNet, each step, with the GPU idle behind them."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads]))
+    return torch.nn.utils.get_total_norm(grads).float()
 
 
 class StepGuard:
