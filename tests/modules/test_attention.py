@@ -49,19 +49,28 @@ def test_attention_rejects_bad_shapes(q_shape, k_shape, v_shape):
         attention(torch.zeros(q_shape), torch.zeros(k_shape), torch.zeros(v_shape))
 
 
-def test_cross_attention_matches_per_head_reference():
+@pytest.mark.parametrize("self_attention", [False, True])
+def test_cross_attention_matches_per_head_reference(self_attention):
+    """Output and weight gradients against separate q, k, v projections attended head by head (self-attention runs
+    its three projections as one matmul)."""
     torch.manual_seed(0)
-    heads, dim_head, query_dim, context_dim = 3, 4, 10, 6
+    heads, dim_head, query_dim = 3, 4, 10
+    context_dim = None if self_attention else 6
     layer = CrossAttention(query_dim, context_dim, heads=heads, dim_head=dim_head).double()
     x = torch.randn(2, 7, query_dim, dtype=torch.float64)
-    context = torch.randn(2, 5, context_dim, dtype=torch.float64)
+    context = x if self_attention else torch.randn(2, 5, context_dim, dtype=torch.float64)
     q, k, v = layer.to_q(x), layer.to_k(context), layer.to_v(context)
     per_head = []
     for h in range(heads):
         cols = slice(h * dim_head, (h + 1) * dim_head)
         per_head.append(reference_attention(q[..., cols], k[..., cols], v[..., cols]))
     expected = layer.to_out(torch.cat(per_head, dim=-1))
-    torch.testing.assert_close(layer(x, context), expected)
+    weights = [layer.to_q.weight, layer.to_k.weight, layer.to_v.weight]
+    expected_grads = torch.autograd.grad(expected.square().sum(), weights)
+    out = layer(x) if self_attention else layer(x, context)
+    torch.testing.assert_close(out, expected)
+    for grad, expected_grad in zip(torch.autograd.grad(out.square().sum(), weights), expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
 
 
 def test_cross_attention_without_context_is_self_attention():
