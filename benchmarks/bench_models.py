@@ -656,6 +656,8 @@ def cap_memory(device: torch.device, gib: float) -> float:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before any variant: --trace writes there as it goes
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     if args.attention_backend is not None:
@@ -681,8 +683,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                        for m, n in counts.items())
               if None not in counts.values() else f"{case.name}: a model failed to build", flush=True)
     add_ratios(rows, matmul)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = dict(device=name, torch=torch.__version__, monai=monai.__version__, matmul_tflops=matmul,
                   args=vars(args), rows=rows)
     (out / "bench_models.json").write_text(json.dumps(report, indent=1))

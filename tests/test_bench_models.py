@@ -112,3 +112,11 @@ def test_profile_trace_is_a_gzipped_chrome_timeline(tmp_path, capsys):
         events = json.load(f)["traceEvents"]
     assert any(e.get("name") == "aten::mm" for e in events)
     assert f"timeline written to {trace}" in capsys.readouterr().out
+
+
+def test_traces_go_to_an_output_folder_that_did_not_exist(tmp_path):
+    out = tmp_path / "new" / "folder"
+    rows = bench_main(["--quick", "--only", "unet", "--no-monai", "--kernels", "torch", "--steps", "1", "--warmup",
+                       "0", "--profile", "2", "--trace", "--out", str(out)])
+    assert [r["status"] for r in rows] == ["ok"]
+    assert (out / "trace_unet-quick_ours_torch.json.gz").is_file() and (out / "bench_models.json").is_file()
