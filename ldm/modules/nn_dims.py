@@ -98,14 +98,27 @@ def residual_sum(skip: nn.Module, x: torch.Tensor, conv: nn.modules.conv._ConvNd
     return skip(x) + conv(h)
 
 
-def concat_skip(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+def concat_skip(h: torch.Tensor, skip: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
     """torch.cat([h, skip], dim=1): a UNet decoder block's input, h: (B, C_h, *spatial) from the block below, skip:
     (B, C_s, *spatial) from the encoder. In backward, cat hands each input a channel slice of its gradient, strided
     rather than dense. h's slice goes on to convolutions (a ResBlock's conv and shortcut, an upsampler's conv), and
     cuDNN copies a strided gradient to dense once for the input gradient and once for the weight gradient, in every one
     of them; so h's gradient is made dense here, once, in h's own layout. skip's slice is only added to the gradient
-    the encoder's next block returns, which reads it as it is."""
+    the encoder's next block returns, which reads it as it is. With `use_triton`, channels-last inputs are copied (and
+    h's gradient made dense) by kernels/concat.py, vectorised where PyTorch's copies into and out of channel slices
+    are not."""
+    if use_triton:
+        from kernels import concat  # imported on first use: CPU-only runs never load Triton
+        if concat.kernel_takes(h, skip):
+            return concat.concat_channels(h, skip)
     return torch.cat([_DenseGradient.apply(h), skip], dim=1)
+
+
+class SkipConcat(KernelChoice, nn.Module):
+    """`concat_skip` as a layer, so that the model's `kernels` choice (`set_kernels`) reaches it; no parameters."""
+
+    def forward(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return concat_skip(h, skip, use_triton=self.uses_triton(h))
 
 
 class _DenseGradient(torch.autograd.Function):

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import CrossAttention, SpatialTransformer, set_model_attention_backend
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
-from ldm.modules.nn_dims import concat_skip, conv_nd, conv_without_bias, residual_sum, spatial_dims, zero_module
+from ldm.modules.nn_dims import SkipConcat, conv_nd, conv_without_bias, residual_sum, spatial_dims, zero_module
 from ldm.modules.recomputed_conv import prepared_conv, set_recompute_cheap
 from ldm.modules.resampling import Downsample, Upsample
 from ldm.modules.normalization import GroupNormAct, set_kernels
@@ -269,6 +269,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(_norm(ch, act=True), zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)))
         # Every ResBlock's embedding projection is computed up front in one matmul (project_embedding).
         self.res_blocks = tuple(m for m in self.modules() if isinstance(m, ResBlock))
+        self.concat_skip = SkipConcat()  # the decoder's cat([h, skip]); no parameters
         set_kernels(self, kernels)
         set_model_attention_backend(self, attention_backend)
         set_recompute_cheap(self, recompute_cheap)
@@ -321,5 +322,5 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = self._run(block, concat_skip(h, skips.pop()), emb, context)
+            h = self._run(block, self.concat_skip(h, skips.pop()), emb, context)
         return self.out(h)
