@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layout import is_channels_last, row_blocks
+from kernels.layout import dense, is_channels_last, row_blocks
 
 TILE = 8192          # elements of one (rows, channels) tile
 MAX_BLOCK_C = 256
@@ -76,12 +76,15 @@ class _ConcatChannels(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        c1 = ctx.c1
-        if not is_channels_last(grad):
-            grad = grad.movedim(1, -1).contiguous().movedim(-1, 1)
-        dh = _empty_channels_last(grad[:, :c1].shape, grad)
-        _copy_rows(grad[:, :c1], dh)
-        return dh, grad[:, c1:]
+        grad = dense(grad, channels_last=True)
+        return leading_channels_dense(grad, ctx.c1), grad[:, ctx.c1:]
+
+
+def leading_channels_dense(grad: torch.Tensor, channels: int) -> torch.Tensor:
+    """grad[:, :channels] copied dense, channels-last (h's gradient): grad (N, C, *spatial) channels-last."""
+    dh = _empty_channels_last(grad[:, :channels].shape, grad)
+    _copy_rows(grad[:, :channels], dh)
+    return dh
 
 
 def kernel_takes(h: torch.Tensor, skip: torch.Tensor) -> bool:
