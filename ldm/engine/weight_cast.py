@@ -1,9 +1,10 @@
 """Autocast's weight casts done once per call, one pass each way (for CUDA-graphed training, ldm/engine/cuda_graph.py).
 
 Under autocast every convolution and linear layer casts its fp32 weight (and bias) to the compute dtype in forward, a
-copy kernel per tensor, and in backward casts that tensor's gradient back to fp32, another. In the 166M UNet's graphed
-step on an H200 these were ~340 of its ~1450 kernels and ~1.2 ms of its 30 ms, the backward casts in PyTorch's
-unvectorised copy kernel. `call_with_weights_cast` makes the same casts with one `torch._foreach_copy_` each way and
+copy kernel per tensor, and in backward casts that tensor's gradient back to fp32, another (the backward ones in
+PyTorch's unvectorised copy kernel). In the 166M UNet's graphed step on an H200 (benchmarks/bench_models.py
+--weight-casts both, profiled) doing them here took the step's copies from 1.82 ms to 1.29 ms of GPU time and from 374
+to 108 kernels. `call_with_weights_cast` makes the same casts with one `torch._foreach_copy_` each way and
 hands the module the cast tensors in place of its parameters for the call, so autocast finds them already in its
 dtype and launches nothing. The result is the same bit for bit: the same round-to-nearest cast forward, the same exact
 upcast of each gradient backward.
@@ -11,7 +12,8 @@ upcast of each gradient backward.
 Which parameters (`parameters_cast_by_autocast`): read off the autograd graph of one call's output, those whose only
 use is a single cast to the autocast dtype. A parameter used anywhere as it is (GroupNorm's affine weights, a bias
 that a Triton kernel adds in fp32, the thin convolutions' fp32 weights) or cast more than once (a shared weight, whose
-gradients autocast sums in fp32) keeps autocast's own handling.
+gradients autocast sums in fp32) keeps autocast's own handling. A read that autograd does not see (a parameter
+detached and handed to a kernel beside a cast of it) would see the cast tensor instead: no layer here does that.
 """
 from __future__ import annotations
 
