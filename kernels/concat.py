@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layout import dense, is_channels_last, row_blocks
+from kernels.layout import dense, empty_channels_last, is_channels_last, row_blocks
 
 TILE = 8192          # elements of one (rows, channels) tile
 MAX_BLOCK_C = 256
@@ -58,17 +58,13 @@ def _copy_rows(src: torch.Tensor, dst: torch.Tensor) -> None:
                             INT64=largest + TILE >= INT32_LIMIT, num_warps=4)
 
 
-def _empty_channels_last(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(shape[0], *shape[2:], shape[1], device=like.device, dtype=like.dtype).movedim(-1, 1)
-
-
 class _ConcatChannels(torch.autograd.Function):
     """(h, skip) channels-last -> cat([h, skip], dim=1) channels-last; backward: h's gradient dense, skip's a slice."""
 
     @staticmethod
     def forward(ctx, h, skip):
         c1 = h.shape[1]
-        out = _empty_channels_last(torch.Size((h.shape[0], c1 + skip.shape[1], *h.shape[2:])), h)
+        out = empty_channels_last((h.shape[0], c1 + skip.shape[1], *h.shape[2:]), h)
         _copy_rows(h, out[:, :c1])
         _copy_rows(skip, out[:, c1:])
         ctx.c1 = c1
@@ -82,7 +78,7 @@ class _ConcatChannels(torch.autograd.Function):
 
 def leading_channels_dense(grad: torch.Tensor, channels: int) -> torch.Tensor:
     """grad[:, :channels] copied dense, channels-last (h's gradient): grad (N, C, *spatial) channels-last."""
-    dh = _empty_channels_last(grad[:, :channels].shape, grad)
+    dh = empty_channels_last(grad[:, :channels].shape, grad)
     _copy_rows(grad[:, :channels], dh)
     return dh
 

@@ -21,6 +21,12 @@ def dense(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return t.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else t.contiguous()
 
 
+def empty_channels_last(shape: tuple[int, ...] | torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (N, C, *spatial) tensor stored channels-last (any rank), on like's device in like's dtype."""
+    n, c, *spatial = shape
+    return torch.empty(n, *spatial, c, device=like.device, dtype=like.dtype).movedim(-1, 1)
+
+
 def row_blocks(rows: int, channels: int, tile: int, max_block_c: int = 256) -> tuple[int, int]:
     """(block_m, block_c) of a register tile of at most `tile` elements over (rows, channels) rows: channels padded
     to a power of two (at most max_block_c), as many rows as fit (a power of two, no more than the rows there are)."""

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layout import dot_precision, multiprocessors
+from kernels.layout import dot_precision, empty_channels_last, multiprocessors
 
 TAPS = 27
 MAX_THIN = 8      # thin channels the kernels take
@@ -174,7 +174,7 @@ def _thin_to_wide(t: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None
     """t: (N, T, D, H, W) thin rows, taps: (27 T, C) -> (N, C, D, H, W) channels-last in t's dtype."""
     N, T, D, H, W = t.shape
     C = taps.shape[1]
-    out = torch.empty((N, D, H, W, C), device=t.device, dtype=t.dtype).movedim(-1, 1)
+    out = empty_channels_last((N, C, D, H, W), t)
     total = N * D * H * W
     block_c = min(_block_c(C), 128)
     _thin_to_wide_kernel[(triton.cdiv(total, BLOCK_S), triton.cdiv(C, block_c))](
@@ -188,7 +188,7 @@ def _wide_to_thin(u: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None
     """u: (N, C, D, H, W) channels-last, taps: (27 T, C) -> (N, T, D, H, W) in u's dtype, channels-last strides."""
     N, C, D, H, W = u.shape
     T = taps.shape[0] // TAPS
-    out = torch.empty((N, D, H, W, T), device=u.device, dtype=u.dtype).movedim(-1, 1)
+    out = empty_channels_last((N, T, D, H, W), u)
     total = N * D * H * W
     block_c = _block_c(C)
     _wide_to_thin_kernel[(triton.cdiv(total, WIDE_TO_THIN_BLOCK_S),)](

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layout import dense, is_channels_last, row_blocks
+from kernels.layout import dense, empty_channels_last, is_channels_last, row_blocks
 
 TILE = 4096          # elements of one (rows, channels) tile
 MAX_BLOCK_C = 256
@@ -77,10 +77,6 @@ def _upsample_backward_kernel(dy_ptr, dx_ptr, M_in, C, D, H, W, FD: tl.constexpr
     tl.store(dx_ptr + rows[:, None] * C + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _empty_channels_last(N: int, C: int, spatial: list[int], like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(N, *spatial, C, device=like.device, dtype=like.dtype).movedim(-1, 1)
-
-
 def _launch(kernel, src: torch.Tensor, dst: torch.Tensor, grid_rows: int, spatial: tuple[int, ...],
             factors: tuple[int, ...]) -> None:
     """Runs `kernel` over `grid_rows` rows of C channels; spatial / factors: the input's, padded to 3 axes."""
@@ -103,7 +99,7 @@ class _UpsampleNearest(torch.autograd.Function):
     def forward(ctx, x, factors):
         N, C, *spatial = x.shape
         out_spatial = [s * f for s, f in zip(spatial, factors)]
-        y = _empty_channels_last(N, C, out_spatial, x)
+        y = empty_channels_last((N, C, *out_spatial), x)
         _launch(_upsample_forward_kernel, x, y, N * math.prod(out_spatial), _padded(spatial), _padded(factors))
         ctx.shape, ctx.factors = x.shape, factors
         return y
@@ -118,7 +114,7 @@ def upsample_nearest_backward(dy: torch.Tensor, input_shape: torch.Size, factors
     output positions of dy (any layout; made channels-last), summed in fp32, channels-last in dy's dtype."""
     N, C, *spatial = input_shape
     dy = dense(dy, channels_last=True)
-    dx = _empty_channels_last(N, C, spatial, dy)
+    dx = empty_channels_last((N, C, *spatial), dy)
     _launch(_upsample_backward_kernel, dy, dx, N * math.prod(spatial), _padded(spatial), _padded(factors))
     return dx
 
