@@ -91,14 +91,20 @@ def write_report(out: str, name: str, bandwidth: float, rows: list[dict]) -> Non
     (folder / name).write_text(json.dumps(dict(copy_bandwidth=bandwidth, rows=rows), indent=1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def gpu_benchmark(description: str, script: str) -> tuple[argparse.Namespace, torch.device, float]:
+    """The command line (`--out DIR`, default $OUT or .), the CUDA device (exits when there is none) and its measured
+    copy bandwidth, for a GPU micro-benchmark `script` described by `description`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench_channel_sum.py needs a CUDA GPU")
+        raise SystemExit(f"{script} needs a CUDA GPU")
     device = torch.device("cuda")
-    bandwidth = copy_bandwidth(device)
+    return args, device, copy_bandwidth(device)
+
+
+def main() -> None:
+    args, device, bandwidth = gpu_benchmark(__doc__, "bench_channel_sum.py")
     rows = []
     for shape in SHAPES:
         nbytes = 2 * torch.Size(shape).numel()

@@ -12,15 +12,13 @@ last.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_channel_sum import copy_bandwidth, input_sets, timed_row, write_report  # noqa: E402
+from benchmarks.bench_channel_sum import gpu_benchmark, input_sets, timed_row, write_report  # noqa: E402
 from kernels.concat import concat_channels, leading_channels_dense  # noqa: E402
 from kernels.layout import dense  # noqa: E402
 
@@ -33,13 +31,7 @@ def channels_last(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_concat.py needs a CUDA GPU")
-    device = torch.device("cuda")
-    bandwidth = copy_bandwidth(device)
+    args, device, bandwidth = gpu_benchmark(__doc__, "bench_concat.py")
     rows = []
     for n, c_h, c_skip, size in SHAPES:
         spatial = (size, size, size)

@@ -11,8 +11,6 @@ reverse) / time / measured copy bandwidth. Writes DIR/bench_upsample.json ($OUT 
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_channel_sum import copy_bandwidth, input_sets, timed_row, write_report  # noqa: E402
+from benchmarks.bench_channel_sum import gpu_benchmark, input_sets, timed_row, write_report  # noqa: E402
 from kernels.upsample import upsample_nearest, upsample_nearest_backward  # noqa: E402
 from ldm.modules.nn_dims import _upsample_nearest_broadcast  # noqa: E402
 
@@ -41,13 +39,7 @@ def interpolate_backward(dy: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_upsample.py needs a CUDA GPU")
-    device = torch.device("cuda")
-    bandwidth = copy_bandwidth(device)
+    args, device, bandwidth = gpu_benchmark(__doc__, "bench_upsample.py")
     rows = []
     for shape in SHAPES:
         nbytes = 2 * torch.Size(shape).numel() * 9  # bf16: input once + 8x larger output once
