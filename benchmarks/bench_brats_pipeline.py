@@ -15,7 +15,8 @@ Runs the real command lines on the real configs, changing only the data root, ru
 4. `sample.py -r <ldm run> --cond split:test --sampler ddim --steps 50 --batch_size 1`, bf16: seconds per sample
    (50 UNet evaluations + one decode to 4 x 128^3), from manifest.json.
 Each `--layouts` entry repeats 2-4 with trainer.channels_last set accordingly (with +expandable, the CUDA caching
-allocator in expandable-segments mode; with +recompute, recompute_cheap in the trained networks). The loop logs per
+allocator in expandable-segments mode; with +recompute, recompute_cheap in the trained networks; with +graph,
+trainer.cuda_graph in stage 2: the UNet's forward and backward replayed as CUDA graphs). The loop logs per
 step the loader wait, peak allocated / reserved memory and the allocator's retries, which the table shows beside the
 step times.
 
@@ -129,12 +130,13 @@ def phase(metrics: dict, first: int, last: int) -> dict:
 
 
 def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, vgg: str | None) -> dict:
-    """variant: contiguous or channels_last, optionally +expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments)
-    and/or +recompute (recompute_cheap in the trained networks: the autoencoder, then the UNet)."""
+    """variant: contiguous or channels_last, optionally +expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments),
+    +recompute (recompute_cheap in the trained networks: the autoencoder, then the UNet) and/or +graph
+    (trainer.cuda_graph in stage 2, the UNet; the autoencoder has no graphed training)."""
     layout, *options = variant.split("+")
-    if layout not in ("contiguous", "channels_last") or set(options) - {"expandable", "recompute"}:
+    if layout not in ("contiguous", "channels_last") or set(options) - {"expandable", "recompute", "graph"}:
         raise ValueError(f"unknown variant {variant!r}: contiguous or channels_last, optionally +expandable, "
-                         f"+recompute")
+                         f"+recompute, +graph")
     env = dict(os.environ)
     if "expandable" in options:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
@@ -161,7 +163,8 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
     run_cli(["train_ldm.py", "-b", str(LDM_CONFIG), "-t", "--no_test", "-l", str(ldm_logs), "-n", "bench",
              f"data.params.train.params.root={tree}", f"model.params.first_stage_config.params.ckpt_path={ckpt}",
              f"trainer.max_steps={opt.ldm_steps}", *common, *(SMOKE_LDM if opt.smoke else []),
-             f"model.params.unet_config.params.recompute_cheap={str(recompute).lower()}"],
+             f"model.params.unet_config.params.recompute_cheap={str(recompute).lower()}",
+             f"trainer.cuda_graph={str('graph' in options).lower()}"],
             work / f"ldm_{variant}.log", env)
     ldm_run = only_run(ldm_logs)
     result["ldm"] = phase(read_metrics(ldm_run), 1 + opt.warmup, opt.ldm_steps)
@@ -208,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the chain, times nothing")
     parser.add_argument("--layouts", default="contiguous,channels_last",
                         help="comma-separated: contiguous or channels_last, each optionally +expandable "
-                             "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for its runs) and/or +recompute "
-                             "(recompute_cheap in the autoencoder and the UNet)")
+                             "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for its runs), +recompute "
+                             "(recompute_cheap in the autoencoder and the UNet) and/or +graph (trainer.cuda_graph "
+                             "for the UNet)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     opt = parser.parse_args(argv)
     import torch

@@ -276,9 +276,9 @@ def test_input_bias_half_precision(dtype, layout):
 
 def test_input_bias_in_another_dtype_than_x():
     """A bf16 input_bias with an fp32 x: added in fp32, its gradient in bf16."""
-    x = torch.randn(2, 4, 3, 5)
-    w, b = torch.randn(4), torch.randn(4)
-    input_bias = torch.randn(4, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 4, 3, 5, device=DEVICE)
+    w, b = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    input_bias = torch.randn(4, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     y, h = group_norm_act(x, w, b, 2, act=True, input_bias=input_bias)
     assert h is None
     torch.testing.assert_close(y, group_norm_reference(x, w, b, 2, 1e-6, True, input_bias=input_bias)[0])
