@@ -27,7 +27,8 @@ The training splits are cached in memory (cache_rate 1: loading and scaling once
 8 loader workers keep up and the times are the GPU's; benchmarks/bench_models.py times the networks alone.
 Sampling: the median of the per-sample seconds after the first sample.
 `--smoke` runs the same chain with tiny models on the CPU (a check of the command lines, not a measurement).
-Writes DIR/bench_brats_pipeline.json (DIR: --out, else $OUT, else .) and prints a markdown table last.
+Writes DIR/bench_brats_pipeline.json (DIR: --out, else $OUT, else .) and prints a markdown table last; each command
+line writes its output to DIR/logs/ as it runs, so a run stopped by a time limit still leaves it.
 """
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -89,6 +89,7 @@ def random_vgg16(path: Path) -> str | None:
 def run_cli(args: list[str], log: Path, env: dict | None = None) -> float:
     """Runs `python args...` in the repo root, output to `log`; returns wall seconds; raises on failure."""
     began = time.perf_counter()
+    print(f"running {' '.join(args[:3])} (output: {log})", flush=True)
     with open(log, "w") as out:
         code = subprocess.call([sys.executable, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     if code != 0:
@@ -129,7 +130,7 @@ def phase(metrics: dict, first: int, last: int) -> dict:
             "alloc_retries": retries[-1] - retries[0] if retries else float("nan")}
 
 
-def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, vgg: str | None) -> dict:
+def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, vgg: str | None, logs: Path) -> dict:
     """variant: contiguous or channels_last, optionally +expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments),
     +recompute (recompute_cheap in the trained networks: the autoencoder, then the UNet) and/or +graph
     (trainer.cuda_graph in stage 2, the UNet; the autoencoder has no graphed training)."""
@@ -152,7 +153,7 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
              f"data.params.train.params.root={tree}", f"trainer.max_steps={opt.ae_steps}",
              f"model.params.lossconfig.params.disc_start={disc_start}", *lpips, *common,
              f"model.params.ddconfig.recompute_cheap={str(recompute).lower()}",
-             *(SMOKE_AE if opt.smoke else [])], work / f"ae_{variant}.log", env)
+             *(SMOKE_AE if opt.smoke else [])], logs / f"ae_{variant}.log", env)
     metrics = read_metrics(only_run(ae_logs))
     result["ae"] = phase(metrics, 1 + opt.warmup, disc_start - 1)
     result["ae_gan"] = phase(metrics, disc_start + 1 + opt.warmup, opt.ae_steps)
@@ -165,7 +166,7 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
              f"trainer.max_steps={opt.ldm_steps}", *common, *(SMOKE_LDM if opt.smoke else []),
              f"model.params.unet_config.params.recompute_cheap={str(recompute).lower()}",
              f"trainer.cuda_graph={str('graph' in options).lower()}"],
-            work / f"ldm_{variant}.log", env)
+            logs / f"ldm_{variant}.log", env)
     ldm_run = only_run(ldm_logs)
     result["ldm"] = phase(read_metrics(ldm_run), 1 + opt.warmup, opt.ldm_steps)
 
@@ -173,7 +174,7 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
     run_cli(["sample.py", "-r", str(ldm_run), "--cond", "split:test", "--n_samples", str(opt.samples),
              "--batch_size", "1", "--sampler", "ddim", "--steps", "2" if opt.smoke else "50", "--eta", "0",
              "--precision", "32" if opt.smoke else "bf16", "--device", "cpu" if opt.smoke else "cuda",
-             "--outdir", str(outdir)], work / f"sample_{variant}.log", env)
+             "--outdir", str(outdir)], logs / f"sample_{variant}.log", env)
     manifest = json.loads((outdir / "manifest.json").read_text())
     seconds = [entry["seconds"] for entry in manifest["samples"]]
     result["sample"] = {"seconds": seconds, "median_s": statistics.median(seconds[1:] or seconds),
@@ -237,13 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         for layout in opt.layouts.split(","):
             began = time.perf_counter()
             try:
-                results.append(bench_layout(layout, work / "brats", work, opt, vgg))
+                results.append(bench_layout(layout, work / "brats", work, opt, vgg, out / "logs"))
             except Exception as err:  # noqa: BLE001 -- report and go on with the next layout
                 print(f"{layout}: {err}", flush=True)
                 results.append({"layout": layout, "error": str(err)})
             print(f"{layout}: {time.perf_counter() - began:.0f} s", flush=True)
-            for log in work.glob("*.log"):  # the command lines' own output, for a look afterwards
-                shutil.copy(log, out / "logs" / log.name)
             (out / "bench_brats_pipeline.json").write_text(json.dumps(
                 {"device": device, "torch": torch.__version__, "args": vars(opt), "results": results}, indent=2))
     print(f"\n{device}, torch {torch.__version__}, bf16-mixed; command: python benchmarks/bench_brats_pipeline.py "
