@@ -75,6 +75,7 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.trace_summary import idle_line, load, timeline  # noqa: E402
 from ldm.engine.cuda_graph import graph_training_forward  # noqa: E402
 from ldm.engine.memory_format import channels_last, model_to_channels_last  # noqa: E402
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
@@ -396,6 +397,8 @@ def print_top_kernels(step: Callable[[], float], device: torch.device, title: st
             with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         print(f"timeline written to {trace}")
+        if device.type == "cuda":
+            print(idle_line(timeline(load(trace))))
     events = prof.key_averages()
     # GPU-side ranges of annotations (the optimizer's step) are listed like kernels: not counted twice
     kernels = [(e.key, e.self_device_time_total, e.count) for e in events
@@ -588,7 +591,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="print the top TOP (15) kernels of one step per variant, GPU time per kernel category, "
                         "and the ops behind the kernels with their input shapes")
     parser.add_argument("--trace", action="store_true",
-                        help="with --profile: also write each profiled step's timeline to DIR/trace_CASE_VARIANT.json.gz")
+                        help="with --profile: also write each profiled step's timeline to DIR/trace_CASE_VARIANT.json.gz "
+                             "and print where its GPU idled (benchmarks/trace_summary.py)")
     parser.add_argument("--memory-cap-gib", type=float, default=None,
                         help="cap this process's GPU memory at this many GiB (79: an 80 GB H100 on a larger GPU)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true",

@@ -106,6 +106,16 @@ def launches(events: list[dict], prefixes: tuple[str, ...]) -> dict[tuple, list[
     return found
 
 
+def idle_line(t: dict) -> str:
+    """One line of `timeline`'s result: busy against span, the wait for the host, the gaps by what they lie between."""
+    between = ", ".join(f"{name} {total / 1e3:.3f} ms ({count})" for name, (total, count)
+                        in sorted(totals(t["gaps"], lambda g: g[1]).items(), key=lambda kv: -kv[1][0]))
+    wait = ("" if t["wait_before_first"] is None else
+            f"; waited {t['wait_before_first'] / 1e3:.3f} ms for the host before the first kernel")
+    return (f"GPU busy {t['busy'] / 1e3:.3f} of {t['span'] / 1e3:.3f} ms from the first kernel to the last{wait}; "
+            f"gaps: {between or 'none'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace", help="Chrome trace (.json or .json.gz)")
@@ -116,11 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"trace_summary: {args.trace} does not exist")
     events = load(args.trace)
     t = timeline(events)
-    idle = t["span"] - t["busy"]
-    print(f"{args.trace}: {t['activities']} GPU activities; span {t['span'] / 1e3:.3f} ms, busy {t['busy'] / 1e3:.3f} "
-          f"ms, idle between them {idle / 1e3:.3f} ms" + (f"; GPU idle {t['wait_before_first'] / 1e3:.3f} ms from the "
-                                                         f"first CPU event to the first kernel"
-                                                         if t["wait_before_first"] is not None else ""))
+    print(f"{args.trace}: {t['activities']} GPU activities. {idle_line(t)}")
     print("\n| between | ms | gaps |\n|---|---|---|")
     for name, (total, count) in sorted(totals(t["gaps"], lambda g: g[1]).items(), key=lambda kv: -kv[1][0]):
         print(f"| {name} | {total / 1e3:.3f} | {count} |")

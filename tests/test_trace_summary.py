@@ -47,7 +47,8 @@ def test_command_line_reads_gzipped_trace(tmp_path, capsys):
         json.dump({"traceEvents": EVENTS}, f)
     main([str(path), "--kernels", "gn_"])
     out = capsys.readouterr().out
-    assert "busy 0.022 ms" in out and "| memset -> kernel | 0.006 | 1 |" in out
+    assert "GPU busy 0.022 of 0.041 ms" in out and "waited 0.010 ms for the host" in out
+    assert "| memset -> kernel | 0.006 | 1 |" in out
     assert "| gn_forward_kernel | (4, 1, 1) | (4, 8, 2, 2, 2) | 2 | 1 | 5.0 | 0.005 |" in out
 
 
