@@ -1,7 +1,7 @@
 """The BraTS configs end to end on one GPU: stage-1 and stage-2 training steps and DDIM sampling (issues 4, 5, 6).
 
     python benchmarks/bench_brats_pipeline.py [--ae-steps 30] [--ldm-steps 25] [--samples 3] [--subjects 8]
-                                              [--layouts contiguous,channels_last] [--out DIR]
+                                              [--layouts contiguous,channels_last] [--ldm-only] [--out DIR]
 
 Runs the real command lines on the real configs, changing only the data root, run length and logging:
 1. writes `--subjects` BraTS-2021-layout subjects (4 modalities + seg, 176 x 176 x 160 float32 NIfTI: a noisy
@@ -10,6 +10,8 @@ Runs the real command lines on the real configs, changing only the data root, ru
    patch-GAN switched on halfway (disc_start) so both phases are timed; LPIPS runs on the config's 2.5D slices with
    a VGG16 of random weights saved as the backbone file (the ImageNet file is not on the device; the cost is the
    same), or is switched off (said in the table) when torchvision/lpips are missing;
+   (`--ldm-only` skips this: the LDM then runs on the config's autoencoder at initialisation, which costs the same
+   per step and saves stage 1's cuDNN autotuning and training: minutes on a fresh GPU machine);
 3. `train_ldm.py -b configs/latent-diffusion/brats_mask_concat_3d.yaml` on stage 1's checkpoint: batch 4, the
    frozen encoder on 4 x 128^3 crops, then the 169M-parameter UNet on 4 x (4 x 32^3) latents + 4 mask channels;
 4. `sample.py -r <ldm run> --cond split:test --sampler ddim --steps 50 --batch_size 1`, bf16: seconds per sample
@@ -145,20 +147,10 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
     common = [*COMMON, f"trainer.channels_last={str(channels_last).lower()}", *(SMOKE if opt.smoke else [])]
     recompute = "recompute" in options
     result: dict = {"layout": variant}
-    disc_start = opt.ae_steps // 2
-    lpips = ([f"model.params.lossconfig.params.perceptual_backbone_path={vgg}"] if vgg and not opt.smoke
-             else ["model.params.lossconfig.params.perceptual_weight=0"])
-    ae_logs = work / f"ae_{variant}"
-    run_cli(["train_ae.py", "-b", str(AE_CONFIG), "-t", "--no_test", "-l", str(ae_logs), "-n", "bench",
-             f"data.params.train.params.root={tree}", f"trainer.max_steps={opt.ae_steps}",
-             f"model.params.lossconfig.params.disc_start={disc_start}", *lpips, *common,
-             f"model.params.ddconfig.recompute_cheap={str(recompute).lower()}",
-             *(SMOKE_AE if opt.smoke else [])], logs / f"ae_{variant}.log", env)
-    metrics = read_metrics(only_run(ae_logs))
-    result["ae"] = phase(metrics, 1 + opt.warmup, disc_start - 1)
-    result["ae_gan"] = phase(metrics, disc_start + 1 + opt.warmup, opt.ae_steps)
-    result["lpips"] = "random VGG16" if vgg and not opt.smoke else "off"
-    ckpt = only_run(ae_logs) / "checkpoints" / "last.ckpt"
+    if opt.ldm_only:
+        ckpt = untrained_autoencoder(work / "untrained_ae.ckpt", opt.smoke)
+    else:
+        ckpt = train_autoencoder(variant, tree, work, opt, vgg, logs, common, recompute, env, result)
 
     ldm_logs = work / f"ldm_{variant}"
     run_cli(["train_ldm.py", "-b", str(LDM_CONFIG), "-t", "--no_test", "-l", str(ldm_logs), "-n", "bench",
@@ -182,6 +174,45 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
     return result
 
 
+def train_autoencoder(variant: str, tree: Path, work: Path, opt: argparse.Namespace, vgg: str | None, logs: Path,
+                      common: list[str], recompute: bool, env: dict, result: dict) -> Path:
+    """Stage 1 with the patch-GAN switched on halfway; its two phases' step times go into `result`; returns its
+    checkpoint."""
+    disc_start = opt.ae_steps // 2
+    lpips = ([f"model.params.lossconfig.params.perceptual_backbone_path={vgg}"] if vgg and not opt.smoke
+             else ["model.params.lossconfig.params.perceptual_weight=0"])
+    ae_logs = work / f"ae_{variant}"
+    run_cli(["train_ae.py", "-b", str(AE_CONFIG), "-t", "--no_test", "-l", str(ae_logs), "-n", "bench",
+             f"data.params.train.params.root={tree}", f"trainer.max_steps={opt.ae_steps}",
+             f"model.params.lossconfig.params.disc_start={disc_start}", *lpips, *common,
+             f"model.params.ddconfig.recompute_cheap={str(recompute).lower()}",
+             *(SMOKE_AE if opt.smoke else [])], logs / f"ae_{variant}.log", env)
+    metrics = read_metrics(only_run(ae_logs))
+    result["ae"] = phase(metrics, 1 + opt.warmup, disc_start - 1)
+    result["ae_gan"] = phase(metrics, disc_start + 1 + opt.warmup, opt.ae_steps)
+    result["lpips"] = "random VGG16" if vgg and not opt.smoke else "off"
+    return only_run(ae_logs) / "checkpoints" / "last.ckpt"
+
+
+def untrained_autoencoder(path: Path, smoke: bool) -> Path:
+    """`--ldm-only`: stage 1's checkpoint without training, the autoencoder config's model at initialisation (the
+    LDM's step time does not depend on the weights; its loss, which the LDM ignores, left out). Made once, at `path`."""
+    if path.exists():
+        return path
+    from omegaconf import OmegaConf
+
+    from ldm.engine.checkpoint import atomic_torch_save
+    from ldm.util import instantiate_from_config
+    model = OmegaConf.load(AE_CONFIG).model
+    model_config = OmegaConf.create({"target": model.target, "params": model.params})
+    model_config.params.lossconfig = {"target": "torch.nn.Identity"}
+    if smoke:
+        model_config = OmegaConf.merge(model_config, OmegaConf.from_dotlist(
+            [item.removeprefix("model.") for item in SMOKE_AE if item.startswith("model.params.ddconfig.")]))
+    atomic_torch_save({"state_dict": instantiate_from_config(model_config).state_dict()}, path)
+    return path
+
+
 def table(results: list[dict]) -> str:
     lines = ["| variant | stage | steps timed | step ms (median) | min ms | loader wait ms | peak GiB | reserved GiB "
              "| allocator retries |", "|---|---|---|---|---|---|---|---|---|"]
@@ -189,9 +220,11 @@ def table(results: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['layout']} | failed: {r['error'].splitlines()[0][:120]} | | | | | | | |")
             continue
-        for key, name in (("ae", f"AE 2x4x128^3 (LPIPS {r['lpips']}, GAN idle)"),
+        for key, name in (("ae", f"AE 2x4x128^3 (LPIPS {r.get('lpips')}, GAN idle)"),
                           ("ae_gan", "AE 2x4x128^3 + patch-GAN (2 optimizers)"),
                           ("ldm", "LDM: encoder 4x4x128^3 + UNet 4x8x32^3")):
+            if key not in r:  # --ldm-only
+                continue
             p = r[key]
             lines.append(f"| {r['layout']} | {name} | {p['steps']} ({p['n']}) | {p['step_ms']:.0f} | "
                          f"{p['min_ms']:.0f} | {p['data_wait_ms']:.0f} | {p['peak_gib']:.1f} | "
@@ -209,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--subjects", type=int, default=16, help="split 0.8 / 0.1 / 0.1 by the configs")
+    parser.add_argument("--ldm-only", action="store_true",
+                        help="skip stage 1's training: the LDM runs on the autoencoder config's untrained model (same "
+                             "step time; stages 3-4 only)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the chain, times nothing")
     parser.add_argument("--layouts", default="contiguous,channels_last",
                         help="comma-separated: contiguous or channels_last, each optionally +expandable "

@@ -20,3 +20,14 @@ def test_smoke_chain_runs_every_stage_and_reports_it(tmp_path, capsys):
     table = capsys.readouterr().out.strip().splitlines()
     assert table[-6].startswith("| variant | stage |")  # then the separator and one row per stage
     assert all(row.startswith("| channels_last+expandable+recompute+graph | ") for row in table[-4:])
+
+
+def test_ldm_only_runs_stage_two_on_an_untrained_autoencoder(tmp_path, capsys):
+    assert bench_main(["--smoke", "--ldm-only", "--layouts", "channels_last", "--out", str(tmp_path)]) == 0
+    (result,) = json.loads((tmp_path / "bench_brats_pipeline.json").read_text())["results"]
+    assert "ae" not in result and "ae_gan" not in result and result["ldm"]["n"] >= 1
+    assert len(result["sample"]["seconds"]) == 2
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {"ldm_channels_last.log", "sample_channels_last.log"}
+    assert "restored" in (tmp_path / "logs" / "ldm_channels_last.log").read_text()  # the untrained checkpoint loaded
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| channels_last | ")]
+    assert len(rows) == 2 and "LDM" in rows[0] and "DDIM" in rows[1]
