@@ -1,7 +1,7 @@
 """What the bandwidth-bound kernels compile to for an H100/H200 (sm_90), checked on the CPU with
 benchmarks/kernel_codegen.py: no register spills, and no bf16 tensor read or written element by element (a 2-byte
-global access): the channels-last GroupNorm, concatenation, upsampling and residual kernels move 16 bytes per thread and
-instruction. A change that loses that (e.g. channel offsets Triton can no longer prove contiguous) fails here, before
+global access): the channels-last GroupNorm, concatenation, upsampling, residual and thin-convolution kernels load 16
+bytes per thread and instruction. A change that loses that (e.g. channel offsets Triton can no longer prove contiguous) fails here, before
 any GPU sees it."""
 import json
 import os
@@ -14,7 +14,8 @@ import pytest
 import triton
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = ["group_norm_4x256x16^3_input_bias", "group_norm_4x512x8^3", "concat", "upsample", "residual_add"]
+CASES = ["group_norm_4x256x16^3_input_bias", "group_norm_4x512x8^3", "concat", "upsample", "residual_add",
+         "thin_conv"]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def test_every_case_launched_its_kernels(codegen):
     assert {case for case, _ in kernels} == set(CASES)
     assert ("group_norm_4x512x8^3", "gn_backward_kernel") in kernels
     assert ("residual_add", "_channel_sum_kernel") in kernels  # the bias gradient
+    assert ("thin_conv", "_weight_grad_kernel") in kernels
 
 
 def test_no_kernel_spills(codegen):
