@@ -10,7 +10,9 @@ divisible by 16, integers equal to 1 made constants: Triton's own binder), compi
 Triton bundles, and read back: registers, local memory (spills), shared memory, `bar.sync` count, and the global loads
 and stores by width in bytes. These are not timings; they say whether a kernel reads bf16 tensors 16 bytes at a time
 or element by element (2 bytes), and whether it spills, which tests/kernels/test_kernel_codegen.py checks on the CPU.
-Compiles with the Triton installed here, which may not be the GPU machine's (check `triton` in the output).
+Compiles with the Triton installed here, which may not be the GPU machine's (check `triton` in the output). The
+specialisation calls Triton's private `create_function_from_signature` and `JITFunction._pack_args` (as in Triton 3.6
+to 3.8): a Triton upgrade that changes them breaks this script, loudly, not silently.
 """
 from __future__ import annotations
 
