@@ -40,6 +40,7 @@ from triton.runtime import jit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import channel_sum, concat, group_norm, residual_add, thin_conv, upsample  # noqa: E402
+from ldm.engine.memory_format import channels_last  # noqa: E402
 
 # The modules whose ops check `_INTERPRET` to accept CPU tensors, and those that size grids by `multiprocessors`.
 KERNEL_MODULES = (channel_sum, concat, group_norm, residual_add, upsample)
@@ -83,9 +84,8 @@ def recorded_launches(case: str, launches: list[Launch], sms: int):
         group_norm._plan.cache_clear()
 
 
-def channels_last(*shape: int, dtype=torch.bfloat16, grad: bool = False) -> torch.Tensor:
-    x = torch.randn(shape, dtype=dtype).to(memory_format=torch.channels_last_3d)
-    return x.requires_grad_(grad)
+def bf16_channels_last(*shape: int, grad: bool = False) -> torch.Tensor:
+    return channels_last(torch.randn(shape, dtype=torch.bfloat16)).requires_grad_(grad)
 
 
 def forward_backward(y: torch.Tensor, *inputs: torch.Tensor) -> None:
@@ -94,7 +94,7 @@ def forward_backward(y: torch.Tensor, *inputs: torch.Tensor) -> None:
 
 def case_group_norm(shape: tuple[int, ...], input_bias: bool):
     def run():
-        x = channels_last(*shape, grad=True)
+        x = bf16_channels_last(*shape, grad=True)
         C = shape[1]
         w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
         ib = torch.zeros(shape[0], C, requires_grad=True) if input_bias else None
@@ -104,24 +104,24 @@ def case_group_norm(shape: tuple[int, ...], input_bias: bool):
 
 
 def case_concat():
-    h, skip = channels_last(4, 256, 32, 32, 32, grad=True), channels_last(4, 128, 32, 32, 32, grad=True)
+    h, skip = bf16_channels_last(4, 256, 32, 32, 32, grad=True), bf16_channels_last(4, 128, 32, 32, 32, grad=True)
     forward_backward(concat.concat_channels(h, skip), h, skip)
 
 
 def case_upsample():
-    x = channels_last(4, 256, 16, 16, 16, grad=True)
+    x = bf16_channels_last(4, 256, 16, 16, 16, grad=True)
     forward_backward(upsample.upsample_nearest(x, (2, 2, 2)), x)
 
 
 def case_residual_add():
-    x, y = channels_last(4, 128, 32, 32, 32, grad=True), channels_last(4, 128, 32, 32, 32, grad=True)
+    x, y = bf16_channels_last(4, 128, 32, 32, 32, grad=True), bf16_channels_last(4, 128, 32, 32, 32, grad=True)
     bias = torch.zeros(128, requires_grad=True)
     forward_backward(residual_add.residual_bias_add(x, y, bias), x, y, bias)
 
 
 def case_thin_conv():
     """The UNet's first convolution (4 -> 128 channels) and its last (128 -> 4)."""
-    x, h = channels_last(4, 4, 32, 32, 32, grad=True), channels_last(4, 128, 32, 32, 32, grad=True)
+    x, h = bf16_channels_last(4, 4, 32, 32, 32, grad=True), bf16_channels_last(4, 128, 32, 32, 32, grad=True)
     w_in = torch.randn(128, 4, 3, 3, 3, dtype=torch.bfloat16, requires_grad=True)
     w_out = torch.randn(4, 128, 3, 3, 3, dtype=torch.bfloat16, requires_grad=True)
     forward_backward(thin_conv.thin_conv3d(x, w_in), x, w_in)
@@ -207,12 +207,12 @@ def analyse(launch: Launch, arch: int) -> Codegen:
     return Codegen(case=launch.case, kernel=launch.fn.__name__, grid=launch.grid, constants=constants,
                    num_warps=kernel.metadata.num_warps, registers=usage["REG"],
                    local_bytes=usage["LOCAL"] + usage["STACK"], shared_bytes=kernel.metadata.shared,
-                   barriers=ptx.count("bar.sync"), loads=dict(sorted(loads.items())), stores=dict(sorted(stores.items())))
+                   barriers=ptx.count("bar.sync"), loads=dict(sorted(loads.items())),
+                   stores=dict(sorted(stores.items())))
 
 
 def record(cases: list[str], sms: int) -> list[Launch]:
-    """Every launch of the named cases, in order; identical launches (same kernel and arguments' specialisation)
-    are kept once per case."""
+    """Every launch of the named cases, in order (a kernel launched twice alike is listed twice)."""
     launches: list[Launch] = []
     for name in cases:
         with recorded_launches(name, launches, sms):
