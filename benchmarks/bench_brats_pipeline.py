@@ -150,7 +150,8 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
     if opt.ldm_only:
         ckpt = untrained_autoencoder(work / "untrained_ae.ckpt", opt.smoke)
     else:
-        ckpt = train_autoencoder(variant, tree, work, opt, vgg, logs, common, recompute, env, result)
+        ckpt, stage_one = train_autoencoder(variant, tree, work, opt, vgg, logs, common, recompute, env)
+        result.update(stage_one)
 
     ldm_logs = work / f"ldm_{variant}"
     run_cli(["train_ldm.py", "-b", str(LDM_CONFIG), "-t", "--no_test", "-l", str(ldm_logs), "-n", "bench",
@@ -175,9 +176,9 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
 
 
 def train_autoencoder(variant: str, tree: Path, work: Path, opt: argparse.Namespace, vgg: str | None, logs: Path,
-                      common: list[str], recompute: bool, env: dict, result: dict) -> Path:
-    """Stage 1 with the patch-GAN switched on halfway; its two phases' step times go into `result`; returns its
-    checkpoint."""
+                      common: list[str], recompute: bool, env: dict) -> tuple[Path, dict]:
+    """Stage 1 with the patch-GAN switched on halfway; returns its checkpoint and its two phases' step times (the
+    result's "ae", "ae_gan" and "lpips" entries)."""
     disc_start = opt.ae_steps // 2
     lpips = ([f"model.params.lossconfig.params.perceptual_backbone_path={vgg}"] if vgg and not opt.smoke
              else ["model.params.lossconfig.params.perceptual_weight=0"])
@@ -187,11 +188,12 @@ def train_autoencoder(variant: str, tree: Path, work: Path, opt: argparse.Namesp
              f"model.params.lossconfig.params.disc_start={disc_start}", *lpips, *common,
              f"model.params.ddconfig.recompute_cheap={str(recompute).lower()}",
              *(SMOKE_AE if opt.smoke else [])], logs / f"ae_{variant}.log", env)
-    metrics = read_metrics(only_run(ae_logs))
-    result["ae"] = phase(metrics, 1 + opt.warmup, disc_start - 1)
-    result["ae_gan"] = phase(metrics, disc_start + 1 + opt.warmup, opt.ae_steps)
-    result["lpips"] = "random VGG16" if vgg and not opt.smoke else "off"
-    return only_run(ae_logs) / "checkpoints" / "last.ckpt"
+    run = only_run(ae_logs)
+    metrics = read_metrics(run)
+    return run / "checkpoints" / "last.ckpt", {
+        "ae": phase(metrics, 1 + opt.warmup, disc_start - 1),
+        "ae_gan": phase(metrics, disc_start + 1 + opt.warmup, opt.ae_steps),
+        "lpips": "random VGG16" if vgg and not opt.smoke else "off"}
 
 
 def untrained_autoencoder(path: Path, smoke: bool) -> Path:
