@@ -81,6 +81,28 @@ def _load_input(x_ptr, r_ptr, h_ptr, input_bias, offsets, mask, HAS_RESIDUAL: tl
 
 
 @triton.jit
+def _add_pairs(a1, a2, b1, b2):
+    return a1 + b1, a2 + b2
+
+
+@triton.jit
+def _load_shift(x_ptr, r_ptr, input_bias, n, channel, lane_valid, s, C, S, CHANNELS_LAST: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr):
+    """(lanes,) fp32: h = x (+ residual, rounded to x's dtype as `_load_input` does) (+ input_bias) at position s."""
+    if CHANNELS_LAST:
+        offsets = n.to(tl.int64) * S * C + s.to(tl.int64) * C + channel
+    else:
+        offsets = n.to(tl.int64) * C * S + channel.to(tl.int64) * S + s
+    x = tl.load(x_ptr + offsets, mask=lane_valid, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(r_ptr + offsets, mask=lane_valid, other=0.0).to(tl.float32)).to(x.dtype)
+    h = x.to(tl.float32)
+    if HAS_INPUT_BIAS:
+        h += input_bias
+    return h
+
+
+@triton.jit
 def _tile_moments(h, mask, count, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
     """Per-group mean and sum of squared deviations of one tile (exact two-pass in registers). h: (lanes, BLOCK_S)."""
     group_mean = _group_sum(tl.sum(h, axis=1), BLOCK_G, CPG_PAD) / tl.maximum(count, 1.0)
@@ -187,34 +209,37 @@ def gn_forward_kernel(
     split_elems = tiles_per_split * BLOCK_S * channels_per_group
     group_elems = S * channels_per_group
 
-    # 1. partial statistics of this program's part (kept in registers when it is one tile)
-    if PHASE != 2:
+    # 1. partial statistics of this program's part (kept in registers when it is one tile): per lane, sums of
+    # d = h - K and d^2 with K the lane's value at the part's first position (shifted data: no cancellation while K is
+    # one of the lane's values), elementwise over the tiles and reduced across the tile once; then per lane mean and
+    # M2, combined into the groups' (Chan et al.).
+    if PHASE != 2 and ONE_TILE:  # exact two passes over the tile in registers
         offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
         h = _load_input(x_ptr, r_ptr, h_ptr, input_bias, offsets, mask, HAS_RESIDUAL, HAS_INPUT_BIAS)
         count = (tl.minimum(S - s_begin, BLOCK_S) * channels_per_group).to(tl.float32)
         mean, m2 = _tile_moments(h, mask, count, BLOCK_G, CPG_PAD)
-        if not ONE_TILE:
-            # The other tiles: per-lane sums of d = h - (tile 0's group mean) and d^2, reduced once after the loop (the
-            # loop body stays elementwise), then merged with tile 0's moments (Chan et al.).
-            shift = _to_lanes(mean, BLOCK_G, CPG_PAD)[:, None]
-            sum_d = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
-            sum_d2 = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
-            for t in range(1, tiles_per_split):
-                t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s_begin + t * BLOCK_S, C, S, BLOCK_S, CHANNELS_LAST)
-                t_h = _load_input(x_ptr, r_ptr, h_ptr, input_bias, t_offsets, t_mask, HAS_RESIDUAL, HAS_INPUT_BIAS)
-                d = tl.where(t_mask, t_h - shift, 0.0)
-                sum_d += d
-                sum_d2 += d * d
-            rest_end = tl.minimum(S, s_begin + tiles_per_split * BLOCK_S)
-            rest_count = (tl.maximum(rest_end - s_begin - BLOCK_S, 0) * channels_per_group).to(tl.float32)
-            s1 = _group_sum(tl.sum(sum_d, axis=1), BLOCK_G, CPG_PAD)
-            s2 = _group_sum(tl.sum(sum_d2, axis=1), BLOCK_G, CPG_PAD)
-            delta = s1 / tl.maximum(rest_count, 1.0)  # the other tiles' mean minus tile 0's
-            total = count + rest_count
-            weight = rest_count / total
-            m2 = m2 + (s2 - s1 * delta) + delta * delta * count * weight
-            mean = mean + delta * weight
-            count = total
+    elif PHASE != 2:
+        offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
+        h = _load_input(x_ptr, r_ptr, h_ptr, input_bias, offsets, mask, HAS_RESIDUAL, HAS_INPUT_BIAS)
+        shift = _load_shift(x_ptr, r_ptr, input_bias, n, channel, lane_valid, s_begin, C, S, CHANNELS_LAST,
+                            HAS_RESIDUAL, HAS_INPUT_BIAS)[:, None]
+        sum_d = tl.where(mask, h - shift, 0.0)
+        sum_d2 = sum_d * sum_d
+        for t in range(1, tiles_per_split):
+            t_offsets, t_mask = _tile_offsets(n, channel, lane_valid, s_begin + t * BLOCK_S, C, S, BLOCK_S, CHANNELS_LAST)
+            t_h = _load_input(x_ptr, r_ptr, h_ptr, input_bias, t_offsets, t_mask, HAS_RESIDUAL, HAS_INPUT_BIAS)
+            d = tl.where(t_mask, t_h - shift, 0.0)
+            sum_d += d
+            sum_d2 += d * d
+        positions = (tl.minimum(S, s_begin + tiles_per_split * BLOCK_S) - s_begin).to(tl.float32)
+        s1, s2 = tl.reduce((sum_d, sum_d2), 1, _add_pairs)
+        lane_mean = tl.where(lane_valid, shift.reshape(BLOCK_C) + s1 / positions, 0.0)
+        lane_m2 = tl.where(lane_valid, s2 - s1 * s1 / positions, 0.0)
+        mean = _group_sum(lane_mean, BLOCK_G, CPG_PAD) / channels_per_group
+        spread = tl.where(lane_valid, lane_mean - _to_lanes(mean, BLOCK_G, CPG_PAD), 0.0)
+        m2 = _group_sum(lane_m2 + positions * spread * spread, BLOCK_G, CPG_PAD)
+        count = positions * channels_per_group
+    if PHASE != 2:
         if PHASE == 1 or BARRIER:
             part = (seg * splits + split) * BLOCK_G + g
             tl.store(part_mean_ptr + part, mean)

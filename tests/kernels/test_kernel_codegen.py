@@ -45,6 +45,10 @@ def test_no_kernel_spills(codegen):
 
 def test_bf16_tensors_move_16_bytes_per_access(codegen):
     for row in codegen:
-        loads, stores = row["loads"], row["stores"]
+        loads, stores = dict(row["loads"]), row["stores"]
+        if row["kernel"] == "gn_forward_kernel" and row["constants"]["PHASE"] == 1 and not row["constants"]["ONE_TILE"]:
+            # The statistics of several tiles are sums shifted by each lane's first value: one bf16 per channel
+            # (of x, and of the residual when there is one), a single 2-byte load each.
+            assert loads.pop("2", 0) <= 2, f"{row['case']}: more 2-byte loads than the shift's ({row['loads']})"
         assert "2" not in loads and "2" not in stores, f"{row['case']} {row['kernel']}: element-wise bf16 access"
         assert loads.get("16", 0) > 0, f"{row['case']} {row['kernel']}: no 16-byte loads ({loads})"
