@@ -2,8 +2,8 @@
 
 A 3D UNet step at small batch is bound by the host, not the GPU: hundreds of kernel launches, each behind Python,
 autograd and dispatch (benchmarks/bench_models.py measured 152 ms of wall time for 51 ms of GPU work). Captured once
-as CUDA graphs (`torch.cuda.make_graphed_callables`), the forward and the backward each become one launch; the loss,
-the optimizer and everything the loop does around them stay eager.
+as CUDA graphs (ldm/engine/graph_capture.py), the forward and the backward each become one launch; the loss, the
+optimizer and everything the loop does around them stay eager.
 
 `graph_training_forward(module)` replaces `module.forward` (on the instance: parameters, state_dict and checkpoints are
 untouched). The first call in training mode with autograd on and CUDA inputs captures the graphs for that call's
@@ -12,9 +12,8 @@ replay them. Anything else runs eagerly: eval mode, no grad, CPU inputs, and oth
 of an epoch, announced once).
 
 What capture needs, and the loop guarantees: the network runs once per backward (its activations live in the graph's
-memory and the next replay overwrites them); one backward per optimizer step (the graph returns its gradient buffers,
-which autograd adopts as `.grad` and the next replay overwrites: gradient accumulation would count a micro-batch
-twice); parameters are updated in place (optimizers and EMA copies do that); no host synchronisation inside the
+memory and the next replay overwrites them); one backward per optimizer step (the backward replay hands its gradient
+buffers over as `.grad`, and the next replay overwrites them: gradient accumulation would lose a micro-batch); parameters are updated in place (optimizers and EMA copies do that); no host synchronisation inside the
 network's forward.
 
 Under autocast, the capture first finds the weights that autocast casts (one probe call) and the graphs then cast them
@@ -30,13 +29,14 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from ldm.engine.graph_capture import CapturedTraining
 from ldm.engine.weight_cast import call_with_weights_cast, parameters_cast_by_autocast
 
 
 class _PositionalCall(nn.Module):
     """Calls `forward` of `target` with tensors given positionally, rebuilding (args, kwargs) around them.
 
-    make_graphed_callables takes Modules whose forward receives tensors only; the graphed parameters are `target`'s.
+    The capture calls a function of tensors only; the graphed parameters are `target`'s.
     `cast` ((names, dtype), set after a probe call) makes the call cast those parameters of target's up front.
     """
 
@@ -112,7 +112,7 @@ class GraphedTrainingForward:
 
     def _capture(self, signature: tuple, spec: pytree.TreeSpec, leaves: list, slots: list[int],
                  tensors: list[torch.Tensor]) -> None:
-        """Warm up and capture forward and backward for these inputs (make_graphed_callables copies them)."""
+        """Warm up and capture forward and backward for these inputs (copies of them are the graphs' static inputs)."""
         positional = _PositionalCall(self.module, self.eager_forward, spec,
                                      [None if i in slots else leaf for i, leaf in enumerate(leaves)], slots)
         enabled, dtype = _autocast_state()
@@ -122,8 +122,8 @@ class GraphedTrainingForward:
             with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
                 if enabled and self.cast_weights_once:
                     positional.cast = (parameters_cast_by_autocast(self.module, positional(*samples), dtype), dtype)
-                self.graphed = torch.cuda.make_graphed_callables(positional, samples,
-                                                                 num_warmup_iters=self.warmup_iters)
+                self.graphed = CapturedTraining(positional, samples, list(self.module.parameters()),
+                                                warmup_iters=self.warmup_iters)
         except Exception as err:
             raise RuntimeError(f"cuda_graph: capturing {self.name} ({type(self.module).__name__}) for inputs "
                                f"{_describe(signature)} failed: {err}. Capture needs a forward without host "

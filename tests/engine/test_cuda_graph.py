@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ldm.engine.config import trainer_config_from
+from ldm.engine import cuda_graph
 from ldm.engine.cuda_graph import GraphedTrainingForward, graph_training_forward
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import ConfigError
@@ -46,16 +47,16 @@ def test_installed_forward_is_eager_on_cpu_and_refuses_a_second_install():
 
 
 def test_capture_and_replay_rebuild_the_call(monkeypatch, capsys):
-    """The capture path on CPU, with make_graphed_callables replaced by "call the positional module": arguments and
+    """The capture path on CPU, with the graph capture replaced by "call the positional module": arguments and
     keyword arguments (a None among them) reach the network as they were given, one capture per signature, other
     signatures eager and announced once."""
     captured = []
 
-    def fake_make_graphed_callables(module, samples, num_warmup_iters):
+    def fake_capture(module, samples, params, warmup_iters):
         captured.append([tuple(t.shape) for t in samples])
         return module
 
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    monkeypatch.setattr(cuda_graph, "CapturedTraining", fake_capture)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(GraphedTrainingForward, "_graphable",
                         lambda self, tensors: self.module.training and torch.is_grad_enabled())
