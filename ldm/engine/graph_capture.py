@@ -36,6 +36,15 @@ def hand_over_gradients(params: Sequence[torch.Tensor], grads: Sequence[torch.Te
             current.add_(grad)
 
 
+def _in_layout_of(source: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
+    """`grad` with `source`'s strides (a copy in the graph when they differ, e.g. a channels-last weight's gradient
+    that the backward produced contiguous): optimizers such as fused AdamW need gradients laid out as their
+    parameters, which autograd's own accumulation would have ensured."""
+    if grad is None or grad.stride() == source.stride():
+        return grad
+    return torch.empty_like(source).copy_(grad)
+
+
 class _Replay(torch.autograd.Function):
     """(graphs, anchor, *inputs) -> the forward graph's outputs; backward replays the backward graph."""
 
@@ -77,7 +86,7 @@ class CapturedTraining:
         with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool()):
             grads = torch.autograd.grad(differentiable, grad_sources, grad_outputs=self.grad_outputs,
                                         allow_unused=True) if differentiable else [None] * len(grad_sources)
-        grads = list(grads)
+            grads = [_in_layout_of(source, grad) for source, grad in zip(grad_sources, grads)]
         self.input_grads = [grads.pop(0) if s.requires_grad else None for s in self.samples]
         self.param_grads = grads
         self.anchor = torch.empty(0, device=self.samples[0].device, requires_grad=bool(grad_sources))

@@ -2,7 +2,7 @@
 
 On CPU: the hand-over rules. On CUDA: a captured call's outputs and the gradients of its parameters and of its inputs
 equal eager autograd's, over several replays with new inputs, for a network with two outputs (one of them not
-differentiable), an input that requires grad and a frozen parameter.
+differentiable), an input that requires grad, a frozen parameter and one whose gradient comes in another layout than its own.
 """
 import pytest
 import torch
@@ -29,7 +29,8 @@ def test_hand_over_adopts_the_buffer_then_keeps_it_then_adds_to_another():
 
 
 class TwoHeads(nn.Module):
-    """(x, scale) -> (prediction, argmax index): a differentiable and an integer output; `frozen` gets no gradient."""
+    """(x, scale) -> (prediction, argmax index): a differentiable and an integer output; `frozen` gets no gradient;
+    autograd.grad returns `mix`'s gradient contiguous, not in mix's transposed layout (fused AdamW needs the latter)."""
 
     def __init__(self):
         super().__init__()
@@ -37,10 +38,11 @@ class TwoHeads(nn.Module):
         self.norm = nn.GroupNorm(2, 4)
         self.frozen = nn.Linear(4, 4)
         self.frozen.requires_grad_(False)
+        self.mix = nn.Parameter(torch.randn(4, 4).t())  # stored transposed, read through .contiguous()
 
     def forward(self, x, scale):
         h = torch.nn.functional.silu(self.norm(self.conv(x)))
-        h = self.frozen(h.movedim(1, -1)).movedim(-1, 1) * scale[:, None, None, None, None]
+        h = (self.frozen(h.movedim(1, -1)) @ self.mix.contiguous()).movedim(-1, 1) * scale[:, None, None, None, None]
         return h, h.detach().flatten(1).argmax(1)
 
 
@@ -68,6 +70,7 @@ def test_replays_match_eager_autograd():
         for (name, p_eager), p in zip(eager.named_parameters(), graphed.parameters()):
             if p_eager.requires_grad:
                 torch.testing.assert_close(p.grad, p_eager.grad, msg=f"step {step}: {name}")
+                assert p.grad.stride() == p.stride(), name
             else:
                 assert p.grad is None, name
         for model in (eager, graphed):
