@@ -11,7 +11,9 @@ its backward replays the backward graph, then gives each parameter its gradient 
 What the caller guarantees (ldm/engine/cuda_graph.py documents it for the training loop): one forward per backward,
 since outputs and gradient buffers live in the graphs' memory and the next replay overwrites them; the parameters are
 updated in place; no host synchronisation in the forward. Gradients handed over as `.grad` are the graph's buffers:
-`zero_grad()` (set to None) before the next backward, as the loop does.
+`zero_grad()` (set to None) before the next backward, as the loop does. Since autograd never sees the parameters,
+their gradient hooks (`register_hook`, `register_post_accumulate_grad_hook`, DDP's reducer) do not run: single-process
+training, as `trainer.cuda_graph` requires.
 """
 from __future__ import annotations
 
