@@ -92,13 +92,15 @@ def forward_backward(y: torch.Tensor, *inputs: torch.Tensor) -> None:
     torch.autograd.grad(y, inputs, torch.ones_like(y))
 
 
-def case_group_norm(shape: tuple[int, ...], input_bias: bool):
+def case_group_norm(shape: tuple[int, ...], input_bias: bool, packed_lanes: bool = False):
+    tuning = group_norm.GroupNormTuning(packed_lanes=packed_lanes)
+
     def run():
         x = bf16_channels_last(*shape, grad=True)
         C = shape[1]
         w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
         ib = torch.zeros(shape[0], C, requires_grad=True) if input_bias else None
-        y = group_norm.group_norm_act(x, w, b, 32, act=True, input_bias=ib)[0]
+        y = group_norm.group_norm_act(x, w, b, 32, act=True, input_bias=ib, tuning=tuning)[0]
         forward_backward(y, x, w, b, *([ib] if input_bias else []))
     return run
 
@@ -133,6 +135,10 @@ CASES = {
     "group_norm_4x256x16^3": case_group_norm((4, 256, 16, 16, 16), input_bias=False),
     "group_norm_4x256x16^3_input_bias": case_group_norm((4, 256, 16, 16, 16), input_bias=True),
     "group_norm_4x512x8^3": case_group_norm((4, 512, 8, 8, 8), input_bias=False),
+    # the UNet decoder's concatenations: 12 and 24 channels per group, padded lanes (default) or packed ones
+    "group_norm_4x384x32^3": case_group_norm((4, 384, 32, 32, 32), input_bias=False),
+    "group_norm_4x384x32^3_packed": case_group_norm((4, 384, 32, 32, 32), input_bias=False, packed_lanes=True),
+    "group_norm_4x768x16^3_packed": case_group_norm((4, 768, 16, 16, 16), input_bias=False, packed_lanes=True),
     "concat": case_concat,
     "upsample": case_upsample,
     "residual_add": case_residual_add,

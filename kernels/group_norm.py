@@ -110,6 +110,8 @@ class _Plan:
     fused: bool
     barrier: bool
     dense_lanes: bool  # lanes are the segment's channels one to one, all real (no power-of-two padding)
+    packed_cpg: int = 0  # channels-last with padding: lane i is channel i (< C), in group i // packed_cpg (0: not so)
+    lane_chunk: int = 1  # packed: the largest power of two dividing packed_cpg (runs of lanes in one group)
 
     @property
     def block_splits(self) -> int:
@@ -123,7 +125,8 @@ def _power_of_two_at_most(n: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device: torch.device,
-          splits: int | None = None, fused: bool | None = None, barrier: bool | None = None) -> _Plan:
+          splits: int | None = None, fused: bool | None = None, barrier: bool | None = None,
+          packed: bool = False) -> _Plan:
     """Cut (N, C, S) into segments, splits and tiles of about `tile` elements.
 
     At least one segment per multiprocessor: one program per segment, no barrier (it reads its segment twice; the
@@ -164,20 +167,25 @@ def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device
     if fused and splits > 1 and not _BARRIER_ALLOWED:
         fused = False
     tiles_per_split = triton.cdiv(tiles, splits)
+    dense_lanes = (cpg == cpg_pad and G % groups_per_segment == 0
+                   and triton.next_power_of_2(groups_per_segment) == groups_per_segment)
+    # packed: channels-last with padding keeps the channels contiguous in the lanes (vectorised loads), groups found
+    # by gathers; opt-in until it is timed against the padded lanes on a GPU (GroupNormTuning.packed_lanes).
+    packed_cpg = cpg if channels_last and not dense_lanes and packed else 0
     return _Plan(block_c=block_c, block_s=block_s, block_g=triton.next_power_of_2(groups_per_segment), cpg_pad=cpg_pad,
                  groups_per_segment=groups_per_segment, segments_per_sample=segments_per_sample,
                  num_segments=N * segments_per_sample, splits=triton.cdiv(tiles, tiles_per_split),
                  tiles_per_split=tiles_per_split, fused=fused,
                  barrier=fused and (splits > 1 if barrier is None else barrier),
-                 dense_lanes=cpg == cpg_pad and G % groups_per_segment == 0
-                 and triton.next_power_of_2(groups_per_segment) == groups_per_segment)
+                 dense_lanes=dense_lanes, packed_cpg=packed_cpg,
+                 lane_chunk=packed_cpg & -packed_cpg if packed_cpg else 1)
 
 
 def _plan_meta(plan: _Plan, channels_last: bool) -> dict:
     """The compile-time arguments both kernels take from a plan (layout, block shapes, warps)."""
     return dict(CHANNELS_LAST=channels_last, ONE_TILE=plan.tiles_per_split == 1, BLOCK_C=plan.block_c,
                 BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, CPG_PAD=plan.cpg_pad, BLOCK_SPLITS=plan.block_splits,
-                DENSE_LANES=plan.dense_lanes,
+                DENSE_LANES=plan.dense_lanes, PACKED_CPG=plan.packed_cpg, LANE_CHUNK=plan.lane_chunk,
                 num_warps=max(1, min(16, plan.block_c * plan.block_s // 1024)))
 
 
@@ -205,6 +213,7 @@ class GroupNormTuning:
     splits: int | None = None
     fused: bool | None = None
     barrier: bool | None = None
+    packed_lanes: bool = False  # True: channels-last padded groups in packed lanes (see _plan; not yet timed)
 
 
 def _scratch(shape: tuple[int, int], plan: _Plan, per_part: int, device: torch.device,
@@ -233,7 +242,7 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, weight, bias, scal
     N, C = h_in.shape[:2]
     S = h_in[0, 0].numel()
     plan = _plan(N, C, S, G, channels_last, tuning.forward_tile, h_in.device, tuning.splits, tuning.fused,
-                 tuning.barrier)
+                 tuning.barrier, tuning.packed_lanes)
     y = torch.empty_like(h_in)
     h = torch.empty_like(h_in) if residual is not None else h_in
     (mean, rstd), part_mean, part_m2 = _scratch((N, G), plan, plan.block_g, h_in.device)
@@ -265,7 +274,7 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, 
     N, C = h.shape[:2]
     S = h[0, 0].numel()
     plan = _plan(N, C, S, G, channels_last, tuning.backward_tile, h.device, tuning.splits, tuning.fused,
-                 tuning.barrier)
+                 tuning.barrier, tuning.packed_lanes)
     dx = torch.empty_like(h)
     dummy = mean
     if input_bias is None:

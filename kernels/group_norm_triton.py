@@ -1,7 +1,8 @@
 """The Triton programs behind kernels/group_norm.py (which holds the spec, the launch planning and autograd).
 
 Tiles are (lanes, BLOCK_S): BLOCK_G groups of CPG_PAD channel lanes (channels per group padded to a power of two) by
-BLOCK_S spatial positions. PHASE 0 is the single launch (with BARRIER: programs of a segment meet in global memory;
+BLOCK_S spatial positions; with PACKED_CPG (channels-last, padded groups) the same number of lanes holds the channels
+in order instead (see `_lanes`). PHASE 0 is the single launch (with BARRIER: programs of a segment meet in global memory;
 without: one program per segment), PHASE 1 writes partial statistics, PHASE 2 combines them and applies.
 HAS_INPUT_BIAS: h = x + input_bias[n, c] is formed in registers wherever a tile is read (forward and backward) and never
 written.
@@ -12,32 +13,60 @@ import triton.language as tl
 
 
 @triton.jit
-def _lanes(c0, channels_per_group, groups_here, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
-           DENSE_LANES: tl.constexpr):
+def _lanes(c0, C, channels_per_group, groups_here, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
+           DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr):
     """The channel of each of the tile's BLOCK_G * CPG_PAD channel lanes (lane i: group i // CPG_PAD of the segment,
     its channel i % CPG_PAD), and whether the lane is a real channel (groups padded to a power of two).
 
     DENSE_LANES (no padding: channels per group and groups per segment are powers of two): lane i is channel c0 + i
     and every lane is real. Written as a plain arange with an all-true mask, so that Triton's axis analysis sees the
     channels-last tile's channel axis as contiguous and vectorises its loads and stores (the // and % of the general
-    form hide that, and a channels-last tile was then read element by element)."""
+    form hide that, and a channels-last tile was then read element by element).
+
+    PACKED_CPG (channels-last with padding, e.g. 12 channels per group: c0 = 0): lane i is channel i, real below C,
+    in group i // PACKED_CPG; loads stay contiguous (and vectorised where C is a multiple of 8), and `_group_sum` /
+    `_to_lanes` find the groups by gathers instead of reshapes."""
     lane = tl.arange(0, BLOCK_G * CPG_PAD)
     if DENSE_LANES:
         return c0 + lane, tl.full((BLOCK_G * CPG_PAD,), 1, tl.int1)
+    if PACKED_CPG:
+        return lane, lane < C
     group = lane // CPG_PAD
     within = lane % CPG_PAD
     return c0 + group * channels_per_group + within, (within < channels_per_group) & (group < groups_here)
 
 
 @triton.jit
-def _group_sum(per_lane, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
-    """(BLOCK_G * CPG_PAD,) per-lane values -> (BLOCK_G,) per-group sums."""
+def _group_sum(per_lane, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr, PACKED_CPG: tl.constexpr,
+               LANE_CHUNK: tl.constexpr):
+    """(BLOCK_G * CPG_PAD,) per-lane values -> (BLOCK_G,) per-group sums (lanes outside any group must hold 0).
+
+    Packed lanes: sums of runs of LANE_CHUNK lanes (a run lies in one group), then each group gathers its
+    PACKED_CPG // LANE_CHUNK runs into a row of a (BLOCK_G, CPG_PAD) table and sums it."""
+    if PACKED_CPG:
+        RUNS: tl.constexpr = BLOCK_G * CPG_PAD // LANE_CHUNK
+        RUNS_PER_GROUP: tl.constexpr = PACKED_CPG // LANE_CHUNK
+        runs = tl.sum(tl.reshape(per_lane, (RUNS, LANE_CHUNK)), axis=1)
+        j = tl.arange(0, CPG_PAD)[None, :]
+        index = tl.arange(0, BLOCK_G)[:, None] * RUNS_PER_GROUP + j
+        valid = (j < RUNS_PER_GROUP) & (index < RUNS)
+        table = tl.gather(runs, tl.reshape(tl.where(valid, index, 0), (BLOCK_G * CPG_PAD,)), 0)
+        return tl.sum(tl.where(valid, tl.reshape(table, (BLOCK_G, CPG_PAD)), 0.0), axis=1)
     return tl.sum(tl.reshape(per_lane, (BLOCK_G, CPG_PAD)), axis=1)
 
 
 @triton.jit
-def _to_lanes(per_group, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
-    """(BLOCK_G,) per-group values -> (BLOCK_G * CPG_PAD,) per-lane values."""
+def _to_lanes(per_group, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr, PACKED_CPG: tl.constexpr,
+              LANE_CHUNK: tl.constexpr):
+    """(BLOCK_G,) per-group values -> (BLOCK_G * CPG_PAD,) per-lane values (0 on packed lanes outside any group).
+
+    Packed lanes: each run of LANE_CHUNK lanes gathers its group's value."""
+    if PACKED_CPG:
+        RUNS: tl.constexpr = BLOCK_G * CPG_PAD // LANE_CHUNK
+        run_group = tl.arange(0, RUNS) * LANE_CHUNK // PACKED_CPG
+        runs = tl.gather(per_group, tl.minimum(run_group, BLOCK_G - 1), 0)
+        runs = tl.where(run_group < BLOCK_G, runs, 0.0)
+        return tl.reshape(tl.broadcast_to(runs[:, None], (RUNS, LANE_CHUNK)), (BLOCK_G * CPG_PAD,))
     return tl.reshape(tl.broadcast_to(per_group[:, None], (BLOCK_G, CPG_PAD)), (BLOCK_G * CPG_PAD,))
 
 
@@ -103,11 +132,12 @@ def _load_shift(x_ptr, r_ptr, input_bias, n, channel, lane_valid, s, C, S, CHANN
 
 
 @triton.jit
-def _tile_moments(h, mask, count, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+def _tile_moments(h, mask, count, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr, PACKED_CPG: tl.constexpr,
+        LANE_CHUNK: tl.constexpr):
     """Per-group mean and sum of squared deviations of one tile (exact two-pass in registers). h: (lanes, BLOCK_S)."""
-    group_mean = _group_sum(tl.sum(h, axis=1), BLOCK_G, CPG_PAD) / tl.maximum(count, 1.0)
-    deviation = tl.where(mask, h - _to_lanes(group_mean, BLOCK_G, CPG_PAD)[:, None], 0.0)
-    group_m2 = _group_sum(tl.sum(deviation * deviation, axis=1), BLOCK_G, CPG_PAD)
+    group_mean = _group_sum(tl.sum(h, axis=1), BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK) / tl.maximum(count, 1.0)
+    deviation = tl.where(mask, h - _to_lanes(group_mean, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)[:, None], 0.0)
+    group_m2 = _group_sum(tl.sum(deviation * deviation, axis=1), BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
     return group_mean, group_m2
 
 
@@ -169,9 +199,10 @@ def _segment_of_program(sync_ptr, splits, BARRIER: tl.constexpr):
 
 
 @triton.jit
-def _program_part(sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
+def _program_part(sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
                   BARRIER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
-                  CHANNELS_LAST: tl.constexpr, DENSE_LANES: tl.constexpr):
+                  CHANNELS_LAST: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
+        LANE_CHUNK: tl.constexpr):
     """Where this program works: segment, split, sample n, first group g0, groups in the segment, the lanes'
     channels and validity, and the first spatial position of its part."""
     seg, split = _segment_of_program(sync_ptr, splits, BARRIER)
@@ -182,8 +213,8 @@ def _program_part(sync_ptr, G, channels_per_group, groups_per_segment, segments_
         n = seg // segments_per_sample
         g0 = (seg % segments_per_sample) * groups_per_segment
     groups_here = tl.minimum(groups_per_segment, G - g0)
-    channel, lane_valid = _lanes(g0 * channels_per_group, channels_per_group, groups_here, BLOCK_G, CPG_PAD,
-                                 DENSE_LANES)
+    channel, lane_valid = _lanes(g0 * channels_per_group, C, channels_per_group, groups_here, BLOCK_G, CPG_PAD,
+                                 DENSE_LANES, PACKED_CPG)
     return seg, split, n, g0, groups_here, channel, lane_valid, split * tiles_per_split * BLOCK_S
 
 
@@ -197,12 +228,13 @@ def gn_forward_kernel(
         HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
-        BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr):
+        BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
+        LANE_CHUNK: tl.constexpr):
     """Forward; PHASE 0: one launch with the barrier, 1: partials only, 2: combine and apply. ONE_TILE: the program's
     part is one tile (kept in registers across the barrier in phase 0)."""
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
-        sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES)
+        sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
+        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
     input_bias = _lane_input_bias(ib_ptr, ib_sample_stride, n, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS)
@@ -217,7 +249,7 @@ def gn_forward_kernel(
         offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
         h = _load_input(x_ptr, r_ptr, h_ptr, input_bias, offsets, mask, HAS_RESIDUAL, HAS_INPUT_BIAS)
         count = (tl.minimum(S - s_begin, BLOCK_S) * channels_per_group).to(tl.float32)
-        mean, m2 = _tile_moments(h, mask, count, BLOCK_G, CPG_PAD)
+        mean, m2 = _tile_moments(h, mask, count, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
     elif PHASE != 2:
         offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
         h = _load_input(x_ptr, r_ptr, h_ptr, input_bias, offsets, mask, HAS_RESIDUAL, HAS_INPUT_BIAS)
@@ -235,9 +267,9 @@ def gn_forward_kernel(
         s1, s2 = tl.reduce((sum_d, sum_d2), 1, _add_pairs)
         lane_mean = tl.where(lane_valid, shift.reshape(BLOCK_C) + s1 / positions, 0.0)
         lane_m2 = tl.where(lane_valid, s2 - s1 * s1 / positions, 0.0)
-        mean = _group_sum(lane_mean, BLOCK_G, CPG_PAD) / channels_per_group
-        spread = tl.where(lane_valid, lane_mean - _to_lanes(mean, BLOCK_G, CPG_PAD), 0.0)
-        m2 = _group_sum(lane_m2 + positions * spread * spread, BLOCK_G, CPG_PAD)
+        mean = _group_sum(lane_mean, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK) / channels_per_group
+        spread = tl.where(lane_valid, lane_mean - _to_lanes(mean, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK), 0.0)
+        m2 = _group_sum(lane_m2 + positions * spread * spread, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
         count = positions * channels_per_group
     if PHASE != 2:
         if PHASE == 1 or BARRIER:
@@ -271,8 +303,8 @@ def gn_forward_kernel(
             tl.store(rstd_ptr + stats, rstd, mask=g_mask)
 
     # 3. per-channel affine map y = h * a + b (group statistics, weight, bias, scale, shift folded in)
-    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD)
-    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD)
+    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
     a = channel_rstd * tl.load(w_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32) - channel_mean * a
     if HAS_SCALE:
@@ -330,21 +362,22 @@ def gn_backward_kernel(
         ACT: tl.constexpr,
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
-        BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr):
+        BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
+        LANE_CHUNK: tl.constexpr):
     """dx = rstd * (k * dz - mean_g(k * dz) - xhat * mean_g(k * dz * xhat)), k = weight * (1 + scale); also the
     per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow, and with
     HAS_INPUT_BIAS (h_ptr then holds x) the input bias's per-(sample, channel) gradient, dx summed over space
     (`_input_bias_grad`, from A, B and X = sum(xhat))."""
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
-        sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES)
+        sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
+        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
 
     mean = tl.load(mean_ptr + n * G + g0 + g, mask=g_mask, other=0.0)
     rstd = tl.load(rstd_ptr + n * G + g0 + g, mask=g_mask, other=0.0)
-    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD)
-    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD)
+    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
     w = tl.load(w_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
     scale = tl.full((BLOCK_C,), 1.0, tl.float32)
@@ -404,7 +437,7 @@ def gn_backward_kernel(
             tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
             if HAS_INPUT_BIAS:
                 total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
-                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
+                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
                 tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
             _publish(sync_ptr, seg, num_segments)
         _wait_published(sync_ptr, seg, num_segments)
@@ -415,7 +448,7 @@ def gn_backward_kernel(
         tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
         tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
         if HAS_INPUT_BIAS:
-            d_ib = _input_bias_grad(total_a, total_b, sum_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
+            d_ib = _input_bias_grad(total_a, total_b, sum_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
             tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
     else:
         total_a = _sum_partials(part_a_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
@@ -425,10 +458,10 @@ def gn_backward_kernel(
             tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
             if HAS_INPUT_BIAS:
                 total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
-                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
+                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
                 tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
 
-    c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD)
+    c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
 
     # 3. dx for this program's part
     if ONE_TILE and PHASE == 0:
@@ -449,20 +482,22 @@ def gn_backward_kernel(
 
 @triton.jit
 def _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G: tl.constexpr,
-                     CPG_PAD: tl.constexpr):
+                     CPG_PAD: tl.constexpr, PACKED_CPG: tl.constexpr,
+        LANE_CHUNK: tl.constexpr):
     """Per lane: dx summed over the sample's space, rstd * (k A - S mean_g(k dz) - X mean_g(k dz xhat)), from the
     totals A = sum(dz), B = sum(dz * xhat), X = sum(xhat); mean_g over the group's elements (inv_elems = 1 / their
     number). The gradient of an input bias added to this sample's channels."""
-    c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD)
+    c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
     return channel_rstd * (k * total_a - S * c1 - total_x * c2)
 
 
 @triton.jit
-def _group_means(k_a, k_b, inv_elems, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+def _group_means(k_a, k_b, inv_elems, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr, PACKED_CPG: tl.constexpr,
+        LANE_CHUNK: tl.constexpr):
     """Per lane, its group's mean_g(k dz) and mean_g(k dz xhat) from per-lane sums k A and k B (inv_elems = 1 / the
     group's number of elements)."""
-    c1 = _to_lanes(_group_sum(k_a, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
-    c2 = _to_lanes(_group_sum(k_b, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
+    c1 = _to_lanes(_group_sum(k_a, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK), BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK) * inv_elems
+    c2 = _to_lanes(_group_sum(k_b, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK), BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK) * inv_elems
     return c1, c2
 
 

@@ -4,6 +4,7 @@ Without CUDA these run through Triton's interpreter on CPU tensors (tests/confte
 small shapes; on a GPU machine (interpreter off) the same cases run on the GPU, which also runs bf16/fp16 shapes where
 the single-launch barrier path has many programs per segment.
 """
+import dataclasses
 import os
 
 import pytest
@@ -145,6 +146,31 @@ def test_dense_lanes_only_where_no_lane_is_padding():
     assert not _plan(2, 48, 60, 6, True, 8192, cpu).dense_lanes  # channels-last: 6 groups padded to 8
     assert not _plan(2, 30, 90, 3, True, 8192, cpu).dense_lanes  # 10 channels per group padded to 16
     assert not _plan(2, 30, 90, 3, False, 8192, cpu).dense_lanes
+
+
+def test_padded_channels_last_groups_take_packed_lanes():
+    """Channels-last groups that do not fill a power of two of lanes keep the channels contiguous in the lanes
+    (packed: lane i is channel i), with groups found in runs of `lane_chunk` lanes; dense and contiguous plans don't."""
+    from kernels.group_norm import _plan
+
+    cpu = torch.device("cpu")
+    plan = _plan(4, 384, 4096, 32, True, 8192, cpu, packed=True)  # the UNet decoder's 256 + 128: 12 per group
+    assert (plan.packed_cpg, plan.lane_chunk, plan.block_c) == (12, 4, 512)
+    assert _plan(2, 30, 90, 3, True, 8192, cpu, packed=True).lane_chunk == 2  # 10 per group
+    assert _plan(2, 48, 60, 6, True, 8192, cpu, packed=True).packed_cpg == 8  # 6 groups of 8: padded by groups
+    assert _plan(2, 384, 4096, 32, True, 8192, cpu).packed_cpg == 0  # opt-in (GroupNormTuning.packed_lanes)
+    assert _plan(1, 64, 100, 32, True, 8192, cpu, packed=True).packed_cpg == 0  # dense
+    assert _plan(2, 30, 90, 3, False, 8192, cpu, packed=True).packed_cpg == 0  # contiguous
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("plan", PLANS)
+def test_channels_last_padded_groups_in_both_lane_layouts(plan, packed):
+    tuning = dataclasses.replace(PLANS[plan], packed_lanes=packed)
+    for shape, groups in [((2, 48, 5, 6, 3), 4), ((2, 30, 9, 10), 3), ((1, 24, 7, 9), 6)]:
+        errors = run_case(shape, groups, layout="channels_last", scale_shift=True, input_bias="per_sample",
+                          tuning=tuning)
+        assert_close(errors, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -14,8 +14,8 @@ import pytest
 import triton
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = ["group_norm_4x256x16^3_input_bias", "group_norm_4x512x8^3", "concat", "upsample", "residual_add",
-         "thin_conv"]
+CASES = ["group_norm_4x256x16^3_input_bias", "group_norm_4x512x8^3", "group_norm_4x384x32^3_packed", "concat", "upsample",
+         "residual_add", "thin_conv"]
 
 
 @pytest.fixture(scope="module")
