@@ -2,6 +2,11 @@
 
 Buffers are named like CompVis' `LitEma`: the parameter name without dots (`input_blocks.0.0.weight` ->
 `input_blocks00weight`), next to `decay` and `num_updates`.
+
+An update is one multi-tensor lerp over all averages (`torch._foreach_lerp_`, what torch.optim's foreach paths use:
+a few kernel launches instead of three per parameter) with the decay computed on the host from a Python copy of the
+counters, so it never waits for the GPU: CompVis' per-parameter loop with `float(decay)` launched ~2,600 kernels per
+step for the 169M-parameter BraTS UNet and synchronised before the first.
 """
 from __future__ import annotations
 
@@ -35,6 +40,15 @@ class LitEma(nn.Module):
             self.shadow_names[name] = shadow_name
             self.register_buffer(shadow_name, param.detach().clone())
         self.stored: list[torch.Tensor] = []
+        # Host copies of the two counters (the buffers are what checkpoints hold): read once after a load.
+        self._decay = float(decay)
+        self._num_updates = 0 if use_num_updates else -1
+        self.register_load_state_dict_post_hook(LitEma._read_loaded_counters)
+
+    @staticmethod
+    def _read_loaded_counters(module: "LitEma", incompatible_keys) -> None:
+        module._decay = float(module.decay)
+        module._num_updates = int(module.num_updates)
 
     def _pairs(self, model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, shadow) for every tracked parameter; a model of another layout raises."""
@@ -47,27 +61,37 @@ class LitEma(nn.Module):
             yield params[name], getattr(self, shadow_name)
 
     def current_decay(self) -> float:
-        """The decay the next update uses (with warm-up)."""
-        decay = float(self.decay)
-        if self.num_updates >= 0:
-            n = int(self.num_updates) + 1
+        """The decay the next update uses (with warm-up); no device access."""
+        decay = self._decay
+        if self._num_updates >= 0:
+            n = self._num_updates + 1
             decay = min(decay, (1 + n) / (10 + n))
         return decay
 
     @torch.no_grad()
     def forward(self, model: nn.Module) -> None:
-        """One EMA update from `model`'s current parameters."""
-        one_minus_decay = 1.0 - self.current_decay()
-        if self.num_updates >= 0:
-            self.num_updates += 1
+        """One EMA update from `model`'s current parameters: shadow <- lerp(shadow, param, 1 - decay), which is
+        shadow - (1 - decay) (shadow - param). No host synchronisation."""
+        weight = 1.0 - self.current_decay()
+        if self._num_updates >= 0:
+            self._num_updates += 1
+            self.num_updates.add_(1)
+        shadows, params = [], []
         for param, shadow in self._pairs(model):
-            shadow.sub_(one_minus_decay * (shadow - param.detach().to(shadow.dtype)))
+            if param.dtype == shadow.dtype and param.device == shadow.device:
+                shadows.append(shadow)
+                params.append(param.detach())
+            else:  # e.g. a half-precision network with fp32 averages: one tensor at a time
+                shadow.lerp_(param.detach().to(shadow.device, shadow.dtype), weight)
+        if shadows:
+            torch._foreach_lerp_(shadows, params, weight)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite `model`'s tracked parameters with the averages."""
-        for param, shadow in self._pairs(model):
-            param.copy_(shadow)
+        params, shadows = zip(*self._pairs(model)) if self.shadow_names else ((), ())
+        if params:
+            torch._foreach_copy_(list(params), list(shadows))
 
     @torch.no_grad()
     def store(self, model: nn.Module) -> None:
@@ -81,8 +105,9 @@ class LitEma(nn.Module):
         """Put the parameters saved by `store` back into `model`."""
         if not self.stored:
             raise RuntimeError("LitEma.restore: nothing stored (call store first)")
-        for (param, _), saved in zip(self._pairs(model), self.stored):
-            param.copy_(saved)
+        params = [param for param, _ in self._pairs(model)]
+        if params:
+            torch._foreach_copy_(params, self.stored)
         self.stored = []
 
     @contextmanager

@@ -80,3 +80,53 @@ def test_state_dict_round_trip_and_layout_check():
     assert int(other.num_updates) == 1
     with pytest.raises(KeyError, match="no parameters 0.bias, 0.weight"):
         ema.copy_to(nn.Sequential(nn.Identity(), nn.Identity(), nn.Linear(3, 1)))
+
+
+def test_counters_follow_a_load_through_the_parent_module():
+    """The host copies of decay and num_updates that `current_decay` reads are refreshed by a load_state_dict of
+    a module holding the EMA (a checkpoint restore), so the warm-up resumes from the loaded count."""
+    trained = nn.Module()
+    trained.net = _model()
+    trained.model_ema = LitEma(trained.net, decay=0.99)
+    for _ in range(7):
+        trained.model_ema(trained.net)
+    resumed = nn.Module()
+    resumed.net = _model(seed=1)
+    resumed.model_ema = LitEma(resumed.net, decay=0.5)
+    resumed.load_state_dict(trained.state_dict())
+    assert resumed.model_ema.current_decay() == pytest.approx(min(0.99, 9 / 18))  # n = 8
+    resumed.model_ema(resumed.net)
+    assert int(resumed.model_ema.num_updates) == 8
+    assert resumed.model_ema.current_decay() == pytest.approx(min(0.99, 10 / 19))
+
+
+def test_a_parameter_of_another_dtype_is_averaged_in_the_averages_dtype():
+    model = _model()
+    ema = LitEma(model, decay=0.75, use_num_updates=False)
+    model[2].double()  # the averages stay fp32
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema(model)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = name.replace(".", "")
+            expected = before[key] - 0.25 * (before[key] - p.detach().float())
+            assert ema.get_buffer(key).dtype == torch.float32
+            torch.testing.assert_close(ema.get_buffer(key), expected)
+    ema.copy_to(model)
+    torch.testing.assert_close(model[2].weight, ema.get_buffer("2weight").double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_update_does_not_synchronise_with_the_gpu():
+    model = _model().cuda()
+    ema = LitEma(model)
+    ema(model)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ema(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(ema.num_updates) == 2
