@@ -32,11 +32,13 @@ class StepGuard:
         self.max_bad_steps = max_bad_steps
         self.bad_in_a_row = 0
 
-    def all_finite(self, value: torch.Tensor) -> bool:
-        finite = torch.isfinite(value.detach()).all().float().to(self.fabric.device)
+    def agreed(self, finite: torch.Tensor) -> torch.Tensor:
+        """This rank's finiteness flag -> every rank's (min over ranks), fp32 1.0 or 0.0 on the device; no host
+        synchronisation (the caller reads it with what else it needs from the GPU)."""
+        finite = finite.float().reshape(()).to(self.fabric.device)
         if self.fabric.world_size > 1:
             finite = self.fabric.all_reduce(finite, reduce_op="min")
-        return bool(finite.item() == 1.0)
+        return finite
 
     def end_step(self, global_step: int, problems: list[str]) -> None:
         """Record one optimizer step; `problems` describes what was not finite (empty for a good step)."""
@@ -52,6 +54,6 @@ class StepGuard:
             tqdm.write(f"skipping step: {message}")
 
 
-def describe_loss(loss: torch.Tensor, scalars: dict, optimizer_idx: int) -> str:
-    terms = ", ".join(f"{k}={float(v):.4g}" for k, v in scalars.items())
-    return f"loss of optimizer {optimizer_idx} = {float(loss.detach()):.4g} (terms: {terms or 'none logged'})"
+def describe_loss(loss: float, scalars: dict[str, float], optimizer_idx: int) -> str:
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+    return f"loss of optimizer {optimizer_idx} = {loss:.4g} (terms: {terms or 'none logged'})"

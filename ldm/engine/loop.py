@@ -50,6 +50,14 @@ def cuda_memory_scalars() -> dict[str, float]:
     return scalars
 
 
+def _read_together(values: list) -> list[float | None]:
+    """One-element tensors and numbers -> Python floats (None stays None), the tensors in one device-to-host
+    transfer: reading several GPU values waits for the GPU once, not once per value."""
+    tensors = [v.detach().float().reshape(1) for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.cat([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])
+    return [None if v is None else next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
 class Trainer:
     """Runs `fit` and `test` for one model. Build it before the model so that every rank exists (`fabric.launch`)."""
 
@@ -246,6 +254,7 @@ class Trainer:
             ckpt.load_model_state(model, resume["state_dict"], "the checkpoint to resume from")
         module, optimizers, schedulers = self._setup(model)
         self.problems: list[list[str]] = [[] for _ in optimizers]
+        self.pending: list[list[tuple]] = [[] for _ in optimizers]  # (loss, scalars) of the step's micro-batches
         if resume is not None:
             self._restore(resume, optimizers, schedulers)
         else:
@@ -349,7 +358,9 @@ class Trainer:
                 self.save_checkpoint(optimizers, schedulers)
 
     def _signalled(self, flags) -> tuple[bool, bool]:
-        """(save, exit) requested on any rank; one snapshot of both flags, one collective."""
+        """(save, exit) requested on any rank; one snapshot of both flags, one collective (none in one process)."""
+        if self.fabric.world_size == 1:
+            return flags.save_requested or flags.exit_requested, flags.exit_requested
         requested = torch.tensor([flags.save_requested or flags.exit_requested, flags.exit_requested],
                                  dtype=torch.float32, device=self.fabric.device)
         if self.fabric.world_size > 1:
@@ -360,19 +371,16 @@ class Trainer:
                     boundary: bool) -> dict:
         """Forward and backward of one batch for every optimizer; optimizer steps on accumulation boundaries.
 
-        A non-finite loss in any micro-batch marks that optimizer's step bad: its later micro-batches add no
-        gradient and the step is skipped (no partial step on the remaining micro-batches)."""
+        Nothing here waits for the GPU: the losses are checked at the optimizer step, with the gradients. A
+        non-finite loss in any micro-batch skips that optimizer's whole step (no partial step on the others)."""
         logged: dict = {}
         for index, optimizer in enumerate(optimizers):
             self.raw_model.global_step = self.global_step
             with self._only_optimizing(optimizers, index):
                 with self.fabric.no_backward_sync(module, enabled=not boundary):
                     loss, scalars = module.training_step(batch, batch_idx, index)
-                    if not self.problems[index] and not self.guard.all_finite(loss):
-                        self.problems[index].append(describe_loss(loss, scalars, index))
-                    if not self.problems[index]:
-                        self.fabric.backward(loss / accumulate)
-                logged.update({k: float(v) for k, v in scalars.items()})
+                    self.fabric.backward(loss / accumulate)
+                self.pending[index].append((loss.detach(), scalars))
                 if boundary:
                     self._optimizer_step(module, optimizer, index, schedulers, logged)
         if boundary:
@@ -382,19 +390,39 @@ class Trainer:
         return logged
 
     def _optimizer_step(self, module, optimizer, index: int, schedulers, logged: dict) -> None:
-        """Clip, check the gradients (unless the fp16 grad scaler does), then step, or skip a bad step."""
-        problems = self.problems[index]
-        if not problems:
+        """Check the step's losses (every micro-batch) and gradients, then clip and step, or skip a bad step.
+
+        One read from the GPU per step: the finiteness flag (all-reduced: every rank decides alike), the gradient
+        norm and the logged scalars together. Under the fp16 grad scaler the losses are read first and the
+        gradients unscaled (clipped) only on a good step; the scaler itself skips steps whose gradients overflowed."""
+        pending, self.pending[index] = self.pending[index], []
+        finite = self.guard.agreed(torch.isfinite(torch.stack([loss.float().reshape(()) for loss, _ in pending])).all())
+        norm = None
+        if self._scaler is None or bool(finite):
             if self.config.gradient_clip_val > 0:
                 norm = self.fabric.clip_gradients(module, optimizer, max_norm=self.config.gradient_clip_val,
                                                   error_if_nonfinite=False)
-                logged[f"train/grad_norm_{index}"] = float(norm)
             elif self._scaler is None:  # (under fp16 the gradients are still scaled here)
                 norm = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
-                logged[f"train/grad_norm_{index}"] = float(norm)
-            if self._scaler is None and not self.guard.all_finite(norm):
-                problems.append(f"gradient norm of optimizer {index} = {float(norm):.4g}")
-        if not problems:
+            if self._scaler is None:
+                finite = finite * self.guard.agreed(torch.isfinite(norm))
+        finite, norm, *rest = _read_together([finite, norm] + [loss for loss, _ in pending]
+                                             + [v for _, scalars in pending for v in scalars.values()])
+        losses, values = rest[:len(pending)], iter(rest[len(pending):])
+        per_batch = [{name: next(values) for name in scalars} for _, scalars in pending]  # each micro-batch's terms
+        logged.update(per_batch[-1])
+        if norm is not None:
+            logged[f"train/grad_norm_{index}"] = norm
+        if finite != 1.0:  # a NaN loss's gradients are NaN too: name the loss, not its consequence
+            bad_losses = [describe_loss(loss, terms, index) for loss, terms in zip(losses, per_batch)
+                          if not math.isfinite(loss)]
+            if bad_losses:
+                self.problems[index] += bad_losses
+            elif norm is not None and not math.isfinite(norm):
+                self.problems[index].append(f"gradient norm of optimizer {index} = {norm:.4g}")
+            else:
+                self.problems[index].append(f"another rank's loss or gradients of optimizer {index}")
+        else:
             self.mid_step = True
             optimizer.step()  # with fp16 the scaler skips steps whose gradients overflowed
             if index < len(schedulers):

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,40 @@ def test_each_optimizer_only_gets_its_own_gradients():
         trainer.fabric.backward(loss)
     assert model.critic.weight.grad is None and model.linear.weight.grad is not None
     assert model.critic.weight.requires_grad  # restored
+
+
+def test_values_read_from_the_device_come_back_as_floats_in_order():
+    from ldm.engine.loop import _read_together
+
+    assert _read_together([torch.tensor(1.5), None, 2, torch.tensor([float("nan")]), torch.tensor(3)])[::2] == \
+        [1.5, 2.0, 3.0]
+    assert _read_together([None, 4]) == [None, 4.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_a_step_waits_for_the_gpu_once(clip):
+    """Losses, gradient norm and logged scalars come back in one read: one synchronisation per optimizer step."""
+    trainer = Trainer(trainer_config_from({"accelerator": "cuda", "devices": 1, "max_steps": 1,
+                                           "gradient_clip_val": clip}))
+    model = ToyRegressor(two_optimizers=True)
+    module, optimizers, schedulers = trainer._setup(model)
+    trainer.problems, trainer.pending = [[], []], [[], []]
+    batch = {"image": torch.randn(2, 1, 4, 4, device="cuda"), "target": torch.randn(2, 1, device="cuda"),
+             "index": torch.tensor([0, 1])}
+    model.seen_indices = []
+    trainer._micro_step(module, optimizers, schedulers, batch, 0, 1, True)  # warm-up: lazy state, first launches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logged = trainer._micro_step(module, optimizers, schedulers, batch, 1, 1, True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == len(optimizers), syncs
+    assert set(logged) >= {"train/loss", "train/critic_loss", "train/grad_norm_0", "train/grad_norm_1"}
 
 
 def test_gan_shaped_model_steps_both_optimizers(tmp_path):
