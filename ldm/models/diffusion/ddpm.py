@@ -318,6 +318,10 @@ class LatentDiffusion(DDPM):
         self.scale_by_std = scale_by_std
         # NaN until estimated: decoding with an unestimated factor must fail loudly, not produce garbage.
         self.register_buffer("scale_factor", torch.tensor(float("nan") if scale_by_std else float(scale_factor)))
+        # Whether scale_factor is known to hold a value, kept on the host so that a training step does not wait for
+        # the GPU to tell (a load may bring any value: it makes the next check read the buffer again).
+        self._scale_factor_set = not scale_by_std
+        self.register_load_state_dict_post_hook(LatentDiffusion._forget_scale_factor_check)
         if ckpt_path is not None:
             load_weights(self, ckpt_path, ignore_keys, strict)
 
@@ -370,8 +374,18 @@ class LatentDiffusion(DDPM):
             return encoded.float()
         return (encoded.sample() if sample_posterior else encoded.mode()).float()
 
+    @staticmethod
+    def _forget_scale_factor_check(module: "LatentDiffusion", incompatible_keys) -> None:
+        module._scale_factor_set = False
+
+    def scale_factor_is_set(self) -> bool:
+        """False while scale_factor is the NaN that scale_by_std starts from; reads the device only until True."""
+        if not self._scale_factor_set:
+            self._scale_factor_set = not bool(torch.isnan(self.scale_factor))
+        return self._scale_factor_set
+
     def checked_scale_factor(self) -> torch.Tensor:
-        if torch.isnan(self.scale_factor):
+        if not self.scale_factor_is_set():
             raise RuntimeError("LatentDiffusion: scale_by_std is on but scale_factor has not been estimated yet; it is "
                                "set by the first training step (or loaded from a checkpoint)")
         return self.scale_factor
@@ -387,13 +401,14 @@ class LatentDiffusion(DDPM):
         total, total_sq, count = moments
         variance = (total_sq - total ** 2 / count) / (count - 1)
         self.scale_factor.fill_(float(variance.rsqrt()))
+        self._scale_factor_set = True
         print(f"LatentDiffusion: scale_by_std set scale_factor = {float(self.scale_factor):.6g}")
 
     def get_input(self, batch: Mapping[str, Any], sample_posterior: bool = True) -> torch.Tensor:
         """scale_factor * z for z from batch[first_stage_key]: (B, channels, *image_size)."""
         z = self.encode_first_stage(self.images(batch), sample_posterior)
         self.check_shape(z)
-        if self.scale_by_std and self.training and torch.isnan(self.scale_factor):
+        if self.scale_by_std and self.training and not self.scale_factor_is_set():
             self.estimate_scale_factor(z)
         return z * self.checked_scale_factor()
 

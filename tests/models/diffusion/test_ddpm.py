@@ -162,6 +162,26 @@ def test_scale_by_std_gives_unit_variance_latents_and_is_saved():
     torch.testing.assert_close(restored.get_input(first, False), model.get_input(first, False))
 
 
+def test_the_scale_factor_check_is_kept_on_the_host_until_a_load(monkeypatch):
+    """Once scale_factor is known to be set, a step does not read it again (on a GPU that read waits for the
+    encoder); loading a state whose factor was never estimated brings the check and its error back."""
+    model = build(ldm_config(scale_by_std=True))
+    unestimated = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model.training_step(batch(seed=0), 0, 0)
+    reads = []
+    real_isnan = torch.isnan
+    monkeypatch.setattr(torch, "isnan", lambda x: reads.append(x) or real_isnan(x))
+    model.training_step(batch(seed=1), 1, 0)
+    model.decode(model.get_input(batch(seed=1)))
+    assert reads == []
+    model.load_state_dict(unestimated)
+    model.eval()
+    with pytest.raises(RuntimeError, match="scale_factor has not been estimated yet"):
+        model.get_input(batch(seed=0))
+    assert len(reads) == 1
+
+
 def test_fixed_scale_factor_scales_the_latents():
     model = build(ldm_config(scale_factor=0.5))
     z = model.encode_first_stage(batch()["image"], sample_posterior=False)

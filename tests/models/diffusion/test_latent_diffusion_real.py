@@ -90,6 +90,35 @@ def test_tiny_3d_mask_conditioned_ldm_learns():
     assert torch.equal(out["conditioning"], data["mask"][:2])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_training_step_and_its_ema_update_do_not_wait_for_the_gpu():
+    """After the first step (which estimates scale_by_std's factor), the encoder, the mask conditioning, the UNet's
+    forward and backward, a fused AdamW step and the EMA update only queue GPU work: the host can run ahead."""
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.create(MASK_LDM_3D)).cuda()
+    model.learning_rate = 1e-3
+    (optimizer,) = model.configure_optimizers()
+    batch = {k: v[:4].cuda() for k, v in phantoms().items()}
+    model.train()
+
+    def step(index: int) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = model.training_step(batch, index, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.on_train_batch_end(batch, index)
+
+    step(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(model.model_ema.num_updates) == 2
+
+
 @pytest.mark.parametrize("conditioning_key", ["crossattn", "adm"])
 def test_class_conditional_2d_with_the_real_unet(conditioning_key):
     unet = {"image_size": 8, "dims": 2, "in_channels": 2, "out_channels": 2, "model_channels": 32,
