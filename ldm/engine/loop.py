@@ -309,6 +309,7 @@ class Trainer:
                       batches_per_epoch: int, flags, progress) -> None:
         cfg = self.config
         accumulate = cfg.accumulate_grad_batches
+        first_step = None  # this process's first optimizer step: None before it starts, True while it runs
         while not self._max_steps_reached() and (cfg.max_epochs < 0 or self.epoch < cfg.max_epochs):
             sampler.begin_epoch(self.epoch, start=self.batch_in_epoch * batch_size)
             epoch_start = time.perf_counter()
@@ -320,6 +321,8 @@ class Trainer:
                 if micro == 0:  # the loader's share of this optimizer step: waiting for its first batch
                     data_wait = time.perf_counter() - step_start
                 batch = self._to_layout(batch)
+                if first_step is None:
+                    first_step = self._announce_first_step()
                 boundary = micro == accumulate - 1 or batch_idx == batches_per_epoch - 1
                 scalars = self._micro_step(module, optimizers, schedulers, batch, batch_idx, accumulate, boundary)
                 micro += 1
@@ -336,6 +339,10 @@ class Trainer:
                         callback.on_train_batch_end(self, batch, batch_idx)
                 rate = 1.0 / max(time.perf_counter() - step_start, 1e-9)
                 step_start = time.perf_counter()
+                if first_step:
+                    first_step = False
+                    if self.is_global_zero:
+                        tqdm.write(f"first step: {1.0 / rate:.1f} s (the later ones: perf/steps_per_s)")
                 self._log_step(scalars, optimizers, rate, data_wait, progress)
                 if val_loader is not None and cfg.val_check_interval > 0 and \
                         self.global_step % cfg.val_check_interval == 0:
@@ -356,6 +363,16 @@ class Trainer:
             self.batch_in_epoch = 0
             if cfg.max_epochs >= 0 and self.epoch >= cfg.max_epochs:
                 self.save_checkpoint(optimizers, schedulers)
+
+    def _announce_first_step(self) -> bool:
+        """Say why the first step may take minutes on a GPU (silence looks like a hang); returns True."""
+        if self.is_global_zero and self.fabric.device.type == "cuda":
+            work = ["Triton compiles its kernels"] + (["cuDNN times every convolution shape (trainer.benchmark)"]
+                                                      if self.config.benchmark else [])
+            if self.config.cuda_graph:
+                work.append("the CUDA graphs are captured")
+            tqdm.write(f"first step: {', '.join(work)}; with 3D volumes this can take minutes")
+        return True
 
     def _signalled(self, flags) -> tuple[bool, bool]:
         """(save, exit) requested on any rank; one snapshot of both flags, one collective (none in one process)."""

@@ -119,6 +119,7 @@ def test_nan_loss_skips_then_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
     assert checkpoint["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
     assert out.count("skipping step") == 2
+    assert len(re.findall(r"^first step: [0-9.]+ s \(the later ones: perf/steps_per_s\)$", out, re.M)) == 1
 
 
 def test_nan_guard_counts_steps_not_losses_with_two_optimizers(tmp_path, capsys):
