@@ -413,16 +413,16 @@ class Trainer:
         norm and the logged scalars together. Under the fp16 grad scaler the losses are read first and the
         gradients unscaled (clipped) only on a good step; the scaler itself skips steps whose gradients overflowed."""
         pending, self.pending[index] = self.pending[index], []
-        finite = self.guard.agreed(torch.isfinite(torch.stack([loss.float().reshape(()) for loss, _ in pending])).all())
-        norm = None
-        if self._scaler is None or bool(finite):
-            if self.config.gradient_clip_val > 0:
-                norm = self.fabric.clip_gradients(module, optimizer, max_norm=self.config.gradient_clip_val,
-                                                  error_if_nonfinite=False)
-            elif self._scaler is None:  # (under fp16 the gradients are still scaled here)
-                norm = gradient_norm(p for group in optimizer.param_groups for p in group["params"])
-            if self._scaler is None:
-                finite = finite * self.guard.agreed(torch.isfinite(norm))
+        losses_finite = torch.isfinite(torch.stack([loss.float().reshape(()) for loss, _ in pending])).all()
+        clip, norm = self.config.gradient_clip_val, None
+        if self._scaler is None:
+            norm = (self.fabric.clip_gradients(module, optimizer, max_norm=clip, error_if_nonfinite=False) if clip > 0
+                    else gradient_norm(p for group in optimizer.param_groups for p in group["params"]))
+            finite = self.guard.agreed(losses_finite & torch.isfinite(norm).to(losses_finite.device))
+        else:  # the gradients are still scaled: unscale them (clipping does) only on a good step
+            finite = self.guard.agreed(losses_finite)
+            if clip > 0 and bool(finite):
+                norm = self.fabric.clip_gradients(module, optimizer, max_norm=clip, error_if_nonfinite=False)
         finite, norm, *rest = _read_together([finite, norm] + [loss for loss, _ in pending]
                                              + [v for _, scalars in pending for v in scalars.values()])
         losses, values = rest[:len(pending)], iter(rest[len(pending):])
