@@ -81,6 +81,7 @@ from ldm.engine.memory_format import channels_last, model_to_channels_last  # no
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.modules.attention import set_attention_backend  # noqa: E402
 from ldm.modules.diffusionmodules.model import build_encoder_decoder  # noqa: E402
+from ldm.modules.normalization import set_group_norm_tuning  # noqa: E402
 from ldm.modules.recomputed_conv import set_recompute_cheap  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
 
@@ -136,6 +137,7 @@ class Variant:
     graph: bool = False             # the whole step (forward, backward, AdamW) captured once as a CUDA graph
     graph_network: bool = False     # the networks' forward + backward as CUDA graphs (trainer.cuda_graph)
     weight_casts: str = "once"      # netgraph: autocast's weight casts in one pass ("once") or per layer ("autocast")
+    gn_tuning: str = ""             # ours: GroupNormTuning fields, e.g. "packed_lanes=True" ("": the defaults)
 
     @property
     def label(self) -> str:
@@ -144,7 +146,7 @@ class Variant:
         if self.model == "monai":
             return "MONAI" + (" flash" if self.flash else "") + graph
         return (f"ours {self.kernels}" + (" CL" if self.layout == "channels_last" else "")
-                + (" RC" if self.recompute else "") + graph)
+                + (" RC" if self.recompute else "") + (f" [{self.gn_tuning}]" if self.gn_tuning else "") + graph)
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -447,6 +449,15 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def parse_gn_tuning(spec: str):
+    """'packed_lanes=True,forward_tile=4096' -> GroupNormTuning (ints and True/False)."""
+    from kernels.group_norm import GroupNormTuning  # Triton: only where the triton kernels run
+
+    fields = {key: (value == "True") if value in ("True", "False") else int(value)
+              for key, value in (item.split("=", 1) for item in spec.split(","))}
+    return GroupNormTuning(**fields)
+
+
 def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torch.device, row: dict) -> None:
     """Builds one variant, trains it for warm-up + timed steps and fills `row` with what was measured."""
     torch.manual_seed(0)
@@ -458,6 +469,8 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     model = (build_ours(case, variant.kernels, args.compvis_decoder) if variant.model == "ours"
              else build_monai(case, variant.flash))
     set_recompute_cheap(model, variant.recompute)
+    if variant.gn_tuning:
+        set_group_norm_tuning(model, parse_gn_tuning(variant.gn_tuning))
     row["params"] = parameter_count(model)
     model = model.to(device=device).train()
     x = torch.randn(case.input_shape, device=device).clamp(-1, 1)
@@ -584,6 +597,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weight-casts", choices=("once", "autocast", "both"), default="once",
                         help="netgraph variants: autocast's weight casts in one pass each way (once, what "
                              "trainer.cuda_graph does), per layer (autocast), or both variants")
+    parser.add_argument("--gn-tunings", default="",
+                        help="also run ours (triton kernels) with these GroupNorm launch choices, ';'-separated, each "
+                             "','-separated GroupNormTuning fields, e.g. 'packed_lanes=True'")
     parser.add_argument("--compvis-decoder", action="store_true",
                         help="our AE decoder with num_res_blocks + 1 blocks per level (not MONAI's architecture)")
     parser.add_argument("--attention-backend", default=None, help="our attention backend (ldm.modules.attention)")
@@ -639,6 +655,9 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
         modes += [dict(graph_network=True, weight_casts=c) for c in casts]
     ours = [Variant("ours", k, layout, recompute=r, **mode)
             for layout in layouts for k in kernels for r in recompute for mode in modes]
+    ours += [Variant("ours", "triton", layout, recompute=r, gn_tuning=spec, **mode)
+             for spec in filter(None, args.gn_tunings.split(";")) if "triton" in kernels
+             for layout in layouts for r in recompute for mode in modes]
     flash = [True] if args.only_flash else [False] if args.no_flash else [False, True]
     monai = [Variant("monai", flash=f, **mode) for f in flash for mode in modes]
     if args.no_monai:

@@ -32,6 +32,18 @@ def test_quick_run_measures_every_variant(tmp_path, capsys):
     assert table[-1].startswith("| unet-quick | 1x4x8x8x8 | ours torch CL | ")
 
 
+def test_gn_tunings_add_labelled_triton_variants():
+    from benchmarks.bench_models import parse_args, parse_gn_tuning, variants
+
+    args = parse_args(["--kernels", "triton", "--channels-last-only", "--no-monai",
+                       "--gn-tunings", "packed_lanes=True;forward_tile=4096,packed_lanes=False"])
+    labels = [v.label for v in variants(args, torch.device("cpu"))]
+    assert labels == ["ours triton CL", "ours triton CL [packed_lanes=True]",
+                      "ours triton CL [forward_tile=4096,packed_lanes=False]"]
+    tuning = parse_gn_tuning("forward_tile=4096,packed_lanes=True")
+    assert (tuning.forward_tile, tuning.packed_lanes) == (4096, True)
+
+
 def test_profile_prints_the_top_ops(capsys):
     x = torch.randn(64, 64, requires_grad=True)
     print_top_kernels(lambda: (x @ x).sum().backward(), torch.device("cpu"), "matmul", top=3)

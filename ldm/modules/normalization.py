@@ -41,6 +41,7 @@ class GroupNormAct(KernelChoice, nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=True)
         self.act = act
         self.kernels = _check_kernels(kernels)
+        self.tuning = None  # the Triton kernels' launch choices (kernels.group_norm.GroupNormTuning; None: defaults)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
                 input_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,7 +58,7 @@ class GroupNormAct(KernelChoice, nn.GroupNorm):
         if self.uses_triton(x):
             from kernels.group_norm import group_norm_act  # imported on first use: CPU-only runs never load Triton
             return group_norm_act(x, weight, bias, self.num_groups, self.eps, self.act, scale, shift,
-                                  input_bias=input_bias)[0]
+                                  input_bias=input_bias, tuning=self.tuning)[0]
         if input_bias is not None:
             x = x + input_bias.reshape(-1, x.shape[1], *(1,) * (x.ndim - 2))
         y = F.group_norm(x, self.num_groups, weight, bias, self.eps)
@@ -78,4 +79,13 @@ def set_kernels(model: nn.Module, kernels: str) -> nn.Module:
     for module in model.modules():
         if isinstance(module, KernelChoice):
             module.kernels = kernels
+    return model
+
+
+def set_group_norm_tuning(model: nn.Module, tuning) -> nn.Module:
+    """Sets the Triton kernels' launch choices (a `kernels.group_norm.GroupNormTuning`, or None for the defaults) of
+    every GroupNormAct in `model`; returns `model`. For benchmarks that time a launch choice inside a network."""
+    for module in model.modules():
+        if isinstance(module, GroupNormAct):
+            module.tuning = tuning
     return model

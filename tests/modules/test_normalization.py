@@ -7,7 +7,7 @@ import torch
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder, ResnetBlock
 from ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
-from ldm.modules.normalization import GroupNormAct, set_kernels
+from ldm.modules.normalization import GroupNormAct, set_group_norm_tuning, set_kernels
 
 
 def outputs_and_grads(model, inputs):
@@ -119,6 +119,26 @@ def test_unet_applies_kernels_choice_to_every_norm():
                       context_dim=4, kernels="torch")
     norms = [m for m in model.modules() if isinstance(m, GroupNormAct)]
     assert len(norms) > 5 and all(m.kernels == "torch" for m in norms)
+
+
+def test_a_module_tuning_reaches_the_kernels(monkeypatch):
+    """set_group_norm_tuning sets every norm's launch choices; the module passes them to the kernels, whose result
+    (here packed lanes: 10 channels per group, channels-last) stays PyTorch's."""
+    from kernels import group_norm
+    from kernels.group_norm import GroupNormTuning
+
+    model = torch.nn.Sequential(GroupNormAct(30, 3, kernels="triton"), GroupNormAct(30, 3, kernels="triton"))
+    tuning = GroupNormTuning(packed_lanes=True)
+    assert set_group_norm_tuning(model, tuning) is model and all(m.tuning is tuning for m in model)
+    seen = []
+    real_plan = group_norm._plan
+    monkeypatch.setattr(group_norm, "_plan", lambda *a: seen.append(real_plan(*a)) or seen[-1])
+    x = torch.randn(2, 30, 3, 4, 5).to(memory_format=torch.channels_last_3d).requires_grad_()
+    got = model(x)
+    got.square().mean().backward()
+    assert seen and all(plan.packed_cpg == 10 for plan in seen)
+    expected = set_kernels(copy.deepcopy(model), "torch")(x.detach())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_autoencoder_encoder_decoder_same_with_triton_kernels():
