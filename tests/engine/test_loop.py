@@ -122,6 +122,29 @@ def test_nan_loss_skips_then_stops_and_keeps_the_last_good_checkpoint(tmp_path, 
     assert len(re.findall(r"^first step: [0-9.]+ s \(the later ones: perf/steps_per_s\)$", out, re.M)) == 1
 
 
+def test_under_a_grad_scaler_gradients_are_unscaled_only_on_a_good_step(monkeypatch):
+    """With fp16's grad scaler (CUDA only, so stood in for here) clipping unscales the gradients, which the scaler
+    allows once per step: a step whose loss is NaN is skipped before clipping, a good one clips and steps."""
+    trainer = Trainer(trainer_config_from({"accelerator": "cpu", "max_steps": 2, "gradient_clip_val": 1.0}))
+    model = ToyRegressor(nan_from_step=1)
+    model.learning_rate = 0.1
+    module, optimizers, schedulers = trainer._setup(model)
+    trainer.problems, trainer.pending = [[]], [[]]
+    monkeypatch.setattr(Trainer, "_scaler", object())
+    clipped = []
+    real_clip = trainer.fabric.clip_gradients
+    monkeypatch.setattr(trainer.fabric, "clip_gradients", lambda *a, **k: clipped.append(1) or real_clip(*a, **k))
+    batch = {"image": torch.randn(4, 1, 4, 4), "target": torch.randn(4, 1), "index": torch.arange(4)}
+    before = model.linear.weight.detach().clone()
+    logged = trainer._micro_step(module, optimizers, schedulers, batch, 0, 1, True)  # global step 0: good
+    assert clipped == [1] and logged["train/grad_norm_0"] > 0 and not torch.equal(model.linear.weight, before)
+    trainer.global_step = 1
+    stepped = model.linear.weight.detach().clone()
+    trainer._micro_step(module, optimizers, schedulers, batch, 1, 1, True)  # NaN loss: skipped, not clipped
+    assert clipped == [1] and torch.equal(model.linear.weight, stepped)
+    assert trainer.guard.bad_in_a_row == 1
+
+
 def test_nan_guard_counts_steps_not_losses_with_two_optimizers(tmp_path, capsys):
     _, error = stopped_by_guard(capsys, tmp_path, "-t", "--no_test", "model.params.two_optimizers=true",
                                 "model.params.nan_from_step=4", "trainer.max_bad_steps=2", "trainer.max_steps=20")
