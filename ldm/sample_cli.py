@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ldm.cli import load_config, model_config_for
 from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint
 from ldm.engine.images import save_nifti, save_png, to_grid
+from ldm.engine.inference_graph import GraphedInference
 from ldm.engine.memory_format import channels_last as channels_last_tensor, model_to_channels_last
 from ldm.models.diffusion.conditioning import Conditioning, classifier_free_guidance
 from ldm.models.diffusion.sampling import SAMPLERS, get_sampler, timestep_schedule
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode_slab", type=int, default=None, metavar="ROWS",
                         help="decode in slabs of ROWS output rows along the first spatial axis (exact, for volumes "
                              "whose decode does not fit at once; default: the autoencoder's ddconfig.decode_slab)")
+    parser.add_argument("--cuda_graph", action="store_true",
+                        help="replay the denoiser from a CUDA graph captured once per batch (the host launches one "
+                             "graph per step instead of the network's kernels; CUDA only)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("-s", "--seed", type=int, default=23, help="sample i uses seed + i")
     parser.add_argument("--outdir", default=None, help="default: <run>/samples/<timestamp>/")
@@ -288,9 +292,10 @@ def conditionings(model: torch.nn.Module, conditions: Sequence[Condition] | None
 @torch.no_grad()
 def draw_batch(model: torch.nn.Module, settings: SamplerSettings, timesteps: torch.Tensor, seeds: Sequence[int],
                conditions: Sequence[Condition] | None, device: torch.device, dtype: torch.dtype | None,
-               progress: tqdm, channels_last: bool = False) -> torch.Tensor:
+               progress: tqdm, channels_last: bool = False, cuda_graph: bool = False) -> torch.Tensor:
     """Images (B, C, *spatial) in [-1, 1] for one batch; item i from noise seeded with seeds[i]; with
-    `channels_last` the noise is stored channels-last (as the model's weights are then)."""
+    `channels_last` the noise is stored channels-last (as the model's weights are then); with `cuda_graph` the
+    guided denoiser is replayed from a CUDA graph captured for this batch (ldm/engine/inference_graph.py)."""
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     x_T = torch.cat([torch.randn(1, model.channels, *model.image_size, generator=g) for g in generators]).to(device)
     if channels_last:
@@ -299,6 +304,8 @@ def draw_batch(model: torch.nn.Module, settings: SamplerSettings, timesteps: tor
     with autocast:
         cond, null = conditionings(model, conditions, device)
         guided = classifier_free_guidance(model.apply_model, cond, null, settings.scale)
+        if cuda_graph:
+            guided = GraphedInference(guided)
         latents = get_sampler(settings.name)(guided, x_T, timesteps, model.diffusion,
                                              callback=lambda step: progress.update(1), generator=generators,
                                              **settings.options())
@@ -352,6 +359,8 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
     if use_channels_last:  # as the run trained (trainer.channels_last)
         model_to_channels_last(model)
     torch.manual_seed(opt.seed)
+    if opt.cuda_graph and device.type != "cuda":
+        print(f"--cuda_graph: {device} is not a CUDA device, sampling eagerly")
 
     print(f"sampling {count} x {type(model).__name__} {model.channels} x {list(model.image_size)} from "
           f"{checkpoint_path} ({'EMA' if ema else 'raw'} weights, step {checkpoint.get('global_step', '?')}): "
@@ -366,7 +375,8 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
         steps_bar = tqdm(total=len(timesteps), desc="steps", unit="step", leave=False)
         began = time.perf_counter()
         images = draw_batch(model, settings, timesteps, [opt.seed + i for i in indices], batch_conditions, device,
-                            PRECISIONS[opt.precision], steps_bar, use_channels_last)
+                            PRECISIONS[opt.precision], steps_bar, use_channels_last,
+                            opt.cuda_graph and device.type == "cuda")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - began) / len(indices)
@@ -390,6 +400,7 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
                          "key": getattr(model, "cond_stage_key", None) if conditions is not None else None},
         "seed": opt.seed, "n_samples": count, "batch_size": opt.batch_size,
         "device": describe_device(device), "precision": opt.precision,
+        "cuda_graph": bool(opt.cuda_graph and device.type == "cuda"),
         "config": OmegaConf.to_container(config, resolve=True),
     }
     path = writer.finish(manifest)

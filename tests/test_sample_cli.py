@@ -173,6 +173,15 @@ def test_decoding_in_slabs_gives_the_same_samples(ldm_run, tmp_path):
     assert_error(["-r", str(ldm_run), "--cond", "split:test", "--decode_slab", "0"], "--decode_slab must be >= 1")
 
 
+def test_cuda_graph_on_a_cpu_says_so_and_samples_eagerly(ldm_run, tmp_path, capsys):
+    args = ["-r", str(ldm_run), "--cond", "split:test", "--n_samples", "1", "--seed", "5", *FAST]
+    plain, _ = sample(tmp_path, "plain", *args)
+    flagged, manifest = sample(tmp_path, "flagged", *args, "--cuda_graph")
+    assert "--cuda_graph: cpu is not a CUDA device, sampling eagerly" in capsys.readouterr().out
+    assert manifest["cuda_graph"] is False
+    np.testing.assert_array_equal(volume(flagged / "sample_0000.nii.gz"), volume(plain / "sample_0000.nii.gz"))
+
+
 def test_mask_files_as_label_maps_or_one_hot_condition_alike(ldm_run, tmp_path):
     """A test-split mask saved as a one-hot (D, H, W, 3) file, and as a label map stored left-right flipped with a
     matching affine: read in RAS they are the same mask, so the same seed gives the same sample, which takes the
