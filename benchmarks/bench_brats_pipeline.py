@@ -18,9 +18,9 @@ Runs the real command lines on the real configs, changing only the data root, ru
    (50 UNet evaluations + one decode to 4 x 128^3), from manifest.json.
 Each `--layouts` entry repeats 2-4 with trainer.channels_last set accordingly (with +expandable, the CUDA caching
 allocator in expandable-segments mode; with +recompute, recompute_cheap in the trained networks; with +graph,
-trainer.cuda_graph in stage 2: the UNet's forward and backward replayed as CUDA graphs). The loop logs per
-step the loader wait, peak allocated / reserved memory and the allocator's retries, which the table shows beside the
-step times.
+trainer.cuda_graph in stage 2: the UNet's forward and backward replayed as CUDA graphs, and sample.py --cuda_graph).
+The loop logs per step the loader wait, peak allocated / reserved memory and the allocator's retries, which the table
+shows beside the step times, and the first step's duration (autotuning, compilation, capture: "first step s").
 
 Step times are medians of the per-step times the training loop logs (perf/steps_per_s with log_every_n_steps 1)
 after the first `--warmup` steps of each phase (cuDNN autotuning, Triton compilation, loader start-up); peak memory is
@@ -38,6 +38,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -132,10 +133,16 @@ def phase(metrics: dict, first: int, last: int) -> dict:
             "alloc_retries": retries[-1] - retries[0] if retries else float("nan")}
 
 
+def first_step_seconds(log: Path) -> float | None:
+    """The training loop's own "first step: X s" line (autotuning, compilation, graph capture), None if absent."""
+    found = re.search(r"^first step: ([0-9.]+) s", log.read_text(), re.M)
+    return float(found.group(1)) if found else None
+
+
 def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, vgg: str | None, logs: Path) -> dict:
     """variant: contiguous or channels_last, optionally +expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments),
     +recompute (recompute_cheap in the trained networks: the autoencoder, then the UNet) and/or +graph
-    (trainer.cuda_graph in stage 2, the UNet; the autoencoder has no graphed training)."""
+    (trainer.cuda_graph in stage 2, the UNet, and sample.py --cuda_graph; the autoencoder has no graphed training)."""
     layout, *options = variant.split("+")
     if layout not in ("contiguous", "channels_last") or set(options) - {"expandable", "recompute", "graph"}:
         raise ValueError(f"unknown variant {variant!r}: contiguous or channels_last, optionally +expandable, "
@@ -162,12 +169,14 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
             logs / f"ldm_{variant}.log", env)
     ldm_run = only_run(ldm_logs)
     result["ldm"] = phase(read_metrics(ldm_run), 1 + opt.warmup, opt.ldm_steps)
+    result["ldm"]["first_step_s"] = first_step_seconds(logs / f"ldm_{variant}.log")
 
     outdir = work / f"samples_{variant}"
     run_cli(["sample.py", "-r", str(ldm_run), "--cond", "split:test", "--n_samples", str(opt.samples),
              "--batch_size", "1", "--sampler", "ddim", "--steps", "2" if opt.smoke else "50", "--eta", "0",
              "--precision", "32" if opt.smoke else "bf16", "--device", "cpu" if opt.smoke else "cuda",
-             "--outdir", str(outdir)], logs / f"sample_{variant}.log", env)
+             "--outdir", str(outdir), *(["--cuda_graph"] if "graph" in options else [])],
+            logs / f"sample_{variant}.log", env)
     manifest = json.loads((outdir / "manifest.json").read_text())
     seconds = [entry["seconds"] for entry in manifest["samples"]]
     result["sample"] = {"seconds": seconds, "median_s": statistics.median(seconds[1:] or seconds),
@@ -191,7 +200,8 @@ def train_autoencoder(variant: str, tree: Path, work: Path, opt: argparse.Namesp
     run = only_run(ae_logs)
     metrics = read_metrics(run)
     return run / "checkpoints" / "last.ckpt", {
-        "ae": phase(metrics, 1 + opt.warmup, disc_start - 1),
+        "ae": phase(metrics, 1 + opt.warmup, disc_start - 1) | {
+            "first_step_s": first_step_seconds(logs / f"ae_{variant}.log")},
         "ae_gan": phase(metrics, disc_start + 1 + opt.warmup, opt.ae_steps),
         "lpips": "random VGG16" if vgg and not opt.smoke else "off"}
 
@@ -217,10 +227,10 @@ def untrained_autoencoder(path: Path, smoke: bool) -> Path:
 
 def table(results: list[dict]) -> str:
     lines = ["| variant | stage | steps timed | step ms (median) | min ms | loader wait ms | peak GiB | reserved GiB "
-             "| allocator retries |", "|---|---|---|---|---|---|---|---|---|"]
+             "| allocator retries | first step s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['layout']} | failed: {r['error'].splitlines()[0][:120]} | | | | | | | |")
+            lines.append(f"| {r['layout']} | failed: {r['error'].splitlines()[0][:120]} | | | | | | | | |")
             continue
         for key, name in (("ae", f"AE 2x4x128^3 (LPIPS {r.get('lpips')}, GAN idle)"),
                           ("ae_gan", "AE 2x4x128^3 + patch-GAN (2 optimizers)"),
@@ -230,10 +240,11 @@ def table(results: list[dict]) -> str:
             p = r[key]
             lines.append(f"| {r['layout']} | {name} | {p['steps']} ({p['n']}) | {p['step_ms']:.0f} | "
                          f"{p['min_ms']:.0f} | {p['data_wait_ms']:.0f} | {p['peak_gib']:.1f} | "
-                         f"{p['reserved_gib']:.1f} | {p['alloc_retries']:.0f} |")
+                         f"{p['reserved_gib']:.1f} | {p['alloc_retries']:.0f} | "
+                         f"{'' if p.get('first_step_s') is None else format(p['first_step_s'], '.1f')} |")
         s = r["sample"]
         lines.append(f"| {r['layout']} | DDIM 50 steps + decode, 1 sample | {len(s['seconds'])} samples | "
-                     f"{1000 * s['median_s']:.0f} per sample | {1000 * min(s['seconds']):.0f} | | | | |")
+                     f"{1000 * s['median_s']:.0f} per sample | {1000 * min(s['seconds']):.0f} | | | | | |")
     return "\n".join(lines)
 
 
@@ -252,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: contiguous or channels_last, each optionally +expandable "
                              "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for its runs), +recompute "
                              "(recompute_cheap in the autoencoder and the UNet) and/or +graph (trainer.cuda_graph "
-                             "for the UNet)")
+                             "for the UNet, sample.py --cuda_graph)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     opt = parser.parse_args(argv)
     import torch

@@ -17,6 +17,8 @@ def test_smoke_chain_runs_every_stage_and_reports_it(tmp_path, capsys):
     assert logs == {f"{stage}_{variant}.log" for stage in ("ae", "ldm", "sample")}
     # +graph reaches stage 2's command line: on the CPU, trainer.cuda_graph says it has no effect
     assert "trainer.cuda_graph: no effect on cpu" in (tmp_path / "logs" / f"ldm_{variant}.log").read_text()
+    assert "--cuda_graph: cpu is not a CUDA device" in (tmp_path / "logs" / f"sample_{variant}.log").read_text()
+    assert result["ae"]["first_step_s"] >= 0 and result["ldm"]["first_step_s"] >= 0  # the loop's own line
     table = capsys.readouterr().out.strip().splitlines()
     assert table[-6].startswith("| variant | stage |")  # then the separator and one row per stage
     assert all(row.startswith(f"| {variant} | ") for row in table[-4:])
