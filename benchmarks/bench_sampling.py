@@ -7,8 +7,8 @@ with the denoiser eager against replayed from a CUDA graph (`sample.py --cuda_gr
 
 Each variant draws `--samples` samples in batches of `--batch-size` for random tumour masks (one-hot, 4 classes, at
 the image size), bf16 autocast and channels-last on CUDA as the config trains, and decodes them to images; the
-first batch of each variant is a warm-up (cuDNN autotuning, Triton compilation, the graph's capture) and the median
-over the others is reported, as seconds per sample. The graphed samples are checked against the eager ones (max abs
+first batch of each variant is a warm-up (cuDNN autotuning, Triton compilation, the graph's capture, which later
+batches of the same size reuse) and the median over the others is reported, as seconds per sample. The graphed samples are checked against the eager ones (max abs
 difference of the decoded images). `--scale` > 1 samples with classifier-free guidance (two network passes per
 step). Writes DIR/bench_sampling.json ($OUT when set) and prints a markdown table last.
 """
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from ldm.cli import model_config_for  # noqa: E402
 from ldm.engine.memory_format import model_to_channels_last  # noqa: E402
 from ldm.models.diffusion.sampling import timestep_schedule  # noqa: E402
-from ldm.sample_cli import SamplerSettings, draw_batch  # noqa: E402
+from ldm.sample_cli import GuidedDenoiser, SamplerSettings, draw_batch  # noqa: E402
 from ldm.sample_conditions import Condition  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -66,13 +66,14 @@ def random_masks(count: int, image_size: tuple[int, ...], seed: int = 0) -> list
 def draw(model, settings, timesteps, conditions, batch_size: int, device, cuda_graph: bool) -> tuple[list, list]:
     """(seconds per sample of each batch, the images) for all conditions."""
     dtype = torch.bfloat16 if device.type == "cuda" else None
+    denoiser = GuidedDenoiser(model, settings.scale, cuda_graph=cuda_graph)  # one per run, as sample.py keeps it
     seconds, images = [], []
     for start in range(0, len(conditions), batch_size):
         batch = conditions[start:start + batch_size]
         progress = tqdm(total=len(timesteps), leave=False, disable=True)
         began = time.perf_counter()
         out = draw_batch(model, settings, timesteps, [start + i for i in range(len(batch))], batch, device, dtype,
-                         progress, channels_last=device.type == "cuda", cuda_graph=cuda_graph)
+                         progress, channels_last=device.type == "cuda", denoiser=denoiser)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append((time.perf_counter() - began) / len(batch))

@@ -289,13 +289,44 @@ def conditionings(model: torch.nn.Module, conditions: Sequence[Condition] | None
     return cond, null
 
 
+class GuidedDenoiser:
+    """The classifier-free-guided network as a function of tensors only: (x_t, t, *conditioning) -> output, where the
+    conditioning is `arguments(cond, null)` (the set fields of cond, then of null when guidance needs it). With
+    `cuda_graph` it is replayed from a CUDA graph (ldm/engine/inference_graph.py); kept across a run's batches, one
+    graph serves every batch of a shape, since the conditioning is an input of the graph, not a captured constant."""
+
+    def __init__(self, model: torch.nn.Module, scale: float, cuda_graph: bool = False):
+        self.model, self.scale = model, scale
+        self.names: tuple[str, ...] | None = None
+        self.graphed = GraphedInference(self.evaluate) if cuda_graph else None
+
+    def arguments(self, cond: Conditioning, null: Conditioning) -> tuple[torch.Tensor, ...]:
+        names = tuple(cond.tensors())
+        if self.names is None:
+            self.names = names
+        elif names != self.names:
+            raise ValueError(f"GuidedDenoiser: conditioning fields {names}, earlier batches had {self.names}")
+        tensors = tuple(cond.tensors().values())
+        return tensors + (tuple(getattr(null, name) for name in names) if self.scale != 1.0 else ())
+
+    def evaluate(self, x: torch.Tensor, t: torch.Tensor, *conditioning: torch.Tensor) -> torch.Tensor:
+        count = len(self.names or ())
+        cond = Conditioning(**dict(zip(self.names or (), conditioning[:count])))
+        null = Conditioning(**dict(zip(self.names or (), conditioning[count:]))) if self.scale != 1.0 else cond
+        return classifier_free_guidance(self.model.apply_model, cond, null, self.scale)(x, t)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *conditioning: torch.Tensor) -> torch.Tensor:
+        return (self.graphed or self.evaluate)(x, t, *conditioning)
+
+
 @torch.no_grad()
 def draw_batch(model: torch.nn.Module, settings: SamplerSettings, timesteps: torch.Tensor, seeds: Sequence[int],
                conditions: Sequence[Condition] | None, device: torch.device, dtype: torch.dtype | None,
-               progress: tqdm, channels_last: bool = False, cuda_graph: bool = False) -> torch.Tensor:
+               progress: tqdm, channels_last: bool = False,
+               denoiser: GuidedDenoiser | None = None) -> torch.Tensor:
     """Images (B, C, *spatial) in [-1, 1] for one batch; item i from noise seeded with seeds[i]; with
-    `channels_last` the noise is stored channels-last (as the model's weights are then); with `cuda_graph` the
-    guided denoiser is replayed from a CUDA graph captured for this batch (ldm/engine/inference_graph.py)."""
+    `channels_last` the noise is stored channels-last (as the model's weights are then). `denoiser`: the run's
+    GuidedDenoiser (default: a new, eager one)."""
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     x_T = torch.cat([torch.randn(1, model.channels, *model.image_size, generator=g) for g in generators]).to(device)
     if channels_last:
@@ -303,10 +334,9 @@ def draw_batch(model: torch.nn.Module, settings: SamplerSettings, timesteps: tor
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
         cond, null = conditionings(model, conditions, device)
-        guided = classifier_free_guidance(model.apply_model, cond, null, settings.scale)
-        if cuda_graph:
-            guided = GraphedInference(guided)
-        latents = get_sampler(settings.name)(guided, x_T, timesteps, model.diffusion,
+        denoiser = denoiser or GuidedDenoiser(model, settings.scale)
+        arguments = denoiser.arguments(cond, null)
+        latents = get_sampler(settings.name)(lambda x, t: denoiser(x, t, *arguments), x_T, timesteps, model.diffusion,
                                              callback=lambda step: progress.update(1), generator=generators,
                                              **settings.options())
         images = model.decode(latents)
@@ -368,6 +398,7 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
           f"{settings.scale}, {describe_device(device)}, precision {opt.precision}, conditioning "
           f"{'none' if conditions is None else f'{len(conditions)} from {opt.cond}'} -> {outdir}")
     writer = SampleWriter(outdir)
+    denoiser = GuidedDenoiser(model, settings.scale, cuda_graph=opt.cuda_graph and device.type == "cuda")
     samples_bar = tqdm(total=count, desc="samples", unit="sample")
     for start in range(0, count, opt.batch_size):
         indices = list(range(start, min(start + opt.batch_size, count)))
@@ -375,8 +406,7 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
         steps_bar = tqdm(total=len(timesteps), desc="steps", unit="step", leave=False)
         began = time.perf_counter()
         images = draw_batch(model, settings, timesteps, [opt.seed + i for i in indices], batch_conditions, device,
-                            PRECISIONS[opt.precision], steps_bar, use_channels_last,
-                            opt.cuda_graph and device.type == "cuda")
+                            PRECISIONS[opt.precision], steps_bar, use_channels_last, denoiser)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - began) / len(indices)

@@ -182,6 +182,30 @@ def test_cuda_graph_on_a_cpu_says_so_and_samples_eagerly(ldm_run, tmp_path, caps
     np.testing.assert_array_equal(volume(flagged / "sample_0000.nii.gz"), volume(plain / "sample_0000.nii.gz"))
 
 
+class _Network(torch.nn.Module):
+    """apply_model(x, t, cond) = x * (1 + concat mean) + t: a stand-in whose guided output is easy to check."""
+
+    def apply_model(self, x, t, cond):
+        return x * (1 + cond.concat.mean(dim=(1, 2, 3), keepdim=True)) + t.view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_guided_denoiser_takes_the_conditioning_as_tensors(scale):
+    from ldm.models.diffusion.conditioning import Conditioning, classifier_free_guidance
+    from ldm.sample_cli import GuidedDenoiser
+
+    network = _Network()
+    x, t = torch.randn(2, 2, 4, 4), torch.tensor([3.0, 5.0])
+    cond, null = Conditioning(concat=torch.rand(2, 1, 4, 4)), Conditioning(concat=torch.zeros(2, 1, 4, 4))
+    denoiser = GuidedDenoiser(network, scale)
+    arguments = denoiser.arguments(cond, null)
+    assert len(arguments) == (1 if scale == 1.0 else 2)
+    expected = classifier_free_guidance(network.apply_model, cond, null, scale)(x, t)
+    torch.testing.assert_close(denoiser(x, t, *arguments), expected)
+    with pytest.raises(ValueError, match="conditioning fields"):
+        denoiser.arguments(Conditioning(y=torch.tensor([1, 2])), Conditioning(y=torch.tensor([0, 0])))
+
+
 def test_mask_files_as_label_maps_or_one_hot_condition_alike(ldm_run, tmp_path):
     """A test-split mask saved as a one-hot (D, H, W, 3) file, and as a label map stored left-right flipped with a
     matching affine: read in RAS they are the same mask, so the same seed gives the same sample, which takes the

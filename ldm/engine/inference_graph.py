@@ -9,9 +9,9 @@ across calls (multistep solvers do).
 
 What `fn` must be (as for any CUDA graph): free of host synchronisation and of Python decisions on tensor values; its
 other tensors (weights, a sampling batch's conditioning, captured in a closure) must stay alive and in place between
-calls, and change only in place: the graph reads them at the addresses it was captured with. A GraphedInference is
-made per sampling batch (its conditioning is fixed there). Inputs on another device, or calls with autograd
-enabled, run `fn` eagerly.
+calls, and change only in place: the graph reads them at the addresses it was captured with (sample.py passes a
+batch's conditioning as inputs, `ldm.sample_cli.GuidedDenoiser`, so one graph serves all its batches of a size).
+Inputs on another device, or calls with autograd enabled, run `fn` eagerly.
 """
 from __future__ import annotations
 

@@ -66,3 +66,33 @@ def test_ddim_through_the_graph_matches_eager_ddim():
         replayed = sample_ddim(graphed, x_T, timesteps, diffusion)
     torch.testing.assert_close(replayed, eager, atol=1e-5, rtol=1e-5)
     assert graphed.replays == 10
+
+
+@cuda
+def test_one_graph_serves_batches_with_other_conditioning():
+    """sample.py keeps one GuidedDenoiser per run: a second batch's conditioning is copied into the graph's inputs,
+    not captured again, and gives what an eager call with it gives."""
+    from ldm.models.diffusion.conditioning import Conditioning
+    from ldm.sample_cli import GuidedDenoiser
+
+    class Network(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = UNetModel(image_size=8, dims=3, in_channels=3, out_channels=2, model_channels=32,
+                                  num_res_blocks=1, attention_resolutions=[2], channel_mult=(1, 2),
+                                  num_head_channels=16).cuda().eval()
+
+        def apply_model(self, x, t, cond):
+            return self.unet(*cond.unet_inputs(x)[:1], t)
+
+    torch.manual_seed(0)
+    network = Network()
+    graphed, eager = GuidedDenoiser(network, 2.0, cuda_graph=True), GuidedDenoiser(network, 2.0)
+    x, t = torch.randn(1, 2, 8, 8, 8, device="cuda"), torch.tensor([7], device="cuda")
+    with torch.no_grad():
+        for seed in range(3):
+            mask = torch.rand(1, 1, 8, 8, 8, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            cond, null = Conditioning(concat=mask), Conditioning(concat=torch.zeros_like(mask))
+            got = graphed(x, t, *graphed.arguments(cond, null))
+            torch.testing.assert_close(got, eager(x, t, *eager.arguments(cond, null)), atol=1e-5, rtol=1e-5)
+    assert (graphed.graphed.captures, graphed.graphed.replays) == (1, 3)

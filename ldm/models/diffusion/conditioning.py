@@ -28,7 +28,8 @@ class Conditioning:
     context: torch.Tensor | None = None
     y: torch.Tensor | None = None
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name, in field order."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     def unet_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
@@ -40,11 +41,11 @@ class Conditioning:
         """Per item: this conditioning where keep (B,) bool is True, `null` elsewhere."""
         def pick(mine: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
             return torch.where(keep.view(-1, *([1] * (mine.ndim - 1))), mine, other.to(mine.dtype))
-        return replace(self, **{name: pick(value, getattr(null, name)) for name, value in self._tensors().items()})
+        return replace(self, **{name: pick(value, getattr(null, name)) for name, value in self.tensors().items()})
 
     def cat(self, other: "Conditioning") -> "Conditioning":
         """Both conditionings stacked along the batch axis (self first)."""
-        stacked = {name: torch.cat([value, getattr(other, name)]) for name, value in self._tensors().items()}
+        stacked = {name: torch.cat([value, getattr(other, name)]) for name, value in self.tensors().items()}
         return replace(self, **stacked)
 
 
@@ -105,7 +106,7 @@ def build_conditioning(conditioning_key: str | None, c: torch.Tensor | None, lat
 def drop_conditions(cond: Conditioning, null: Conditioning, rate: float,
                     generator: torch.Generator | None = None) -> Conditioning:
     """Classifier-free guidance training: each item's conditioning replaced by `null` with probability `rate`."""
-    tensors = cond._tensors()
+    tensors = cond.tensors()
     if not rate or not tensors:
         return cond
     reference = next(iter(tensors.values()))
