@@ -26,6 +26,12 @@ def _signature(args: tuple[torch.Tensor, ...]) -> tuple:
     return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in args) + (autocast,)
 
 
+def static_inputs(args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Writable copies of the arguments for a graph's inputs: in the argument's layout where that is dense
+    (channels-last stays so), else contiguous (the samplers' t is an expanded tensor, which cannot be written to)."""
+    return [a.clone() for a in args]
+
+
 class GraphedInference:
     """fn(*tensors) -> tensor, replayed from CUDA graphs; keeps the graphs of the last `max_graphs` signatures.
 
@@ -59,7 +65,7 @@ class GraphedInference:
         return output.clone()
 
     def _capture(self, args: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]:
-        inputs = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a) for a in args]
+        inputs = static_inputs(args)
         enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
         # Autocast's cast cache must be off: a cast cached outside the capture would be read, not made, by the graph.
         with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):

@@ -31,6 +31,20 @@ def test_without_cuda_tensors_or_with_autograd_the_function_runs_eagerly():
         GraphedInference(fn, warmup=0)
 
 
+def test_static_inputs_are_writable_copies_in_dense_layouts():
+    """The graph's inputs take every later call's arguments by copy_: an expanded t (stride 0, what the samplers
+    pass) must become a dense tensor, a channels-last x keep its layout."""
+    from ldm.engine.inference_graph import static_inputs
+
+    x = torch.randn(2, 3, 4, 5, 6).to(memory_format=torch.channels_last_3d)
+    t = torch.tensor(7).expand(2)
+    static_x, static_t = static_inputs((x, t))
+    assert static_x.stride() == x.stride() and static_t.stride() == (1,)
+    static_t.copy_(torch.tensor(9).expand(2))  # as each replay does
+    static_x.copy_(x * 2)
+    assert static_t.tolist() == [9, 9] and torch.equal(static_x, x * 2)
+
+
 def tiny_unet() -> UNetModel:
     torch.manual_seed(0)
     return UNetModel(image_size=8, dims=3, in_channels=2, out_channels=2, model_channels=32, num_res_blocks=1,
