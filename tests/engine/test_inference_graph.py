@@ -61,7 +61,7 @@ def test_replays_equal_eager_calls_and_outputs_are_copies():
         outputs = [graphed(x * k, torch.tensor([k, 2 * k], device="cuda")) for k in (1, 5, 9)]
         expected = [unet(x * k, torch.tensor([k, 2 * k], device="cuda")) for k in (1, 5, 9)]
         for got, want in zip(outputs, expected):
-            torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)  # bf16: a couple of ulps at most
         assert outputs[0].data_ptr() != outputs[1].data_ptr()  # each call's output survives the next
         assert (graphed.captures, graphed.replays, len(calls)) == (1, 3, 3)  # 2 warm-ups + 1 capture
         graphed(torch.randn(1, 2, 8, 8, 8, device="cuda"), torch.tensor([3], device="cuda"))  # another signature
