@@ -253,7 +253,6 @@ class Trainer:
         if resume is not None:
             ckpt.load_model_state(model, resume["state_dict"], "the checkpoint to resume from")
         module, optimizers, schedulers = self._setup(model)
-        self.problems: list[list[str]] = [[] for _ in optimizers]
         self.pending: list[list[tuple]] = [[] for _ in optimizers]  # (loss, scalars) of the step's micro-batches
         if resume is not None:
             self._restore(resume, optimizers, schedulers)
@@ -388,9 +387,11 @@ class Trainer:
                     boundary: bool) -> dict:
         """Forward and backward of one batch for every optimizer; optimizer steps on accumulation boundaries.
 
-        Nothing here waits for the GPU: the losses are checked at the optimizer step, with the gradients. A
-        non-finite loss in any micro-batch skips that optimizer's whole step (no partial step on the others)."""
+        Forward and backward do not wait for the GPU: the losses are checked at the optimizer step, with the
+        gradients. A non-finite loss in any micro-batch skips that optimizer's whole step (no partial step on the
+        others)."""
         logged: dict = {}
+        problems: list[str] = []
         for index, optimizer in enumerate(optimizers):
             self.raw_model.global_step = self.global_step
             with self._only_optimizing(optimizers, index):
@@ -399,15 +400,15 @@ class Trainer:
                     self.fabric.backward(loss / accumulate)
                 self.pending[index].append((loss.detach(), scalars))
                 if boundary:
-                    self._optimizer_step(module, optimizer, index, schedulers, logged)
+                    problems += self._optimizer_step(module, optimizer, index, schedulers, logged)
         if boundary:
             self.mid_step = False
-            self.guard.end_step(self.global_step, [p for problems in self.problems for p in problems])
-            self.problems = [[] for _ in optimizers]
+            self.guard.end_step(self.global_step, problems)
         return logged
 
-    def _optimizer_step(self, module, optimizer, index: int, schedulers, logged: dict) -> None:
-        """Check the step's losses (every micro-batch) and gradients, then clip and step, or skip a bad step.
+    def _optimizer_step(self, module, optimizer, index: int, schedulers, logged: dict) -> list[str]:
+        """Check the step's losses (every micro-batch) and gradients, then clip and step, or skip a bad step; returns
+        what was not finite (empty for a good step).
 
         One read from the GPU per step: the finiteness flag (all-reduced: every rank decides alike), the gradient
         norm and the logged scalars together. Under the fp16 grad scaler the losses are read first and the
@@ -430,21 +431,20 @@ class Trainer:
         logged.update(per_batch[-1])
         if norm is not None:
             logged[f"train/grad_norm_{index}"] = norm
+        problems = []
         if finite != 1.0:  # a NaN loss's gradients are NaN too: name the loss, not its consequence
-            bad_losses = [describe_loss(loss, terms, index) for loss, terms in zip(losses, per_batch)
-                          if not math.isfinite(loss)]
-            if bad_losses:
-                self.problems[index] += bad_losses
-            elif norm is not None and not math.isfinite(norm):
-                self.problems[index].append(f"gradient norm of optimizer {index} = {norm:.4g}")
-            else:
-                self.problems[index].append(f"another rank's loss or gradients of optimizer {index}")
+            problems = [describe_loss(loss, terms, index) for loss, terms in zip(losses, per_batch)
+                        if not math.isfinite(loss)]
+            if not problems:
+                problems = [f"gradient norm of optimizer {index} = {norm:.4g}" if norm is not None and not
+                            math.isfinite(norm) else f"another rank's loss or gradients of optimizer {index}"]
         else:
             self.mid_step = True
             optimizer.step()  # with fp16 the scaler skips steps whose gradients overflowed
             if index < len(schedulers):
                 schedulers[index].step()
         optimizer.zero_grad(set_to_none=True)
+        return problems
 
     def _log_step(self, scalars: dict, optimizers, rate: float, data_wait: float, progress) -> None:
         lrs = {f"lr/optimizer_{i}": opt.param_groups[0]["lr"] for i, opt in enumerate(optimizers)}

@@ -49,7 +49,7 @@ def test_a_step_waits_for_the_gpu_once(clip):
                                            "gradient_clip_val": clip}))
     model = ToyRegressor(two_optimizers=True)
     module, optimizers, schedulers = trainer._setup(model)
-    trainer.problems, trainer.pending = [[], []], [[], []]
+    trainer.pending = [[], []]
     batch = {"image": torch.randn(2, 1, 4, 4, device="cuda"), "target": torch.randn(2, 1, device="cuda"),
              "index": torch.tensor([0, 1])}
     model.seen_indices = []
@@ -129,7 +129,7 @@ def test_under_a_grad_scaler_gradients_are_unscaled_only_on_a_good_step(monkeypa
     model = ToyRegressor(nan_from_step=1)
     model.learning_rate = 0.1
     module, optimizers, schedulers = trainer._setup(model)
-    trainer.problems, trainer.pending = [[]], [[]]
+    trainer.pending = [[]]
     monkeypatch.setattr(Trainer, "_scaler", object())
     clipped = []
     real_clip = trainer.fabric.clip_gradients
