@@ -190,9 +190,7 @@ def main() -> None:
     if args.input_bias:
         variants["ours, separate bias add"] = add_then_ours
     for spec in filter(None, args.tunings.split(";")):
-        fields = {key: (value == "True") if value in ("True", "False") else int(value)
-                  for key, value in (item.split("=") for item in spec.split(","))}
-        variants[f"ours {spec}"] = ours(GroupNormTuning(**fields))
+        variants[f"ours {spec}"] = ours(GroupNormTuning.parse(spec))
     if not args.no_compile:  # one specialisation per shape and layout: lift dynamo's recompile limit above 8
         torch._dynamo.config.cache_size_limit = torch._dynamo.config.recompile_limit = 64
         variants["compile"] = torch.compile(eager, dynamic=False)

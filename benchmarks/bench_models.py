@@ -449,15 +449,6 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def parse_gn_tuning(spec: str):
-    """'packed_lanes=True,forward_tile=4096' -> GroupNormTuning (ints and True/False)."""
-    from kernels.group_norm import GroupNormTuning  # Triton: only where the triton kernels run
-
-    fields = {key: (value == "True") if value in ("True", "False") else int(value)
-              for key, value in (item.split("=", 1) for item in spec.split(","))}
-    return GroupNormTuning(**fields)
-
-
 def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torch.device, row: dict) -> None:
     """Builds one variant, trains it for warm-up + timed steps and fills `row` with what was measured."""
     torch.manual_seed(0)
@@ -470,7 +461,8 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
              else build_monai(case, variant.flash))
     set_recompute_cheap(model, variant.recompute)
     if variant.gn_tuning:
-        set_group_norm_tuning(model, parse_gn_tuning(variant.gn_tuning))
+        from kernels.group_norm import GroupNormTuning  # Triton: only where the triton kernels run
+        set_group_norm_tuning(model, GroupNormTuning.parse(variant.gn_tuning))
     row["params"] = parameter_count(model)
     model = model.to(device=device).train()
     x = torch.randn(case.input_shape, device=device).clamp(-1, 1)

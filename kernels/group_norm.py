@@ -215,6 +215,26 @@ class GroupNormTuning:
     barrier: bool | None = None
     packed_lanes: bool = False  # True: channels-last padded groups in packed lanes (see _plan; not yet timed)
 
+    @classmethod
+    def parse(cls, spec: str) -> "GroupNormTuning":
+        """'forward_tile=4096,packed_lanes=True' (benchmarks' command lines) -> GroupNormTuning; an unknown field or
+        a value that is not an integer, True or False raises ValueError naming it."""
+        fields: dict = {}
+        for item in filter(None, spec.split(",")):
+            key, _, value = item.partition("=")
+            if key not in cls.__dataclass_fields__:
+                raise ValueError(f"GroupNormTuning: unknown field {key!r} in {spec!r} (fields: "
+                                 f"{', '.join(cls.__dataclass_fields__)})")
+            constants = {"True": True, "False": False, "None": None}
+            if value in constants:
+                fields[key] = constants[value]
+                continue
+            try:
+                fields[key] = int(value)
+            except ValueError:
+                raise ValueError(f"GroupNormTuning: {key}={value!r} is not an integer, True, False or None") from None
+        return cls(**fields)
+
 
 def _scratch(shape: tuple[int, int], plan: _Plan, per_part: int, device: torch.device,
              count: int = 2) -> tuple[torch.Tensor, ...]:

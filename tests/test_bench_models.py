@@ -33,15 +33,20 @@ def test_quick_run_measures_every_variant(tmp_path, capsys):
 
 
 def test_gn_tunings_add_labelled_triton_variants():
-    from benchmarks.bench_models import parse_args, parse_gn_tuning, variants
+    from benchmarks.bench_models import parse_args, variants
+    from kernels.group_norm import GroupNormTuning
 
     args = parse_args(["--kernels", "triton", "--channels-last-only", "--no-monai",
                        "--gn-tunings", "packed_lanes=True;forward_tile=4096,packed_lanes=False"])
     labels = [v.label for v in variants(args, torch.device("cpu"))]
     assert labels == ["ours triton CL", "ours triton CL [packed_lanes=True]",
                       "ours triton CL [forward_tile=4096,packed_lanes=False]"]
-    tuning = parse_gn_tuning("forward_tile=4096,packed_lanes=True")
-    assert (tuning.forward_tile, tuning.packed_lanes) == (4096, True)
+    tuning = GroupNormTuning.parse("forward_tile=4096,packed_lanes=True,splits=None")
+    assert (tuning.forward_tile, tuning.packed_lanes, tuning.splits) == (4096, True, None)
+    with pytest.raises(ValueError, match="unknown field 'packed'"):
+        GroupNormTuning.parse("packed=True")
+    with pytest.raises(ValueError, match="forward_tile='big' is not an integer"):
+        GroupNormTuning.parse("forward_tile=big")
 
 
 def test_profile_prints_the_top_ops(capsys):
