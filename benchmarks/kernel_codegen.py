@@ -39,11 +39,11 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime import jit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import channel_sum, concat, group_norm, residual_add, thin_conv, upsample  # noqa: E402
+from kernels import channel_sum, concat, group_norm, master_adamw, residual_add, thin_conv, upsample  # noqa: E402
 from ldm.engine.memory_format import channels_last  # noqa: E402
 
 # The modules whose ops check `_INTERPRET` to accept CPU tensors, and those that size grids by `multiprocessors`.
-KERNEL_MODULES = (channel_sum, concat, group_norm, residual_add, upsample)
+KERNEL_MODULES = (channel_sum, concat, group_norm, master_adamw, residual_add, upsample)
 SIZED_BY_MULTIPROCESSORS = (channel_sum, group_norm, thin_conv)
 
 
@@ -130,6 +130,15 @@ def case_thin_conv():
     forward_backward(thin_conv.thin_conv3d(h, w_out), h, w_out)
 
 
+def case_master_adamw():
+    """AdamW with fp32 masters over a few of the UNet's weights (a channels-last 3x3x3 convolution, a linear one)."""
+    weights = [channels_last(torch.zeros(256, 256, 3, 3, 3, dtype=torch.bfloat16)),
+               torch.zeros(1024, 512, dtype=torch.bfloat16)]
+    fp32 = [[torch.zeros_like(w, dtype=torch.float32) for w in weights] for _ in range(3)]
+    master_adamw.master_adamw_step(weights, [torch.zeros_like(w) for w in weights], *fp32, lr=1e-4, beta1=0.9,
+                                   beta2=0.999, eps=1e-8, weight_decay=0.01, step=1)
+
+
 CASES = {
     "group_norm_4x128x32^3": case_group_norm((4, 128, 32, 32, 32), input_bias=False),
     "group_norm_4x256x16^3": case_group_norm((4, 256, 16, 16, 16), input_bias=False),
@@ -139,6 +148,7 @@ CASES = {
     "group_norm_4x384x32^3": case_group_norm((4, 384, 32, 32, 32), input_bias=False),
     "group_norm_4x384x32^3_packed": case_group_norm((4, 384, 32, 32, 32), input_bias=False, packed_lanes=True),
     "group_norm_4x768x16^3_packed": case_group_norm((4, 768, 16, 16, 16), input_bias=False, packed_lanes=True),
+    "master_adamw": case_master_adamw,
     "concat": case_concat,
     "upsample": case_upsample,
     "residual_add": case_residual_add,
