@@ -49,6 +49,32 @@ def test_gn_tunings_add_labelled_triton_variants():
         GroupNormTuning.parse("forward_tile=big")
 
 
+def test_master_weights_store_the_weights_autocast_casts_in_bf16():
+    """--master-weights: the convolutions' and linear layers' weights go to bf16 under MasterWeightAdamW, the
+    parameters used in fp32 (norms, the concatenated embedding projections) stay fp32 under AdamW. (Timed on a GPU
+    only: this CPU's bf16 3D convolutions give garbage weight gradients, README: bench_models.)"""
+    from benchmarks.bench_models import (QUICK_CASES, Variant, build_ours, make_loss, master_weight_optimizers,
+                                         parse_args, variants)
+    from ldm.engine.master_weights import MasterWeightAdamW
+
+    case = QUICK_CASES["unet"]
+    model = build_ours(case, "torch", compvis_decoder=False).train()
+    loss_fn = make_loss(case, Variant("ours", "torch"), model, torch.randn(case.input_shape))
+    half, rest = master_weight_optimizers(model, loss_fn, torch.device("cpu"))
+    assert isinstance(half, MasterWeightAdamW) and isinstance(rest, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    converted = {names[id(p)] for p in half.param_groups[0]["params"]}
+    assert {"input_blocks.1.0.in_conv.weight", "output_blocks.0.1.attn.to_out.weight", "out.1.weight"} <= converted
+    assert not any("norm" in n or "emb_proj" in n or "to_q" in n for n in converted)  # used in fp32 or concatenated
+    assert all(p.dtype == torch.bfloat16 for p in half.param_groups[0]["params"])
+    assert all(p.dtype == torch.float32 for p in rest.param_groups[0]["params"])
+    labels = [v.label for v in variants(parse_args(["--kernels", "torch", "--no-monai", "--precision", "bf16",
+                                                     "--master-weights"]), torch.device("cpu"))]
+    assert labels == ["ours torch", "ours torch MW"]
+    with pytest.raises(SystemExit):
+        parse_args(["--master-weights", "--precision", "fp32"])
+
+
 def test_profile_prints_the_top_ops(capsys):
     x = torch.randn(64, 64, requires_grad=True)
     print_top_kernels(lambda: (x @ x).sum().backward(), torch.device("cpu"), "matmul", top=3)
