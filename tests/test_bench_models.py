@@ -51,8 +51,8 @@ def test_gn_tunings_add_labelled_triton_variants():
 
 def test_master_weights_store_the_weights_autocast_casts_in_bf16():
     """--master-weights: the convolutions' and linear layers' weights go to bf16 under MasterWeightAdamW, the
-    parameters used in fp32 (norms, the concatenated embedding projections) stay fp32 under AdamW. (Timed on a GPU
-    only: this CPU's bf16 3D convolutions give garbage weight gradients, README: bench_models.)"""
+    parameters used in fp32 (norms, the concatenated embedding projections) stay fp32 under AdamW. (Trained on a GPU
+    only: bf16 3D convolutions' weight gradients are garbage on some CPUs, see bench_models --precision.)"""
     from benchmarks.bench_models import (QUICK_CASES, Variant, build_ours, make_loss, master_weight_optimizers,
                                          parse_args, variants)
     from ldm.engine.master_weights import MasterWeightAdamW
