@@ -159,29 +159,29 @@ def master_adamw_step(weights: Sequence[torch.Tensor], grads: Sequence[torch.Ten
                       exp_avg_sqs: Sequence[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                       weight_decay: float, step: int, tables: LaunchTables | None = None) -> LaunchTables | None:
     """One AdamW step (`step` counts from 1) for all tensors in one launch (see the module docstring); returns the
-    launch tables to pass back next step (None where the reference ran). One weight dtype per call."""
-    _check(weights, grads, masters, exp_avgs, exp_avg_sqs)
+    launch tables to pass back next step (None where the reference ran). One weight dtype per call. The tensors are
+    checked when their addresses change (every call where gradients are fresh allocations, once where a CUDA graph
+    hands over the same buffers each step)."""
+    rows = [[w.data_ptr(), g.data_ptr(), m.data_ptr(), a.data_ptr(), s.data_ptr(), w.numel()]
+            for w, g, m, a, s in zip(weights, grads, masters, exp_avgs, exp_avg_sqs)]
+    if tables is None or rows != tables.rows:
+        _check(weights, grads, masters, exp_avgs, exp_avg_sqs)
     if not weights:
         return tables
-    if not (weights[0].is_cuda or _INTERPRET):
+    reference = not (weights[0].is_cuda or _INTERPRET) or any(address % 16 for row in rows for address in row[:5])
+    if reference:  # CPU tensors outside the interpreter, or an address the kernel's 16-byte accesses cannot take
         master_adamw_reference(weights, grads, masters, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2,
                                eps=eps, weight_decay=weight_decay, step=step)
         return None
     dtypes = {w.dtype for w in weights}
     if len(dtypes) != 1:
         raise ValueError(f"master_adamw_step: one weight dtype per call, got {sorted(map(str, dtypes))}")
-    if any(t.data_ptr() % 16 for group in (weights, grads, masters, exp_avgs, exp_avg_sqs) for t in group):
-        master_adamw_reference(weights, grads, masters, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2,
-                               eps=eps, weight_decay=weight_decay, step=step)  # the kernel assumes 16-byte alignment
-        return tables
     device = weights[0].device
-    counts = [w.numel() for w in weights]
-    if tables is None or tables.counts != tuple(counts) or tables.device != device:
+    counts = tuple(row[5] for row in rows)
+    if tables is None or tables.counts != counts or tables.device != device:
         tables = LaunchTables(counts, device)
-    table = tables.addresses([[w.data_ptr(), g.data_ptr(), m.data_ptr(), a.data_ptr(), s.data_ptr(), n]
-                              for w, g, m, a, s, n in zip(weights, grads, masters, exp_avgs, exp_avg_sqs, counts)])
     grid = (tables.block_tensor.numel(),)
-    _master_adamw_kernel[grid](table, tables.block_tensor, tables.block_start, 1 - lr * weight_decay, beta1, beta2,
-                               eps, lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5, BLOCK=BLOCK,
+    _master_adamw_kernel[grid](tables.addresses(rows), tables.block_tensor, tables.block_start, 1 - lr * weight_decay,
+                               beta1, beta2, eps, lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5, BLOCK=BLOCK,
                                WEIGHT_DTYPE=_WEIGHT_DTYPES[dtypes.pop()], num_warps=4)
     return tables
