@@ -495,10 +495,11 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     row["conv_tflop_per_step"] = scale * conv_flops(counted_loss, device, args.precision) / 1e12  # before any graph
     model.zero_grad(set_to_none=True)
     progress(f"conv FLOPs counted ({row['conv_tflop_per_step']:.2f} TFLOP per step)")
+    # Before any graph: the probe would otherwise capture one, with the fp32 weights the conversion then frees.
+    optimizers = master_weight_optimizers(model, loss_fn, device) if variant.master_weights else None
     if variant.graph_network:
         for name, network in graphed_networks(case, variant, model).items():
             graph_training_forward(network, name, cast_weights_once=variant.weight_casts == "once")
-    optimizers = master_weight_optimizers(model, loss_fn, device) if variant.master_weights else None
     step = (make_graphed_step(model, loss_fn, device, args.precision) if variant.graph
             else make_step(model, loss_fn, device, args.precision, optimizers))
     warmup = []
