@@ -19,6 +19,7 @@ from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from tqdm.auto import tqdm
 
 from ldm.engine import checkpoint as ckpt
+from ldm.engine import cpu_bf16
 from ldm.engine.config import TrainerConfig, fabric_kwargs
 from ldm.engine.cuda_graph import graph_training_forward
 from ldm.engine.guard import NonFiniteLossError, StepGuard, describe_loss, gradient_norm
@@ -105,6 +106,10 @@ class Trainer:
         return batch_to_channels_last(batch) if self.channels_last else batch
 
     def _setup(self, model: torch.nn.Module):
+        if self.fabric.device.type == "cpu" and self.config.precision not in ("32", "32-true", "64", "64-true"):
+            warning = cpu_bf16.warn_if_unsound(model)
+            if warning and self.is_global_zero:
+                tqdm.write(warning)
         if self.channels_last:
             model_to_channels_last(model)
         if self.sharded:  # FSDP: optimizers must see the wrapped (sharded) parameters
