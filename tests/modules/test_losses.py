@@ -75,6 +75,14 @@ def test_actnorm_initialises_to_zero_mean_unit_variance_on_first_training_batch(
     loc = norm.loc.clone()
     norm(x * 3)  # initialised once only
     assert torch.equal(norm.loc, loc)
+    restored = ActNorm(3, dims=3)
+    restored.load_state_dict(norm.state_dict())  # initialised in the checkpoint: not again
+    restored(x * 3)
+    assert torch.equal(restored.loc, loc)
+    fresh = ActNorm(3, dims=3)
+    fresh.load_state_dict(ActNorm(3, dims=3).state_dict())  # never initialised: the first batch still does it
+    fresh(x)
+    torch.testing.assert_close(fresh.loc, loc)
     disc = NLayerDiscriminator(input_nc=1, ndf=4, n_layers=1, use_actnorm=True, dims=2)
     assert any(isinstance(m, ActNorm) for m in disc.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in disc.modules())

@@ -19,6 +19,13 @@ class ActNorm(nn.Module):
         self.loc = nn.Parameter(torch.zeros(shape))
         self.scale = nn.Parameter(torch.ones(shape))
         self.register_buffer("initialized", torch.tensor(False))
+        # A host copy of the flag, so that a forward does not wait for the GPU to read it; a load refreshes it.
+        self._initialized = False
+        self.register_load_state_dict_post_hook(ActNorm._read_loaded_flag)
+
+    @staticmethod
+    def _read_loaded_flag(module: "ActNorm", incompatible_keys) -> None:
+        module._initialized = bool(module.initialized)
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
@@ -26,9 +33,10 @@ class ActNorm(nn.Module):
         self.loc.copy_(-per_channel.mean(dim=1).view_as(self.loc))
         self.scale.copy_(1.0 / (per_channel.std(dim=1) + 1e-6).view_as(self.scale))
         self.initialized.fill_(True)
+        self._initialized = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not bool(self.initialized):
+        if self.training and not self._initialized:
             self._initialize(x)
         return self.scale * (x + self.loc)
 
