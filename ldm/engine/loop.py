@@ -380,12 +380,12 @@ class Trainer:
 
     def _signalled(self, flags) -> tuple[bool, bool]:
         """(save, exit) requested on any rank; one snapshot of both flags, one collective (none in one process)."""
+        exit_requested = flags.exit_requested  # read once: a SIGTERM between two reads must not exit unsaved
+        save_requested = flags.save_requested or exit_requested
         if self.fabric.world_size == 1:
-            return flags.save_requested or flags.exit_requested, flags.exit_requested
-        requested = torch.tensor([flags.save_requested or flags.exit_requested, flags.exit_requested],
-                                 dtype=torch.float32, device=self.fabric.device)
-        if self.fabric.world_size > 1:
-            requested = self.fabric.all_reduce(requested, reduce_op="max") * self.fabric.world_size
+            return save_requested, exit_requested
+        requested = torch.tensor([save_requested, exit_requested], dtype=torch.float32, device=self.fabric.device)
+        requested = self.fabric.all_reduce(requested, reduce_op="max") * self.fabric.world_size
         return bool(requested[0] > 0), bool(requested[1] > 0)
 
     def _micro_step(self, module, optimizers, schedulers, batch, batch_idx: int, accumulate: int,
