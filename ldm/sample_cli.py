@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode in slabs of ROWS output rows along the first spatial axis (exact, for volumes "
                              "whose decode does not fit at once; default: the autoencoder's ddconfig.decode_slab)")
     parser.add_argument("--cuda_graph", action="store_true",
-                        help="replay the denoiser from a CUDA graph captured once per batch (the host launches one "
-                             "graph per step instead of the network's kernels; CUDA only)")
+                        help="replay the denoiser from a CUDA graph captured once per batch size (the host launches "
+                             "one graph per step instead of the network's kernels; CUDA only)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("-s", "--seed", type=int, default=23, help="sample i uses seed + i")
     parser.add_argument("--outdir", default=None, help="default: <run>/samples/<timestamp>/")
@@ -306,7 +306,7 @@ class GuidedDenoiser:
             self.names = names
         elif names != self.names:
             raise ValueError(f"GuidedDenoiser: conditioning fields {names}, earlier batches had {self.names}")
-        tensors = tuple(cond.tensors().values())
+        tensors = tuple(getattr(cond, name) for name in names)
         return tensors + (tuple(getattr(null, name) for name in names) if self.scale != 1.0 else ())
 
     def evaluate(self, x: torch.Tensor, t: torch.Tensor, *conditioning: torch.Tensor) -> torch.Tensor:
@@ -430,7 +430,7 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
                          "key": getattr(model, "cond_stage_key", None) if conditions is not None else None},
         "seed": opt.seed, "n_samples": count, "batch_size": opt.batch_size,
         "device": describe_device(device), "precision": opt.precision,
-        "cuda_graph": bool(opt.cuda_graph and device.type == "cuda"),
+        "cuda_graph": denoiser.graphed is not None,
         "config": OmegaConf.to_container(config, resolve=True),
     }
     path = writer.finish(manifest)

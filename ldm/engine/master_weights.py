@@ -11,7 +11,8 @@ kernel adds in fp32) stay fp32 under another optimizer.
 The update is torch.optim.AdamW's (decoupled weight decay, bias-corrected moments) on the masters. State per
 parameter: `master`, `exp_avg`, `exp_avg_sq` (fp32, the parameter's strides) and `step`; `load_state_dict` keeps
 them fp32 (the base class would cast them to the parameter's dtype). The model's own state_dict then holds the
-rounded weights: save this optimizer's state with it, as the training loop's checkpoints do.
+rounded weights, the optimizer's the exact ones: the training loop does not use this optimizer yet (its checkpoints
+and exports would have to take the masters), benchmarks/bench_models.py --master-weights does.
 """
 from __future__ import annotations
 
