@@ -36,6 +36,8 @@ launch work is gone. `--graph-network` adds each variant with what `trainer.cuda
 (ldm/engine/cuda_graph.py): the networks' forward and backward replayed as CUDA graphs ("netgraph"; the AE's encoder
 and decoder separately for ours, the whole model for MONAI's), loss and AdamW eager, the weights autocast casts cast
 in one pass each way (ldm/engine/weight_cast.py; `--weight-casts autocast` or `both`: per layer, as autocast does).
+`--weight-copies` adds ours' netgraph variants with `trainer.bf16_weight_copies` ("WC"): the graphed weights read from
+bf16 copies that AdamW writes in its step (ldm/engine/weight_copies.py), no casts either way.
 Ratios are ours / the best MONAI variant (fastest for time, smallest for memory).
 
 Conv FLOPs: counted by PyTorch's FlopCounterMode over one eager forward + backward (convolutions and their backward,
@@ -77,7 +79,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.trace_summary import idle_line, load, timeline  # noqa: E402
 from ldm.engine.cuda_graph import graph_training_forward  # noqa: E402
-from ldm.engine.master_weights import MasterWeightAdamW  # noqa: E402
+from ldm.engine.weight_copies import WeightCopies, copies_from  # noqa: E402
 from ldm.engine.weight_cast import parameters_cast_by_autocast  # noqa: E402
 from ldm.engine.memory_format import channels_last, model_to_channels_last  # noqa: E402
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
@@ -140,7 +142,7 @@ class Variant:
     graph_network: bool = False     # the networks' forward + backward as CUDA graphs (trainer.cuda_graph)
     weight_casts: str = "once"      # netgraph: autocast's weight casts in one pass ("once") or per layer ("autocast")
     gn_tuning: str = ""             # ours: GroupNormTuning fields, e.g. "packed_lanes=True" ("": the defaults)
-    master_weights: bool = False    # ours: the weights autocast casts stored in bf16, fp32 masters (MasterWeightAdamW)
+    weight_copies: bool = False     # ours, netgraph: graphed weights read from bf16 copies AdamW writes (WeightCopies)
 
     @property
     def label(self) -> str:
@@ -150,7 +152,7 @@ class Variant:
             return "MONAI" + (" flash" if self.flash else "") + graph
         return (f"ours {self.kernels}" + (" CL" if self.layout == "channels_last" else "")
                 + (" RC" if self.recompute else "") + (f" [{self.gn_tuning}]" if self.gn_tuning else "")
-                + (" MW" if self.master_weights else "") + graph)
+                + (" WC" if self.weight_copies else "") + graph)
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -278,19 +280,6 @@ def make_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: tor
         return loss.detach()
 
     return step
-
-
-def master_weight_optimizers(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device) -> list:
-    """--master-weights: the parameters autocast casts to bf16 (read off one probe step's autograd graph) go to bf16
-    with fp32 masters (MasterWeightAdamW, which converts them); the rest stay fp32 under fused AdamW."""
-    with autocast(device, "bf16"):
-        names = set(parameters_cast_by_autocast(model, loss_fn(), torch.bfloat16))
-    if not names:
-        raise RuntimeError("--master-weights: autocast casts no parameter of this model (no node metadata in this "
-                           "PyTorch?)")
-    half = [p for name, p in model.named_parameters() if name in names]
-    rest = [p for name, p in model.named_parameters() if name not in names]
-    return [MasterWeightAdamW(half, lr=LEARNING_RATE), torch.optim.AdamW(rest, lr=LEARNING_RATE, fused=True)]
 
 
 def make_graphed_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
@@ -495,11 +484,14 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     row["conv_tflop_per_step"] = scale * conv_flops(counted_loss, device, args.precision) / 1e12  # before any graph
     model.zero_grad(set_to_none=True)
     progress(f"conv FLOPs counted ({row['conv_tflop_per_step']:.2f} TFLOP per step)")
-    # Before any graph: the probe would otherwise capture one, with the fp32 weights the conversion then frees.
-    optimizers = master_weight_optimizers(model, loss_fn, device) if variant.master_weights else None
+    optimizers, copies = None, None
+    if variant.weight_copies:  # what trainer.bf16_weight_copies does: the copies are made at the capture
+        optimizers = [torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=True)]
+        copies = copies_from([WeightCopies(optimizers[0])])
     if variant.graph_network:
         for name, network in graphed_networks(case, variant, model).items():
-            graph_training_forward(network, name, cast_weights_once=variant.weight_casts == "once")
+            graph_training_forward(network, name, cast_weights_once=variant.weight_casts == "once",
+                                   weight_copies=copies)
     step = (make_graphed_step(model, loss_fn, device, args.precision) if variant.graph
             else make_step(model, loss_fn, device, args.precision, optimizers))
     warmup = []
@@ -614,10 +606,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gn-tunings", default="",
                         help="also run ours (triton kernels) with these GroupNorm launch choices, ';'-separated, each "
                              "','-separated GroupNormTuning fields, e.g. 'packed_lanes=True'")
-    parser.add_argument("--master-weights", action="store_true",
-                        help="also run ours with the weights autocast casts stored in bf16 and fp32 masters in the "
-                             "optimizer (ldm/engine/master_weights.py; bf16 only, not with --cuda-graph's whole-step "
-                             "graph)")
+    parser.add_argument("--weight-copies", action="store_true",
+                        help="also run ours' netgraph variants with the graphed weights read from bf16 copies that "
+                             "AdamW writes, no casts (trainer.bf16_weight_copies, ldm/engine/weight_copies.py; needs "
+                             "--graph-network and bf16)")
     parser.add_argument("--compvis-decoder", action="store_true",
                         help="our AE decoder with num_res_blocks + 1 blocks per level (not MONAI's architecture)")
     parser.add_argument("--attention-backend", default=None, help="our attention backend (ldm.modules.attention)")
@@ -644,8 +636,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
-    if args.master_weights and args.precision != "bf16":
-        parser.error("--master-weights needs --precision bf16 (the weights are stored in bf16)")
+    if args.weight_copies and (args.precision != "bf16" or not args.graph_network):
+        parser.error("--weight-copies needs --graph-network and --precision bf16 (the copies stand in for the "
+                     "graphed networks' bf16 casts)")
     unknown = [k for k in args.kernels.split(",") if k not in ("torch", "triton")]
     if unknown:
         parser.error(f"--kernels: unknown {unknown} (choose torch, triton)")
@@ -678,9 +671,10 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     ours += [Variant("ours", "triton", layout, recompute=r, gn_tuning=spec, **mode)
              for spec in filter(None, args.gn_tunings.split(";")) if "triton" in kernels
              for layout in layouts for r in recompute for mode in modes]
-    if args.master_weights:  # the whole-step graph would bake the first step's bias corrections into the launch
-        ours += [Variant("ours", k, layout, recompute=r, master_weights=True, **mode)
-                 for layout in layouts for k in kernels for r in recompute for mode in modes if not mode.get("graph")]
+    if args.weight_copies:
+        ours += [Variant("ours", k, layout, recompute=r, weight_copies=True, **mode)
+                 for layout in layouts for k in kernels for r in recompute for mode in modes
+                 if mode.get("graph_network") and mode["weight_casts"] == "once"]
     flash = [True] if args.only_flash else [False] if args.no_flash else [False, True]
     monai = [Variant("monai", flash=f, **mode) for f in flash for mode in modes]
     if args.no_monai:

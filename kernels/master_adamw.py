@@ -1,11 +1,12 @@
-"""AdamW on half-precision weights with fp32 master copies, every tensor in one launch.
+"""AdamW on fp32 master weights that also writes their half-precision copies, every tensor in one launch.
 
 Under autocast a network's convolution and linear weights are used in bf16 only: a step casts each fp32 weight down
 (6 bytes per parameter), casts its bf16 gradient back up (6 more) and fused AdamW then moves 28 (fp32 weight, gradient,
-two moments read; weight and moments written). With the weights stored in bf16 and an fp32 master copy kept here,
-autocast casts nothing, autograd leaves the gradients in bf16, and this step reads the bf16 gradient, master and
-moments and writes master, moments and the rounded weight: 28 bytes per parameter and no casts. The forward sees the
-same bf16 weights as autocast's cast of the master would give (round to nearest), so training follows the same path.
+two moments read; weight and moments written). When the forward reads bf16 copies of the fp32 weights instead
+(ldm/engine/weight_copies.py), autocast casts nothing and autograd leaves the gradients in bf16 on the copies; this step
+reads the bf16 gradient, the fp32 master (the weight itself) and moments, and writes master, moments and the rounded
+copy: 28 bytes per parameter and no casts. The copy is what autocast's cast of the master would give (round to
+nearest), so training follows the same path.
 
 `master_adamw_step` takes lists of tensors: weights (bf16 or fp16, written), their gradients (same dtype and strides),
 and fp32 masters and moments (same strides); every tensor dense (its elements a contiguous run of memory, in any

@@ -49,30 +49,17 @@ def test_gn_tunings_add_labelled_triton_variants():
         GroupNormTuning.parse("forward_tile=big")
 
 
-def test_master_weights_store_the_weights_autocast_casts_in_bf16():
-    """--master-weights: the convolutions' and linear layers' weights go to bf16 under MasterWeightAdamW, the
-    parameters used in fp32 (norms, the concatenated embedding projections) stay fp32 under AdamW. (Trained on a GPU
-    only: bf16 3D convolutions' weight gradients are garbage on some CPUs, see bench_models --precision.)"""
-    from benchmarks.bench_models import (QUICK_CASES, Variant, build_ours, make_loss, master_weight_optimizers,
-                                         parse_args, variants)
-    from ldm.engine.master_weights import MasterWeightAdamW
+def test_weight_copies_add_netgraph_variants_only():
+    """--weight-copies: a "WC" variant of each of ours' netgraph variants (trained on a GPU only; the mechanism is
+    tests/engine/test_weight_copies.py's)."""
+    from benchmarks.bench_models import parse_args, variants
 
-    case = QUICK_CASES["unet"]
-    model = build_ours(case, "torch", compvis_decoder=False).train()
-    loss_fn = make_loss(case, Variant("ours", "torch"), model, torch.randn(case.input_shape))
-    half, rest = master_weight_optimizers(model, loss_fn, torch.device("cpu"))
-    assert isinstance(half, MasterWeightAdamW) and isinstance(rest, torch.optim.AdamW)
-    names = {id(p): n for n, p in model.named_parameters()}
-    converted = {names[id(p)] for p in half.param_groups[0]["params"]}
-    assert {"input_blocks.1.0.in_conv.weight", "output_blocks.0.1.attn.to_out.weight", "out.1.weight"} <= converted
-    assert not any("norm" in n or "emb_proj" in n or "to_q" in n for n in converted)  # used in fp32 or concatenated
-    assert all(p.dtype == torch.bfloat16 for p in half.param_groups[0]["params"])
-    assert all(p.dtype == torch.float32 for p in rest.param_groups[0]["params"])
-    labels = [v.label for v in variants(parse_args(["--kernels", "torch", "--no-monai", "--precision", "bf16",
-                                                     "--master-weights"]), torch.device("cpu"))]
-    assert labels == ["ours torch", "ours torch MW"]
-    with pytest.raises(SystemExit):
-        parse_args(["--master-weights", "--precision", "fp32"])
+    args = parse_args(["--kernels", "torch", "--no-monai", "--graph-network", "--weight-copies", "--precision", "bf16"])
+    labels = [v.label for v in variants(args, torch.device("cuda"))]
+    assert labels == ["ours torch", "ours torch netgraph", "ours torch WC netgraph"]
+    for wrong in (["--weight-copies", "--graph-network", "--precision", "fp32"], ["--weight-copies"]):
+        with pytest.raises(SystemExit):
+            parse_args(wrong)
 
 
 def test_profile_prints_the_top_ops(capsys):

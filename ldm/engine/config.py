@@ -39,6 +39,7 @@ class TrainerConfig:
     benchmark: bool = True         # cudnn.benchmark
     channels_last: bool = False    # on CUDA: rank-4/5 weights and batch tensors stored NHWC / NDHWC (memory_format.py)
     cuda_graph: bool = False       # on CUDA: the model's cuda_graph_modules() replay forward + backward as CUDA graphs
+    bf16_weight_copies: bool = False  # with cuda_graph, bf16-mixed: graphed weights read from bf16 copies AdamW writes
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     callbacks: dict = field(default_factory=dict)  # name -> {target, params}, e.g. image_logger
     logger: list = field(default_factory=lambda: ["tensorboard", "csv"])
@@ -56,6 +57,10 @@ class TrainerConfig:
             raise ConfigError("trainer.cuda_graph: not with accumulate_grad_batches > 1 (a replay overwrites the "
                               "gradients of the previous micro-batch, see ldm/engine/cuda_graph.py); raise the "
                               "batch size or turn cuda_graph off")
+        if self.bf16_weight_copies and not (self.cuda_graph and self.precision == "bf16-mixed"):
+            raise ConfigError(f"trainer.bf16_weight_copies: needs cuda_graph: true and precision: bf16-mixed (got "
+                              f"cuda_graph: {str(self.cuda_graph).lower()}, precision: {self.precision}); the copies "
+                              f"stand in for the casts of the graphed networks' weights under bf16 autocast")
         if self.max_steps < 0 and self.max_epochs < 0:
             raise ConfigError("trainer: set max_steps or max_epochs (both are -1, the run would never end)")
 

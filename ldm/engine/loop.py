@@ -19,7 +19,7 @@ from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from tqdm.auto import tqdm
 
 from ldm.engine import checkpoint as ckpt
-from ldm.engine import cpu_bf16
+from ldm.engine import cpu_bf16, weight_copies
 from ldm.engine.config import TrainerConfig, fabric_kwargs
 from ldm.engine.cuda_graph import graph_training_forward
 from ldm.engine.guard import NonFiniteLossError, StepGuard, describe_loss, gradient_norm
@@ -125,12 +125,13 @@ class Trainer:
         self._mark_forward_methods(module, model)
         self.raw_model, self.module = model, module
         if self.config.cuda_graph:
-            self._graph_networks(model)
+            self._graph_networks(model, optimizers)
         return module, optimizers, schedulers
 
-    def _graph_networks(self, model: torch.nn.Module) -> None:
+    def _graph_networks(self, model: torch.nn.Module, optimizers: list) -> None:
         """trainer.cuda_graph: the model's `cuda_graph_modules()` (name -> module) capture on their first training
-        call (ldm/engine/cuda_graph.py). Single-process CUDA runs only; elsewhere a notice, and eager."""
+        call (ldm/engine/cuda_graph.py). Single-process CUDA runs only; elsewhere a notice, and eager.
+        trainer.bf16_weight_copies: the weights they cast read from copies their optimizers write."""
         hook = optional_hook(model, "cuda_graph_modules")
         if hook is None:
             raise ConfigError(f"trainer.cuda_graph: {type(model).__name__} has no cuda_graph_modules() naming the "
@@ -141,8 +142,22 @@ class Trainer:
         if self.fabric.device.type != "cuda":
             tqdm.write(f"trainer.cuda_graph: no effect on {self.fabric.device.type} (CUDA only); running eagerly")
             return
+        copies = self._weight_copies(optimizers) if self.config.bf16_weight_copies else None
         for name, network in hook().items():
-            graph_training_forward(network, name)
+            graph_training_forward(network, name, weight_copies=copies)
+
+    def _weight_copies(self, optimizers: list):
+        """trainer.bf16_weight_copies: working copies kept by each optimizer that can (ldm/engine/weight_copies.py);
+        the parameters of one that cannot keep autocast's casts, with a notice."""
+        owners = []
+        for index, optimizer in enumerate(optimizers):
+            raw = getattr(optimizer, "optimizer", optimizer)  # Fabric's wrapper -> the model's optimizer
+            problem = weight_copies.unsupported(raw)
+            if problem is None:
+                owners.append(weight_copies.WeightCopies(raw))
+            elif self.is_global_zero:
+                tqdm.write(f"trainer.bf16_weight_copies: optimizer {index}'s weights keep autocast's casts: {problem}")
+        return weight_copies.copies_from(owners)
 
     @staticmethod
     def _mark_forward_methods(module, model) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from ldm.engine.config import trainer_config_from
 from ldm.engine import cuda_graph
 from ldm.engine.cuda_graph import GraphedTrainingForward, graph_training_forward
+from ldm.engine.weight_copies import WeightCopies, copies_from
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import ConfigError
 from tests.engine.helpers import load_last, only_run_dir, run_cli
@@ -21,6 +22,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 def test_accumulation_is_refused_with_cuda_graph():
     with pytest.raises(ConfigError, match="cuda_graph.*accumulate_grad_batches"):
         trainer_config_from({"max_steps": 1, "cuda_graph": True, "accumulate_grad_batches": 2})
+
+
+@pytest.mark.parametrize("values", [{"cuda_graph": False, "precision": "bf16-mixed"},
+                                    {"cuda_graph": True, "precision": "16-mixed"}])
+def test_bf16_weight_copies_need_cuda_graph_and_bf16_autocast(values):
+    with pytest.raises(ConfigError, match="bf16_weight_copies: needs cuda_graph: true and precision: bf16-mixed"):
+        trainer_config_from({"max_steps": 1, "bf16_weight_copies": True, **values})
 
 
 def test_a_model_without_graph_modules_is_named(tmp_path, capsys):
@@ -82,9 +90,9 @@ def tiny_unet(dims: int = 3, context_dim: int | None = None) -> UNetModel:
                      use_spatial_transformer=context_dim is not None, context_dim=context_dim)
 
 
-def train_steps(model: nn.Module, batches: list, autocast: bool) -> list[float]:
+def train_steps(model: nn.Module, batches: list, autocast: bool, optimizer=None) -> list[float]:
     """AdamW steps of an eps-MSE-like loss; returns the losses."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for x, t, context, target in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -144,6 +152,28 @@ def test_weights_cast_once_train_bit_for_bit_like_autocasts_own_casts():
 
 
 @cuda
+def test_bf16_weight_copies_train_like_weights_cast_once():
+    """The graphs read bf16 copies that the optimizer writes (kernels/master_adamw.py) instead of casting: the fp32
+    parameters follow fused AdamW's within the order of fp32 operations, and each copy is its parameter rounded."""
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.manual_seed(0)
+    cast, copied = tiny_unet().cuda(), tiny_unet().cuda()
+    copied.load_state_dict(cast.state_dict())
+    optimizer = torch.optim.AdamW(copied.parameters(), lr=1e-3, fused=True)
+    owner = WeightCopies(optimizer)
+    graph_training_forward(cast, "unet")
+    graphed = graph_training_forward(copied, "unet", weight_copies=copies_from([owner]))
+    batches = make_batches(4, 2, 8, None)
+    train_steps(cast, batches, autocast=True, optimizer=torch.optim.AdamW(cast.parameters(), lr=1e-3, fused=True))
+    train_steps(copied, batches, autocast=True, optimizer=optimizer)
+    assert len(graphed.weights_copied) > 20 and not graphed.weights_cast
+    for (name, p_cast), p_copied in zip(cast.named_parameters(), copied.parameters()):
+        torch.testing.assert_close(p_copied, p_cast, rtol=1e-4, atol=1e-6, msg=name)
+        if name in graphed.weights_copied:
+            assert torch.equal(owner.copy_of[p_copied], p_copied.detach().to(torch.bfloat16)), name
+
+
+@cuda
 def test_other_signatures_and_eval_run_eagerly():
     torch.manual_seed(0)
     model = tiny_unet().cuda()
@@ -169,3 +199,17 @@ def test_loop_captures_the_named_network_and_trains_like_eager(tmp_path):
     for key in eager["state_dict"]:
         torch.testing.assert_close(graph["state_dict"][key], eager["state_dict"][key], rtol=1e-5, atol=1e-6)
 
+
+@cuda
+def test_loop_with_bf16_weight_copies_trains_like_the_casts_and_resumes(tmp_path):
+    common = ("-t", "--no_test", "trainer.accelerator=cuda", "trainer.precision=bf16-mixed",
+              "trainer.cuda_graph=true", "model.target=tests.engine.toy.GraphableToy")
+    assert run_cli(tmp_path / "cast", *common, "trainer.max_steps=12") == 0
+    assert run_cli(tmp_path / "copies", *common, "trainer.max_steps=6", "trainer.bf16_weight_copies=true") == 0
+    from ldm.cli import main
+    assert main("test", ["-r", str(only_run_dir(tmp_path / "copies")), "-t", "--no_test", "trainer.max_steps=12",
+                         "trainer.bf16_weight_copies=true"]) == 0
+    cast, copies = load_last(only_run_dir(tmp_path / "cast")), load_last(only_run_dir(tmp_path / "copies"))
+    for key in cast["state_dict"]:
+        assert copies["state_dict"][key].dtype == torch.float32, key
+        torch.testing.assert_close(copies["state_dict"][key], cast["state_dict"][key], rtol=1e-4, atol=1e-6)
