@@ -671,9 +671,11 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     ours += [Variant("ours", "triton", layout, recompute=r, gn_tuning=spec, **mode)
              for spec in filter(None, args.gn_tunings.split(";")) if "triton" in kernels
              for layout in layouts for r in recompute for mode in modes]
-    if args.weight_copies:
-        ours += [Variant("ours", k, layout, recompute=r, weight_copies=True, **mode)
-                 for layout in layouts for k in kernels for r in recompute for mode in modes
+    if args.weight_copies:  # also with each GroupNorm tuning: the two changes together
+        tunings = [(k, "") for k in kernels] + [("triton", spec) for spec in filter(None, args.gn_tunings.split(";"))
+                                                if "triton" in kernels]
+        ours += [Variant("ours", k, layout, recompute=r, gn_tuning=spec, weight_copies=True, **mode)
+                 for k, spec in tunings for layout in layouts for r in recompute for mode in modes
                  if mode.get("graph_network") and mode["weight_casts"] == "once"]
     flash = [True] if args.only_flash else [False] if args.no_flash else [False, True]
     monai = [Variant("monai", flash=f, **mode) for f in flash for mode in modes]

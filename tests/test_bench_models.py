@@ -57,6 +57,10 @@ def test_weight_copies_add_netgraph_variants_only():
     args = parse_args(["--kernels", "torch", "--no-monai", "--graph-network", "--weight-copies", "--precision", "bf16"])
     labels = [v.label for v in variants(args, torch.device("cuda"))]
     assert labels == ["ours torch", "ours torch netgraph", "ours torch WC netgraph"]
+    args = parse_args(["--kernels", "triton", "--no-monai", "--graph-network", "--weight-copies", "--precision", "bf16",
+                       "--channels-last-only", "--gn-tunings", "packed_lanes=True"])
+    labels = [v.label for v in variants(args, torch.device("cuda"))]
+    assert labels[-2:] == ["ours triton CL WC netgraph", "ours triton CL [packed_lanes=True] WC netgraph"]
     for wrong in (["--weight-copies", "--graph-network", "--precision", "fp32"], ["--weight-copies"]):
         with pytest.raises(SystemExit):
             parse_args(wrong)
