@@ -130,13 +130,15 @@ def case_thin_conv():
     forward_backward(thin_conv.thin_conv3d(h, w_out), h, w_out)
 
 
-def case_master_adamw():
+def case_master_adamw(launch: master_adamw.MasterAdamWLaunch = master_adamw.DEFAULT_LAUNCH):
     """AdamW with fp32 masters over a few of the UNet's weights (a channels-last 3x3x3 convolution, a linear one)."""
-    weights = [channels_last(torch.zeros(256, 256, 3, 3, 3, dtype=torch.bfloat16)),
-               torch.zeros(1024, 512, dtype=torch.bfloat16)]
-    fp32 = [[torch.zeros_like(w, dtype=torch.float32) for w in weights] for _ in range(3)]
-    master_adamw.master_adamw_step(weights, [torch.zeros_like(w) for w in weights], *fp32, lr=1e-4, beta1=0.9,
-                                   beta2=0.999, eps=1e-8, weight_decay=0.01, step=1)
+    def run():
+        weights = [channels_last(torch.zeros(256, 256, 3, 3, 3, dtype=torch.bfloat16)),
+                   torch.zeros(1024, 512, dtype=torch.bfloat16)]
+        fp32 = [[torch.zeros_like(w, dtype=torch.float32) for w in weights] for _ in range(3)]
+        master_adamw.master_adamw_step(weights, [torch.zeros_like(w) for w in weights], *fp32, lr=1e-4, beta1=0.9,
+                                       beta2=0.999, eps=1e-8, weight_decay=0.01, step=1, launch=launch)
+    return run
 
 
 CASES = {
@@ -148,7 +150,9 @@ CASES = {
     "group_norm_4x384x32^3": case_group_norm((4, 384, 32, 32, 32), input_bias=False),
     "group_norm_4x384x32^3_packed": case_group_norm((4, 384, 32, 32, 32), input_bias=False, packed_lanes=True),
     "group_norm_4x768x16^3_packed": case_group_norm((4, 768, 16, 16, 16), input_bias=False, packed_lanes=True),
-    "master_adamw": case_master_adamw,
+    "master_adamw": case_master_adamw(),
+    "master_adamw_4x1024": case_master_adamw(master_adamw.MasterAdamWLaunch(blocks_per_program=4)),
+    "master_adamw_2048w8": case_master_adamw(master_adamw.MasterAdamWLaunch(block=2048, num_warps=8)),
     "concat": case_concat,
     "upsample": case_upsample,
     "residual_add": case_residual_add,

@@ -13,18 +13,43 @@ and fp32 masters and moments (same strides); every tensor dense (its elements a 
 order of axes, e.g. channels-last), so one elementwise pass over each run in memory order covers it. One launch reads
 a table of the tensors' addresses and a table of blocks (tensor, first element). `master_adamw_reference` is the spec
 (torch.optim.AdamW's update, decoupled weight decay, bias-corrected moments); CPU tensors outside Triton's
-interpreter go through it.
+interpreter go through it. `MasterAdamWLaunch` sets how the work is cut: elements per pass (`block`), passes per program
+over one tensor (`blocks_per_program`: one table lookup for all of them) and warps per program;
+benchmarks/bench_master_adamw.py times the choices against torch's fused AdamW.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class MasterAdamWLaunch:
+    """How one step's elements are split among programs (see the module docstring)."""
+
+    block: int = 1024            # elements per pass, a power of two
+    blocks_per_program: int = 1  # consecutive passes over one tensor per program
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.block < 16 or self.block & (self.block - 1) or self.blocks_per_program < 1 or self.num_warps < 1:
+            raise ValueError(f"MasterAdamWLaunch: block must be a power of two >= 16 and blocks_per_program, "
+                             f"num_warps >= 1, got {self}")
+
+    @property
+    def span(self) -> int:
+        """Elements per program."""
+        return self.block * self.blocks_per_program
+
+
+DEFAULT_LAUNCH = MasterAdamWLaunch()
+BLOCK = DEFAULT_LAUNCH.block
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _WEIGHT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -78,14 +103,16 @@ def _update(weight_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offse
 
 
 @triton.jit
-def _master_adamw_kernel(table_ptr, block_tensor_ptr, block_start_ptr, decay_factor, beta1, beta2, eps, step_size,
-                         bias_correction2_sqrt, BLOCK: tl.constexpr, WEIGHT_DTYPE: tl.constexpr):
-    """Program b updates elements [start, start + BLOCK) of tensor i = block_tensor[b], start = block_start[b]; the
-    table's row i holds the addresses of weight, gradient, master, exp_avg, exp_avg_sq and the element count."""
-    block = tl.program_id(0)
-    row = table_ptr + tl.load(block_tensor_ptr + block) * 6
+def _master_adamw_kernel(table_ptr, program_tensor_ptr, program_start_ptr, decay_factor, beta1, beta2, eps, step_size,
+                         bias_correction2_sqrt, BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+                         WEIGHT_DTYPE: tl.constexpr):
+    """Program p updates elements [start, start + BLOCKS_PER_PROGRAM * BLOCK) of tensor i = program_tensor[p], start =
+    program_start[p] (fewer at the tensor's end), BLOCK at a time; the table's row i holds the addresses of weight,
+    gradient, master, exp_avg, exp_avg_sq and the element count."""
+    program = tl.program_id(0)
+    row = table_ptr + tl.load(program_tensor_ptr + program) * 6
     # Addresses loaded from a table carry no alignment Triton can see: say they are 16-byte aligned (the launcher
-    # checks), and that blocks start at multiples of BLOCK; full blocks then run unmasked, so that loads and stores
+    # checks), and that programs start at multiples of BLOCK; full blocks then run unmasked, so that loads and stores
     # move 16 bytes at a time (a mask against an arbitrary count would split them into single elements).
     weight_ptr = tl.multiple_of(tl.load(row).to(tl.pointer_type(WEIGHT_DTYPE)), 16)
     grad_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(WEIGHT_DTYPE)), 16)
@@ -93,14 +120,15 @@ def _master_adamw_kernel(table_ptr, block_tensor_ptr, block_start_ptr, decay_fac
     exp_avg_ptr = tl.multiple_of(tl.load(row + 3).to(tl.pointer_type(tl.float32)), 16)
     exp_avg_sq_ptr = tl.multiple_of(tl.load(row + 4).to(tl.pointer_type(tl.float32)), 16)
     count = tl.load(row + 5)
-    start = tl.multiple_of(tl.load(block_start_ptr + block), BLOCK)
-    offsets = start + tl.arange(0, BLOCK)
-    if start + BLOCK <= count:
-        _update(weight_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, None, decay_factor, beta1,
-                beta2, eps, step_size, bias_correction2_sqrt, WEIGHT_DTYPE, False)
-    else:
-        _update(weight_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, offsets < count,
-                decay_factor, beta1, beta2, eps, step_size, bias_correction2_sqrt, WEIGHT_DTYPE, True)
+    start = tl.multiple_of(tl.load(program_start_ptr + program), BLOCK)
+    for j in tl.static_range(BLOCKS_PER_PROGRAM):
+        offsets = start + j * BLOCK + tl.arange(0, BLOCK)
+        if start + (j + 1) * BLOCK <= count:
+            _update(weight_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, None, decay_factor,
+                    beta1, beta2, eps, step_size, bias_correction2_sqrt, WEIGHT_DTYPE, False)
+        else:  # the tensor's last block, or past its end: an all-false mask moves nothing
+            _update(weight_ptr, grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, offsets < count,
+                    decay_factor, beta1, beta2, eps, step_size, bias_correction2_sqrt, WEIGHT_DTYPE, True)
 
 
 def _check(weights, grads, masters, exp_avgs, exp_avg_sqs) -> None:
@@ -132,20 +160,21 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 class LaunchTables:
-    """The kernel's tables on the device: per block of BLOCK elements its tensor and first element (built once per
-    list of sizes) and per tensor its five addresses and size (rebuilt only when an address changes: gradients that
-    a CUDA graph hands over keep theirs from step to step)."""
+    """The kernel's tables on the device: per program its tensor and first element (built once per list of sizes and
+    launch) and per tensor its five addresses and size (rebuilt only when an address changes: gradients that a CUDA
+    graph hands over keep theirs from step to step)."""
 
-    def __init__(self, counts: Sequence[int], device: torch.device):
+    def __init__(self, counts: Sequence[int], device: torch.device, launch: MasterAdamWLaunch = DEFAULT_LAUNCH):
         tensors, starts = [], []
         for index, count in enumerate(counts):
-            blocks = triton.cdiv(count, BLOCK)
-            tensors.append(torch.full((blocks,), index, dtype=torch.int32))
-            starts.append(torch.arange(blocks, dtype=torch.int64) * BLOCK)
-        self.block_tensor = torch.cat(tensors).to(device)
-        self.block_start = torch.cat(starts).to(device)
+            programs = triton.cdiv(count, launch.span)
+            tensors.append(torch.full((programs,), index, dtype=torch.int32))
+            starts.append(torch.arange(programs, dtype=torch.int64) * launch.span)
+        self.program_tensor = torch.cat(tensors).to(device)
+        self.program_start = torch.cat(starts).to(device)
         self.counts = tuple(counts)
         self.device = device
+        self.launch = launch
         self.rows: list[list[int]] | None = None
         self.table: torch.Tensor | None = None
 
@@ -158,7 +187,8 @@ class LaunchTables:
 def master_adamw_step(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                       masters: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                       exp_avg_sqs: Sequence[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
-                      weight_decay: float, step: int, tables: LaunchTables | None = None) -> LaunchTables | None:
+                      weight_decay: float, step: int, tables: LaunchTables | None = None,
+                      launch: MasterAdamWLaunch = DEFAULT_LAUNCH) -> LaunchTables | None:
     """One AdamW step (`step` counts from 1) for all tensors in one launch (see the module docstring); returns the
     launch tables to pass back next step (None where the reference ran). One weight dtype per call. The tensors are
     checked when their addresses change (every call where gradients are fresh allocations, once where a CUDA graph
@@ -179,10 +209,12 @@ def master_adamw_step(weights: Sequence[torch.Tensor], grads: Sequence[torch.Ten
         raise ValueError(f"master_adamw_step: one weight dtype per call, got {sorted(map(str, dtypes))}")
     device = weights[0].device
     counts = tuple(row[5] for row in rows)
-    if tables is None or tables.counts != counts or tables.device != device:
-        tables = LaunchTables(counts, device)
-    grid = (tables.block_tensor.numel(),)
-    _master_adamw_kernel[grid](tables.addresses(rows), tables.block_tensor, tables.block_start, 1 - lr * weight_decay,
-                               beta1, beta2, eps, lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5, BLOCK=BLOCK,
-                               WEIGHT_DTYPE=_WEIGHT_DTYPES[dtypes.pop()], num_warps=4)
+    if tables is None or tables.counts != counts or tables.device != device or tables.launch != launch:
+        tables = LaunchTables(counts, device, launch)
+    grid = (tables.program_tensor.numel(),)
+    _master_adamw_kernel[grid](tables.addresses(rows), tables.program_tensor, tables.program_start,
+                               1 - lr * weight_decay, beta1, beta2, eps, lr / (1 - beta1 ** step),
+                               (1 - beta2 ** step) ** 0.5, BLOCK=launch.block,
+                               BLOCKS_PER_PROGRAM=launch.blocks_per_program,
+                               WEIGHT_DTYPE=_WEIGHT_DTYPES[dtypes.pop()], num_warps=launch.num_warps)
     return tables

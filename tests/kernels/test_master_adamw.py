@@ -3,7 +3,7 @@ torch.optim.AdamW (Triton's interpreter on CPU tensors; on a GPU machine the sam
 import pytest
 import torch
 
-from kernels.master_adamw import BLOCK, master_adamw_reference, master_adamw_step
+from kernels.master_adamw import BLOCK, MasterAdamWLaunch, master_adamw_reference, master_adamw_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05)
@@ -45,6 +45,27 @@ def test_one_launch_follows_the_reference_over_steps():
         assert weight.stride() == master.stride()
         assert torch.equal(weight, master.to(torch.bfloat16))  # the weight is the master rounded
         torch.testing.assert_close(weight.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("launch", [MasterAdamWLaunch(block=256, blocks_per_program=3),
+                                    MasterAdamWLaunch(block=2048, blocks_per_program=2, num_warps=8)])
+def test_programs_of_several_blocks_cover_every_element(launch):
+    """Several passes per program: a tensor of a whole number of programs, one ending inside a program's last
+    block, one ending inside its first, and one shorter than a block."""
+    shapes = [(launch.span * 2,), (launch.span + launch.block + 5,), (launch.span + 3,), (7,)]
+    weights, masters, exp_avgs, exp_avg_sqs = state(shapes)
+    ref = [[t.clone() for t in group] for group in (weights, masters, exp_avgs, exp_avg_sqs)]
+    grads = gradients(weights, seed=3)
+    master_adamw_step(weights, grads, masters, exp_avgs, exp_avg_sqs, step=1, launch=launch, **HYPER)
+    master_adamw_reference(*ref[:1], grads, *ref[1:], step=1, **HYPER)
+    for got, want in zip(masters + exp_avgs + exp_avg_sqs, ref[1] + ref[2] + ref[3]):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    assert all(torch.equal(w, m.to(torch.bfloat16)) for w, m in zip(weights, masters))
+
+
+def test_launch_choices_are_checked():
+    with pytest.raises(ValueError, match="block must be a power of two"):
+        MasterAdamWLaunch(block=1000)
 
 
 def test_reference_is_torch_adamw_on_the_upcast_gradients():
