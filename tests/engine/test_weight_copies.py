@@ -207,3 +207,26 @@ def test_graphed_forward_reads_the_copies_and_trains_like_autocast(monkeypatch, 
     ours.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # eval reads the fp32 parameters
         torch.testing.assert_close(ours(x, t), reference.eval()(x, t), rtol=1e-2, atol=1e-2)
+
+
+def test_trainer_gives_copies_to_the_optimizers_that_can_keep_them(capsys):
+    """Trainer._weight_copies (trainer.bf16_weight_copies): Fabric's optimizer wrappers are looked through, an AdamW
+    keeps copies whose update then runs behind Fabric's step, an SGD keeps the casts and is named."""
+    from ldm.engine.config import trainer_config_from
+    from ldm.engine.loop import Trainer
+
+    trainer = Trainer(trainer_config_from({"accelerator": "cpu", "max_steps": 1}))
+    model = fresh()
+    adamw = torch.optim.AdamW([model.conv.weight, model.head.weight], **HYPER)
+    sgd = torch.optim.SGD([model.head.bias], lr=0.1)
+    module, adamw_wrapped, sgd_wrapped = trainer.fabric.setup(model, adamw, sgd)
+    attach = trainer._weight_copies([adamw_wrapped, sgd_wrapped])
+    assert "optimizer 1's weights keep autocast's casts: SGD is not AdamW or Adam" in capsys.readouterr().out
+    conv_copy, bias_copy = attach([model.conv.weight, model.head.bias], torch.bfloat16)
+    assert bias_copy is None and adamw.param_groups[0]["params"][0] is conv_copy
+    before = model.conv.weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16), parameters_replaced(model, {"conv.weight": conv_copy}):
+        model(batches(1)[0]).float().square().mean().backward()
+    adamw_wrapped.step()  # Fabric's step -> the strategy -> the optimizer's step, which the copies wrap
+    assert not torch.equal(model.conv.weight, before)
+    assert torch.equal(conv_copy, model.conv.weight.detach().to(torch.bfloat16))
