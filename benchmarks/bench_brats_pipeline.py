@@ -18,7 +18,8 @@ Runs the real command lines on the real configs, changing only the data root, ru
    (50 UNet evaluations + one decode to 4 x 128^3), from manifest.json.
 Each `--layouts` entry repeats 2-4 with trainer.channels_last set accordingly (with +expandable, the CUDA caching
 allocator in expandable-segments mode; with +recompute, recompute_cheap in the trained networks; with +graph,
-trainer.cuda_graph in stage 2: the UNet's forward and backward replayed as CUDA graphs, and sample.py --cuda_graph).
+trainer.cuda_graph in stage 2: the UNet's forward and backward replayed as CUDA graphs, and sample.py --cuda_graph;
+with +copies besides +graph, trainer.bf16_weight_copies in stage 2, not under --smoke, whose fp32 it refuses).
 The loop logs per step the loader wait, peak allocated / reserved memory and the allocator's retries, which the table
 shows beside the step times, and the first step's duration (autotuning, compilation, capture: "first step s").
 
@@ -141,12 +142,14 @@ def first_step_seconds(log: Path) -> float | None:
 
 def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, vgg: str | None, logs: Path) -> dict:
     """variant: contiguous or channels_last, optionally +expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments),
-    +recompute (recompute_cheap in the trained networks: the autoencoder, then the UNet) and/or +graph
-    (trainer.cuda_graph in stage 2, the UNet, and sample.py --cuda_graph; the autoencoder has no graphed training)."""
+    +recompute (recompute_cheap in the trained networks: the autoencoder, then the UNet), +graph
+    (trainer.cuda_graph in stage 2, the UNet, and sample.py --cuda_graph; the autoencoder has no graphed training)
+    and +copies with +graph (trainer.bf16_weight_copies in stage 2; left out under --smoke, which trains in fp32)."""
     layout, *options = variant.split("+")
-    if layout not in ("contiguous", "channels_last") or set(options) - {"expandable", "recompute", "graph"}:
+    if layout not in ("contiguous", "channels_last") or set(options) - {"expandable", "recompute", "graph", "copies"} \
+            or ("copies" in options and "graph" not in options):
         raise ValueError(f"unknown variant {variant!r}: contiguous or channels_last, optionally +expandable, "
-                         f"+recompute, +graph")
+                         f"+recompute, +graph, +copies (with +graph)")
     env = dict(os.environ)
     if "expandable" in options:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
@@ -165,7 +168,8 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
              f"data.params.train.params.root={tree}", f"model.params.first_stage_config.params.ckpt_path={ckpt}",
              f"trainer.max_steps={opt.ldm_steps}", *common, *(SMOKE_LDM if opt.smoke else []),
              f"model.params.unet_config.params.recompute_cheap={str(recompute).lower()}",
-             f"trainer.cuda_graph={str('graph' in options).lower()}"],
+             f"trainer.cuda_graph={str('graph' in options).lower()}",
+             *(["trainer.bf16_weight_copies=true"] if "copies" in options and not opt.smoke else [])],
             logs / f"ldm_{variant}.log", env)
     ldm_run = only_run(ldm_logs)
     result["ldm"] = phase(read_metrics(ldm_run), 1 + opt.warmup, opt.ldm_steps)
@@ -262,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", default="contiguous,channels_last",
                         help="comma-separated: contiguous or channels_last, each optionally +expandable "
                              "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for its runs), +recompute "
-                             "(recompute_cheap in the autoencoder and the UNet) and/or +graph (trainer.cuda_graph "
-                             "for the UNet, sample.py --cuda_graph)")
+                             "(recompute_cheap in the autoencoder and the UNet), +graph (trainer.cuda_graph "
+                             "for the UNet, sample.py --cuda_graph) and +copies with it "
+                             "(trainer.bf16_weight_copies)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     opt = parser.parse_args(argv)
     import torch

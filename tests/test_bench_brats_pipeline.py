@@ -1,11 +1,14 @@
 """benchmarks/bench_brats_pipeline.py --smoke: the BraTS command lines it times still run (tiny, on CPU)."""
 import json
 
+import pytest
+
+from benchmarks.bench_brats_pipeline import bench_layout
 from benchmarks.bench_brats_pipeline import main as bench_main
 
 
 def test_smoke_chain_runs_every_stage_and_reports_it(tmp_path, capsys):
-    variant = "channels_last+expandable+recompute+graph"
+    variant = "channels_last+expandable+recompute+graph+copies"
     assert bench_main(["--smoke", "--layouts", variant, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench_brats_pipeline.json").read_text())
     (result,) = report["results"]
@@ -33,3 +36,8 @@ def test_ldm_only_runs_stage_two_on_an_untrained_autoencoder(tmp_path, capsys):
     assert "restored" in (tmp_path / "logs" / "ldm_channels_last.log").read_text()  # the untrained checkpoint loaded
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| channels_last | ")]
     assert len(rows) == 2 and "LDM" in rows[0] and "DDIM" in rows[1]
+
+
+def test_copies_need_graph(tmp_path):
+    with pytest.raises(ValueError, match=r"\+copies \(with \+graph\)"):
+        bench_layout("channels_last+copies", tmp_path, tmp_path, None, None, tmp_path)
