@@ -4,7 +4,7 @@
                                             [--device cuda] [--out DIR]
 
 The weights that get bf16 copies are those autocast casts (read off one forward of bench_models' 166M UNet at a tiny
-input: 157.9M parameters in 89 tensors; `--quick`: its small test UNet, 2.8M, minutes in Triton's interpreter). Timed, per step, over those weights only:
+input: 166.4M parameters in 156 tensors; `--quick`: its small test UNet, 2.8M, minutes in Triton's interpreter). Timed, per step, over those weights only:
 - "fused AdamW": torch's fused AdamW on fp32 weights and fp32 gradients (28 bytes per parameter);
 - "casts + fused AdamW": what a graphed step does for them today: the weights cast to bf16 and the bf16 gradients
   cast to fp32 (one multi-tensor copy each, ldm/engine/weight_cast.py; 12 bytes per parameter), then fused AdamW;

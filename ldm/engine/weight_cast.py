@@ -10,7 +10,10 @@ dtype and launches nothing. The result is the same bit for bit: the same round-t
 upcast of each gradient backward.
 
 Which parameters (`parameters_cast_by_autocast`): read off the autograd graph of one call's output, those whose only
-use is a single cast to the autocast dtype. A parameter used anywhere as it is (GroupNorm's affine weights, a bias
+use is a single cast to the autocast dtype, and those whose only use is a concatenation of parameters whose only use
+is in turn a single cast (self-attention's q, k and v weights, the joined timestep projections: casting each part
+before `torch.cat` gives the same tensor as casting the whole after it, and the same upcast gradients, without the
+cast kernel per layer and direction). A parameter used anywhere as it is (GroupNorm's affine weights, a bias
 that a Triton kernel adds in fp32, the thin convolutions' fp32 weights) or cast more than once (a shared weight, whose
 gradients autocast sums in fp32) keeps autocast's own handling. A read that autograd does not see (a parameter
 detached and handed to a kernel beside a cast of it) would see the cast tensor instead: no layer here does that.
@@ -25,14 +28,17 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 _CAST_NODE = "ToCopyBackward0"
+_CONCAT_NODE = "CatBackward0"
 
 
 def parameters_cast_by_autocast(module: nn.Module, output: Any, dtype: torch.dtype) -> list[str]:
     """Names of `module`'s parameters that reach `output` (a call's result: tensors in any nesting) only through one
-    cast to `dtype`, in `named_parameters()` order. Empty when this PyTorch has no autograd node metadata to read the
-    cast's dtype from (`Node._input_metadata`): then nothing is cast early."""
+    cast to `dtype`, directly or as parts of one concatenation of such parameters that is cast, in
+    `named_parameters()` order. Empty when this PyTorch has no autograd node metadata to read the cast's dtype from
+    (`Node._input_metadata`): then nothing is cast early."""
     owners = {id(p): name for name, p in module.named_parameters() if p.requires_grad and p.dtype != dtype}
     consumers: dict[str, list] = {name: [] for name in owners.values()}
+    users: dict[Any, list] = {}  # autograd node -> the nodes that take its output
     stack = [t.grad_fn for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     seen = set()
     while stack:
@@ -47,8 +53,22 @@ def parameters_cast_by_autocast(module: nn.Module, output: Any, dtype: torch.dty
             if name is not None:
                 consumers[name].append(node)
             else:
+                users.setdefault(parent, []).append(node)
                 stack.append(parent)
-    return [name for name, nodes in consumers.items() if len(nodes) == 1 and _is_cast_to(nodes[0], dtype)]
+
+    def only_input_of_one_cast(name: str) -> bool:
+        if len(consumers[name]) != 1:
+            return False
+        node = consumers[name][0]
+        if _is_cast_to(node, dtype):
+            return True
+        if type(node).__name__ != _CONCAT_NODE or len(users.get(node, [])) != 1 or not _is_cast_to(users[node][0],
+                                                                                                    dtype):
+            return False
+        parts = [owners.get(id(getattr(parent, "variable", None))) for parent, _ in node.next_functions]
+        return all(part is not None and consumers[part] == [node] for part in parts)
+
+    return [name for name in consumers if only_input_of_one_cast(name)]
 
 
 def _is_cast_to(node: Any, dtype: torch.dtype) -> bool:

@@ -93,3 +93,38 @@ def test_parameters_are_put_back_after_an_exception():
             assert model.conv_in.weight.dtype == BF16
             raise ValueError
     assert model.conv_in.weight is weight
+
+
+class Joined(nn.Module):
+    """Weights joined for one matmul (as self-attention's q, k and v): a and b only so; c and d joined, but d also used
+    alone; e and f joined and used in fp32 (no cast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False)
+        self.c, self.d = nn.Linear(4, 2, bias=False), nn.Linear(4, 2, bias=False)
+        self.e, self.f = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        ab = F.linear(x, torch.cat([self.a.weight, self.b.weight]))
+        cd = F.linear(x, torch.cat([self.c.weight, self.d.weight])) + self.d(x).sum(-1, keepdim=True)
+        return torch.cat([ab.float(), cd.float()], dim=-1) * torch.cat([self.e, self.f]).sum()
+
+
+def test_parts_of_a_concatenation_that_is_only_cast_are_cast_before_it_bit_for_bit():
+    torch.manual_seed(0)
+    model = Joined()
+    inputs = (torch.randn(5, 4),)
+    names = probe(model, *inputs)
+    assert names == ["a.weight", "b.weight"]
+    assert_same_bits(model, inputs, names)
+
+
+def test_tiny_unet_casts_its_joined_attention_and_embedding_weights():
+    model = tiny_unet(dims=2)
+    names = probe(model, torch.randn(2, 2, 8, 8), torch.tensor([3, 700]))
+    joined = [n for n in names if ".to_q." in n or ".to_k." in n or ".to_v." in n or "emb_proj" in n]
+    assert any(".to_k." in n for n in joined) and any(n.endswith("emb_proj.1.bias") for n in joined)
+    # every linear and convolution weight (biases of convolutions before a GroupNorm are added by it, in fp32)
+    weights = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert len(weights) > 20 and set(weights) <= set(names)
