@@ -101,8 +101,9 @@ class WeightCopies:
         group, index = places[id(param)]
         group["params"][index] = copy
         state = self.optimizer.state.pop(param, None)
-        if state:
-            self.optimizer.state[copy] = _on_host_step(state)
+        if state:  # moments in the parameter's strides (a checkpoint of another layout keeps its own)
+            self.optimizer.state[copy] = _on_host_step({
+                **state, **{name: _like(param, state[name]) for name in ("exp_avg", "exp_avg_sq") if name in state}})
         self.copy_of[param] = copy
         self.master_of[copy] = param
         return copy
@@ -165,8 +166,14 @@ class WeightCopies:
             if copy in self.master_of and i in saved["state"]:
                 master, state = self.master_of[copy], saved["state"][i]
                 optimizer.state[copy] = _on_host_step({
-                    "step": state["step"],
-                    **{name: torch.empty_like(master).copy_(state[name]) for name in ("exp_avg", "exp_avg_sq")}})
+                    "step": state["step"], **{name: _like(master, state[name]) for name in ("exp_avg", "exp_avg_sq")}})
+
+
+def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` as an fp32 tensor on param's device with param's strides (itself when it already is one)."""
+    if value.dtype == torch.float32 and value.device == param.device and value.stride() == param.stride():
+        return value
+    return torch.empty_like(param, dtype=torch.float32).copy_(value)
 
 
 def _on_host_step(state: dict) -> dict:

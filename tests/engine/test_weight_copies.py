@@ -135,6 +135,19 @@ def test_copies_made_after_a_load_keep_the_loaded_state():
     assert torch.equal(state["exp_avg"], optimizer.state[model.conv.weight]["exp_avg"])
 
 
+def test_moments_of_another_layout_take_the_parameters_strides():
+    """A checkpoint written without channels-last, resumed with it: the moved moments follow the weight's strides,
+    which the one-launch update needs."""
+    model = fresh()  # channels-last
+    optimizer = torch.optim.AdamW(model.parameters(), **HYPER)
+    optimizer.state[model.conv.weight] = {"step": torch.tensor(3.0), "exp_avg": torch.ones(8, 3, 3, 3),
+                                          "exp_avg_sq": torch.ones(8, 3, 3, 3)}
+    copied = WeightCopies(optimizer).attach([model.conv.weight])[0]
+    state = optimizer.state[copied]
+    assert state["exp_avg"].stride() == model.conv.weight.stride() != torch.ones(8, 3, 3, 3).stride()
+    assert torch.equal(state["exp_avg_sq"], torch.ones(8, 3, 3, 3)) and int(state["step"]) == 3
+
+
 def test_a_failing_step_leaves_the_param_groups_whole():
     model = fresh()
     optimizer, owner, copies = with_copies(model)
