@@ -600,6 +600,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--graph-network", action="store_true",
                         help="also run every variant with its networks' forward and backward as CUDA graphs, the rest "
                              "eager (what trainer.cuda_graph does; CUDA only)")
+    parser.add_argument("--netgraph-only", action="store_true",
+                        help="with --graph-network: only the netgraph variants (no eager ones; saves device time)")
     parser.add_argument("--weight-casts", choices=("once", "autocast", "both"), default="once",
                         help="netgraph variants: autocast's weight casts in one pass each way (once, what "
                              "trainer.cuda_graph does), per layer (autocast), or both variants")
@@ -636,6 +638,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.netgraph_only and not args.graph_network:
+        parser.error("--netgraph-only needs --graph-network")
     if args.weight_copies and (args.precision != "bf16" or not args.graph_network):
         parser.error("--weight-copies needs --graph-network and --precision bf16 (the copies stand in for the "
                      "graphed networks' bf16 casts)")
@@ -665,6 +669,7 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     modes = [dict(graph=g) for g in graphs]
     if args.graph_network and device.type == "cuda":
         casts = ["once", "autocast"] if args.weight_casts == "both" else [args.weight_casts]
+        modes = [] if args.netgraph_only else modes
         modes += [dict(graph_network=True, weight_casts=c) for c in casts]
     ours = [Variant("ours", k, layout, recompute=r, **mode)
             for layout in layouts for k in kernels for r in recompute for mode in modes]

@@ -92,8 +92,8 @@ def forward_backward(y: torch.Tensor, *inputs: torch.Tensor) -> None:
     torch.autograd.grad(y, inputs, torch.ones_like(y))
 
 
-def case_group_norm(shape: tuple[int, ...], input_bias: bool, packed_lanes: bool = False):
-    tuning = group_norm.GroupNormTuning(packed_lanes=packed_lanes)
+def case_group_norm(shape: tuple[int, ...], input_bias: bool, packed_lanes: bool = False, pdl: bool = False):
+    tuning = group_norm.GroupNormTuning(packed_lanes=packed_lanes, pdl=pdl)
 
     def run():
         x = bf16_channels_last(*shape, grad=True)
@@ -150,6 +150,8 @@ CASES = {
     "group_norm_4x384x32^3": case_group_norm((4, 384, 32, 32, 32), input_bias=False),
     "group_norm_4x384x32^3_packed": case_group_norm((4, 384, 32, 32, 32), input_bias=False, packed_lanes=True),
     "group_norm_4x768x16^3_packed": case_group_norm((4, 768, 16, 16, 16), input_bias=False, packed_lanes=True),
+    # programmatic dependent launch (GroupNormTuning.pdl): griddepcontrol instructions first in each program
+    "group_norm_4x128x32^3_pdl": case_group_norm((4, 128, 32, 32, 32), input_bias=False, pdl=True),
     "master_adamw": case_master_adamw(),
     "master_adamw_4x1024": case_master_adamw(master_adamw.MasterAdamWLaunch(blocks_per_program=4)),
     "master_adamw_2048w8": case_master_adamw(master_adamw.MasterAdamWLaunch(block=2048, num_warps=8)),
@@ -171,6 +173,7 @@ class Codegen:
     local_bytes: int
     shared_bytes: int
     barriers: int
+    grid_dependency: bool = False  # the PTX waits for the previous kernel (griddepcontrol.wait): a PDL launch
     loads: dict = field(default_factory=dict)   # width in bytes -> count of global load instructions
     stores: dict = field(default_factory=dict)
 
@@ -227,7 +230,7 @@ def analyse(launch: Launch, arch: int) -> Codegen:
     return Codegen(case=launch.case, kernel=launch.fn.__name__, grid=launch.grid, constants=constants,
                    num_warps=kernel.metadata.num_warps, registers=usage["REG"],
                    local_bytes=usage["LOCAL"] + usage["STACK"], shared_bytes=kernel.metadata.shared,
-                   barriers=ptx.count("bar.sync"), loads=dict(sorted(loads.items())),
+                   barriers=ptx.count("bar.sync"), grid_dependency="griddepcontrol.wait" in ptx, loads=dict(sorted(loads.items())),
                    stores=dict(sorted(stores.items())))
 
 

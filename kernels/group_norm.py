@@ -189,6 +189,13 @@ def _plan_meta(plan: _Plan, channels_last: bool) -> dict:
                 num_warps=max(1, min(16, plan.block_c * plan.block_s // 1024)))
 
 
+def _pdl_meta(tuning: "GroupNormTuning") -> dict:
+    """Launch options for GroupNormTuning.pdl: none where Triton's interpreter runs the kernels (no inline PTX there;
+    read at the call, since benchmarks/kernel_codegen.py records launches with _INTERPRET set but compiles them)."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return dict(PDL=True, launch_pdl=True) if tuning.pdl and not interpreted else {}
+
+
 def _as_kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """x in a layout the kernels read: kept if contiguous or channels-last, else made contiguous."""
     if is_channels_last(x):
@@ -214,6 +221,7 @@ class GroupNormTuning:
     fused: bool | None = None
     barrier: bool | None = None
     packed_lanes: bool = False  # True: channels-last padded groups in packed lanes (see _plan; not yet timed)
+    pdl: bool = False  # True: launched as programmatic dependent launches (kernels/group_norm_triton.py; not yet timed)
 
     @classmethod
     def parse(cls, spec: str) -> "GroupNormTuning":
@@ -274,7 +282,7 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, weight, bias, scal
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split, eps)
     meta = dict(_plan_meta(plan, channels_last), HAS_RESIDUAL=residual is not None,
-                HAS_INPUT_BIAS=input_bias is not None, HAS_SCALE=scale is not None, ACT=act)
+                HAS_INPUT_BIAS=input_bias is not None, HAS_SCALE=scale is not None, ACT=act, **_pdl_meta(tuning))
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
         LAST_KERNELS["forward"] = gn_forward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
@@ -312,7 +320,7 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, 
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split)
     meta = dict(_plan_meta(plan, channels_last), HAS_DH=dh is not None, HAS_INPUT_BIAS=input_bias is not None,
-                HAS_SCALE=scale is not None, ACT=act)
+                HAS_SCALE=scale is not None, ACT=act, **_pdl_meta(tuning))
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
         LAST_KERNELS["backward"] = gn_backward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)

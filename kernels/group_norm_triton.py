@@ -5,10 +5,12 @@ BLOCK_S spatial positions; with PACKED_CPG (channels-last, padded groups) the sa
 in order instead (see `_lanes`). PHASE 0 is the single launch (with BARRIER: programs of a segment meet in global memory;
 without: one program per segment), PHASE 1 writes partial statistics, PHASE 2 combines them and applies.
 HAS_INPUT_BIAS: h = x + input_bias[n, c] is formed in registers wherever a tile is read (forward and backward) and never
-written.
+written. PDL (programmatic dependent launch, launched with launch_pdl): each program first waits for the previous
+kernel's writes, then lets the next PDL kernel start, so that launch overlaps this one's tail (GroupNormTuning.pdl).
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 
@@ -188,6 +190,16 @@ def _wait_published(sync_ptr, seg, num_segments):
 
 
 @triton.jit
+def _dependent_launch(PDL: tl.constexpr):
+    """With PDL, before anything else: wait until the previous kernel in the stream has finished and its writes are
+    visible (nothing of this program reads or writes memory before), then allow the next kernel to be launched (it
+    waits the same way before it touches memory)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
 def _segment_of_program(sync_ptr, splits, BARRIER: tl.constexpr):
     """(segment, split) of this program. With the barrier, programs take a ticket, so they are numbered in start
     order and a waiting program only ever waits for programs that have started or can start."""
@@ -229,9 +241,10 @@ def gn_forward_kernel(
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
         BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
-        LANE_CHUNK: tl.constexpr):
+        LANE_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
     """Forward; PHASE 0: one launch with the barrier, 1: partials only, 2: combine and apply. ONE_TILE: the program's
     part is one tile (kept in registers across the barrier in phase 0)."""
+    _dependent_launch(PDL)
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
         sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
         PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)
@@ -363,11 +376,12 @@ def gn_backward_kernel(
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
         BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
-        LANE_CHUNK: tl.constexpr):
+        LANE_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
     """dx = rstd * (k * dz - mean_g(k * dz) - xhat * mean_g(k * dz * xhat)), k = weight * (1 + scale); also the
     per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow, and with
     HAS_INPUT_BIAS (h_ptr then holds x) the input bias's per-(sample, channel) gradient, dx summed over space
     (`_input_bias_grad`, from A, B and X = sum(xhat))."""
+    _dependent_launch(PDL)
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
         sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
         PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)

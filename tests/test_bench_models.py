@@ -61,6 +61,12 @@ def test_weight_copies_add_netgraph_variants_only():
                        "--channels-last-only", "--gn-tunings", "packed_lanes=True"])
     labels = [v.label for v in variants(args, torch.device("cuda"))]
     assert labels[-2:] == ["ours triton CL WC netgraph", "ours triton CL [packed_lanes=True] WC netgraph"]
+    args = parse_args(["--kernels", "triton", "--only-flash", "--graph-network", "--netgraph-only", "--precision",
+                       "bf16", "--channels-last-only", "--gn-tunings", "pdl=True"])
+    labels = [v.label for v in variants(args, torch.device("cuda"))]
+    assert labels == ["MONAI flash netgraph", "ours triton CL netgraph", "ours triton CL [pdl=True] netgraph"]
+    with pytest.raises(SystemExit):
+        parse_args(["--netgraph-only"])
     for wrong in (["--weight-copies", "--graph-network", "--precision", "fp32"], ["--weight-copies"]):
         with pytest.raises(SystemExit):
             parse_args(wrong)

@@ -119,12 +119,16 @@ def test_every_fusion_option(act, scale_shift, residual):
 
 # Launch plans: the single launch with one tile per program and with many (the multi-tile loops), two launches with
 # several splits (the partials' combination), and the single launch with its barrier (one split in the interpreter;
-# many on a GPU). The single launch is forced: in the interpreter the planner would choose two.
+# many on a GPU), the last two also as programmatic dependent launches. The single launch is forced: in the
+# interpreter the planner would choose two.
 PLANS = {
     "one-launch": GroupNormTuning(fused=True),
     "multi-tile": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True),
     "two-launch": GroupNormTuning(forward_tile=64, backward_tile=64, splits=3, fused=False),
     "barrier": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True, barrier=True),
+    # programmatic dependent launches (on a GPU; the interpreter runs them as ordinary launches)
+    "two-launch-pdl": GroupNormTuning(forward_tile=64, backward_tile=64, splits=3, fused=False, pdl=True),
+    "barrier-pdl": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True, barrier=True, pdl=True),
 }
 
 
