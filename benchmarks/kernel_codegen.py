@@ -92,16 +92,21 @@ def forward_backward(y: torch.Tensor, *inputs: torch.Tensor) -> None:
     torch.autograd.grad(y, inputs, torch.ones_like(y))
 
 
-def case_group_norm(shape: tuple[int, ...], input_bias: bool, packed_lanes: bool = False, pdl: bool = False):
+def case_group_norm(shape: tuple[int, ...], input_bias: bool | str, packed_lanes: bool = False, pdl: bool = False,
+                    scale_shift: bool = False):
+    """input_bias: True (N, C) as the UNet's, "shared" (C,) as the autoencoder's; scale_shift: bf16 (N, C) scale and
+    shift, as a Linear makes them under autocast."""
     tuning = group_norm.GroupNormTuning(packed_lanes=packed_lanes, pdl=pdl)
 
     def run():
         x = bf16_channels_last(*shape, grad=True)
-        C = shape[1]
+        N, C = shape[:2]
         w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
-        ib = torch.zeros(shape[0], C, requires_grad=True) if input_bias else None
-        y = group_norm.group_norm_act(x, w, b, 32, act=True, input_bias=ib, tuning=tuning)[0]
-        forward_backward(y, x, w, b, *([ib] if input_bias else []))
+        ib = torch.zeros((C,) if input_bias == "shared" else (N, C), requires_grad=True) if input_bias else None
+        scale_shift_args = [torch.zeros(N, C, dtype=torch.bfloat16, requires_grad=True) for _ in range(2 * scale_shift)]
+        y = group_norm.group_norm_act(x, w, b, 32, act=True, input_bias=ib, tuning=tuning,
+                                      **dict(zip(("scale", "shift"), scale_shift_args)))[0]
+        forward_backward(y, x, w, b, *([ib] if input_bias else []), *scale_shift_args)
     return run
 
 
@@ -150,6 +155,10 @@ CASES = {
     "group_norm_4x384x32^3": case_group_norm((4, 384, 32, 32, 32), input_bias=False),
     "group_norm_4x384x32^3_packed": case_group_norm((4, 384, 32, 32, 32), input_bias=False, packed_lanes=True),
     "group_norm_4x768x16^3_packed": case_group_norm((4, 768, 16, 16, 16), input_bias=False, packed_lanes=True),
+    # the BraTS UNet's scale-shift norm, the autoencoder's conv bias (one for all samples): the backward's second launch
+    # also writes their gradients (GroupNormTuning.kernel_param_grads)
+    "group_norm_4x256x16^3_scale_shift": case_group_norm((4, 256, 16, 16, 16), input_bias=True, scale_shift=True),
+    "group_norm_1x64x64^3_shared_input_bias": case_group_norm((1, 64, 64, 64, 64), input_bias="shared"),
     # programmatic dependent launch (GroupNormTuning.pdl): griddepcontrol instructions first in each program
     "group_norm_4x128x32^3_pdl": case_group_norm((4, 128, 32, 32, 32), input_bias=False, pdl=True),
     "master_adamw": case_master_adamw(),

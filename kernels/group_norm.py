@@ -222,6 +222,9 @@ class GroupNormTuning:
     barrier: bool | None = None
     packed_lanes: bool = False  # True: channels-last padded groups in packed lanes (see _plan; not yet timed)
     pdl: bool = False  # True: launched as programmatic dependent launches (kernels/group_norm_triton.py; not yet timed)
+    # True: two-launch backward plans write the parameter gradients in the second launch (extra programs sum them over
+    # the samples) instead of in PyTorch after it: one reduction kernel fewer per call, several with scale-shift
+    kernel_param_grads: bool = True
 
     @classmethod
     def parse(cls, spec: str) -> "GroupNormTuning":
@@ -296,13 +299,15 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, weight, bias, scal
 
 
 def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, bias, scale, shift, mean, rstd, G: int,
-                     act: bool, channels_last: bool, tuning: GroupNormTuning):
-    """Runs the backward kernel(s); h is x where input_bias is given. Returns dx, the (2, N, C) fp32 sums [A = sum(dz),
-    B = sum(dz * xhat)] and, with input_bias, its (N, C) fp32 gradient per sample (else None)."""
+                     act: bool, channels_last: bool, tuning: GroupNormTuning) -> tuple[torch.Tensor, _ParameterGrads]:
+    """Runs the backward kernel(s); h is x where input_bias is given. Returns dx and the gradients of input_bias,
+    weight, bias, scale and shift (fp32; None where the argument is None): written by the kernel where the plan has
+    two launches and tuning.kernel_param_grads, else from its per-(sample, channel) sums in PyTorch."""
     N, C = h.shape[:2]
     S = h[0, 0].numel()
     plan = _plan(N, C, S, G, channels_last, tuning.backward_tile, h.device, tuning.splits, tuning.fused,
                  tuning.barrier, tuning.packed_lanes)
+    in_kernel = tuning.kernel_param_grads and not plan.fused
     dx = torch.empty_like(h)
     dummy = mean
     if input_bias is None:
@@ -310,13 +315,15 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, 
         part_x = dummy
     else:
         sums, part_a, part_b, part_x = _scratch((N, C), plan, plan.block_c, h.device, count=3)
-    sum_a, sum_b = sums[0], sums[1]
     d_input_bias = sums[2] if input_bias is not None else None
+    d_param = torch.empty(3, C, device=h.device, dtype=torch.float32) if in_kernel else dummy
+    d_scale = torch.empty(N, C, device=h.device, dtype=scale.dtype) if in_kernel and scale is not None else dummy
+    d_shift = torch.empty(N, C, device=h.device, dtype=shift.dtype) if in_kernel and scale is not None else dummy
     sync = _sync_counters(plan, h.device)
     args = (h, input_bias if input_bias is not None else dummy, dy, dh if dh is not None else dy, dx, weight, bias,
             scale if scale is not None else dummy, shift if shift is not None else dummy, mean, rstd,
-            part_a, part_b, part_x, sum_a, sum_b, d_input_bias if d_input_bias is not None else dummy, sync,
-            _sample_stride(input_bias),
+            part_a, part_b, part_x, sums[0], sums[1], d_input_bias if d_input_bias is not None else dummy,
+            d_param, d_scale, d_shift, sync, _sample_stride(input_bias),
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split)
     meta = dict(_plan_meta(plan, channels_last), HAS_DH=dh is not None, HAS_INPUT_BIAS=input_bias is not None,
@@ -326,8 +333,41 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, 
         LAST_KERNELS["backward"] = gn_backward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
     else:
         gn_backward_kernel[grid](*args, PHASE=PHASE_PARTIALS, BARRIER=False, **meta)
-        gn_backward_kernel[grid](*args, PHASE=PHASE_APPLY, BARRIER=False, **meta)
-    return dx, sums[:2], d_input_bias
+        extra = plan.segments_per_sample if in_kernel else 0  # the programs that sum the parameter gradients
+        gn_backward_kernel[(grid[0] + extra,)](*args, PHASE=PHASE_APPLY, BARRIER=False, PARAM_GRADS=in_kernel, **meta)
+    if not in_kernel:
+        return dx, _parameter_grads_from_sums(sums[:2], d_input_bias, input_bias, weight, bias, scale)
+    shared_bias = input_bias is not None and input_bias.ndim == 1
+    return dx, _ParameterGrads(input_bias=d_param[2] if shared_bias else d_input_bias, weight=d_param[1],
+                               bias=d_param[0], scale=d_scale if scale is not None else None,
+                               shift=d_shift if scale is not None else None)
+
+
+@dataclass
+class _ParameterGrads:
+    """The backward's gradients of group_norm_act's parameters (None where there is no such argument)."""
+    input_bias: torch.Tensor | None
+    weight: torch.Tensor
+    bias: torch.Tensor
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+
+
+def _parameter_grads_from_sums(sums: torch.Tensor, d_input_bias, input_bias, weight, bias, scale) -> _ParameterGrads:
+    """The parameter gradients from the kernel's (2, N, C) fp32 sums [A = sum(dz), B = sum(dz * xhat)] and, with an
+    input bias, its (N, C) per-sample gradient: d_bias = sum_n (1 + scale_n) A_n, d_weight = sum_n (1 + scale_n) B_n,
+    d_scale = weight B + bias A, d_shift = A."""
+    sum_a, sum_b = sums
+    d_scale = d_shift = None
+    if scale is not None:
+        d_bias, d_weight = ((1.0 + scale.float()) * sums).sum(1)
+        d_scale = weight.float() * sum_b + bias.float() * sum_a
+        d_shift = sum_a
+    else:
+        d_bias, d_weight = sums.sum(1)  # one reduction for both
+    if input_bias is not None and input_bias.ndim == 1:
+        d_input_bias = d_input_bias.sum(0)
+    return _ParameterGrads(input_bias=d_input_bias, weight=d_weight, bias=d_bias, scale=d_scale, shift=d_shift)
 
 
 def _sample_stride(input_bias: torch.Tensor | None) -> int:
@@ -356,21 +396,15 @@ class _GroupNormActFunction(torch.autograd.Function):
         num_groups, act, channels_last, tuning, has_residual = ctx.config
         dy = dense(dy, channels_last)
         dh = dense(maybe_dh[0], channels_last) if (maybe_dh and maybe_dh[0] is not None) else None
-        dx, sums, d_input_bias = _launch_backward(h, dy, dh, input_bias, weight, bias, scale, shift, mean, rstd,
-                                                  num_groups, act, channels_last, tuning)
-        sum_a, sum_b = sums
-        if scale is not None:
-            d_bias, d_weight = ((1.0 + scale.float()) * sums).sum(1)
-            d_scale = weight.float() * sum_b + bias.float() * sum_a
-            d_shift = sum_a
-            d_scale, d_shift = d_scale.to(scale.dtype), d_shift.to(shift.dtype)
-        else:
-            (d_bias, d_weight), d_scale, d_shift = sums.sum(1), None, None  # one reduction for both
-        d_residual = dx if has_residual else None
-        if input_bias is not None:  # per (sample, channel) from the kernel
-            d_input_bias = (d_input_bias if input_bias.ndim == 2 else d_input_bias.sum(0)).to(input_bias.dtype)
-        return (dx, d_residual, d_input_bias, d_weight.to(weight.dtype), d_bias.to(bias.dtype), d_scale, d_shift,
-                None, None, None, None)
+        dx, grads = _launch_backward(h, dy, dh, input_bias, weight, bias, scale, shift, mean, rstd, num_groups, act,
+                                     channels_last, tuning)
+        return (dx, dx if has_residual else None, _cast(grads.input_bias, input_bias), _cast(grads.weight, weight),
+                _cast(grads.bias, bias), _cast(grads.scale, scale), _cast(grads.shift, shift), None, None, None, None)
+
+
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    """A gradient in its argument's dtype (a no-op where they agree)."""
+    return None if grad is None else grad.to(like.dtype)
 
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-6,

@@ -200,24 +200,22 @@ def _dependent_launch(PDL: tl.constexpr):
 
 
 @triton.jit
-def _segment_of_program(sync_ptr, splits, BARRIER: tl.constexpr):
-    """(segment, split) of this program. With the barrier, programs take a ticket, so they are numbered in start
-    order and a waiting program only ever waits for programs that have started or can start."""
+def _segment_of_program(sync_ptr, splits, first_program, BARRIER: tl.constexpr):
+    """(segment, split) of this program (programs before `first_program` do other work). With the barrier, programs
+    take a ticket, so they are numbered in start order and a waiting program only ever waits for programs that have
+    started or can start."""
     if BARRIER:
         pid = tl.atomic_add(sync_ptr, 1)
     else:
-        pid = tl.program_id(0)
+        pid = tl.program_id(0) - first_program
     return pid // splits, pid % splits
 
 
 @triton.jit
-def _program_part(sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-                  BARRIER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
-                  CHANNELS_LAST: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
-        LANE_CHUNK: tl.constexpr):
-    """Where this program works: segment, split, sample n, first group g0, groups in the segment, the lanes'
-    channels and validity, and the first spatial position of its part."""
-    seg, split = _segment_of_program(sync_ptr, splits, BARRIER)
+def _segment_lanes(seg, C, G, channels_per_group, groups_per_segment, segments_per_sample, BLOCK_G: tl.constexpr,
+                   CPG_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, DENSE_LANES: tl.constexpr,
+                   PACKED_CPG: tl.constexpr):
+    """Sample n, first group g0, groups in the segment, and the lanes' channels and validity of segment `seg`."""
     if CHANNELS_LAST:  # a segment is a whole sample: g0 = 0, known at compile time (aligned channel offsets)
         n = seg
         g0 = 0
@@ -227,6 +225,20 @@ def _program_part(sync_ptr, C, G, channels_per_group, groups_per_segment, segmen
     groups_here = tl.minimum(groups_per_segment, G - g0)
     channel, lane_valid = _lanes(g0 * channels_per_group, C, channels_per_group, groups_here, BLOCK_G, CPG_PAD,
                                  DENSE_LANES, PACKED_CPG)
+    return n, g0, groups_here, channel, lane_valid
+
+
+@triton.jit
+def _program_part(sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
+                  first_program, BARRIER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+                  CPG_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, DENSE_LANES: tl.constexpr,
+                  PACKED_CPG: tl.constexpr, LANE_CHUNK: tl.constexpr):
+    """Where this program works: segment, split, sample n, first group g0, groups in the segment, the lanes'
+    channels and validity, and the first spatial position of its part."""
+    seg, split = _segment_of_program(sync_ptr, splits, first_program, BARRIER)
+    n, g0, groups_here, channel, lane_valid = _segment_lanes(seg, C, G, channels_per_group, groups_per_segment,
+                                                             segments_per_sample, BLOCK_G, CPG_PAD, CHANNELS_LAST,
+                                                             DENSE_LANES, PACKED_CPG)
     return seg, split, n, g0, groups_here, channel, lane_valid, split * tiles_per_split * BLOCK_S
 
 
@@ -247,7 +259,8 @@ def gn_forward_kernel(
     _dependent_launch(PDL)
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
         sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)
+        0, PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG,
+        LANE_CHUNK)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
     input_bias = _lane_input_bias(ib_ptr, ib_sample_stride, n, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS)
@@ -369,22 +382,38 @@ def _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, 
 @triton.jit
 def gn_backward_kernel(
         h_ptr, ib_ptr, dy_ptr, dh_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-        part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, sync_ptr, ib_sample_stride,
+        part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, d_param_ptr, d_scale_ptr, d_shift_ptr,
+        sync_ptr, ib_sample_stride,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
         CHANNELS_LAST: tl.constexpr, HAS_DH: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
         ACT: tl.constexpr,
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
         BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
-        LANE_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+        LANE_CHUNK: tl.constexpr, PDL: tl.constexpr = False, PARAM_GRADS: tl.constexpr = False):
     """dx = rstd * (k * dz - mean_g(k * dz) - xhat * mean_g(k * dz * xhat)), k = weight * (1 + scale); also the
     per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow, and with
     HAS_INPUT_BIAS (h_ptr then holds x) the input bias's per-(sample, channel) gradient, dx summed over space
-    (`_input_bias_grad`, from A, B and X = sum(xhat))."""
+    (`_input_bias_grad`, from A, B and X = sum(xhat)).
+
+    PARAM_GRADS (PHASE 2 only): the parameter gradients too. The first segments_per_sample programs sum them over the
+    samples from the first launch's partials (`_parameter_gradients`: d_param_ptr, (3, C) fp32 rows d_bias, d_weight
+    and, for an input bias shared by the samples, its gradient); with HAS_SCALE the programs that write a segment's
+    totals also write d_scale = weight * B + bias * A and d_shift = A per (sample, channel), in scale's dtype."""
     _dependent_launch(PDL)
+    first_program = 0
+    if PARAM_GRADS:
+        first_program = segments_per_sample
+        if tl.program_id(0) < segments_per_sample:
+            _parameter_gradients(part_a_ptr, part_b_ptr, part_x_ptr, w_ptr, scale_ptr, rstd_ptr, d_param_ptr, tl.program_id(0), num_segments // segments_per_sample, ib_sample_stride,
+                                 C, S, G, channels_per_group, groups_per_segment, segments_per_sample, splits,
+                                 CHANNELS_LAST, HAS_INPUT_BIAS, HAS_SCALE, BLOCK_C, BLOCK_G, CPG_PAD, BLOCK_SPLITS,
+                                 DENSE_LANES, PACKED_CPG, LANE_CHUNK)
+            return
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
         sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)
+        first_program, PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG,
+        LANE_CHUNK)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
 
@@ -470,6 +499,10 @@ def gn_backward_kernel(
         if split == 0:
             tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
             tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
+            if PARAM_GRADS and HAS_SCALE:
+                tl.store(d_scale_ptr + sums, (w * total_b + b * total_a).to(d_scale_ptr.dtype.element_ty),
+                         mask=lane_valid)
+                tl.store(d_shift_ptr + sums, total_a.to(d_shift_ptr.dtype.element_ty), mask=lane_valid)
             if HAS_INPUT_BIAS:
                 total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
                 d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
@@ -492,6 +525,51 @@ def gn_backward_kernel(
             if HAS_DH:
                 dx += tl.load(dh_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + t_offsets, dx.to(dx_ptr.dtype.element_ty), mask=t_mask)
+
+
+@triton.jit
+def _parameter_gradients(part_a_ptr, part_b_ptr, part_x_ptr, w_ptr, scale_ptr, rstd_ptr, d_param_ptr,
+                         position, N, ib_sample_stride, C, S, G, channels_per_group, groups_per_segment,
+                         segments_per_sample, splits, CHANNELS_LAST: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
+                         BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
+                         LANE_CHUNK: tl.constexpr):
+    """The parameter gradients of the channels of the segments at `position` within their samples, summed over the
+    N samples in order (deterministic) from the partials of the first launch (complete before this launch runs, so
+    nothing here waits for another program): d_bias = sum_n (1 + scale_n) A_n, d_weight = sum_n (1 + scale_n) B_n
+    and, for an input bias shared by the samples (ib_sample_stride 0), sum_n of its per-sample gradient. Stored as
+    rows 0, 1, 2 of d_param_ptr ((3, C) fp32)."""
+    _, g0, groups_here, channel, lane_valid = _segment_lanes(position, C, G, channels_per_group, groups_per_segment,
+                                                             segments_per_sample, BLOCK_G, CPG_PAD, CHANNELS_LAST,
+                                                             DENSE_LANES, PACKED_CPG)
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < groups_here
+    w = tl.load(w_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
+    inv_elems = 1.0 / (S * channels_per_group).to(tl.float32)
+    d_bias = tl.zeros((BLOCK_C,), tl.float32)
+    d_weight = tl.zeros((BLOCK_C,), tl.float32)
+    d_input_bias = tl.zeros((BLOCK_C,), tl.float32)
+    for n in range(0, N):
+        seg = n * segments_per_sample + position
+        total_a = _sum_partials(part_a_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+        total_b = _sum_partials(part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+        scale = tl.full((BLOCK_C,), 1.0, tl.float32)
+        if HAS_SCALE:
+            scale += tl.load(scale_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
+        d_bias += scale * total_a
+        d_weight += scale * total_b
+        if HAS_INPUT_BIAS:
+            if ib_sample_stride == 0:
+                rstd = tl.load(rstd_ptr + n * G + g0 + g, mask=g_mask, other=0.0)
+                channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+                total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+                d_input_bias += _input_bias_grad(total_a, total_b, total_x, w * scale, channel_rstd, S, inv_elems,
+                                                 BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+    tl.store(d_param_ptr + channel, d_bias, mask=lane_valid)
+    tl.store(d_param_ptr + C + channel, d_weight, mask=lane_valid)
+    if HAS_INPUT_BIAS:
+        if ib_sample_stride == 0:
+            tl.store(d_param_ptr + 2 * C + channel, d_input_bias, mask=lane_valid)
 
 
 @triton.jit

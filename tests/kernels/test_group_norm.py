@@ -323,3 +323,64 @@ def test_input_bias_empty_input():
     assert y.shape == empty.shape and h is None
     y.sum().backward()
     assert torch.equal(input_bias.grad, torch.zeros(4))
+
+
+def parameter_gradients(shape, groups, layout, tuning, scale_shift, input_bias, scale_dtype=torch.float32):
+    """Gradients of x and of every parameter of one forward + backward of ours (fp32 x, SiLU)."""
+    gen = torch.Generator().manual_seed(3)
+    N, C = shape[:2]
+    inputs = {"x": torch.randn(shape, generator=gen) * 2 + 3, "weight": torch.randn(C, generator=gen),
+              "bias": torch.randn(C, generator=gen)}
+    if scale_shift:
+        inputs["scale"] = (0.5 * torch.randn(N, C, generator=gen)).to(scale_dtype)
+        inputs["shift"] = torch.randn(N, C, generator=gen).to(scale_dtype)
+    if input_bias:
+        inputs["input_bias"] = 4 * torch.randn((N, C) if input_bias == "per_sample" else (C,), generator=gen)
+    grad_y = torch.randn(shape, generator=gen).to(DEVICE)
+    leaves = {k: v.to(DEVICE).requires_grad_() for k, v in inputs.items()}
+    x = channels_last(leaves["x"]) if layout == "channels_last" else leaves["x"]
+    y, _ = group_norm_act(x, leaves["weight"], leaves["bias"], groups, 1e-5, True, leaves.get("scale"),
+                          leaves.get("shift"), input_bias=leaves.get("input_bias"), tuning=tuning)
+    (y * grad_y).sum().backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("scale_shift,input_bias", [(True, False), (False, True), (True, "per_sample")])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_parameter_gradients_in_kernel_match_pytorch_sums(monkeypatch, layout, scale_shift, input_bias):
+    """Two launches with kernel_param_grads: the second launch's extra programs sum the weight, bias (and shared
+    input bias) gradients over the samples, and its combining programs write scale's and shift's; the same numbers
+    as PyTorch's sums of the kernel's per-sample sums, up to summation order, every element written (outputs start as
+    NaN), and PyTorch's sums not used. Channels-last runs the padded groups in both lane layouts."""
+    shape, groups = (3, 30, 4, 5), 3  # 10 channels per group, padded to 16 lanes; several splits, tiles and samples
+    for packed in ([False, True] if layout == "channels_last" else [False]):
+        plan = GroupNormTuning(forward_tile=256, backward_tile=256, splits=3, fused=False, packed_lanes=packed)
+        expected = parameter_gradients(shape, groups, layout, dataclasses.replace(plan, kernel_param_grads=False),
+                                       scale_shift, input_bias)
+        with monkeypatch.context() as patched:
+            real_empty = torch.empty
+            patched.setattr(gn.torch, "empty", lambda *size, **kw: real_empty(*size, **kw).fill_(float("nan"))
+                            if kw.get("dtype", torch.float32).is_floating_point else real_empty(*size, **kw))
+
+            def pytorch_sums(*args, **kwargs):
+                raise AssertionError("the parameter gradients were summed in PyTorch, not by the kernel")
+
+            patched.setattr(gn, "_parameter_grads_from_sums", pytorch_sums)
+            got = parameter_gradients(shape, groups, layout, plan, scale_shift, input_bias)
+        assert got.keys() == expected.keys()
+        for name in expected:
+            assert torch.isfinite(got[name]).all(), f"{name} (packed={packed}): an element was not written"
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{name} (packed={packed}): {m}")
+
+
+def test_parameter_gradients_in_kernel_in_scale_dtype():
+    """bf16 scale and shift (a Linear's output under autocast): their gradients come back in bf16 from the kernel,
+    equal to PyTorch's rounding of the fp32 sums up to one bf16 step."""
+    plan = GroupNormTuning(forward_tile=64, backward_tile=64, splits=2, fused=False)
+    got = parameter_gradients((2, 8, 4, 5, 6), 4, "channels_last", plan, True, False, torch.bfloat16)
+    expected = parameter_gradients((2, 8, 4, 5, 6), 4, "channels_last",
+                                   dataclasses.replace(plan, kernel_param_grads=False), True, False, torch.bfloat16)
+    for name in ("scale", "shift"):
+        assert got[name].dtype == torch.bfloat16
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-2, atol=1e-2)
