@@ -94,19 +94,21 @@ def forward_backward(y: torch.Tensor, *inputs: torch.Tensor) -> None:
 
 def case_group_norm(shape: tuple[int, ...], input_bias: bool | str, packed_lanes: bool = False, pdl: bool = False,
                     scale_shift: bool = False):
-    """input_bias: True (N, C) as the UNet's, "shared" (C,) as the autoencoder's; scale_shift: bf16 (N, C) scale and
-    shift, as a Linear makes them under autocast."""
+    """input_bias: True (N, C), "shared" (C,) as the autoencoder's, "sample" (C,) plus a bf16 (N, C) sample bias as
+    the UNet's ResBlocks; scale_shift: bf16 (N, C) scale and shift, as a Linear makes them under autocast."""
     tuning = group_norm.GroupNormTuning(packed_lanes=packed_lanes, pdl=pdl)
 
     def run():
         x = bf16_channels_last(*shape, grad=True)
         N, C = shape[:2]
         w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
-        ib = torch.zeros((C,) if input_bias == "shared" else (N, C), requires_grad=True) if input_bias else None
+        ib = torch.zeros((N, C) if input_bias is True else (C,), requires_grad=True) if input_bias else None
+        sb = torch.zeros(N, C, dtype=torch.bfloat16, requires_grad=True) if input_bias == "sample" else None
         scale_shift_args = [torch.zeros(N, C, dtype=torch.bfloat16, requires_grad=True) for _ in range(2 * scale_shift)]
-        y = group_norm.group_norm_act(x, w, b, 32, act=True, input_bias=ib, tuning=tuning,
+        y = group_norm.group_norm_act(x, w, b, 32, act=True, input_bias=ib, sample_bias=sb, tuning=tuning,
                                       **dict(zip(("scale", "shift"), scale_shift_args)))[0]
-        forward_backward(y, x, w, b, *([ib] if input_bias else []), *scale_shift_args)
+        forward_backward(y, x, w, b, *([ib] if input_bias else []), *([sb] if sb is not None else []),
+                         *scale_shift_args)
     return run
 
 
@@ -159,6 +161,7 @@ CASES = {
     # also writes their gradients (GroupNormTuning.kernel_param_grads)
     "group_norm_4x256x16^3_scale_shift": case_group_norm((4, 256, 16, 16, 16), input_bias=True, scale_shift=True),
     "group_norm_1x64x64^3_shared_input_bias": case_group_norm((1, 64, 64, 64, 64), input_bias="shared"),
+    "group_norm_4x256x16^3_sample_bias": case_group_norm((4, 256, 16, 16, 16), input_bias="sample"),
     # programmatic dependent launch (GroupNormTuning.pdl): griddepcontrol instructions first in each program
     "group_norm_4x128x32^3_pdl": case_group_norm((4, 128, 32, 32, 32), input_bias=False, pdl=True),
     "master_adamw": case_master_adamw(),

@@ -1,7 +1,7 @@
 """Fused GroupNorm (+ input bias, + per-sample scale-shift, + SiLU, + residual add) in Triton, forward and backward.
 
     h = x + residual                                      (optional; h is returned too, for the skip path)
-    h = x + input_bias[n, c]                              (optional, instead; input_bias: (C,) or (N, C), e.g. the
+    h = x + input_bias[n, c] (+ sample_bias[n, c])        (optional, instead; input_bias: (C,) or (N, C), e.g. the
                                                            bias of the convolution that made x, plus a per-sample
                                                            embedding; h is not materialised)
     z = GroupNorm(h) * weight + bias                      statistics in fp32 per (sample, group)
@@ -70,17 +70,20 @@ LAST_KERNELS: dict = {}
 def group_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
                          eps: float = 1e-6, act: bool = False, scale: torch.Tensor | None = None,
                          shift: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                         input_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spec, in PyTorch: returns (y, h) with h = x (+ residual) (+ input_bias per channel).
+                         input_bias: torch.Tensor | None = None,
+                         sample_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec, in PyTorch: returns (y, h) with h = x (+ residual) (+ input_bias per channel) (+ sample_bias).
 
-    x, residual: (N, C, *spatial); weight, bias: (C,); input_bias: (C,) or (N, C); scale, shift: (N, C) or
-    (N, C, 1, ...). Computes in
+    x, residual: (N, C, *spatial); weight, bias: (C,); input_bias: (C,) or (N, C); sample_bias: (N, C), added to
+    input_bias first; scale, shift: (N, C) or (N, C, 1, ...). Computes in
     fp32 (or the input's dtype when that is float64; input_bias is added there) and returns y and h in x's dtype.
     """
     h = x if residual is None else x + residual
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     spatial = (1,) * (x.ndim - 2)
     h_compute = h.to(compute)
+    if sample_bias is not None:
+        input_bias = sample_bias if input_bias is None else input_bias.to(compute) + sample_bias.to(compute)
     if input_bias is not None:
         h_compute = h_compute + input_bias.to(compute).reshape(-1, x.shape[1], *spatial)
         h = h_compute.to(x.dtype)
@@ -266,8 +269,8 @@ def _sync_counters(plan: _Plan, device: torch.device) -> torch.Tensor:
     return torch.zeros(1 + 2 * plan.num_segments, device=device, dtype=torch.int32)
 
 
-def _launch_forward(h_in: torch.Tensor, residual, input_bias, weight, bias, scale, shift, G: int, eps: float,
-                    act: bool, channels_last: bool, tuning: GroupNormTuning):
+def _launch_forward(h_in: torch.Tensor, residual, input_bias, sample_bias, weight, bias, scale, shift, G: int,
+                    eps: float, act: bool, channels_last: bool, tuning: GroupNormTuning):
     """Runs the forward kernel(s). Returns y, h (= x + residual, or x: also with input_bias, which is added in
     registers only), mean, rstd ((N, G) fp32)."""
     N, C = h_in.shape[:2]
@@ -280,12 +283,14 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, weight, bias, scal
     sync = _sync_counters(plan, h_in.device)
     dummy = mean  # stands for absent optional tensors (never read: the constexpr flags prune those loads)
     args = (h_in, residual if residual is not None else h_in, input_bias if input_bias is not None else dummy,
+            sample_bias if sample_bias is not None else dummy,
             h, y, weight, bias, scale if scale is not None else dummy, shift if shift is not None else dummy,
             mean, rstd, part_mean, part_m2, sync, _sample_stride(input_bias),
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split, eps)
     meta = dict(_plan_meta(plan, channels_last), HAS_RESIDUAL=residual is not None,
-                HAS_INPUT_BIAS=input_bias is not None, HAS_SCALE=scale is not None, ACT=act, **_pdl_meta(tuning))
+                HAS_INPUT_BIAS=input_bias is not None, HAS_SCALE=scale is not None, ACT=act,
+                HAS_SAMPLE_BIAS=sample_bias is not None, **_pdl_meta(tuning))
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
         LAST_KERNELS["forward"] = gn_forward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
@@ -298,11 +303,13 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, weight, bias, scal
     return y, h, mean, rstd
 
 
-def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, bias, scale, shift, mean, rstd, G: int,
-                     act: bool, channels_last: bool, tuning: GroupNormTuning) -> tuple[torch.Tensor, _ParameterGrads]:
+def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, sample_bias, weight, bias, scale, shift, mean,
+                     rstd, G: int, act: bool, channels_last: bool,
+                     tuning: GroupNormTuning) -> tuple[torch.Tensor, _ParameterGrads]:
     """Runs the backward kernel(s); h is x where input_bias is given. Returns dx and the gradients of input_bias,
-    weight, bias, scale and shift (fp32; None where the argument is None): written by the kernel where the plan has
-    two launches and tuning.kernel_param_grads, else from its per-(sample, channel) sums in PyTorch."""
+    sample_bias, weight, bias, scale and shift (None where the argument is None): written by the kernel where the plan
+    has two launches and tuning.kernel_param_grads (the per-sample ones in their argument's dtype), else from its
+    per-(sample, channel) sums in PyTorch (fp32)."""
     N, C = h.shape[:2]
     S = h[0, 0].numel()
     plan = _plan(N, C, S, G, channels_last, tuning.backward_tile, h.device, tuning.splits, tuning.fused,
@@ -315,19 +322,23 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, 
         part_x = dummy
     else:
         sums, part_a, part_b, part_x = _scratch((N, C), plan, plan.block_c, h.device, count=3)
-    d_input_bias = sums[2] if input_bias is not None else None
+    d_input_bias = sums[2] if input_bias is not None else None  # per (sample, channel)
+    per_sample = sample_bias if sample_bias is not None else input_bias
+    if in_kernel and per_sample is not None and per_sample.ndim == 2 and per_sample.dtype != torch.float32:
+        d_input_bias = torch.empty(N, C, device=h.device, dtype=per_sample.dtype)  # written in its dtype
     d_param = torch.empty(3, C, device=h.device, dtype=torch.float32) if in_kernel else dummy
     d_scale = torch.empty(N, C, device=h.device, dtype=scale.dtype) if in_kernel and scale is not None else dummy
     d_shift = torch.empty(N, C, device=h.device, dtype=shift.dtype) if in_kernel and scale is not None else dummy
     sync = _sync_counters(plan, h.device)
-    args = (h, input_bias if input_bias is not None else dummy, dy, dh if dh is not None else dy, dx, weight, bias,
+    args = (h, input_bias if input_bias is not None else dummy, sample_bias if sample_bias is not None else dummy,
+            dy, dh if dh is not None else dy, dx, weight, bias,
             scale if scale is not None else dummy, shift if shift is not None else dummy, mean, rstd,
             part_a, part_b, part_x, sums[0], sums[1], d_input_bias if d_input_bias is not None else dummy,
             d_param, d_scale, d_shift, sync, _sample_stride(input_bias),
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split)
     meta = dict(_plan_meta(plan, channels_last), HAS_DH=dh is not None, HAS_INPUT_BIAS=input_bias is not None,
-                HAS_SCALE=scale is not None, ACT=act, **_pdl_meta(tuning))
+                HAS_SCALE=scale is not None, ACT=act, HAS_SAMPLE_BIAS=sample_bias is not None, **_pdl_meta(tuning))
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
         LAST_KERNELS["backward"] = gn_backward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
@@ -336,9 +347,10 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, 
         extra = plan.segments_per_sample if in_kernel else 0  # the programs that sum the parameter gradients
         gn_backward_kernel[(grid[0] + extra,)](*args, PHASE=PHASE_APPLY, BARRIER=False, PARAM_GRADS=in_kernel, **meta)
     if not in_kernel:
-        return dx, _parameter_grads_from_sums(sums[:2], d_input_bias, input_bias, weight, bias, scale)
+        return dx, _parameter_grads_from_sums(sums[:2], d_input_bias, input_bias, sample_bias, weight, bias, scale)
     shared_bias = input_bias is not None and input_bias.ndim == 1
-    return dx, _ParameterGrads(input_bias=d_param[2] if shared_bias else d_input_bias, weight=d_param[1],
+    return dx, _ParameterGrads(input_bias=d_param[2] if shared_bias else d_input_bias,
+                               sample_bias=d_input_bias if sample_bias is not None else None, weight=d_param[1],
                                bias=d_param[0], scale=d_scale if scale is not None else None,
                                shift=d_shift if scale is not None else None)
 
@@ -347,16 +359,18 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, weight, 
 class _ParameterGrads:
     """The backward's gradients of group_norm_act's parameters (None where there is no such argument)."""
     input_bias: torch.Tensor | None
+    sample_bias: torch.Tensor | None
     weight: torch.Tensor
     bias: torch.Tensor
     scale: torch.Tensor | None
     shift: torch.Tensor | None
 
 
-def _parameter_grads_from_sums(sums: torch.Tensor, d_input_bias, input_bias, weight, bias, scale) -> _ParameterGrads:
+def _parameter_grads_from_sums(sums: torch.Tensor, d_input_bias, input_bias, sample_bias, weight, bias,
+                               scale) -> _ParameterGrads:
     """The parameter gradients from the kernel's (2, N, C) fp32 sums [A = sum(dz), B = sum(dz * xhat)] and, with an
-    input bias, its (N, C) per-sample gradient: d_bias = sum_n (1 + scale_n) A_n, d_weight = sum_n (1 + scale_n) B_n,
-    d_scale = weight B + bias A, d_shift = A."""
+    input bias, its (N, C) per-sample gradient (the sample bias's): d_bias = sum_n (1 + scale_n) A_n,
+    d_weight = sum_n (1 + scale_n) B_n, d_scale = weight B + bias A, d_shift = A."""
     sum_a, sum_b = sums
     d_scale = d_shift = None
     if scale is not None:
@@ -365,9 +379,11 @@ def _parameter_grads_from_sums(sums: torch.Tensor, d_input_bias, input_bias, wei
         d_shift = sum_a
     else:
         d_bias, d_weight = sums.sum(1)  # one reduction for both
+    d_sample_bias = d_input_bias if sample_bias is not None else None
     if input_bias is not None and input_bias.ndim == 1:
         d_input_bias = d_input_bias.sum(0)
-    return _ParameterGrads(input_bias=d_input_bias, weight=d_weight, bias=d_bias, scale=d_scale, shift=d_shift)
+    return _ParameterGrads(input_bias=d_input_bias, sample_bias=d_sample_bias, weight=d_weight, bias=d_bias,
+                           scale=d_scale, shift=d_shift)
 
 
 def _sample_stride(input_bias: torch.Tensor | None) -> int:
@@ -380,26 +396,28 @@ class _GroupNormActFunction(torch.autograd.Function):
     rstd only."""
 
     @staticmethod
-    def forward(ctx, x, residual, input_bias, weight, bias, scale, shift, num_groups, eps, act, tuning):
+    def forward(ctx, x, residual, input_bias, sample_bias, weight, bias, scale, shift, num_groups, eps, act, tuning):
         x_in, channels_last = _as_kernel_layout(x)
         if residual is not None:
             residual = dense(residual, channels_last)
-        y, h, mean, rstd = _launch_forward(x_in, residual, input_bias, weight, bias, scale, shift, num_groups, eps,
+        y, h, mean, rstd = _launch_forward(x_in, residual, input_bias, sample_bias, weight, bias, scale, shift,
+                                           num_groups, eps,
                                            act, channels_last, tuning)
-        ctx.save_for_backward(h, input_bias, weight, bias, scale, shift, mean, rstd)
+        ctx.save_for_backward(h, input_bias, sample_bias, weight, bias, scale, shift, mean, rstd)
         ctx.config = (num_groups, act, channels_last, tuning, residual is not None)
         return (y, h) if residual is not None else y
 
     @staticmethod
     def backward(ctx, dy, *maybe_dh):
-        h, input_bias, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        h, input_bias, sample_bias, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
         num_groups, act, channels_last, tuning, has_residual = ctx.config
         dy = dense(dy, channels_last)
         dh = dense(maybe_dh[0], channels_last) if (maybe_dh and maybe_dh[0] is not None) else None
-        dx, grads = _launch_backward(h, dy, dh, input_bias, weight, bias, scale, shift, mean, rstd, num_groups, act,
-                                     channels_last, tuning)
-        return (dx, dx if has_residual else None, _cast(grads.input_bias, input_bias), _cast(grads.weight, weight),
-                _cast(grads.bias, bias), _cast(grads.scale, scale), _cast(grads.shift, shift), None, None, None, None)
+        dx, grads = _launch_backward(h, dy, dh, input_bias, sample_bias, weight, bias, scale, shift, mean, rstd,
+                                     num_groups, act, channels_last, tuning)
+        return (dx, dx if has_residual else None, _cast(grads.input_bias, input_bias),
+                _cast(grads.sample_bias, sample_bias), _cast(grads.weight, weight), _cast(grads.bias, bias),
+                _cast(grads.scale, scale), _cast(grads.shift, shift), None, None, None, None)
 
 
 def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -410,13 +428,16 @@ def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-6,
                    act: bool = False, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
                    residual: torch.Tensor | None = None, tuning: GroupNormTuning | None = None,
-                   input_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   input_bias: torch.Tensor | None = None,
+                   sample_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fused kernels. Returns (y, h) like `group_norm_reference`; (y, None) with input_bias, whose
     h = x + input_bias is never materialised.
 
     x, residual: (N, C, *spatial) with 1 to 3 spatial dims; weight, bias: (C,); scale, shift: (N, C) or (N, C, 1, ...),
     given together or not at all; input_bias: (C,) or (N, C) in any float dtype (under autocast, the fp32 bias of the
-    convolution that made a bf16 x; added in fp32; its gradient comes back in its dtype), not together with residual.
+    convolution that made a bf16 x; added in fp32; its gradient comes back in its dtype), not together with residual;
+    sample_bias: (N, C) (the UNet's timestep embedding, bf16 under autocast) added to a (C,) input_bias in fp32, so
+    that their sum is never formed in memory, nor its gradient reduced to the (C,) one in a kernel of its own.
     x in fp32, bf16 or fp16; y and h in x's dtype and layout.
     """
     if x.ndim < 3:
@@ -433,6 +454,14 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
     if input_bias is not None and input_bias.shape not in ((C,), (N, C)):
         raise ValueError(f"group_norm_act: input_bias must be (C,) = ({C},) or (N, C) = ({N}, {C}), got "
                          f"{tuple(input_bias.shape)}")
+    if sample_bias is not None:
+        if sample_bias.shape != (N, C):
+            raise ValueError(f"group_norm_act: sample_bias must be (N, C) = ({N}, {C}), got {tuple(sample_bias.shape)}")
+        if input_bias is None:  # on its own it is a per-sample input bias
+            input_bias, sample_bias = sample_bias, None
+        elif input_bias.ndim != 1:
+            raise ValueError(f"group_norm_act: sample_bias is added to a (C,) input_bias, got input_bias "
+                             f"{tuple(input_bias.shape)}")
     if weight is None:
         weight = torch.ones(C, device=x.device, dtype=torch.float32)
     if bias is None:
@@ -440,12 +469,15 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
     scale = _per_sample_channels(scale, N, C, "scale")
     shift = _per_sample_channels(shift, N, C, "shift")
     if x.numel() == 0:
-        y, h = group_norm_reference(x, weight, bias, num_groups, eps, act, scale, shift, residual, input_bias)
+        y, h = group_norm_reference(x, weight, bias, num_groups, eps, act, scale, shift, residual, input_bias,
+                                    sample_bias)
         return y, (h if input_bias is None else None)
     if input_bias is not None:
         input_bias = input_bias.contiguous()
-    out = _GroupNormActFunction.apply(x, residual, input_bias, weight.contiguous(), bias.contiguous(), scale, shift,
-                                      num_groups, eps, act, tuning or GroupNormTuning())
+    if sample_bias is not None:
+        sample_bias = sample_bias.contiguous()
+    out = _GroupNormActFunction.apply(x, residual, input_bias, sample_bias, weight.contiguous(), bias.contiguous(),
+                                      scale, shift, num_groups, eps, act, tuning or GroupNormTuning())
     if residual is not None:
         return out
     return out, (x if input_bias is None else None)

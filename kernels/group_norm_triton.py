@@ -85,13 +85,16 @@ def _tile_offsets(n, channel, lane_valid, s0, C, S, BLOCK_S: tl.constexpr, CHANN
 
 
 @triton.jit
-def _lane_input_bias(ib_ptr, ib_sample_stride, n, channel, lane_valid, BLOCK_C: tl.constexpr,
-                     HAS_INPUT_BIAS: tl.constexpr):
+def _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, n, C, channel, lane_valid, BLOCK_C: tl.constexpr,
+                     HAS_INPUT_BIAS: tl.constexpr, HAS_SAMPLE_BIAS: tl.constexpr):
     """The (BLOCK_C,) fp32 input bias of sample n's lanes in the tile (zeros without one); input_bias is (N, C) with
-    ib_sample_stride = C, or (C,) with ib_sample_stride = 0."""
+    ib_sample_stride = C, or (C,) with ib_sample_stride = 0, plus with HAS_SAMPLE_BIAS the (N, C) sample bias (added
+    to it in fp32 before it meets x)."""
     input_bias = tl.zeros((BLOCK_C,), tl.float32)
     if HAS_INPUT_BIAS:
         input_bias = tl.load(ib_ptr + n * ib_sample_stride + channel, mask=lane_valid, other=0.0).to(tl.float32)
+        if HAS_SAMPLE_BIAS:
+            input_bias += tl.load(sb_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
     return input_bias
 
 
@@ -244,7 +247,7 @@ def _program_part(sync_ptr, C, G, channels_per_group, groups_per_segment, segmen
 
 @triton.jit
 def gn_forward_kernel(
-        x_ptr, r_ptr, ib_ptr, h_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+        x_ptr, r_ptr, ib_ptr, sb_ptr, h_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
         part_mean_ptr, part_m2_ptr, sync_ptr, ib_sample_stride,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
         eps,
@@ -253,7 +256,7 @@ def gn_forward_kernel(
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
         BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
-        LANE_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+        LANE_CHUNK: tl.constexpr, PDL: tl.constexpr = False, HAS_SAMPLE_BIAS: tl.constexpr = False):
     """Forward; PHASE 0: one launch with the barrier, 1: partials only, 2: combine and apply. ONE_TILE: the program's
     part is one tile (kept in registers across the barrier in phase 0)."""
     _dependent_launch(PDL)
@@ -263,7 +266,8 @@ def gn_forward_kernel(
         LANE_CHUNK)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
-    input_bias = _lane_input_bias(ib_ptr, ib_sample_stride, n, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS)
+    input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, n, C, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS,
+                                  HAS_SAMPLE_BIAS)
     split_elems = tiles_per_split * BLOCK_S * channels_per_group
     group_elems = S * channels_per_group
 
@@ -381,7 +385,7 @@ def _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, 
 
 @triton.jit
 def gn_backward_kernel(
-        h_ptr, ib_ptr, dy_ptr, dh_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+        h_ptr, ib_ptr, sb_ptr, dy_ptr, dh_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
         part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, d_param_ptr, d_scale_ptr, d_shift_ptr,
         sync_ptr, ib_sample_stride,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
@@ -390,11 +394,13 @@ def gn_backward_kernel(
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
         BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
-        LANE_CHUNK: tl.constexpr, PDL: tl.constexpr = False, PARAM_GRADS: tl.constexpr = False):
+        LANE_CHUNK: tl.constexpr, PDL: tl.constexpr = False, PARAM_GRADS: tl.constexpr = False,
+        HAS_SAMPLE_BIAS: tl.constexpr = False):
     """dx = rstd * (k * dz - mean_g(k * dz) - xhat * mean_g(k * dz * xhat)), k = weight * (1 + scale); also the
     per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow, and with
     HAS_INPUT_BIAS (h_ptr then holds x) the input bias's per-(sample, channel) gradient, dx summed over space
-    (`_input_bias_grad`, from A, B and X = sum(xhat)).
+    (`_input_bias_grad`, from A, B and X = sum(xhat)), stored in d_ib_ptr's dtype; with HAS_SAMPLE_BIAS that is the
+    (N, C) sample bias's gradient, and the (C,) input bias's is its sum over the samples.
 
     PARAM_GRADS (PHASE 2 only): the parameter gradients too. The first segments_per_sample programs sum them over the
     samples from the first launch's partials (`_parameter_gradients`: d_param_ptr, (3, C) fp32 rows d_bias, d_weight
@@ -405,7 +411,8 @@ def gn_backward_kernel(
     if PARAM_GRADS:
         first_program = segments_per_sample
         if tl.program_id(0) < segments_per_sample:
-            _parameter_gradients(part_a_ptr, part_b_ptr, part_x_ptr, w_ptr, scale_ptr, rstd_ptr, d_param_ptr, tl.program_id(0), num_segments // segments_per_sample, ib_sample_stride,
+            _parameter_gradients(part_a_ptr, part_b_ptr, part_x_ptr, w_ptr, scale_ptr, rstd_ptr, d_param_ptr,
+                                 tl.program_id(0), num_segments // segments_per_sample, ib_sample_stride,
                                  C, S, G, channels_per_group, groups_per_segment, segments_per_sample, splits,
                                  CHANNELS_LAST, HAS_INPUT_BIAS, HAS_SCALE, BLOCK_C, BLOCK_G, CPG_PAD, BLOCK_SPLITS,
                                  DENSE_LANES, PACKED_CPG, LANE_CHUNK)
@@ -428,7 +435,8 @@ def gn_backward_kernel(
     if HAS_SCALE:
         scale += tl.load(scale_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
-    input_bias = _lane_input_bias(ib_ptr, ib_sample_stride, n, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS)
+    input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, n, C, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS,
+                                  HAS_SAMPLE_BIAS)
     k = w * scale
     inv_elems = 1.0 / (S * channels_per_group).to(tl.float32)
 
@@ -481,7 +489,7 @@ def gn_backward_kernel(
             if HAS_INPUT_BIAS:
                 total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
                 d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
-                tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
+                tl.store(d_ib_ptr + sums, d_ib.to(d_ib_ptr.dtype.element_ty), mask=lane_valid)
             _publish(sync_ptr, seg, num_segments)
         _wait_published(sync_ptr, seg, num_segments)
         total_a = tl.load(sum_a_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
@@ -492,7 +500,7 @@ def gn_backward_kernel(
         tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
         if HAS_INPUT_BIAS:
             d_ib = _input_bias_grad(total_a, total_b, sum_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
-            tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
+            tl.store(d_ib_ptr + sums, d_ib.to(d_ib_ptr.dtype.element_ty), mask=lane_valid)
     else:
         total_a = _sum_partials(part_a_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
         total_b = _sum_partials(part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
@@ -506,7 +514,7 @@ def gn_backward_kernel(
             if HAS_INPUT_BIAS:
                 total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
                 d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
-                tl.store(d_ib_ptr + sums, d_ib, mask=lane_valid)
+                tl.store(d_ib_ptr + sums, d_ib.to(d_ib_ptr.dtype.element_ty), mask=lane_valid)
 
     c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
 

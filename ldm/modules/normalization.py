@@ -28,8 +28,9 @@ class GroupNormAct(KernelChoice, nn.GroupNorm):
     `* (1 + scale) + shift` per sample and channel, then SiLU when `act` is True.
 
     x: (B, C, *spatial) -> same shape; scale, shift: (B, C) or (B, C, 1, ...), given together or not at all;
-    input_bias: (C,) or (B, C), e.g. the bias of a convolution run without it, plus a per-sample embedding (the Triton
-    kernels add it while reading x, instead of separate passes, and reduce its gradient from sums they form anyway).
+    input_bias: (C,) or (B, C), e.g. the bias of a convolution run without it; sample_bias: (B, C), added to a (C,)
+    input_bias, e.g. a per-sample embedding (the Triton kernels add both while reading x, instead of separate passes,
+    and reduce their gradients from sums they form anyway).
     Statistics are computed in fp32 either way. With `kernels: torch` under autocast the output is fp32 (PyTorch's
     autocast policy for group_norm); the Triton kernels return x's dtype.
     """
@@ -44,11 +45,12 @@ class GroupNormAct(KernelChoice, nn.GroupNorm):
         self.tuning = None  # the Triton kernels' launch choices (kernels.group_norm.GroupNormTuning; None: defaults)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                input_bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.normalize(x, self.weight, self.bias, scale, shift, input_bias)
+                input_bias: torch.Tensor | None = None, sample_bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.normalize(x, self.weight, self.bias, scale, shift, input_bias, sample_bias)
 
     def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None = None,
-                  shift: torch.Tensor | None = None, input_bias: torch.Tensor | None = None) -> torch.Tensor:
+                  shift: torch.Tensor | None = None, input_bias: torch.Tensor | None = None,
+                  sample_bias: torch.Tensor | None = None) -> torch.Tensor:
         """`forward` with the affine parameters given (for recomputation from saved tensors): weight, bias (C,).
 
         The torch path adds input_bias in the promoted dtype: under autocast (bf16 x, fp32 convolution bias) the sum
@@ -58,7 +60,9 @@ class GroupNormAct(KernelChoice, nn.GroupNorm):
         if self.uses_triton(x):
             from kernels.group_norm import group_norm_act  # imported on first use: CPU-only runs never load Triton
             return group_norm_act(x, weight, bias, self.num_groups, self.eps, self.act, scale, shift,
-                                  input_bias=input_bias, tuning=self.tuning)[0]
+                                  input_bias=input_bias, sample_bias=sample_bias, tuning=self.tuning)[0]
+        if sample_bias is not None:
+            input_bias = sample_bias if input_bias is None else input_bias + sample_bias
         if input_bias is not None:
             x = x + input_bias.reshape(-1, x.shape[1], *(1,) * (x.ndim - 2))
         y = F.group_norm(x, self.num_groups, weight, bias, self.eps)

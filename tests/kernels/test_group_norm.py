@@ -35,11 +35,11 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor, norm: torch.Tensor | None = No
 
 
 def run_case(shape, groups, *, device=DEVICE, dtype=torch.float32, layout="contiguous", act=True, scale_shift=False,
-             residual=False, input_bias=False, tuning=None, seed=0):
+             residual=False, input_bias=False, sample_bias=False, tuning=None, seed=0):
     """Forward + backward of ours and of the float64 reference on the same inputs; returns a dict of errors.
 
     input_bias (True: (C,), "per_sample": (N, C)) stays fp32 whatever x's dtype (the convolution's bias under
-    autocast); ours then returns no h."""
+    autocast); ours then returns no h. sample_bias: an (N, C) one added to a (C,) input_bias."""
     gen = torch.Generator().manual_seed(seed)
     N, C = shape[:2]
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3  # an offset mean: cancellation must not hurt
@@ -53,6 +53,8 @@ def run_case(shape, groups, *, device=DEVICE, dtype=torch.float32, layout="conti
     if input_bias:  # per-channel offsets larger than x's spread: X = sum(xhat) differs between a group's channels
         bias_shape = (N, C) if input_bias == "per_sample" else (C,)
         inputs["input_bias"] = 4 * torch.randn(bias_shape, generator=gen, dtype=torch.float64)
+    if sample_bias:
+        inputs["sample_bias"] = 2 * torch.randn(N, C, generator=gen, dtype=torch.float64)
     # Round the inputs to the tested dtype first, so both sides see the same numbers.
     ours_in = {k: v.to(dtype if k in ("x", "residual") else torch.float32).to(device) for k, v in inputs.items()}
     ref_in = {k: v.to(ours_in[k].dtype).double() for k, v in inputs.items()}
@@ -66,7 +68,8 @@ def run_case(shape, groups, *, device=DEVICE, dtype=torch.float32, layout="conti
             x_in = channels_last(x_in)
         kwargs = {"tuning": tuning} if fn is group_norm_act else {}
         y, h = fn(x_in, leaves["weight"], leaves["bias"], groups, 1e-5, act, leaves.get("scale"), leaves.get("shift"),
-                  leaves.get("residual"), input_bias=leaves.get("input_bias"), **kwargs)
+                  leaves.get("residual"), input_bias=leaves.get("input_bias"),
+                  sample_bias=leaves.get("sample_bias"), **kwargs)
         loss = (y.double() * grad_y.to(y.device)).sum()
         if residual:
             loss = loss + (h.double() * grad_h.to(h.device)).sum()
@@ -84,9 +87,10 @@ def run_case(shape, groups, *, device=DEVICE, dtype=torch.float32, layout="conti
     else:
         errors["h"] = rel_err(h.cpu(), h_ref)
     errors.update({f"d{k}": rel_err(grads[k].cpu(), grads_ref[k]) for k in grads_ref})
-    if input_bias:  # it vanishes where groups = C (xhat ignores a per-group offset): measure it against dx, its summand
-        errors["dinput_bias"] = rel_err(grads["input_bias"].cpu(), grads_ref["input_bias"],
-                                        torch.maximum(grads_ref["input_bias"].norm(), grads_ref["x"].norm()))
+    for name in ("input_bias", "sample_bias"):  # they vanish where groups = C (xhat ignores a per-group offset):
+        if name in grads_ref:                    # measured against dx, their summand
+            errors[f"d{name}"] = rel_err(grads[name].cpu(), grads_ref[name],
+                                         torch.maximum(grads_ref[name].norm(), grads_ref["x"].norm()))
     return errors
 
 
@@ -241,6 +245,8 @@ def test_scale_shift_accepts_broadcast_shape():
     (dict(residual=torch.zeros(2, 4, 3, 3), input_bias=torch.zeros(4)), "input_bias and residual"),
     (dict(input_bias=torch.zeros(5)), "input_bias must be (C,)"),
     (dict(input_bias=torch.zeros(1, 4)), "input_bias must be (C,)"),
+    (dict(input_bias=torch.zeros(4), sample_bias=torch.zeros(2, 5)), "sample_bias must be (N, C) = (2, 4)"),
+    (dict(input_bias=torch.zeros(2, 4), sample_bias=torch.zeros(2, 4)), "added to a (C,) input_bias"),
 ])
 def test_bad_input_is_named(kwargs, message):
     x = torch.randn(2, 4, 3, 3)
@@ -384,3 +390,38 @@ def test_parameter_gradients_in_kernel_in_scale_dtype():
     for name in ("scale", "shift"):
         assert got[name].dtype == torch.bfloat16
         torch.testing.assert_close(got[name], expected[name], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("plan", ["two-launch", "one-launch", "barrier"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_sample_bias_added_to_input_bias(plan, layout):
+    """A (C,) input bias (the convolution's) plus an (N, C) sample bias (the timestep embedding), added in the kernel:
+    both gradients, in every launch plan (the two-launch plan sums the (C,) one in its extra programs)."""
+    errors = run_case((3, 12, 5, 7), 3, layout=layout, scale_shift=plan == "barrier", input_bias=True,
+                      sample_bias=True, tuning=PLANS[plan])
+    assert_close(errors, torch.float32)
+
+
+@pytest.mark.parametrize("kernel_param_grads", [True, False])
+def test_sample_bias_gradient_in_its_dtype(kernel_param_grads):
+    """A bf16 sample bias (a Linear's output under autocast) with an fp32 input bias: the same output as their fp32 sum
+    given as one (N, C) input bias, gradients in each one's dtype, the (C,) one the sum over samples of the other."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 4, 5, 6, generator=gen).to(DEVICE)
+    w, b = torch.randn(8, generator=gen).to(DEVICE), torch.randn(8, generator=gen).to(DEVICE)
+    input_bias = torch.randn(8, generator=gen).to(DEVICE).requires_grad_()
+    sample_bias = torch.randn(2, 8, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    joined = (input_bias.detach() + sample_bias.detach().float()).requires_grad_()
+    grad_y = torch.randn(x.shape, generator=gen).to(DEVICE)
+    tuning = GroupNormTuning(forward_tile=64, backward_tile=64, splits=2, fused=False,
+                             kernel_param_grads=kernel_param_grads)
+    y, _ = group_norm_act(x, w, b, 4, act=True, input_bias=input_bias, sample_bias=sample_bias, tuning=tuning)
+    y_joined, _ = group_norm_act(x, w, b, 4, act=True, input_bias=joined, tuning=tuning)
+    torch.testing.assert_close(y, y_joined, rtol=0, atol=0)
+    (y * grad_y).sum().backward()
+    (y_joined * grad_y).sum().backward()
+    assert input_bias.grad.dtype == torch.float32 and sample_bias.grad.dtype == torch.bfloat16
+    # GPU: rounded to nearest as torch rounds, bit for bit; Triton's interpreter truncates to bf16: within one step
+    rtol = 0 if DEVICE == "cuda" else 2 ** -7
+    torch.testing.assert_close(sample_bias.grad, joined.grad.to(torch.bfloat16), rtol=rtol, atol=0)
+    torch.testing.assert_close(input_bias.grad, joined.grad.sum(0), rtol=1e-5, atol=1e-5)

@@ -72,13 +72,13 @@ class ResBlock(nn.Module):
         h = conv_without_bias(self.in_conv, self._in_prepare(x, *norm_params))
         x = self.resample(x)
         emb_out = self._projected(emb)
-        # in_conv's bias (and the added embedding) enter out_norm as its per-(sample, channel) input bias: no pass of
-        # their own over h, forward or backward.
+        # in_conv's bias and the embedding enter out_norm as its input and sample biases: no pass of their own over h,
+        # nor their sum, nor its reduction to the bias's gradient, forward or backward.
         if self.use_scale_shift_norm:
             scale, shift = emb_out.to(h.dtype).chunk(2, dim=1)
             h = self.out_norm(h, scale, shift, input_bias=self.in_conv.bias)
         else:
-            h = self.out_norm(h, input_bias=self.in_conv.bias + emb_out)
+            h = self.out_norm(h, input_bias=self.in_conv.bias, sample_bias=emb_out)
         return residual_sum(self.skip, x, self.out_conv, self.dropout(h), fused_add=self.out_norm.uses_triton(h))
 
     def _projected(self, emb: torch.Tensor | dict[nn.Module, torch.Tensor]) -> torch.Tensor:
