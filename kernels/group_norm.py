@@ -401,8 +401,7 @@ class _GroupNormActFunction(torch.autograd.Function):
         if residual is not None:
             residual = dense(residual, channels_last)
         y, h, mean, rstd = _launch_forward(x_in, residual, input_bias, sample_bias, weight, bias, scale, shift,
-                                           num_groups, eps,
-                                           act, channels_last, tuning)
+                                           num_groups, eps, act, channels_last, tuning)
         ctx.save_for_backward(h, input_bias, sample_bias, weight, bias, scale, shift, mean, rstd)
         ctx.config = (num_groups, act, channels_last, tuning, residual is not None)
         return (y, h) if residual is not None else y
