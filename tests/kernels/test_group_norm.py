@@ -380,11 +380,16 @@ def test_parameter_gradients_in_kernel_match_pytorch_sums(monkeypatch, layout, s
                                        msg=lambda m: f"{name} (packed={packed}): {m}")
 
 
-def test_parameter_gradients_in_kernel_in_scale_dtype():
-    """bf16 scale and shift (a Linear's output under autocast): their gradients come back in bf16 from the kernel,
-    equal to PyTorch's rounding of the fp32 sums up to one bf16 step."""
+def test_parameter_gradients_in_kernel_in_scale_dtype(monkeypatch):
+    """bf16 scale and shift (a Linear's output under autocast): their gradients come back in bf16 from the kernel
+    (PyTorch's sums not used), equal to PyTorch's rounding of the fp32 sums up to one bf16 step."""
     plan = GroupNormTuning(forward_tile=64, backward_tile=64, splits=2, fused=False)
-    got = parameter_gradients((2, 8, 4, 5, 6), 4, "channels_last", plan, True, False, torch.bfloat16)
+    with monkeypatch.context() as patched:
+        def pytorch_sums(*args, **kwargs):
+            raise AssertionError("the parameter gradients were summed in PyTorch, not by the kernel")
+
+        patched.setattr(gn, "_parameter_grads_from_sums", pytorch_sums)
+        got = parameter_gradients((2, 8, 4, 5, 6), 4, "channels_last", plan, True, False, torch.bfloat16)
     expected = parameter_gradients((2, 8, 4, 5, 6), 4, "channels_last",
                                    dataclasses.replace(plan, kernel_param_grads=False), True, False, torch.bfloat16)
     for name in ("scale", "shift"):
