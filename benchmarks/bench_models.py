@@ -23,8 +23,10 @@ step; the step time is the median of the timed steps. Memory is reported twice. 
 for a CUDA graph, over its capture, since replays allocate nothing; not measurable for "netgraph": its activations
 live in the graphs' private pools, which count as reserved, not allocated). "reserved":
 `torch.cuda.max_memory_reserved` over the same steps, with the cache emptied before them: what the allocator holds
-from the GPU, fragmentation and graph pools included, the like-for-like figure for every variant. Each ratio is
-against MONAI's smallest of the same kind. `--memory-cap-gib G` caps this process's GPU memory at G GiB
+from the GPU, fragmentation and graph pools included, the like-for-like figure for every variant. Variants run one
+after another in one process, and what an earlier one leaves held (caches, workspaces) counts in a later one's
+reserved: the JSON row's held_before_gib says how much; `--match REGEX` runs only the variants whose label matches
+(one variant alone, for its memory). Each ratio is against MONAI's smallest of the same kind. `--memory-cap-gib G` caps this process's GPU memory at G GiB
 (`set_per_process_memory_fraction`), e.g. 79 to stand for an 80 GB H100 on a larger GPU. Losses: L1
 reconstruction + 1e-6 KL (summed over the latent, mean over the batch) for the autoencoder; MSE on eps for the UNet with
 t uniform in [0, 1000) on a linear beta schedule.
@@ -61,6 +63,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -462,6 +465,8 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
     """Builds one variant, trains it for warm-up + timed steps and fills `row` with what was measured."""
     torch.manual_seed(0)
     started = time.perf_counter()
+    if device.type == "cuda":  # what earlier variants left held (caches, workspaces): part of this one's reserved
+        row["held_before_gib"] = torch.cuda.memory_reserved(device) / GIB
 
     def progress(what: str) -> None:  # a 256^3 case spends minutes before its first step: say where it is
         print(f"  {case.name} {variant.label}: {what} ({time.perf_counter() - started:.1f} s)", flush=True)
@@ -612,6 +617,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also run ours' netgraph variants with the graphed weights read from bf16 copies that "
                              "AdamW writes, no casts (trainer.bf16_weight_copies, ldm/engine/weight_copies.py; needs "
                              "--graph-network and bf16)")
+    parser.add_argument("--match", default=None, metavar="REGEX",
+                        help="run only the variants whose label matches REGEX (re.search), e.g. one variant's memory "
+                             "with no other variant's leftovers held in the process")
     parser.add_argument("--compvis-decoder", action="store_true",
                         help="our AE decoder with num_res_blocks + 1 blocks per level (not MONAI's architecture)")
     parser.add_argument("--attention-backend", default=None, help="our attention backend (ldm.modules.attention)")
@@ -686,7 +694,12 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     monai = [Variant("monai", flash=f, **mode) for f in flash for mode in modes]
     if args.no_monai:
         monai = []
-    return monai + ours
+    chosen = monai + ours
+    if args.match is not None:
+        chosen = [v for v in chosen if re.search(args.match, v.label)]
+        if not chosen:
+            raise SystemExit(f"--match {args.match!r}: no variant's label matches")
+    return chosen
 
 
 def cap_memory(device: torch.device, gib: float) -> float:

@@ -93,10 +93,10 @@ def forward_backward(y: torch.Tensor, *inputs: torch.Tensor) -> None:
 
 
 def case_group_norm(shape: tuple[int, ...], input_bias: bool | str, packed_lanes: bool = False, pdl: bool = False,
-                    scale_shift: bool = False):
+                    scale_shift: bool = False, kernel_param_grads: bool = False):
     """input_bias: True (N, C), "shared" (C,) as the autoencoder's, "sample" (C,) plus a bf16 (N, C) sample bias as
     the UNet's ResBlocks; scale_shift: bf16 (N, C) scale and shift, as a Linear makes them under autocast."""
-    tuning = group_norm.GroupNormTuning(packed_lanes=packed_lanes, pdl=pdl)
+    tuning = group_norm.GroupNormTuning(packed_lanes=packed_lanes, pdl=pdl, kernel_param_grads=kernel_param_grads)
 
     def run():
         x = bf16_channels_last(*shape, grad=True)
@@ -158,9 +158,11 @@ CASES = {
     "group_norm_4x384x32^3_packed": case_group_norm((4, 384, 32, 32, 32), input_bias=False, packed_lanes=True),
     "group_norm_4x768x16^3_packed": case_group_norm((4, 768, 16, 16, 16), input_bias=False, packed_lanes=True),
     # the BraTS UNet's scale-shift norm, the autoencoder's conv bias (one for all samples): the backward's second launch
-    # also writes their gradients (GroupNormTuning.kernel_param_grads)
-    "group_norm_4x256x16^3_scale_shift": case_group_norm((4, 256, 16, 16, 16), input_bias=True, scale_shift=True),
-    "group_norm_1x64x64^3_shared_input_bias": case_group_norm((1, 64, 64, 64, 64), input_bias="shared"),
+    # also writes their gradients with GroupNormTuning.kernel_param_grads (opt-in)
+    "group_norm_4x256x16^3_scale_shift": case_group_norm((4, 256, 16, 16, 16), input_bias=True, scale_shift=True,
+                                                         kernel_param_grads=True),
+    "group_norm_1x64x64^3_shared_input_bias": case_group_norm((1, 64, 64, 64, 64), input_bias="shared",
+                                                              kernel_param_grads=True),
     "group_norm_4x256x16^3_sample_bias": case_group_norm((4, 256, 16, 16, 16), input_bias="sample"),
     # programmatic dependent launch (GroupNormTuning.pdl): griddepcontrol instructions first in each program
     "group_norm_4x128x32^3_pdl": case_group_norm((4, 128, 32, 32, 32), input_bias=False, pdl=True),

@@ -226,8 +226,10 @@ class GroupNormTuning:
     packed_lanes: bool = False  # True: channels-last padded groups in packed lanes (see _plan; not yet timed)
     pdl: bool = False  # True: launched as programmatic dependent launches (kernels/group_norm_triton.py; not yet timed)
     # True: two-launch backward plans write the parameter gradients in the second launch (extra programs sum them over
-    # the samples) instead of in PyTorch after it: one reduction kernel fewer per call, several with scale-shift
-    kernel_param_grads: bool = True
+    # the samples) instead of in PyTorch after it: one reduction kernel fewer per call, several with scale-shift. Off by
+    # default: it made the UNet netgraph step ~0.8 ms slower on an H200 (README, GroupNorm): each extra program reads
+    # every split's partials of every sample, serially, after the rest of the launch is done
+    kernel_param_grads: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> "GroupNormTuning":

@@ -360,7 +360,8 @@ def test_parameter_gradients_in_kernel_match_pytorch_sums(monkeypatch, layout, s
     NaN), and PyTorch's sums not used. Channels-last runs the padded groups in both lane layouts."""
     shape, groups = (3, 30, 4, 5), 3  # 10 channels per group, padded to 16 lanes; several splits, tiles and samples
     for packed in ([False, True] if layout == "channels_last" else [False]):
-        plan = GroupNormTuning(forward_tile=256, backward_tile=256, splits=3, fused=False, packed_lanes=packed)
+        plan = GroupNormTuning(forward_tile=256, backward_tile=256, splits=3, fused=False, packed_lanes=packed,
+                               kernel_param_grads=True)
         expected = parameter_gradients(shape, groups, layout, dataclasses.replace(plan, kernel_param_grads=False),
                                        scale_shift, input_bias)
         with monkeypatch.context() as patched:
@@ -383,7 +384,7 @@ def test_parameter_gradients_in_kernel_match_pytorch_sums(monkeypatch, layout, s
 def test_parameter_gradients_in_kernel_in_scale_dtype(monkeypatch):
     """bf16 scale and shift (a Linear's output under autocast): their gradients come back in bf16 from the kernel
     (PyTorch's sums not used), equal to PyTorch's rounding of the fp32 sums up to one bf16 step."""
-    plan = GroupNormTuning(forward_tile=64, backward_tile=64, splits=2, fused=False)
+    plan = GroupNormTuning(forward_tile=64, backward_tile=64, splits=2, fused=False, kernel_param_grads=True)
     with monkeypatch.context() as patched:
         def pytorch_sums(*args, **kwargs):
             raise AssertionError("the parameter gradients were summed in PyTorch, not by the kernel")
