@@ -167,8 +167,8 @@ CASES = {
     # programmatic dependent launch (GroupNormTuning.pdl): griddepcontrol instructions first in each program
     "group_norm_4x128x32^3_pdl": case_group_norm((4, 128, 32, 32, 32), input_bias=False, pdl=True),
     "master_adamw": case_master_adamw(),
-    "master_adamw_4x1024": case_master_adamw(master_adamw.MasterAdamWLaunch(blocks_per_program=4)),
-    "master_adamw_2048w8": case_master_adamw(master_adamw.MasterAdamWLaunch(block=2048, num_warps=8)),
+    "master_adamw_4x2048": case_master_adamw(master_adamw.MasterAdamWLaunch(blocks_per_program=4)),
+    "master_adamw_1024w4": case_master_adamw(master_adamw.MasterAdamWLaunch(block=1024, num_warps=4)),
     "concat": case_concat,
     "upsample": case_upsample,
     "residual_add": case_residual_add,

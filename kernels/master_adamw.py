@@ -33,9 +33,11 @@ import triton.language as tl
 class MasterAdamWLaunch:
     """How one step's elements are split among programs (see the module docstring)."""
 
-    block: int = 1024            # elements per pass, a power of two
+    # defaults: the fastest of bench_master_adamw's launches on an H200 (the UNet's 166.4M parameters: 1.50 ms, against
+    # 1.65 for 1024 elements on 4 warps and 2.06 for torch's fused AdamW)
+    block: int = 2048            # elements per pass, a power of two
     blocks_per_program: int = 1  # consecutive passes over one tensor per program
-    num_warps: int = 4
+    num_warps: int = 8
 
     def __post_init__(self) -> None:
         if self.block < 16 or self.block & (self.block - 1) or self.blocks_per_program < 1 or self.num_warps < 1:
