@@ -173,7 +173,7 @@ def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device
     dense_lanes = (cpg == cpg_pad and G % groups_per_segment == 0
                    and triton.next_power_of_2(groups_per_segment) == groups_per_segment)
     # packed: channels-last with padding keeps the channels contiguous in the lanes (vectorised loads), groups found
-    # by gathers; opt-in until it is timed against the padded lanes on a GPU (GroupNormTuning.packed_lanes).
+    # by gathers; opt-in: no faster than the padded lanes in the UNet step on an H200 (GroupNormTuning.packed_lanes).
     packed_cpg = cpg if channels_last and not dense_lanes and packed else 0
     return _Plan(block_c=block_c, block_s=block_s, block_g=triton.next_power_of_2(groups_per_segment), cpg_pad=cpg_pad,
                  groups_per_segment=groups_per_segment, segments_per_sample=segments_per_sample,
@@ -223,8 +223,8 @@ class GroupNormTuning:
     splits: int | None = None
     fused: bool | None = None
     barrier: bool | None = None
-    packed_lanes: bool = False  # True: channels-last padded groups in packed lanes (see _plan; not yet timed)
-    pdl: bool = False  # True: launched as programmatic dependent launches (kernels/group_norm_triton.py; not yet timed)
+    packed_lanes: bool = False  # True: channels-last padded groups in packed lanes (_plan; no gain in the UNet step)
+    pdl: bool = False  # True: programmatic dependent launches (kernels/group_norm_triton.py; no gain in the UNet step)
     # True: two-launch backward plans write the parameter gradients in the second launch (extra programs sum them over
     # the samples) instead of in PyTorch after it: one reduction kernel fewer per call, several with scale-shift. Off by
     # default: it made the UNet netgraph step ~0.8 ms slower on an H200 (README, GroupNorm): each extra program reads
