@@ -26,10 +26,10 @@ live in the graphs' private pools, which count as reserved, not allocated). "res
 from the GPU, fragmentation and graph pools included, the like-for-like figure for every variant. Variants run one
 after another in one process, and what an earlier one leaves held (caches, workspaces) counts in a later one's
 reserved: the JSON row's held_before_gib says how much; `--match REGEX` runs only the variants whose label matches
-(one variant alone, for its memory). Each ratio is against MONAI's smallest of the same kind. `--memory-cap-gib G` caps this process's GPU memory at G GiB
-(`set_per_process_memory_fraction`), e.g. 79 to stand for an 80 GB H100 on a larger GPU. Losses: L1
-reconstruction + 1e-6 KL (summed over the latent, mean over the batch) for the autoencoder; MSE on eps for the UNet with
-t uniform in [0, 1000) on a linear beta schedule.
+(one variant alone, for its memory). Each ratio is against MONAI's smallest of the same kind. `--memory-cap-gib G`
+caps this process's GPU memory at G GiB (`set_per_process_memory_fraction`), e.g. 79 to stand for an 80 GB H100 on a
+larger GPU. Losses: L1 reconstruction + 1e-6 KL (summed over the latent, mean over the batch) for the autoencoder;
+MSE on eps for the UNet with t uniform in [0, 1000) on a linear beta schedule.
 Variants: ours with kernels=torch and kernels=triton, contiguous (and channels_last_3d with
 `--channels-last`; each also with `recompute_cheap`, "RC", with `--recompute-cheap`: GroupNorm+SiLU and nearest
 upsampling recomputed in backward); MONAI with and without use_flash_attention. `--cuda-graph` adds each variant

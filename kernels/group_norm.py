@@ -227,8 +227,8 @@ class GroupNormTuning:
     pdl: bool = False  # True: programmatic dependent launches (kernels/group_norm_triton.py; no gain in the UNet step)
     # True: two-launch backward plans write the parameter gradients in the second launch (extra programs sum them over
     # the samples) instead of in PyTorch after it: one reduction kernel fewer per call, several with scale-shift. Off by
-    # default: it made the UNet netgraph step ~0.8 ms slower on an H200 (README, GroupNorm): each extra program reads
-    # every split's partials of every sample, serially, after the rest of the launch is done
+    # default: it made the UNet netgraph step 0.8-1.1 ms slower on an H200 (README, GroupNorm): with few samples one
+    # extra program reads every split's partials of every sample alone, long after the launch's other programs end
     kernel_param_grads: bool = False
 
     @classmethod
