@@ -186,6 +186,27 @@ def test_triton_norm_recompute_matches_the_plain_composition():
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
 
 
+def test_triton_norm_recompute_with_a_sample_bias_matches_the_plain_composition():
+    """The UNet ResBlock's recompute path hands its embedding to the Triton norm as a (B, C) sample bias, beside the
+    recompute's parameters: output and every gradient (the embedding's included) as the plain composition's."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        norm = GroupNormAct(8, 4, kernels="triton")
+        conv = nn.Conv3d(8, 4, 3, padding=1)
+        x = torch.randn(2, 8, 4, 4, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        if fused:
+            out = prepared_conv(lambda h, w, b, e: norm.normalize(h, w, b, sample_bias=e), conv, x,
+                                (norm.weight, norm.bias, emb))
+        else:
+            out = conv(norm(x + emb[:, :, None, None, None]))
+        out.square().mean().backward()
+        results.append([out.detach(), x.grad, emb.grad, norm.weight.grad, norm.bias.grad, conv.weight.grad])
+    for plain, fused in zip(*results):
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+
+
 def test_triton_bias_gradient_of_a_recomputed_channels_last_conv(monkeypatch):
     """A conv_nd convolution with Triton kernels sums its bias gradient with kernels.channel_sum in the recompute's
     backward too (channels-last, Triton's interpreter on CPU); the result is the plain composition's."""

@@ -89,9 +89,9 @@ class ResBlock(nn.Module):
         """`forward` with recompute_cheap: the norms (and resampling) recomputed in backward, convs biased."""
         h = prepared_conv(self._in_prepare, self.in_conv, x, norm_params)
         x = self.resample(x)
-        emb_out = self._projected(emb).to(h.dtype)
-        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
-        modulation = emb_out.chunk(2, dim=1) if self.use_scale_shift_norm else (emb_out,)
+        emb_out = self._projected(emb)
+        # scale and shift in h's dtype, as forward passes them; the embedding as a sample bias, added in fp32
+        modulation = emb_out.to(h.dtype).chunk(2, dim=1) if self.use_scale_shift_norm else (emb_out,)
         out_params = (self.out_norm.weight, self.out_norm.bias, *modulation)
         if self.dropout.p == 0 or not self.training:  # dropout sits before out_conv
             return self.skip(x) + prepared_conv(self._out_prepare, self.out_conv, h, out_params)
@@ -102,10 +102,11 @@ class ResBlock(nn.Module):
 
     def _out_prepare(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                      *modulation: torch.Tensor) -> torch.Tensor:
-        """norm(h) * (1 + scale) + shift (modulation = scale, shift), or norm(h + emb_out) (modulation = emb_out)."""
+        """norm(h) * (1 + scale) + shift (modulation = scale, shift), or norm(h + emb_out) (modulation = emb_out), each
+        (B, C)."""
         if self.use_scale_shift_norm:
             return self.out_norm.normalize(h, weight, bias, *modulation)
-        return self.out_norm.normalize(h + modulation[0], weight, bias)
+        return self.out_norm.normalize(h, weight, bias, sample_bias=modulation[0])
 
 
 class AttentionBlock(nn.Module):
