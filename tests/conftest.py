@@ -7,6 +7,10 @@ import torch
 # variable when a kernel is decorated, so it is set here, before any test module imports kernels/.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.interpreter_device_calls import skip_repatching_in_device_calls
+
+    skip_repatching_in_device_calls()  # one language patch per launch, not per helper call: about half the time
 
 import pytest  # noqa: E402
 
