@@ -1,4 +1,6 @@
-"""Triton's interpreter re-patches `triton.language` on every call of one @triton.jit function from another.
+"""Two costs of Triton's interpreter (Triton 3.8) that the CPU suite does not need to pay.
+
+1. It re-patches `triton.language` on every call of one @triton.jit function from another.
 
 A launch in the interpreter (`GridExecutor.__call__`) swaps the language's builtins for interpreted ones, runs every
 program, then restores them. A device-function call inside it (`InterpretedFunction.__call__`) calls the same
@@ -8,9 +10,16 @@ program, so this was about half of the CPU suite's Triton time. `skip_repatching
 launch: a device function whose language modules the running launch has already patched gets an empty patch scope;
 anything else (another language module, a call outside a launch) is patched as before. What runs is unchanged: the
 same interpreted builtins, the same restore at the launch's end.
+
+2. It sanitizes every int32 add, subtract and multiply for overflow (`sanitize_overflow`: the operation done again
+in int64, compared with int32's range) and hands the result to `device_assert`, which does nothing unless the options'
+`debug` is set, and the interpreter's never is. A third of the interpreter's time in the GroupNorm tests went into
+those unused checks; `skip_unasserted_overflow_checks` turns them off where nothing would assert them. Compiled
+kernels skip them too unless TRITON_DEBUG is set.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 
@@ -60,4 +69,17 @@ def skip_repatching_in_device_calls() -> bool:
     interpreter._patch_lang = one_patch_per_launch
     interpreter.GridExecutor.__call__ = tracked_launch
     interpreter._ldm_one_patch = True
+    return True
+
+
+def skip_unasserted_overflow_checks() -> bool:
+    """Drops the overflow checks whose assertions would not run (the interpreter's options have debug off); False
+    where nothing changed."""
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if not getattr(options, "sanitize_overflow", False) or getattr(options, "debug", True):
+        return False
+    builder.options = dataclasses.replace(options, sanitize_overflow=False)
     return True

@@ -1,4 +1,4 @@
-"""tests/interpreter_device_calls.py: one language patch per interpreted launch, the same results."""
+"""tests/triton_interpreter.py: one language patch per interpreted launch, no unasserted overflow checks."""
 import os
 
 import pytest
@@ -56,3 +56,21 @@ def test_helper_calls_add_no_language_scans_and_the_builtins_are_restored(monkey
     _, four_calls = _run(4, monkeypatch)
     assert one_call == four_calls > 0
     assert tl.core.is_builtin(tl.load) and tl.core.is_builtin(tl.exp)
+
+
+@triton.jit
+def _square_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets)
+    tl.store(y_ptr + offsets, x * x)
+
+
+def test_overflow_checks_are_off_where_nothing_would_assert_them():
+    """The interpreter never asserts them (its options' debug is off), so the CPU suite does not compute them; an
+    int32 product that overflows wraps, as it does with the checks on and in a compiled kernel."""
+    options = interpreter.interpreter_builder.options
+    assert not options.debug and not options.sanitize_overflow
+    x = torch.tensor([3, 65536], dtype=torch.int32)
+    y = torch.empty_like(x)
+    _square_kernel[(1,)](x, y, BLOCK=2)
+    assert y.tolist() == [9, 0]
