@@ -90,7 +90,7 @@ class ResBlock(nn.Module):
         h = prepared_conv(self._in_prepare, self.in_conv, x, norm_params)
         x = self.resample(x)
         emb_out = self._projected(emb)
-        # scale and shift in h's dtype, as forward passes them; the embedding as a sample bias, added in fp32
+        # scale and shift in h's dtype, as forward passes them; the embedding as out_norm's sample bias, as forward does
         modulation = emb_out.to(h.dtype).chunk(2, dim=1) if self.use_scale_shift_norm else (emb_out,)
         out_params = (self.out_norm.weight, self.out_norm.bias, *modulation)
         if self.dropout.p == 0 or not self.training:  # dropout sits before out_conv
