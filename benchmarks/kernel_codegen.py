@@ -164,6 +164,8 @@ CASES = {
     "group_norm_1x64x64^3_shared_input_bias": case_group_norm((1, 64, 64, 64, 64), input_bias="shared",
                                                               kernel_param_grads=True),
     "group_norm_4x256x16^3_sample_bias": case_group_norm((4, 256, 16, 16, 16), input_bias="sample"),
+    "group_norm_4x256x16^3_sample_bias_param_grads": case_group_norm((4, 256, 16, 16, 16), input_bias="sample",
+                                                                     kernel_param_grads=True),
     # programmatic dependent launch (GroupNormTuning.pdl): griddepcontrol instructions first in each program
     "group_norm_4x128x32^3_pdl": case_group_norm((4, 128, 32, 32, 32), input_bias=False, pdl=True),
     "master_adamw": case_master_adamw(),

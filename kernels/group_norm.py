@@ -225,10 +225,10 @@ class GroupNormTuning:
     barrier: bool | None = None
     packed_lanes: bool = False  # True: channels-last padded groups in packed lanes (_plan; no gain in the UNet step)
     pdl: bool = False  # True: programmatic dependent launches (kernels/group_norm_triton.py; no gain in the UNet step)
-    # True: two-launch backward plans write the parameter gradients in the second launch (extra programs sum them over
-    # the samples) instead of in PyTorch after it: one reduction kernel fewer per call, several with scale-shift. Off by
-    # default: it made the UNet netgraph step 0.8-1.1 ms slower on an H200 (README, GroupNorm): with few samples one
-    # extra program reads every split's partials of every sample alone, long after the launch's other programs end
+    # True: two-launch backward plans write the parameter gradients in the second launch (the last of a position's
+    # segments to finish sums them over the samples) instead of in PyTorch after it: one reduction kernel fewer per
+    # call, several with scale-shift. Off until timed in the UNet step (README, GroupNorm): the earlier design, extra
+    # programs reading every split's partials, made it 0.8-1.1 ms slower on an H200
     kernel_param_grads: bool = False
 
     @classmethod
@@ -264,11 +264,13 @@ def _scratch(shape: tuple[int, int], plan: _Plan, per_part: int, device: torch.d
     return (results,) + partials
 
 
-def _sync_counters(plan: _Plan, device: torch.device) -> torch.Tensor:
-    """Zeroed ticket, arrival counters and flags for the barrier (a dummy when there is none)."""
-    if not plan.barrier:
-        return torch.empty(1, device=device, dtype=torch.int32)
-    return torch.zeros(1 + 2 * plan.num_segments, device=device, dtype=torch.int32)
+def _sync_counters(plan: _Plan, device: torch.device, param_grads: bool = False) -> torch.Tensor:
+    """Zeroed ticket, arrival counters and flags for the barrier; for a two-launch backward that sums the parameter
+    gradients (`param_grads`), one arrival counter per segment position, which its first launch zeroes (no memset
+    kernel); else a dummy."""
+    if plan.barrier:
+        return torch.zeros(1 + 2 * plan.num_segments, device=device, dtype=torch.int32)
+    return torch.empty(plan.segments_per_sample if param_grads else 1, device=device, dtype=torch.int32)
 
 
 def _launch_forward(h_in: torch.Tensor, residual, input_bias, sample_bias, weight, bias, scale, shift, G: int,
@@ -331,12 +333,12 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, sample_b
     d_param = torch.empty(3, C, device=h.device, dtype=torch.float32) if in_kernel else dummy
     d_scale = torch.empty(N, C, device=h.device, dtype=scale.dtype) if in_kernel and scale is not None else dummy
     d_shift = torch.empty(N, C, device=h.device, dtype=shift.dtype) if in_kernel and scale is not None else dummy
-    sync = _sync_counters(plan, h.device)
+    sync = _sync_counters(plan, h.device, param_grads=in_kernel)
     args = (h, input_bias if input_bias is not None else dummy, sample_bias if sample_bias is not None else dummy,
             dy, dh if dh is not None else dy, dx, weight, bias,
             scale if scale is not None else dummy, shift if shift is not None else dummy, mean, rstd,
             part_a, part_b, part_x, sums[0], sums[1], d_input_bias if d_input_bias is not None else dummy,
-            d_param, d_scale, d_shift, sync, _sample_stride(input_bias),
+            sums[2] if input_bias is not None else dummy, d_param, d_scale, d_shift, sync, _sample_stride(input_bias),
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split)
     meta = dict(_plan_meta(plan, channels_last), HAS_DH=dh is not None, HAS_INPUT_BIAS=input_bias is not None,
@@ -345,9 +347,8 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, sample_b
     if plan.fused:
         LAST_KERNELS["backward"] = gn_backward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
     else:
-        gn_backward_kernel[grid](*args, PHASE=PHASE_PARTIALS, BARRIER=False, **meta)
-        extra = plan.segments_per_sample if in_kernel else 0  # the programs that sum the parameter gradients
-        gn_backward_kernel[(grid[0] + extra,)](*args, PHASE=PHASE_APPLY, BARRIER=False, PARAM_GRADS=in_kernel, **meta)
+        gn_backward_kernel[grid](*args, PHASE=PHASE_PARTIALS, BARRIER=False, PARAM_GRADS=in_kernel, **meta)
+        gn_backward_kernel[grid](*args, PHASE=PHASE_APPLY, BARRIER=False, PARAM_GRADS=in_kernel, **meta)
     if not in_kernel:
         return dx, _parameter_grads_from_sums(sums[:2], d_input_bias, input_bias, sample_bias, weight, bias, scale)
     shared_bias = input_bias is not None and input_bias.ndim == 1

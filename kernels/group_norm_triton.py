@@ -170,9 +170,16 @@ def _combine_moments(part_mean_ptr, part_m2_ptr, seg, splits, split_elems, group
 def _arrive(sync_ptr, seg, splits):
     """Arrive at the segment's barrier (after this program's partials are stored); True for the last to arrive, which
     must combine the partials, store the result and call `_publish`."""
+    return _last_to_arrive(sync_ptr + 1 + seg, splits)
+
+
+@triton.jit
+def _last_to_arrive(counter_ptr, arrivals):
+    """Count this program in at a counter that `arrivals` programs visit, after its stores (every thread's: the CTA
+    barrier, then a release at GPU scope); True for the last one, which then sees all of their stores (acquire)."""
     tl.debug_barrier()
-    arrived = tl.atomic_add(sync_ptr + 1 + seg, 1, sem="acq_rel")
-    return arrived == splits - 1
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    return arrived == arrivals - 1
 
 
 @triton.jit
@@ -203,14 +210,13 @@ def _dependent_launch(PDL: tl.constexpr):
 
 
 @triton.jit
-def _segment_of_program(sync_ptr, splits, first_program, BARRIER: tl.constexpr):
-    """(segment, split) of this program (programs before `first_program` do other work). With the barrier, programs
-    take a ticket, so they are numbered in start order and a waiting program only ever waits for programs that have
+def _segment_of_program(sync_ptr, splits, BARRIER: tl.constexpr):
+    """(segment, split) of this program. With the barrier, programs take a ticket, so they are numbered in start order and a waiting program only ever waits for programs that have
     started or can start."""
     if BARRIER:
         pid = tl.atomic_add(sync_ptr, 1)
     else:
-        pid = tl.program_id(0) - first_program
+        pid = tl.program_id(0)
     return pid // splits, pid % splits
 
 
@@ -233,12 +239,12 @@ def _segment_lanes(seg, C, G, channels_per_group, groups_per_segment, segments_p
 
 @triton.jit
 def _program_part(sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-                  first_program, BARRIER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BARRIER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
                   CPG_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, DENSE_LANES: tl.constexpr,
                   PACKED_CPG: tl.constexpr, LANE_CHUNK: tl.constexpr):
     """Where this program works: segment, split, sample n, first group g0, groups in the segment, the lanes'
     channels and validity, and the first spatial position of its part."""
-    seg, split = _segment_of_program(sync_ptr, splits, first_program, BARRIER)
+    seg, split = _segment_of_program(sync_ptr, splits, BARRIER)
     n, g0, groups_here, channel, lane_valid = _segment_lanes(seg, C, G, channels_per_group, groups_per_segment,
                                                              segments_per_sample, BLOCK_G, CPG_PAD, CHANNELS_LAST,
                                                              DENSE_LANES, PACKED_CPG)
@@ -262,8 +268,7 @@ def gn_forward_kernel(
     _dependent_launch(PDL)
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
         sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-        0, PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG,
-        LANE_CHUNK)
+        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
     input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, n, C, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS,
@@ -386,8 +391,8 @@ def _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, 
 @triton.jit
 def gn_backward_kernel(
         h_ptr, ib_ptr, sb_ptr, dy_ptr, dh_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-        part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, d_param_ptr, d_scale_ptr, d_shift_ptr,
-        sync_ptr, ib_sample_stride,
+        part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, d_ib32_ptr, d_param_ptr, d_scale_ptr,
+        d_shift_ptr, sync_ptr, ib_sample_stride,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
         CHANNELS_LAST: tl.constexpr, HAS_DH: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
         ACT: tl.constexpr,
@@ -402,25 +407,17 @@ def gn_backward_kernel(
     (`_input_bias_grad`, from A, B and X = sum(xhat)), stored in d_ib_ptr's dtype; with HAS_SAMPLE_BIAS that is the
     (N, C) sample bias's gradient, and the (C,) input bias's is its sum over the samples.
 
-    PARAM_GRADS (PHASE 2 only): the parameter gradients too. The first segments_per_sample programs sum them over the
-    samples from the first launch's partials (`_parameter_gradients`: d_param_ptr, (3, C) fp32 rows d_bias, d_weight
-    and, for an input bias shared by the samples, its gradient); with HAS_SCALE the programs that write a segment's
-    totals also write d_scale = weight * B + bias * A and d_shift = A per (sample, channel), in scale's dtype."""
+    PARAM_GRADS (two launches): the parameter gradients too, without a kernel of their own. The first launch zeroes
+    one arrival counter per segment position (sync_ptr); in the second, each program that writes a segment's totals
+    (split 0) counts itself in at its position's counter, and the last of the N samples' to arrive sums the
+    gradients over the samples, in sample order (deterministic), from the totals they all stored
+    (`_parameter_gradients`: d_param_ptr, (3, C) fp32 rows d_bias, d_weight and, for an input bias shared by the
+    samples, its gradient from the per-sample fp32 ones in d_ib32_ptr). With HAS_SCALE those programs also write
+    d_scale = weight * B + bias * A and d_shift = A per (sample, channel), in scale's dtype."""
     _dependent_launch(PDL)
-    first_program = 0
-    if PARAM_GRADS:
-        first_program = segments_per_sample
-        if tl.program_id(0) < segments_per_sample:
-            _parameter_gradients(part_a_ptr, part_b_ptr, part_x_ptr, w_ptr, scale_ptr, rstd_ptr, d_param_ptr,
-                                 tl.program_id(0), num_segments // segments_per_sample, ib_sample_stride,
-                                 C, S, G, channels_per_group, groups_per_segment, segments_per_sample, splits,
-                                 CHANNELS_LAST, HAS_INPUT_BIAS, HAS_SCALE, BLOCK_C, BLOCK_G, CPG_PAD, BLOCK_SPLITS,
-                                 DENSE_LANES, PACKED_CPG, LANE_CHUNK)
-            return
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
         sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-        first_program, PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG,
-        LANE_CHUNK)
+        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
 
@@ -474,7 +471,10 @@ def gn_backward_kernel(
             if HAS_INPUT_BIAS:
                 tl.store(part_x_ptr + part, sum_x)
 
-    if PHASE == 1:  # two launches: this one only writes the partials
+    if PHASE == 1:  # two launches: this one only writes the partials (and zeroes the second one's counters)
+        if PARAM_GRADS:
+            if split == 0 and n == 0:  # sample 0's segment at each position: seg is the position
+                tl.store(sync_ptr + seg, 0)
         return
 
     # 2. the segment's totals: A and B per channel (written for the parameter gradients; with an input bias, its
@@ -515,6 +515,15 @@ def gn_backward_kernel(
                 total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
                 d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
                 tl.store(d_ib_ptr + sums, d_ib.to(d_ib_ptr.dtype.element_ty), mask=lane_valid)
+                if PARAM_GRADS:
+                    if ib_sample_stride == 0:  # the shared bias's gradient is the sum of these, in fp32
+                        tl.store(d_ib32_ptr + sums, d_ib, mask=lane_valid)
+            if PARAM_GRADS:
+                position = seg % segments_per_sample
+                if _last_to_arrive(sync_ptr + position, num_segments // segments_per_sample):
+                    _parameter_gradients(sum_a_ptr, sum_b_ptr, d_ib32_ptr, scale_ptr, d_param_ptr, channel,
+                                         lane_valid, num_segments // segments_per_sample, ib_sample_stride, C,
+                                         HAS_INPUT_BIAS, HAS_SCALE, BLOCK_C)
 
     c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
 
@@ -536,43 +545,26 @@ def gn_backward_kernel(
 
 
 @triton.jit
-def _parameter_gradients(part_a_ptr, part_b_ptr, part_x_ptr, w_ptr, scale_ptr, rstd_ptr, d_param_ptr,
-                         position, N, ib_sample_stride, C, S, G, channels_per_group, groups_per_segment,
-                         segments_per_sample, splits, CHANNELS_LAST: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
-                         HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
-                         BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
-                         LANE_CHUNK: tl.constexpr):
-    """The parameter gradients of the channels of the segments at `position` within their samples, summed over the
-    N samples in order (deterministic) from the partials of the first launch (complete before this launch runs, so
-    nothing here waits for another program): d_bias = sum_n (1 + scale_n) A_n, d_weight = sum_n (1 + scale_n) B_n
-    and, for an input bias shared by the samples (ib_sample_stride 0), sum_n of its per-sample gradient. Stored as
-    rows 0, 1, 2 of d_param_ptr ((3, C) fp32)."""
-    _, g0, groups_here, channel, lane_valid = _segment_lanes(position, C, G, channels_per_group, groups_per_segment,
-                                                             segments_per_sample, BLOCK_G, CPG_PAD, CHANNELS_LAST,
-                                                             DENSE_LANES, PACKED_CPG)
-    g = tl.arange(0, BLOCK_G)
-    g_mask = g < groups_here
-    w = tl.load(w_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
-    inv_elems = 1.0 / (S * channels_per_group).to(tl.float32)
+def _parameter_gradients(sum_a_ptr, sum_b_ptr, d_ib32_ptr, scale_ptr, d_param_ptr, channel, lane_valid, N,
+                         ib_sample_stride, C, HAS_INPUT_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """The parameter gradients of the lanes' channels, summed over the N samples in order from every sample's totals
+    (stored by their segments' programs, which have all arrived): d_bias = sum_n (1 + scale_n) A_n,
+    d_weight = sum_n (1 + scale_n) B_n and, for an input bias shared by the samples (ib_sample_stride 0), the sum of
+    its per-sample fp32 gradients. Stored as rows 0, 1, 2 of d_param_ptr ((3, C) fp32)."""
     d_bias = tl.zeros((BLOCK_C,), tl.float32)
     d_weight = tl.zeros((BLOCK_C,), tl.float32)
     d_input_bias = tl.zeros((BLOCK_C,), tl.float32)
     for n in range(0, N):
-        seg = n * segments_per_sample + position
-        total_a = _sum_partials(part_a_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
-        total_b = _sum_partials(part_b_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
+        sums = n * C + channel
         scale = tl.full((BLOCK_C,), 1.0, tl.float32)
         if HAS_SCALE:
-            scale += tl.load(scale_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
-        d_bias += scale * total_a
-        d_weight += scale * total_b
+            scale += tl.load(scale_ptr + sums, mask=lane_valid, other=0.0).to(tl.float32)
+        d_bias += scale * tl.load(sum_a_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
+        d_weight += scale * tl.load(sum_b_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
         if HAS_INPUT_BIAS:
             if ib_sample_stride == 0:
-                rstd = tl.load(rstd_ptr + n * G + g0 + g, mask=g_mask, other=0.0)
-                channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
-                total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
-                d_input_bias += _input_bias_grad(total_a, total_b, total_x, w * scale, channel_rstd, S, inv_elems,
-                                                 BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+                d_input_bias += tl.load(d_ib32_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
     tl.store(d_param_ptr + channel, d_bias, mask=lane_valid)
     tl.store(d_param_ptr + C + channel, d_weight, mask=lane_valid)
     if HAS_INPUT_BIAS:

@@ -357,10 +357,11 @@ def parameter_gradients(shape, groups, layout, tuning, scale_shift, input_bias, 
 @pytest.mark.parametrize("scale_shift,input_bias", [(True, False), (False, True), (True, "per_sample")])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_parameter_gradients_in_kernel_match_pytorch_sums(monkeypatch, layout, scale_shift, input_bias):
-    """Two launches with kernel_param_grads: the second launch's extra programs sum the weight, bias (and shared
-    input bias) gradients over the samples, and its combining programs write scale's and shift's; the same numbers
-    as PyTorch's sums of the kernel's per-sample sums, up to summation order, every element written (outputs start as
-    NaN), and PyTorch's sums not used. Channels-last runs the padded groups in both lane layouts."""
+    """Two launches with kernel_param_grads: in the second launch the last segment of each position to finish sums
+    the weight, bias (and shared input bias) gradients over the samples, and the combining programs write scale's and
+    shift's; the same numbers as PyTorch's sums of the kernel's per-sample sums, up to summation order, every element
+    written (float outputs start as NaN), PyTorch's sums not used, and the arrival counters zeroed by the first
+    launch (integer buffers start as 7). Channels-last runs the padded groups in both lane layouts."""
     shape, groups = (3, 30, 4, 5), 3  # 10 channels per group, padded to 16 lanes; several splits, tiles and samples
     for packed in ([False, True] if layout == "channels_last" else [False]):
         plan = GroupNormTuning(forward_tile=256, backward_tile=256, splits=3, fused=False, packed_lanes=packed,
@@ -369,8 +370,8 @@ def test_parameter_gradients_in_kernel_match_pytorch_sums(monkeypatch, layout, s
                                        scale_shift, input_bias)
         with monkeypatch.context() as patched:
             real_empty = torch.empty
-            patched.setattr(gn.torch, "empty", lambda *size, **kw: real_empty(*size, **kw).fill_(float("nan"))
-                            if kw.get("dtype", torch.float32).is_floating_point else real_empty(*size, **kw))
+            patched.setattr(gn.torch, "empty", lambda *size, **kw: real_empty(*size, **kw).fill_(
+                float("nan") if kw.get("dtype", torch.float32).is_floating_point else 7))
 
             def pytorch_sums(*args, **kwargs):
                 raise AssertionError("the parameter gradients were summed in PyTorch, not by the kernel")
@@ -405,7 +406,7 @@ def test_parameter_gradients_in_kernel_in_scale_dtype(monkeypatch):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_sample_bias_added_to_input_bias(plan, layout):
     """A (C,) input bias (the convolution's) plus an (N, C) sample bias (the timestep embedding), added in the kernel:
-    both gradients, in every launch plan (the two-launch plan sums the (C,) one in its extra programs)."""
+    both gradients, in every launch plan."""
     errors = run_case((3, 12, 5, 7), 3, layout=layout, scale_shift=plan == "barrier", input_bias=True,
                       sample_bias=True, tuning=PLANS[plan])
     assert_close(errors, torch.float32)
