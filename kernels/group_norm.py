@@ -396,10 +396,12 @@ def _sample_stride(input_bias: torch.Tensor | None) -> int:
 
 class _GroupNormActFunction(torch.autograd.Function):
     """Autograd for the fused kernels. Saves h (or x and input_bias), weight, bias, scale, shift and (N, G) mean /
-    rstd only."""
+    rstd only. With `pass_input`, x is a second output too, whose gradient comes back to this backward, which adds it
+    to dx in the kernel, as it adds h's with a residual."""
 
     @staticmethod
-    def forward(ctx, x, residual, input_bias, sample_bias, weight, bias, scale, shift, num_groups, eps, act, tuning):
+    def forward(ctx, x, residual, input_bias, sample_bias, weight, bias, scale, shift, num_groups, eps, act, tuning,
+                pass_input):
         x_in, channels_last = _as_kernel_layout(x)
         if residual is not None:
             residual = dense(residual, channels_last)
@@ -407,7 +409,11 @@ class _GroupNormActFunction(torch.autograd.Function):
                                            num_groups, eps, act, channels_last, tuning)
         ctx.save_for_backward(h, input_bias, sample_bias, weight, bias, scale, shift, mean, rstd)
         ctx.config = (num_groups, act, channels_last, tuning, residual is not None)
-        return (y, h) if residual is not None else y
+        if residual is not None:
+            return y, h
+        # x's alias (a new tensor on x's memory, its strides kept): x itself would come back as autograd's view of it,
+        # with a size-1 batch axis's stride rewritten
+        return (y, x.detach()) if pass_input else y
 
     @staticmethod
     def backward(ctx, dy, *maybe_dh):
@@ -419,7 +425,7 @@ class _GroupNormActFunction(torch.autograd.Function):
                                      num_groups, act, channels_last, tuning)
         return (dx, dx if has_residual else None, _cast(grads.input_bias, input_bias),
                 _cast(grads.sample_bias, sample_bias), _cast(grads.weight, weight), _cast(grads.bias, bias),
-                _cast(grads.scale, scale), _cast(grads.shift, shift), None, None, None, None)
+                _cast(grads.scale, scale), _cast(grads.shift, shift), None, None, None, None, None)
 
 
 def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -430,10 +436,12 @@ def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-6,
                    act: bool = False, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
                    residual: torch.Tensor | None = None, tuning: GroupNormTuning | None = None,
-                   input_bias: torch.Tensor | None = None,
-                   sample_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   input_bias: torch.Tensor | None = None, sample_bias: torch.Tensor | None = None,
+                   pass_input: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fused kernels. Returns (y, h) like `group_norm_reference`; (y, None) with input_bias, whose
-    h = x + input_bias is never materialised.
+    h = x + input_bias is never materialised. `pass_input` (not with residual): (y, x), x as an output of the norm, for
+    a block that uses x again (a residual shortcut): the gradient of those other uses comes into the norm's backward,
+    which adds it to x's in the kernel, instead of autograd adding the two in a pass over x of its own.
 
     x, residual: (N, C, *spatial) with 1 to 3 spatial dims; weight, bias: (C,); scale, shift: (N, C) or (N, C, 1, ...),
     given together or not at all; input_bias: (C,) or (N, C) in any float dtype (under autocast, the fp32 bias of the
@@ -453,6 +461,8 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
         raise ValueError(f"group_norm_act: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
     if input_bias is not None and residual is not None:
         raise ValueError("group_norm_act: input_bias and residual are not supported together")
+    if pass_input and residual is not None:
+        raise ValueError("group_norm_act: pass_input with a residual: h, returned with it, already passes its gradient")
     if input_bias is not None and input_bias.shape not in ((C,), (N, C)):
         raise ValueError(f"group_norm_act: input_bias must be (C,) = ({C},) or (N, C) = ({N}, {C}), got "
                          f"{tuple(input_bias.shape)}")
@@ -473,13 +483,13 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
     if x.numel() == 0:
         y, h = group_norm_reference(x, weight, bias, num_groups, eps, act, scale, shift, residual, input_bias,
                                     sample_bias)
-        return y, (h if input_bias is None else None)
+        return y, (x if pass_input else h if input_bias is None else None)
     if input_bias is not None:
         input_bias = input_bias.contiguous()
     if sample_bias is not None:
         sample_bias = sample_bias.contiguous()
     out = _GroupNormActFunction.apply(x, residual, input_bias, sample_bias, weight.contiguous(), bias.contiguous(),
-                                      scale, shift, num_groups, eps, act, tuning or GroupNormTuning())
-    if residual is not None:
+                                      scale, shift, num_groups, eps, act, tuning or GroupNormTuning(), pass_input)
+    if residual is not None or pass_input:
         return out
     return out, (x if input_bias is None else None)

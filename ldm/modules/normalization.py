@@ -45,12 +45,17 @@ class GroupNormAct(KernelChoice, nn.GroupNorm):
         self.tuning = None  # the Triton kernels' launch choices (kernels.group_norm.GroupNormTuning; None: defaults)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                input_bias: torch.Tensor | None = None, sample_bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.normalize(x, self.weight, self.bias, scale, shift, input_bias, sample_bias)
+                input_bias: torch.Tensor | None = None, sample_bias: torch.Tensor | None = None,
+                pass_input: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """y; with `pass_input`, (y, x) for a block that uses x again (its residual shortcut takes the second): with
+        the Triton kernels that x is an output of the norm, so the gradient of its other uses comes into the norm's
+        backward kernel, which adds it to x's own, instead of autograd adding the two in a pass over x of its own."""
+        return self.normalize(x, self.weight, self.bias, scale, shift, input_bias, sample_bias, pass_input)
 
     def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None = None,
                   shift: torch.Tensor | None = None, input_bias: torch.Tensor | None = None,
-                  sample_bias: torch.Tensor | None = None) -> torch.Tensor:
+                  sample_bias: torch.Tensor | None = None,
+                  pass_input: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`forward` with the affine parameters given (for recomputation from saved tensors): weight, bias (C,).
 
         The torch path adds input_bias in the promoted dtype: under autocast (bf16 x, fp32 convolution bias) the sum
@@ -59,17 +64,21 @@ class GroupNormAct(KernelChoice, nn.GroupNorm):
             raise ValueError("GroupNormAct: give scale and shift together")
         if self.uses_triton(x):
             from kernels.group_norm import group_norm_act  # imported on first use: CPU-only runs never load Triton
-            return group_norm_act(x, weight, bias, self.num_groups, self.eps, self.act, scale, shift,
-                                  input_bias=input_bias, sample_bias=sample_bias, tuning=self.tuning)[0]
+            y, passed = group_norm_act(x, weight, bias, self.num_groups, self.eps, self.act, scale, shift,
+                                       input_bias=input_bias, sample_bias=sample_bias, tuning=self.tuning,
+                                       pass_input=pass_input)
+            return (y, passed) if pass_input else y
+        h = x
         if sample_bias is not None:
             input_bias = sample_bias if input_bias is None else input_bias + sample_bias
         if input_bias is not None:
-            x = x + input_bias.reshape(-1, x.shape[1], *(1,) * (x.ndim - 2))
-        y = F.group_norm(x, self.num_groups, weight, bias, self.eps)
+            h = h + input_bias.reshape(-1, x.shape[1], *(1,) * (x.ndim - 2))
+        y = F.group_norm(h, self.num_groups, weight, bias, self.eps)
         if scale is not None:
             spatial = (1,) * (x.ndim - 2)
             y = y * (1 + scale.reshape(*scale.shape[:2], *spatial)) + shift.reshape(*shift.shape[:2], *spatial)
-        return F.silu(y) if self.act else y
+        y = F.silu(y) if self.act else y
+        return (y, x) if pass_input else y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act}, kernels={self.kernels}"

@@ -435,3 +435,47 @@ def test_sample_bias_gradient_in_its_dtype(kernel_param_grads):
     rtol = 0 if DEVICE == "cuda" else 2 ** -7
     torch.testing.assert_close(sample_bias.grad, joined.grad.to(torch.bfloat16), rtol=rtol, atol=0)
     torch.testing.assert_close(input_bias.grad, joined.grad.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("plan", ["one-launch", "two-launch"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("input_bias", [False, True])
+def test_pass_input_gradient_is_added_in_the_kernel(plan, layout, input_bias):
+    """pass_input: x comes back as the norm's second output (its values, its layout); the gradient of that output
+    reaches the norm's backward, and x's gradient is the norm's plus it (float64 reference), with no add of autograd's:
+    x feeds only the norm's node."""
+    gen = torch.Generator().manual_seed(11)
+    shape, groups = (2, 12, 5, 6, 7), 3
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3
+    w, b = torch.randn(12, generator=gen, dtype=torch.float64), torch.randn(12, generator=gen, dtype=torch.float64)
+    bias = 4 * torch.randn(12, generator=gen, dtype=torch.float64) if input_bias else None
+    grad_y, grad_passed = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+
+    x_ref = x.clone().requires_grad_()
+    y_ref, _ = group_norm_reference(x_ref, w, b, groups, 1e-5, True, input_bias=bias)
+    ((y_ref * grad_y.double()).sum() + (x_ref * grad_passed.double()).sum()).backward()
+
+    leaf = x.float().to(DEVICE).requires_grad_()
+    x_in = channels_last(leaf) if layout == "channels_last" else leaf
+    y, passed = group_norm_act(x_in, w.float().to(DEVICE), b.float().to(DEVICE), groups, 1e-5, True,
+                               input_bias=None if bias is None else bias.float().to(DEVICE), tuning=PLANS[plan],
+                               pass_input=True)
+    assert torch.equal(passed, x_in) and passed.stride() == x_in.stride()
+    assert type(passed.grad_fn).__name__ == "_GroupNormActFunctionBackward"
+    assert rel_err(y.cpu(), y_ref) < TOLERANCE[torch.float32]
+    ((y * grad_y.to(DEVICE)).sum() + (passed * grad_passed.to(DEVICE)).sum()).backward()
+    assert rel_err(leaf.grad.cpu(), x_ref.grad) < 4 * TOLERANCE[torch.float32]
+
+
+def test_pass_input_keeps_the_strides_of_a_single_sample():
+    """The passed x has x's strides exactly, the batch axis's too where it has size 1 (autograd's view of an input
+    rewrites that one, and layout checks that read strides, cuDNN's and ours, may then choose differently)."""
+    x = channels_last(torch.randn(1, 8, 3, 4, 5)).to(DEVICE).requires_grad_()
+    _, passed = group_norm_act(x, None, None, 4, pass_input=True)
+    assert passed.stride() == x.stride() and passed.data_ptr() == x.data_ptr()
+
+
+def test_pass_input_refuses_a_residual():
+    x = torch.randn(1, 4, 3, 3)
+    with pytest.raises(ValueError, match="pass_input with a residual"):
+        group_norm_act(x, None, None, 2, residual=torch.randn(1, 4, 3, 3), pass_input=True)

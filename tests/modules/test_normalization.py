@@ -80,13 +80,16 @@ def test_unet_resblock_with_added_embedding_same_with_triton_kernels():
 
 
 def assert_equals_plain_composition(block, inputs, plain):
-    """block(*inputs) and plain(*inputs) (the block's layers one after another): outputs and parameter gradients."""
+    """block(*inputs) and plain(*inputs) (the block's layers one after another): outputs and the gradients of the
+    parameters and inputs (x's joins the shortcut's and the first norm's: in the norm's kernel with Triton)."""
     results = []
     for fn in (block, plain):
         block.zero_grad()
-        out = fn(*inputs)
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
         out.square().mean().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in block.named_parameters()}))
+        grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+        results.append((out.detach(), grads | {f"input {i}": t.grad for i, t in enumerate(leaves)}))
     (out, grads), (out_ref, grads_ref) = results
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-4)
     for name, grad in grads_ref.items():

@@ -61,8 +61,10 @@ class ResnetBlock(_Checkpointed):
             if self.dropout.p == 0 or not self.training:  # dropout sits before conv2
                 return self.skip(x) + norm_act_conv(self.norm2, self.conv2, h)
             h = self.norm2(h)
-        else:  # conv1's bias is added inside norm2, not in a pass of its own (nor its gradient reduced in one)
-            h = self.norm2(conv_without_bias(self.conv1, self.norm1(x)), input_bias=self.conv1.bias)
+        else:  # conv1's bias is added inside norm2, not in a pass of its own (nor its gradient reduced in one); the
+            # shortcut's gradient joins norm1's backward (Triton), not added to its input gradient in a pass of its own
+            y, x = self.norm1(x, pass_input=True)
+            h = self.norm2(conv_without_bias(self.conv1, y), input_bias=self.conv1.bias)
         return residual_sum(self.skip, x, self.conv2, self.dropout(h), fused_add=self.norm1.uses_triton(x))
 
 
@@ -85,7 +87,8 @@ class AttentionBlock(_Checkpointed):
         # (B, 3C, *spatial) -> 3 x (B, 1, N, C): one head whose tokens are the flattened positions. Token-major
         # memory (a copy for contiguous x, free for channels-last x): cuDNN and flash attention need the head dim
         # contiguous and refuse (B, 1, N, C) views with stride N along C.
-        tokens = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()
+        y, x = self.norm(x, pass_input=True)  # the residual's gradient joins the norm's backward (Triton)
+        tokens = self.qkv(y).flatten(2).transpose(1, 2).contiguous()
         q, k, v = tokens.unsqueeze(1).chunk(3, dim=-1)
         h = attention(q, k, v, self.attention_backend)
         h = h.squeeze(1).transpose(1, 2).reshape(b, c, *spatial)

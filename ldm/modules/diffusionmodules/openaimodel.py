@@ -66,10 +66,10 @@ class ResBlock(nn.Module):
         """x: (B, channels, *spatial), emb: (B, emb_channels), or every block's emb_proj of it as made by
         `project_embedding` -> (B, out_channels, *spatial resampled)."""
         # Resample between the norm and the conv, as the original does, so the conv runs at the new resolution.
-        norm_params = (self.in_norm.weight, self.in_norm.bias)
         if self.recompute_cheap:
-            return self._forward_recomputing(x, emb, norm_params)
-        h = conv_without_bias(self.in_conv, self._in_prepare(x, *norm_params))
+            return self._forward_recomputing(x, emb)
+        y, x = self.in_norm(x, pass_input=True)  # the shortcut's gradient joins the norm's backward (Triton)
+        h = conv_without_bias(self.in_conv, self.resample(y))
         x = self.resample(x)
         emb_out = self._projected(emb)
         # in_conv's bias and the embedding enter out_norm as its input and sample biases: no pass of their own over h,
@@ -84,10 +84,9 @@ class ResBlock(nn.Module):
     def _projected(self, emb: torch.Tensor | dict[nn.Module, torch.Tensor]) -> torch.Tensor:
         return emb[self] if isinstance(emb, dict) else self.emb_proj(emb)
 
-    def _forward_recomputing(self, x: torch.Tensor, emb: torch.Tensor | dict[nn.Module, torch.Tensor],
-                             norm_params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _forward_recomputing(self, x: torch.Tensor, emb: torch.Tensor | dict[nn.Module, torch.Tensor]) -> torch.Tensor:
         """`forward` with recompute_cheap: the norms (and resampling) recomputed in backward, convs biased."""
-        h = prepared_conv(self._in_prepare, self.in_conv, x, norm_params)
+        h = prepared_conv(self._in_prepare, self.in_conv, x, (self.in_norm.weight, self.in_norm.bias))
         x = self.resample(x)
         emb_out = self._projected(emb)
         # scale and shift in h's dtype, as forward passes them; the embedding as out_norm's sample bias, as forward does
@@ -122,8 +121,8 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, *spatial) -> same shape."""
-        tokens = self.norm(x).flatten(2).transpose(1, 2)
-        return x + self.attn(tokens).transpose(1, 2).reshape(x.shape)
+        y, x = self.norm(x, pass_input=True)  # the residual's gradient joins the norm's backward (Triton)
+        return x + self.attn(y.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
 
 
 def project_embedding(emb: torch.Tensor, blocks: Sequence[ResBlock]) -> dict[nn.Module, torch.Tensor]:
