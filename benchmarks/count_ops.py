@@ -6,9 +6,10 @@
 Builds our network as bench_models does (kernels=triton, channels-last) at a small spatial `--size` (the counts do
 not depend on it), runs one forward and backward with every Triton launch recorded instead of run
 (benchmarks/kernel_codegen.py's machinery: grids planned for an H100/H200) and every ATen op that does work counted by
-a dispatch mode (views, reshapes and allocations left out). Prints the Triton launches by kernel, forward and backward,
-and the backward's ATen ops by name with their most frequent input shapes: each is a kernel on a GPU, ~2 us and a ~1 us
-gap in a CUDA graph for the small ones, so this says which small ops a change removes before any GPU time is spent.
+a dispatch mode (views, reshapes and allocations left out). Prints the Triton launches and ATen ops, forward and
+backward, and the backward's ATen ops by name with their most frequent input shapes: each is a kernel on a GPU, ~2 us
+and a ~1 us gap in a CUDA graph for the small ones, so this says which small ops a change removes before any GPU time
+is spent.
 fp32 and no autocast (CPU autocast casts other ops than CUDA's); the numbers of casts are not counted here.
 `--quick`: bench_models' tiny networks of the same design (tests/test_count_ops.py). Run it as its own process: it turns
 Triton's interpreter off (TRITON_INTERPRET) for the recording.
@@ -55,8 +56,9 @@ class OpCounter(TorchDispatchMode):
         return sum(sum(c.values()) for c in self.shapes.values())
 
 
-def count(case: Case, gn_tunings: str | None) -> tuple[Counter, Counter, OpCounter]:
-    """(forward Triton launches, backward Triton launches, backward ATen ops) of one forward + backward."""
+def count(case: Case, gn_tunings: str | None) -> tuple[Counter, Counter, OpCounter, OpCounter]:
+    """(forward Triton launches, backward Triton launches, forward ATen ops, backward ATen ops) of one forward +
+    backward."""
     launches: list = []
     with kernel_codegen.recorded_launches(case.name, launches, sms=132):
         model = model_to_channels_last(build_ours(case, "triton", compvis_decoder=False).train())
@@ -64,16 +66,16 @@ def count(case: Case, gn_tunings: str | None) -> tuple[Counter, Counter, OpCount
             from kernels.group_norm import GroupNormTuning
             set_group_norm_tuning(model, GroupNormTuning.parse(gn_tunings))
         x = channels_last(torch.randn(case.input_shape))
-        if case.kind == "ae":
-            out = model.decode(model.encode(x).sample())
-        else:
-            out = model(x, torch.randint(0, 1000, (case.batch,)))
+        t = torch.randint(0, 1000, (case.batch,))
+        forward_ops = OpCounter()
+        with forward_ops:
+            out = model.decode(model.encode(x).sample()) if case.kind == "ae" else model(x, t)
         forward_launches = len(launches)
         ops = OpCounter()
         with ops:
             out.backward(torch.ones_like(out))
     names = [launch.fn.fn.__name__ for launch in launches]
-    return Counter(names[:forward_launches]), Counter(names[forward_launches:]), ops
+    return Counter(names[:forward_launches]), Counter(names[forward_launches:]), forward_ops, ops
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,14 +89,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     case = QUICK_CASES[args.case.rstrip("0123456789")] if args.quick else CASES[args.case]
     case = dataclasses.replace(case, size=args.size)
-    forward, backward, ops = count(case, args.gn_tunings)
+    forward, backward, forward_ops, ops = count(case, args.gn_tunings)
     if args.json:
+        def listed(counter: OpCounter) -> dict:
+            return {name: [[list(map(list, s)), n] for s, n in shapes.items()] for name, shapes in counter.shapes.items()}
         with open(args.json, "w") as f:
             json.dump({"forward_launches": forward, "backward_launches": backward,
-                       "backward_ops": {name: [[list(map(list, s)), n] for s, n in shapes.items()]
-                                        for name, shapes in ops.shapes.items()}}, f)
+                       "forward_ops": listed(forward_ops), "backward_ops": listed(ops)}, f)
     print(f"{case.name} at {args.size}^3, GroupNormTuning({args.gn_tunings or ''}): Triton launches forward "
-          f"{sum(forward.values())}, backward {sum(backward.values())}; backward ATen ops {ops.total()}")
+          f"{sum(forward.values())}, backward {sum(backward.values())}; ATen ops forward {forward_ops.total()}, "
+          f"backward {ops.total()}")
     print(f"backward Triton launches: {dict(backward.most_common())}")
     print("| backward ATen op | count | most frequent input shapes |\n|---|---|---|")
     for name, shapes in sorted(ops.shapes.items(), key=lambda kv: -sum(kv[1].values()))[:args.top]:

@@ -289,7 +289,7 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, sample_bias, weigh
     args = (h_in, residual if residual is not None else h_in, input_bias if input_bias is not None else dummy,
             sample_bias if sample_bias is not None else dummy,
             h, y, weight, bias, scale if scale is not None else dummy, shift if shift is not None else dummy,
-            mean, rstd, part_mean, part_m2, sync, _sample_stride(input_bias),
+            mean, rstd, part_mean, part_m2, sync, _sample_stride(input_bias), _sample_stride(sample_bias),
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split, eps)
     meta = dict(_plan_meta(plan, channels_last), HAS_RESIDUAL=residual is not None,
@@ -339,6 +339,7 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, sample_b
             scale if scale is not None else dummy, shift if shift is not None else dummy, mean, rstd,
             part_a, part_b, part_x, sums[0], sums[1], d_input_bias if d_input_bias is not None else dummy,
             sums[2] if input_bias is not None else dummy, d_param, d_scale, d_shift, sync, _sample_stride(input_bias),
+            _sample_stride(sample_bias),
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split)
     meta = dict(_plan_meta(plan, channels_last), HAS_DH=dh is not None, HAS_INPUT_BIAS=input_bias is not None,
@@ -390,8 +391,15 @@ def _parameter_grads_from_sums(sums: torch.Tensor, d_input_bias, input_bias, sam
 
 
 def _sample_stride(input_bias: torch.Tensor | None) -> int:
-    """Elements between samples' rows of an input bias: C for (N, C), 0 for (C,) (one row for all)."""
+    """Elements between samples' rows of an input or sample bias: its row stride for (N, C), 0 for (C,) (one row for
+    all)."""
     return input_bias.stride(0) if input_bias is not None and input_bias.ndim == 2 else 0
+
+
+def _dense_rows(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A (C,) or (N, C) bias whose channels are adjacent (its rows may be apart: a slice of a wider tensor is read
+    where it lies, not copied)."""
+    return bias if bias is None or bias.stride(-1) == 1 else bias.contiguous()
 
 
 class _GroupNormActFunction(torch.autograd.Function):
@@ -484,10 +492,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nu
         y, h = group_norm_reference(x, weight, bias, num_groups, eps, act, scale, shift, residual, input_bias,
                                     sample_bias)
         return y, (x if pass_input else h if input_bias is None else None)
-    if input_bias is not None:
-        input_bias = input_bias.contiguous()
-    if sample_bias is not None:
-        sample_bias = sample_bias.contiguous()
+    input_bias, sample_bias = _dense_rows(input_bias), _dense_rows(sample_bias)
     out = _GroupNormActFunction.apply(x, residual, input_bias, sample_bias, weight.contiguous(), bias.contiguous(),
                                       scale, shift, num_groups, eps, act, tuning or GroupNormTuning(), pass_input)
     if residual is not None or pass_input:

@@ -85,16 +85,17 @@ def _tile_offsets(n, channel, lane_valid, s0, C, S, BLOCK_S: tl.constexpr, CHANN
 
 
 @triton.jit
-def _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, n, C, channel, lane_valid, BLOCK_C: tl.constexpr,
-                     HAS_INPUT_BIAS: tl.constexpr, HAS_SAMPLE_BIAS: tl.constexpr):
+def _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, sb_sample_stride, n, channel, lane_valid,
+                     BLOCK_C: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_SAMPLE_BIAS: tl.constexpr):
     """The (BLOCK_C,) fp32 input bias of sample n's lanes in the tile (zeros without one); input_bias is (N, C) with
-    ib_sample_stride = C, or (C,) with ib_sample_stride = 0, plus with HAS_SAMPLE_BIAS the (N, C) sample bias (added
-    to it in fp32 before it meets x)."""
+    ib_sample_stride its row stride, or (C,) with ib_sample_stride = 0, plus with HAS_SAMPLE_BIAS the (N, C) sample
+    bias, rows sb_sample_stride apart (e.g. a slice of every block's embedding projections), added to it in fp32
+    before it meets x."""
     input_bias = tl.zeros((BLOCK_C,), tl.float32)
     if HAS_INPUT_BIAS:
         input_bias = tl.load(ib_ptr + n * ib_sample_stride + channel, mask=lane_valid, other=0.0).to(tl.float32)
         if HAS_SAMPLE_BIAS:
-            input_bias += tl.load(sb_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
+            input_bias += tl.load(sb_ptr + n * sb_sample_stride + channel, mask=lane_valid, other=0.0).to(tl.float32)
     return input_bias
 
 
@@ -254,7 +255,7 @@ def _program_part(sync_ptr, C, G, channels_per_group, groups_per_segment, segmen
 @triton.jit
 def gn_forward_kernel(
         x_ptr, r_ptr, ib_ptr, sb_ptr, h_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-        part_mean_ptr, part_m2_ptr, sync_ptr, ib_sample_stride,
+        part_mean_ptr, part_m2_ptr, sync_ptr, ib_sample_stride, sb_sample_stride,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
         eps,
         CHANNELS_LAST: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr,
@@ -271,7 +272,7 @@ def gn_forward_kernel(
         PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
-    input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, n, C, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS,
+    input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, sb_sample_stride, n, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS,
                                   HAS_SAMPLE_BIAS)
     split_elems = tiles_per_split * BLOCK_S * channels_per_group
     group_elems = S * channels_per_group
@@ -392,7 +393,7 @@ def _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, 
 def gn_backward_kernel(
         h_ptr, ib_ptr, sb_ptr, dy_ptr, dh_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
         part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, d_ib32_ptr, d_param_ptr, d_scale_ptr,
-        d_shift_ptr, sync_ptr, ib_sample_stride,
+        d_shift_ptr, sync_ptr, ib_sample_stride, sb_sample_stride,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
         CHANNELS_LAST: tl.constexpr, HAS_DH: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
         ACT: tl.constexpr,
@@ -432,7 +433,7 @@ def gn_backward_kernel(
     if HAS_SCALE:
         scale += tl.load(scale_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
-    input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, n, C, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS,
+    input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, sb_sample_stride, n, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS,
                                   HAS_SAMPLE_BIAS)
     k = w * scale
     inv_elems = 1.0 / (S * channels_per_group).to(tl.float32)

@@ -479,3 +479,39 @@ def test_pass_input_refuses_a_residual():
     x = torch.randn(1, 4, 3, 3)
     with pytest.raises(ValueError, match="pass_input with a residual"):
         group_norm_act(x, None, None, 2, residual=torch.randn(1, 4, 3, 3), pass_input=True)
+
+
+def test_sample_bias_rows_apart_are_read_where_they_lie():
+    """A sample bias that is a slice of a wider tensor (every ResBlock's embedding projection, computed together):
+    the kernels read its rows in place, with no copy of it, and give what they give for a dense copy, gradients
+    included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 8, 4, 5, 6, generator=gen).to(DEVICE)
+    w, b = torch.randn(8, generator=gen).to(DEVICE), torch.randn(8, generator=gen).to(DEVICE)
+    input_bias = torch.randn(8, generator=gen).to(DEVICE)
+    projections = torch.randn(3, 24, generator=gen).to(DEVICE)
+    grad_y = torch.randn(x.shape, generator=gen).to(DEVICE)
+    tuning = GroupNormTuning(forward_tile=64, backward_tile=64, splits=2, fused=False)
+
+    class Copies(TorchDispatchMode):
+        shapes: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("clone", "copy_", "_to_copy"):
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    results = []
+    for sample_bias in (projections[:, 8:16], projections[:, 8:16].contiguous()):
+        leaf = sample_bias.detach().clone() if sample_bias.is_contiguous() else projections.detach().clone()
+        leaf.requires_grad_()
+        used = leaf if sample_bias.is_contiguous() else leaf[:, 8:16]
+        with Copies() as copies:
+            y, _ = group_norm_act(x, w, b, 4, act=True, input_bias=input_bias, sample_bias=used, tuning=tuning)
+        assert (3, 8) not in copies.shapes
+        (y * grad_y).sum().backward()
+        results.append((y, leaf.grad[:, 8:16] if not sample_bias.is_contiguous() else leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
