@@ -88,12 +88,17 @@ def residual_sum(skip: nn.Module, x: torch.Tensor, conv: nn.modules.conv._ConvNd
                  fused_add: bool = False) -> torch.Tensor:
     """`skip(x) + conv(h)`, skip an identity or a convolution (a ResNet block's shortcut). A convolution shortcut
     takes conv's bias into its own (one add of two (C,) vectors), so no pass over the output adds it alone. With
-    `fused_add`, an identity shortcut's sum and conv's bias are added in one pass by the Triton kernel
-    (kernels/residual_add.py) instead of two."""
+    `fused_add` the Triton kernel (kernels/residual_add.py) adds the shortcut, conv's output and the bias(es) in one
+    pass: an identity shortcut's sum and conv's bias (two passes otherwise), or both convolutions' outputs, run
+    without their biases, and the two biases' sum (three passes otherwise: the shortcut's bias, which a cuDNN
+    convolution adds in a pass of its own, and the sum)."""
     if isinstance(skip, nn.modules.conv._ConvNd) and skip.bias is not None and conv.bias is not None:
+        if fused_add:
+            from kernels.residual_add import residual_bias_add  # imported on first use: CPU-only runs never load Triton
+            return residual_bias_add(conv_without_bias(skip, x), conv_without_bias(conv, h), skip.bias + conv.bias)
         return skip._conv_forward(x, skip.weight, skip.bias + conv.bias) + conv_without_bias(conv, h)
     if fused_add and isinstance(skip, nn.Identity) and conv.bias is not None:
-        from kernels.residual_add import residual_bias_add  # imported on first use: CPU-only runs never load Triton
+        from kernels.residual_add import residual_bias_add
         return residual_bias_add(x, conv_without_bias(conv, h), conv.bias)
     return skip(x) + conv(h)
 
