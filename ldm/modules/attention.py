@@ -384,8 +384,8 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, *spatial) with len(spatial) == dims, context: (B, L_ctx, context_dim) or None -> x's shape."""
         spatial = spatial_dims(x, self.dims)
-        h = self.proj_in(self.norm(x))
-        tokens = h.flatten(2).transpose(1, 2)
+        y, x = self.norm(x, pass_input=True)  # the residual's gradient joins the norm's backward (Triton)
+        tokens = self.proj_in(y).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
         h = tokens.transpose(1, 2).unflatten(2, spatial)

@@ -184,3 +184,30 @@ def test_auto_uses_torch_on_cpu_and_bad_choice_is_named():
     with pytest.raises(ValueError, match="kernels must be one of"):
         Encoder(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=[], in_channels=1, resolution=8, z_channels=2,
                 norm_num_groups=4, kernels="fast")
+
+
+@pytest.mark.parametrize("block", ["unet_attention", "ae_attention", "spatial_transformer"])
+def test_attention_blocks_same_with_triton_kernels_input_gradient_included(block):
+    """The attention blocks take x back from their norm (pass_input) for the residual: with the Triton kernels the
+    residual's gradient is added in the norm's backward; output, parameter and input gradients as with PyTorch's."""
+    from ldm.modules.attention import SpatialTransformer
+    from ldm.modules.diffusionmodules.model import AttentionBlock as AEAttentionBlock
+    from ldm.modules.diffusionmodules.openaimodel import AttentionBlock
+
+    torch.manual_seed(0)
+    module = {"unet_attention": lambda: AttentionBlock(32, heads=2),
+              "ae_attention": lambda: AEAttentionBlock(32, dims=3, num_groups=8),
+              "spatial_transformer": lambda: SpatialTransformer(32, n_heads=2, d_head=8, dims=3)}[block]()
+    for p in module.parameters():  # the zero-initialised output projection would hide the rest
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 32, 3, 4, 5)
+    results = {}
+    for kernels in ("torch", "triton"):
+        model = set_kernels(copy.deepcopy(module), kernels)
+        leaf = x.clone().requires_grad_()
+        out = model(leaf)
+        out.square().mean().backward()
+        results[kernels] = {"out": out.detach(), "x": leaf.grad,
+                            **{n: p.grad for n, p in model.named_parameters()}}
+    for name, expected in results["torch"].items():
+        torch.testing.assert_close(results["triton"][name], expected, atol=2e-5, rtol=1e-4, msg=name)
