@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     forward, backward, forward_ops, ops = count(case, args.gn_tunings)
     if args.json:
         def listed(counter: OpCounter) -> dict:
-            return {name: [[list(map(list, s)), n] for s, n in shapes.items()] for name, shapes in counter.shapes.items()}
+            return {name: [[list(map(list, s)), n] for s, n in shapes.items()]
+                    for name, shapes in counter.shapes.items()}
         with open(args.json, "w") as f:
             json.dump({"forward_launches": forward, "backward_launches": backward,
                        "forward_ops": listed(forward_ops), "backward_ops": listed(ops)}, f)

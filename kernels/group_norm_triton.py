@@ -212,8 +212,8 @@ def _dependent_launch(PDL: tl.constexpr):
 
 @triton.jit
 def _segment_of_program(sync_ptr, splits, BARRIER: tl.constexpr):
-    """(segment, split) of this program. With the barrier, programs take a ticket, so they are numbered in start order and a waiting program only ever waits for programs that have
-    started or can start."""
+    """(segment, split) of this program. With the barrier, programs take a ticket, so they are numbered in start
+    order and a waiting program only ever waits for programs that have started or can start."""
     if BARRIER:
         pid = tl.atomic_add(sync_ptr, 1)
     else:
@@ -272,8 +272,8 @@ def gn_forward_kernel(
         PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
-    input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, sb_sample_stride, n, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS,
-                                  HAS_SAMPLE_BIAS)
+    input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, sb_sample_stride, n, channel, lane_valid,
+                                  BLOCK_C, HAS_INPUT_BIAS, HAS_SAMPLE_BIAS)
     split_elems = tiles_per_split * BLOCK_S * channels_per_group
     group_elems = S * channels_per_group
 
@@ -433,8 +433,8 @@ def gn_backward_kernel(
     if HAS_SCALE:
         scale += tl.load(scale_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + n * C + channel, mask=lane_valid, other=0.0).to(tl.float32)
-    input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, sb_sample_stride, n, channel, lane_valid, BLOCK_C, HAS_INPUT_BIAS,
-                                  HAS_SAMPLE_BIAS)
+    input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, sb_sample_stride, n, channel, lane_valid,
+                                  BLOCK_C, HAS_INPUT_BIAS, HAS_SAMPLE_BIAS)
     k = w * scale
     inv_elems = 1.0 / (S * channels_per_group).to(tl.float32)
 
