@@ -516,9 +516,9 @@ def gn_backward_kernel(
                 total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
                 d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
                 tl.store(d_ib_ptr + sums, d_ib.to(d_ib_ptr.dtype.element_ty), mask=lane_valid)
-                if PARAM_GRADS:
-                    if ib_sample_stride == 0:  # the shared bias's gradient is the sum of these, in fp32
-                        tl.store(d_ib32_ptr + sums, d_ib, mask=lane_valid)
+                if PARAM_GRADS and d_ib_ptr.dtype.element_ty != tl.float32:
+                    if ib_sample_stride == 0:  # the shared bias's gradient is the sum of these, in fp32 (an fp32
+                        tl.store(d_ib32_ptr + sums, d_ib, mask=lane_valid)  # d_ib_ptr is d_ib32_ptr already)
             if PARAM_GRADS:
                 position = seg % segments_per_sample
                 if _last_to_arrive(sync_ptr + position, num_segments // segments_per_sample):
