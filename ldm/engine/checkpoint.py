@@ -1,7 +1,11 @@
 """Checkpoint files: atomic writes, keep-last-k rotation, safe loading, RNG state capture.
 
 A checkpoint is a plain dict readable without our code (CompVis tools read `state_dict` and `global_step`):
-`state_dict`, `optimizer_states`, `lr_schedulers`, `global_step`, `epoch`, `batch_in_epoch`, `rng`, `seed`, `config`.
+`state_dict`, `optimizer_states`, `lr_schedulers`, `global_step`, `epoch`, `batch_in_epoch`, `rng`, `seed`, `config`,
+`best` (the monitored key's best value and step, ldm/engine/monitor.py).
+
+In `checkpoints/`: `step=N.ckpt` (the newest `keep_last_k` kept), `last.ckpt` (the newest step file) and `best.ckpt`
+(the state at the best validation of the monitored key; rotation never deletes it).
 """
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 LAST = "last.ckpt"
+BEST = "best.ckpt"
 _STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
 
 
@@ -25,8 +30,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write `obj` to a temporary file in the same folder, fsync it, then rename over `path`.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write(handle)` on a temporary file in the same folder, fsync it, then rename it over `path`.
 
     A kill at any moment leaves either the old file or the new one, never a torn one.
     """
@@ -34,7 +39,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -46,6 +51,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.fsync(directory)  # make the rename itself durable
     finally:
         os.close(directory)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save(obj)` to `path` through `atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def saved_entry(path: str | Path, key: str) -> Any:
+    """`checkpoint[key]` (None if absent) without reading the tensors: the file is memory-mapped, weights_only."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from err
+    return checkpoint.get(key) if isinstance(checkpoint, dict) else None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -197,7 +216,7 @@ def remove_stale_temporaries(directory: Path) -> None:
 
 def save_rotating(state: dict, directory: str | Path, step: int, keep_last_k: int) -> Path:
     """Save `step=<step>.ckpt` and point `last.ckpt` at it (both atomic, the state serialised once), then delete
-    step files beyond the newest `keep_last_k`."""
+    step files beyond the newest `keep_last_k` (only `step=N.ckpt` files: `last.ckpt` and `best.ckpt` stay)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(directory)
@@ -208,6 +227,19 @@ def save_rotating(state: dict, directory: str | Path, step: int, keep_last_k: in
         for old in step_checkpoints(directory)[:-keep_last_k]:
             old.unlink()
     return step_path
+
+
+def save_best(state: dict, directory: str | Path, same_as: Path | None = None) -> Path:
+    """Make `best.ckpt` hold `state` atomically: a link to `same_as` (a step file just saved from this very state,
+    so it is not serialised twice) or a save of its own."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / BEST
+    if same_as is not None:
+        atomic_link(same_as, path)
+    else:
+        atomic_torch_save(state, path)
+    return path
 
 
 def capture_rng_state() -> dict:

@@ -10,13 +10,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.util import ConfigError
 
+MONITOR_MODES = ("min", "max")
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 
 
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 1000   # also saved at the end of training and on SIGUSR1/SIGTERM/exceptions
-    keep_last_k: int = 3        # step=N.ckpt files kept besides last.ckpt; <= 0 keeps all
+    keep_last_k: int = 3        # step=N.ckpt files kept besides last.ckpt and best.ckpt; <= 0 keeps all
+    monitor: str | None = None  # validation key that picks best.ckpt; null: the model's `monitor` (ldm/engine/monitor.py)
+    mode: str = "min"           # min: lower is better; max: higher is better
+
+    def __post_init__(self) -> None:
+        if self.monitor is not None and not isinstance(self.monitor, str):
+            raise ConfigError(f"trainer.checkpoint.monitor: expected a validation key such as 'val/loss' or null, "
+                              f"got {self.monitor!r}")
+        if self.mode not in MONITOR_MODES:
+            raise ConfigError(f"trainer.checkpoint.mode: {self.mode!r} is not one of {', '.join(MONITOR_MODES)}")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from ldm.engine.images import batch_affines, save_images
 from ldm.engine.interface import optional_hook
 from ldm.engine.loggers import RunLogger
 from ldm.engine.memory_format import batch_to_channels_last, model_to_channels_last
+from ldm.engine.monitor import BestRecord, monitored_key
 from ldm.engine.signals import PreemptionFlags
 from ldm.util import ConfigError
 
@@ -76,6 +77,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.guard = StepGuard(self.fabric, config.max_bad_steps)
+        self.best = BestRecord(None)  # the monitored validation key's best value; set up by `fit`
         self.mid_step = False  # between the first and the last optimizer.step() of one global step
         self.raw_model: torch.nn.Module | None = None
         self.module = None  # the Fabric-wrapped model, once set up
@@ -189,6 +191,7 @@ class Trainer:
             "rng": self._rng_states(),
             "seed": self.seed,  # data order and augmentation seeds derive from it: a resumed run must keep it
             "precision": self.fabric.strategy.precision.state_dict(),  # the fp16 grad scaler, if any
+            "best": self.best.state_dict(),
             "config": self.run_config,
         }
 
@@ -201,13 +204,39 @@ class Trainer:
         torch.distributed.all_gather_object(states, local)
         return states
 
-    def save_checkpoint(self, optimizers, schedulers) -> None:
+    def save_checkpoint(self, optimizers, schedulers, as_step: bool = True, as_best: bool = False) -> None:
+        """Save the state as `step=N.ckpt` + `last.ckpt` (rotating) and/or as `best.ckpt`; every rank calls this."""
         state = self.state(optimizers, schedulers)
         if self.is_global_zero:
-            path = ckpt.save_rotating(state, self.logdir / "checkpoints", self.global_step,
-                                      self.config.checkpoint.keep_last_k)
-            tqdm.write(f"saved checkpoint {path}")
+            directory = self.logdir / "checkpoints"
+            path = None
+            if as_step:
+                path = ckpt.save_rotating(state, directory, self.global_step, self.config.checkpoint.keep_last_k)
+                tqdm.write(f"saved checkpoint {path}")
+            if as_best:
+                best = ckpt.save_best(state, directory, same_as=path)
+                self.logger.log_scalars({f"best/{self.best.key}": self.best.value}, self.global_step)
+                tqdm.write(f"best {self.best.key}={self.best.value:.6g} at step {self.global_step}: saved {best}")
         self.fabric.barrier()
+
+    def _track_best(self, model, resumed: dict | None) -> None:
+        """Which validation key picks best.ckpt, and its best value so far: the resumed checkpoint's record or, if
+        better, that of the run's best.ckpt (saved after the checkpoint resumed from when the run was killed)."""
+        self.best = BestRecord(monitored_key(model, self.config.checkpoint.monitor), self.config.checkpoint.mode)
+        if not self.best.enabled:
+            return
+        records = [resumed.get("best") if resumed is not None else None]
+        on_disk = self.logdir / "checkpoints" / ckpt.BEST if self.logdir is not None else None
+        if self.is_global_zero and on_disk is not None and on_disk.is_file():
+            try:
+                records.append(ckpt.saved_entry(on_disk, "best"))
+            except ckpt.CheckpointError as err:
+                tqdm.write(f"{err}; the next best validation replaces it")
+        records = self.fabric.broadcast(records, src=0)  # every rank must decide alike when to save
+        for record in records:
+            notice = self.best.load_state_dict(record)
+            if notice and self.is_global_zero:
+                tqdm.write(notice)
 
     def _restore(self, checkpoint: dict, optimizers, schedulers) -> None:
         if len(checkpoint.get("optimizer_states", [])) != len(optimizers):
@@ -278,6 +307,7 @@ class Trainer:
             self._restore(resume, optimizers, schedulers)
         else:
             self._seed_rank()
+        self._track_best(model, resume)
 
         loader = datamodule.dataloader("train", self.fabric.global_rank, self.fabric.world_size, self.seed,
                                        drop_last=False)
@@ -288,6 +318,8 @@ class Trainer:
             val_loader = self.fabric.setup_dataloaders(
                 datamodule.dataloader("validation", self.fabric.global_rank, self.fabric.world_size, self.seed),
                 use_distributed_sampler=False)
+        elif self.best.enabled and self.is_global_zero:
+            tqdm.write(f"monitor {self.best.key}: the data section has no 'validation' split, no best.ckpt is kept")
 
         batches_per_epoch = math.ceil(len(sampler.shard()) / datamodule.batch_size)
         if cfg.limit_train_batches > 0:
@@ -363,12 +395,16 @@ class Trainer:
                     if self.is_global_zero:
                         tqdm.write(f"first step: {1.0 / rate:.1f} s (the later ones: perf/steps_per_s)")
                 self._log_step(scalars, optimizers, rate, data_wait, progress)
+                improved = False
                 if val_loader is not None and cfg.val_check_interval > 0 and \
                         self.global_step % cfg.val_check_interval == 0:
-                    self.validate(module, val_loader)
+                    improved = self.best.update(self.validate(module, val_loader), self.global_step)
                 save_now, exit_now = self._signalled(flags)
-                if save_now or self.global_step % cfg.checkpoint.every_n_steps == 0 or self._max_steps_reached():
-                    self.save_checkpoint(optimizers, schedulers)
+                save_now = save_now or self.global_step % cfg.checkpoint.every_n_steps == 0 or \
+                    self._max_steps_reached()
+                if save_now or improved:
+                    self.save_checkpoint(optimizers, schedulers, as_step=save_now, as_best=improved)
+                if save_now:
                     flags.clear_save()
                 if exit_now:
                     tqdm.write(f"SIGTERM: checkpoint saved at step {self.global_step}, exiting")
@@ -376,12 +412,14 @@ class Trainer:
                 if self._max_steps_reached():
                     return
             self._end_epoch(epoch_start)
+            improved = False
             if val_loader is not None and cfg.val_check_interval <= 0:
-                self.validate(module, val_loader)
+                improved = self.best.update(self.validate(module, val_loader), self.global_step)
             self.epoch += 1
-            self.batch_in_epoch = 0
-            if cfg.max_epochs >= 0 and self.epoch >= cfg.max_epochs:
-                self.save_checkpoint(optimizers, schedulers)
+            self.batch_in_epoch = 0  # saved after these two: a resume starts the next epoch
+            last_epoch = cfg.max_epochs >= 0 and self.epoch >= cfg.max_epochs
+            if last_epoch or improved:
+                self.save_checkpoint(optimizers, schedulers, as_step=last_epoch, as_best=improved)
 
     def _announce_first_step(self) -> bool:
         """Say why the first step may take minutes on a GPU (silence looks like a hang); returns True."""

@@ -34,7 +34,7 @@ def remove_checkpoints(path: Path) -> None:
 @pytest.mark.parametrize("args, damage, message", [
     (["trainer.max_step=30"], None, "trainer: unknown key 'max_step' (known: accelerator,"),
     (["trainer.checkpoint.every=3"], None,
-     "trainer.checkpoint: unknown key 'every' (known: every_n_steps, keep_last_k)"),
+     "trainer.checkpoint: unknown key 'every' (known: every_n_steps, keep_last_k, monitor, mode)"),
     (["model.params.hiden=12"], None, "model.params: unknown argument 'hiden' for EmaRegressor (accepted: hidden,"),
     (["trainer.max_steps=ten"], None, "trainer.max_steps: expected int, got 'ten'"),
     (["trainer.gradient_clip_val=[1]"], None, "trainer.gradient_clip_val: expected float, got [1]"),
