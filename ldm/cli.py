@@ -238,6 +238,7 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
     if checkpoint is not None:
         load_model_state(model, checkpoint["state_dict"], checkpoint_path)
+        trainer.weights_loaded_from(checkpoint_path, checkpoint)
     # Only now, with config, data, model and checkpoint known to be good, write into the run folder: a bad
     # override given with -r must not leave a config behind that breaks every later resume.
     run_config = OmegaConf.to_container(config, resolve=True)

@@ -44,8 +44,31 @@ class TrainableModel(Protocol):
         """Images to show in the logs for this batch, at most `max_images` per entry."""
 
 
+class Evaluator(Protocol):
+    """What a model's optional `test_evaluator()` returns: metrics accumulated over the test batches.
+
+    Under several processes each rank sees its own shard of the test set; `compute()` is called on every rank and
+    must return the metrics over all ranks (it syncs itself, as torchmetrics' `Metric.compute` does); only rank 0
+    writes them. Its state lives on the model's device if it is a module registered on the model."""
+
+    def update(self, batch: Batch, outputs: Images) -> None:
+        """One test batch and what `test_step` returned for it."""
+
+    def compute(self) -> "dict[str, float | torch.Tensor]":
+        """Metric name -> value over every test batch (of every rank)."""
+
+
 def optional_hook(model: torch.nn.Module, name: str):
-    """`model.<name>` if the model defines that optional hook: `on_train_batch_end(batch, batch_idx)` (e.g. for EMA),
-    `cuda_graph_modules()` (name -> network whose training forward and backward `trainer.cuda_graph` captures; each
-    must run once per training step, see ldm/engine/cuda_graph.py)."""
+    """`model.<name>` if the model defines that optional hook, else None. The hooks:
+
+    - `on_train_batch_end(batch, batch_idx)`: after each optimizer step (e.g. for EMA).
+    - `cuda_graph_modules()`: name -> network whose training forward and backward `trainer.cuda_graph` captures;
+      each must run once per training step, see ldm/engine/cuda_graph.py.
+    - `test_evaluator()`: None or an `Evaluator`, asked once per `Trainer.test`; the loop calls its
+      `update(batch, outputs)` after each `test_step` and `compute()` at the end, then writes
+      `<logdir>/metrics/test.json` (format in ldm/engine/evaluation.py), logs each metric as `test/<name>` at the
+      tested weights' global step and prints one line per metric.
+
+    Besides hooks, the loop reads the attribute `monitor` (a `val/` key such as `val/loss`, or None): the validation
+    mean that picks `checkpoints/best.ckpt` unless `trainer.checkpoint.monitor` names another."""
     return getattr(model, name, None)

@@ -22,6 +22,7 @@ from ldm.engine import checkpoint as ckpt
 from ldm.engine import cpu_bf16, weight_copies
 from ldm.engine.config import TrainerConfig, fabric_kwargs
 from ldm.engine.cuda_graph import graph_training_forward
+from ldm.engine.evaluation import TEST_METRICS, computed_metrics, report_test_metrics, test_evaluator_of
 from ldm.engine.guard import NonFiniteLossError, StepGuard, describe_loss, gradient_norm
 from ldm.engine.images import batch_affines, save_images
 from ldm.engine.interface import optional_hook
@@ -78,6 +79,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.guard = StepGuard(self.fabric, config.max_bad_steps)
         self.best = BestRecord(None)  # the monitored validation key's best value; set up by `fit`
+        self.saved_checkpoint: Path | None = None  # the checkpoint saved or loaded last: where tested weights are from
         self.mid_step = False  # between the first and the last optimizer.step() of one global step
         self.raw_model: torch.nn.Module | None = None
         self.module = None  # the Fabric-wrapped model, once set up
@@ -212,12 +214,19 @@ class Trainer:
             path = None
             if as_step:
                 path = ckpt.save_rotating(state, directory, self.global_step, self.config.checkpoint.keep_last_k)
+                self.saved_checkpoint = directory / ckpt.LAST
                 tqdm.write(f"saved checkpoint {path}")
             if as_best:
                 best = ckpt.save_best(state, directory, same_as=path)
                 self.logger.log_scalars({f"best/{self.best.key}": self.best.value}, self.global_step)
                 tqdm.write(f"best {self.best.key}={self.best.value:.6g} at step {self.global_step}: saved {best}")
         self.fabric.barrier()
+
+    def weights_loaded_from(self, path: str | Path, checkpoint: dict) -> None:
+        """The model's weights come from `checkpoint`, read from `path`: `test` reports them as such (until `fit`
+        saves anew)."""
+        self.saved_checkpoint = Path(path)
+        self.global_step = int(checkpoint.get("global_step", 0))
 
     def _track_best(self, model, resumed: dict | None) -> None:
         """Which validation key picks best.ckpt, and its best value so far: the resumed checkpoint's record or, if
@@ -553,7 +562,9 @@ class Trainer:
 
     @torch.no_grad()
     def test(self, model: torch.nn.Module, datamodule) -> list[Path]:
-        """Run `test_step` over the test split and save what it returns under `images/test/`."""
+        """Run `test_step` over the test split and save what it returns under `images/test/`; with the model's
+        `test_evaluator()`, write its metrics to `metrics/test.json` and log them as `test/<name>`, both at
+        `global_step` and naming `saved_checkpoint` (see `weights_loaded_from`)."""
         if self.raw_model is not model:
             if self.channels_last:
                 model_to_channels_last(model)
@@ -564,17 +575,26 @@ class Trainer:
             datamodule.dataloader("test", self.fabric.global_rank, self.fabric.world_size, self.seed),
             use_distributed_sampler=False)
         module.eval()
+        evaluator = test_evaluator_of(model)
         written: list[Path] = []
         limit = self.config.limit_test_batches
         total = len(loader) if limit < 0 else min(limit, len(loader))
         for batch_idx, batch in enumerate(tqdm(loader, total=total, desc="test", disable=not self.is_global_zero)):
             if batch_idx >= total:
                 break
-            images = module.test_step(self._to_layout(batch), batch_idx)
+            batch = self._to_layout(batch)
+            images = module.test_step(batch, batch_idx)
+            if evaluator is not None:
+                evaluator.update(batch, images)
             affines, affine_shape = batch_affines(batch)
             written += save_images(images, self.logdir / "images" / "test",
                                    f"b-{batch_idx:04d}_r-{self.fabric.global_rank}", nifti=True, affines=affines,
                                    affine_shape=affine_shape)
         if self.is_global_zero:
             tqdm.write(f"test: wrote {len(written)} files to {self.logdir / 'images' / 'test'} (rank 0)")
+        if evaluator is not None:
+            metrics = computed_metrics(evaluator)  # on every rank: compute() may sync across ranks
+            if self.is_global_zero:
+                report_test_metrics(metrics, self.logdir / TEST_METRICS, self.logger, self.global_step,
+                                    self.saved_checkpoint)
         return written
