@@ -1,4 +1,7 @@
 """best.ckpt: kept by the monitored validation key, in either direction, across resumes and rotation."""
+import json
+import subprocess
+
 import pytest
 import torch
 
@@ -7,7 +10,7 @@ from ldm.engine.checkpoint import step_checkpoints
 from ldm.engine.config import trainer_config_from
 from ldm.engine.monitor import BestRecord, MonitorKeyError
 from ldm.util import ConfigError
-from tests.engine.helpers import only_run_dir, run_cli
+from tests.engine.helpers import cli_command, only_run_dir, run_cli, subprocess_env
 
 SCRIPTED = ("model.target=tests.engine.toy_metrics.ScriptedScore", "--no_test", "trainer.val_check_interval=2")
 
@@ -159,3 +162,15 @@ def test_no_monitor_keeps_no_best(tmp_path):
     assert scripted_run(tmp_path, [1.0] * 4, "trainer.max_steps=8", "model.params.monitor=null") == 0
     assert not (only_run_dir(tmp_path) / "checkpoints" / "best.ckpt").exists()
     assert load(only_run_dir(tmp_path) / "checkpoints" / "last.ckpt")["best"] is None
+
+
+def test_two_processes_agree_on_the_best_and_rank_0_writes_the_test_metrics(tmp_path):
+    command = cli_command(tmp_path, "-t", "model.target=tests.engine.toy_metrics.ScriptedAndEvaluated",
+                          scores_override([3.0, 1.0, 2.0, 5.0]), "trainer.val_check_interval=2", "trainer.max_steps=8",
+                          "trainer.devices=2", "trainer.strategy=ddp")
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = only_run_dir(tmp_path)
+    assert best_of(run)["global_step"] == 4
+    document = json.loads((run / "metrics" / "test.json").read_text())
+    assert document["global_step"] == 8 and set(document["metrics"]) == {"items", "mean_target"}

@@ -45,3 +45,7 @@ class EvaluatedToy(ToyRegressor):
     def test_evaluator(self):
         self.evaluator = TargetStatistics()
         return self.evaluator
+
+
+class ScriptedAndEvaluated(ScriptedScore, EvaluatedToy):
+    """Both: a scripted `val/score` and a `test_evaluator()`."""
