@@ -20,7 +20,8 @@ def as_one_hot(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
     if mask.shape[1] == 1 and num_classes > 1:
         labels = mask[:, 0].long()
         if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"mask: labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
+            raise ValueError(f"mask: labels must lie in [0, {num_classes}), got "
+                             f"{int(labels.min())}..{int(labels.max())}")
         return torch.nn.functional.one_hot(labels, num_classes).movedim(-1, 1).float()
     if mask.shape[1] != num_classes:
         raise ValueError(f"mask: expected {num_classes} channels (one per class) or 1 (labels), got shape "

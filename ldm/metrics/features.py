@@ -57,7 +57,8 @@ class InceptionFeatures:
 
     def __init__(self, weights_path: str | Path | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 32):
-        path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+        default_path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+        path = Path(weights_path) if weights_path else default_path
         if not path.is_file():
             raise MissingWeights(f"inception: weights file {path} not found; download {INCEPTION_WEIGHTS_URL} "
                                  f"there (or pass weights_path)")
@@ -130,8 +131,8 @@ class PlaneFeatures:
     `num_slices`: the central k slices of each plane, or all when None. `per_plane(volumes)` gives
     {plane: (B, F)}; calling gives their concatenation (B, 3 F) in the order of `planes`."""
 
-    def __init__(self, network: FeatureNetwork, num_slices: int | None = None, planes: tuple[str, ...] = tuple(PLANE_AXES),
-                 batch_size: int = 64):
+    def __init__(self, network: FeatureNetwork, num_slices: int | None = None,
+                 planes: tuple[str, ...] = tuple(PLANE_AXES), batch_size: int = 64):
         unknown = [plane for plane in planes if plane not in PLANE_AXES]
         if unknown:
             raise ValueError(f"2.5d: unknown plane(s) {', '.join(unknown)}; known: {', '.join(PLANE_AXES)}")
