@@ -23,7 +23,8 @@ class MetricSuite:
     """Accumulates, over batches, what the named `metrics` need and computes them at the end.
 
     metrics: any of METRICS.
-      - "psnr", "ssim", "ms_ssim": paired real and fake (e.g. inputs and reconstructions), mean over items.
+      - "psnr", "ssim", "ms_ssim": paired real and fake (e.g. inputs and reconstructions), mean over items (PSNR is
+        +inf once any item is reproduced exactly).
       - "fid" (+ "fid_<plane>" for a "2.5d" extractor), "kid" (-> "kid_mean", "kid_std"): real vs fake features of
         `feature_extractor` (a name of `ldm.metrics.features` with `feature_options`, an nn.Module with a
         `features` method, or a callable images -> (N, F)).
