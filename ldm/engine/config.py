@@ -18,7 +18,7 @@ PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-
 class CheckpointConfig:
     every_n_steps: int = 1000   # also saved at the end of training and on SIGUSR1/SIGTERM/exceptions
     keep_last_k: int = 3        # step=N.ckpt files kept besides last.ckpt and best.ckpt; <= 0 keeps all
-    monitor: str | None = None  # validation key that picks best.ckpt; null: the model's `monitor` (ldm/engine/monitor.py)
+    monitor: str | None = None  # validation key picking best.ckpt; null: the model's `monitor` (engine/monitor.py)
     mode: str = "min"           # min: lower is better; max: higher is better
 
     def __post_init__(self) -> None:
