@@ -120,6 +120,7 @@ def test_segmenter_test_step_and_input_checks():
     assert images["segmentation"].shape == images["mask"].shape == (2, 2, 8, 8, 8)
     assert torch.equal(images["segmentation"].sum(1), torch.ones(2, 8, 8, 8))
     assert torch.equal(images["mask"], onehot(labels, 2))
+    assert model.segment(torch.randn(1, 1, 8, 8, 8, dtype=torch.float64)).dtype == torch.float32
     with pytest.raises(ValueError, match=r"expected \(B, 1, D, H, W\)"):
         model.segment(torch.zeros(2, 1, 8, 8))
     with pytest.raises(KeyError, match="no 'mask' entry"):

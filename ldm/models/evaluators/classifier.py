@@ -54,12 +54,12 @@ class Classifier(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, C, *spatial) in [-1, 1] -> (B,) int64 most likely class."""
-        return self(images).argmax(dim=1)
+        return self(images.to(self.output_layer.weight.dtype)).argmax(dim=1)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """images: (N, C, *spatial) -> (N, F): the input of the output layer (for FID-style metrics)."""
-        return inputs_of(self.output_layer, self.network, images)
+        return inputs_of(self.output_layer, self.network, images.to(self.output_layer.weight.dtype))
 
     def scalars(self, logits: torch.Tensor, labels: torch.Tensor, split: str) -> tuple[torch.Tensor, dict]:
         """(cross-entropy, {"<split>/loss", "<split>/accuracy"}) for logits (B, num_classes) and labels (B,)."""

@@ -104,14 +104,17 @@ class Segmenter(nn.Module):
 
     def get_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(images (B, C, *spatial), one-hot masks (B, K, *spatial)), both in the network's dtype."""
-        images = batch_entry(batch, self.image_key, type(self).__name__)
+        images = self.checked(batch_entry(batch, self.image_key, type(self).__name__))
         masks = as_onehot(batch_entry(batch, self.mask_key, type(self).__name__), self.num_classes)
-        check_images(images, self.in_channels, self.dims, type(self).__name__)
         if masks.shape[2:] != images.shape[2:]:
             raise ValueError(f"Segmenter: batch[{self.mask_key!r}] has spatial shape {tuple(masks.shape[2:])}, the "
                              f"images {tuple(images.shape[2:])}")
-        dtype = next(self.network.parameters()).dtype
-        return images.to(dtype), masks.to(dtype)
+        return images, masks.to(images.dtype)
+
+    def checked(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, in_channels, *spatial) in the network's dtype; another shape is a ValueError."""
+        check_images(images, self.in_channels, self.dims, type(self).__name__)
+        return images.to(next(self.network.parameters()).dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, C, *spatial) -> logits (B, K, *spatial)."""
@@ -120,8 +123,7 @@ class Segmenter(nn.Module):
     @torch.no_grad()
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, C, *spatial) in [-1, 1] -> one-hot float (B, K, *spatial) of the most likely class."""
-        check_images(images, self.in_channels, self.dims, type(self).__name__)
-        return F.one_hot(self(images).argmax(1), self.num_classes).movedim(-1, 1).float()
+        return F.one_hot(self(self.checked(images)).argmax(1), self.num_classes).movedim(-1, 1).float()
 
     @torch.no_grad()
     def dice(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -139,8 +141,7 @@ class Segmenter(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """images: (N, C, *spatial) -> (N, F): the global average of the deepest encoder features (for FID-style
         metrics)."""
-        check_images(images, self.in_channels, self.dims, type(self).__name__)
-        return deepest_features(self.network, images).flatten(2).mean(dim=2)
+        return deepest_features(self.network, self.checked(images)).flatten(2).mean(dim=2)
 
     # --------------------------------------------------------------------------------------- loop interface
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
