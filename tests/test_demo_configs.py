@@ -1,4 +1,6 @@
 """The demo configs build and run end to end (few steps): AE training, LDM training on its checkpoint, test stage."""
+import json
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -22,3 +24,33 @@ def test_demo_pipeline_runs(tmp_path):
     samples = sorted((ldm_run / "images" / "test").glob("samples_*.nii.gz"))
     assert len(samples) == 4
     assert nib.load(samples[0]).shape == (32, 32, 32)
+
+
+def test_2d_demo_test_stage_writes_metrics(tmp_path):
+    """AE, classifier and class-conditional LDM of the 2D demo (few steps each); the LDM's test stage scores its samples
+    with the classifier (agreement with the requested class, FID/KID on its features, diversity) into test.json."""
+    fast = [*FAST, "trainer.limit_test_batches=1", "data.params.batch_size=8"]
+    assert main("ae", ["-b", str(CONFIGS / "ae_2d.yaml"), "-t", "--no_test", "-l", str(tmp_path / "ae"), *fast]) == 0
+    assert main("eval", ["-b", str(CONFIGS.parent / "eval" / "cls_digits.yaml"), "-t", "--no_test",
+                         "-l", str(tmp_path / "cls"), *fast]) == 0
+    ae_run, cls_run = only_run_dir(tmp_path / "ae"), only_run_dir(tmp_path / "cls")
+    assert main("ldm", ["-b", str(CONFIGS / "ldm_2d.yaml"), "-t", "-l", str(tmp_path / "ldm"), *fast,
+                        f"model.params.first_stage_config.params.ckpt_path={ae_run / 'checkpoints' / 'last.ckpt'}",
+                        "model.params.sampler_steps=2", "model.params.log_sampler_steps=2",
+                        f"model.params.test_metrics={{metrics: [accuracy, fid, kid, diversity_ms_ssim], "
+                        f"classifier: '{cls_run}', feature_extractor: classifier, kid_subset_size: 4}}"]) == 0
+    report = json.loads((only_run_dir(tmp_path / "ldm") / "metrics" / "test.json").read_text())
+    metrics = report["metrics"]
+    assert report["global_step"] == 2
+    for key in ("accuracy", "accuracy_real", "fid", "kid_mean", "diversity_ms_ssim", "diversity_ms_ssim_real"):
+        assert key in metrics and metrics[key] is not None and math.isfinite(metrics[key]), key
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["fid"] >= 0.0
+
+
+def test_unknown_test_metric_is_one_line_error(tmp_path, capsys):
+    code = main("ae", ["-b", str(CONFIGS / "ae_2d.yaml"), "-t", "-l", str(tmp_path), *FAST,
+                       "model.params.test_metrics={metrics: [psnr, fidd]}"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fidd" in err[0] and "psnr" in err[0]
+    assert not list(tmp_path.glob("*/checkpoints/*.ckpt"))

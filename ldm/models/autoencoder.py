@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ldm.engine.checkpoint import ignored, key_summary, load_checkpoint, load_selected_state
+from ldm.models.test_metrics import TestMetrics, build_test_metrics, check_test_metrics
 from ldm.modules.diffusionmodules.model import build_encoder_decoder
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.nn_dims import conv_nd
@@ -72,10 +73,14 @@ class StageOneModel(nn.Module):
     autoencoder a second time as CompVis does (which reconstructs again after the autoencoder's optimizer step). It
     saves one full encoder + decoder forward per step; the discriminator then sees a reconstruction one update
     older, as in most GAN training loops. False restores the CompVis recomputation.
+
+    test_metrics: what the test stage scores its reconstructions with against the inputs, e.g.
+    `{metrics: [psnr, ssim, ms_ssim]}` (`ldm.models.test_metrics`), written to metrics/test.json.
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Any, image_key: str, colorize_nlabels: int | None,
-                 monitor: str | None, discriminator_reuses_reconstruction: bool = True):
+                 monitor: str | None, discriminator_reuses_reconstruction: bool = True,
+                 test_metrics: Mapping[str, Any] | None = None):
         super().__init__()
         self.discriminator_reuses_reconstruction = discriminator_reuses_reconstruction
         self._for_discriminator: tuple | None = None  # (batch_idx, reconstruction, regulariser) of the last AE step
@@ -93,6 +98,7 @@ class StageOneModel(nn.Module):
         if colorize_nlabels is not None:
             self.register_buffer("colorize", torch.randn(3, colorize_nlabels))
         self.monitor = monitor
+        self.test_metrics = check_test_metrics(test_metrics)
         self.learning_rate = 0.0
         self.global_step = 0
 
@@ -172,6 +178,10 @@ class StageOneModel(nn.Module):
         reconstructions, _ = self.reconstruct(x, sample=False)
         return {"inputs": x, "reconstructions": reconstructions.clamp(-1, 1)}
 
+    def test_evaluator(self) -> TestMetrics | None:
+        """Scores of the test stage's reconstructions against their inputs, if `test_metrics` is configured."""
+        return build_test_metrics(self.test_metrics, self.image_key, "reconstructions")
+
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], split: str, max_images: int) -> dict[str, torch.Tensor]:
         """{"inputs", "reconstructions"}: (<= max_images, C, *spatial); label maps are shown as RGB."""
@@ -202,12 +212,12 @@ class AutoencoderKL(StageOneModel):
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Any, embed_dim: int, ckpt_path: str | None = None,
                  ignore_keys: Sequence[str] = (), strict: bool = True, image_key: str = "image",
                  colorize_nlabels: int | None = None, monitor: str | None = None,
-                 discriminator_reuses_reconstruction: bool = True):
+                 discriminator_reuses_reconstruction: bool = True, test_metrics: Mapping[str, Any] | None = None):
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL: ddconfig.double_z must be true "
                              "(the encoder predicts mean and log-variance)")
         super().__init__(ddconfig, lossconfig, image_key, colorize_nlabels, monitor,
-                         discriminator_reuses_reconstruction)
+                         discriminator_reuses_reconstruction, test_metrics)
         self.embed_dim = embed_dim
         self.quant_conv = conv_nd(self.dims, 2 * self.z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = conv_nd(self.dims, embed_dim, self.z_channels, 1)
@@ -259,9 +269,9 @@ class VQModel(StageOneModel):
                  beta: float = 0.25, ema_decay: float | None = None, dead_code_threshold: float = 0.0,
                  ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), strict: bool = True,
                  image_key: str = "image", colorize_nlabels: int | None = None, monitor: str | None = None,
-                 discriminator_reuses_reconstruction: bool = True):
+                 discriminator_reuses_reconstruction: bool = True, test_metrics: Mapping[str, Any] | None = None):
         super().__init__(ddconfig, lossconfig, image_key, colorize_nlabels, monitor,
-                         discriminator_reuses_reconstruction)
+                         discriminator_reuses_reconstruction, test_metrics)
         encoder_channels = self.encoder.conv_out.out_channels
         self.embed_dim = embed_dim
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta, ema_decay, dead_code_threshold)

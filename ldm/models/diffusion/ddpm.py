@@ -20,6 +20,7 @@ from ldm.models.diffusion.conditioning import (CONDITIONING_KEYS, MASK_TO_LATENT
 from ldm.models.diffusion.gaussian_diffusion import LOSS_TYPES, GaussianDiffusion, sample_noise
 from ldm.models.diffusion.schedules import make_beta_schedule, rescale_zero_terminal_snr
 from ldm.models.diffusion.sampling import get_sampler, timestep_schedule
+from ldm.models.test_metrics import TestMetrics, build_test_metrics, check_test_metrics
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
 
@@ -69,6 +70,8 @@ class DDPM(nn.Module):
     rescale_betas_zero_snr: rescale the schedule to zero terminal SNR (needs parameterization v or x0).
     ckpt_path / ignore_keys / strict: initial weights, see `ldm.models.autoencoder.load_weights` (strict: a
     checkpoint that does not fit outside `ignore_keys` is an error; false loads what matches).
+    test_metrics: what the test stage scores its samples with (`ldm.models.test_metrics`), written to
+    metrics/test.json.
     """
 
     def __init__(self, unet_config: Mapping[str, Any], timesteps: int = 1000, beta_schedule: str = "linear",
@@ -79,7 +82,8 @@ class DDPM(nn.Module):
                  monitor: str | None = "val/loss", ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
                  strict: bool = True, scheduler_config: Mapping[str, Any] | None = None, sampler: str = "ddim",
                  sampler_steps: int = 50, sampler_eta: float = 0.0, timestep_spacing: str = "uniform",
-                 log_sampler_steps: int = 20, log_every_t: int = 100):
+                 log_sampler_steps: int = 20, log_every_t: int = 100,
+                 test_metrics: Mapping[str, Any] | None = None):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
@@ -115,6 +119,7 @@ class DDPM(nn.Module):
         if log_every_t < 1:
             raise ValueError(f"log_every_t: must be >= 1, got {log_every_t}")
         self.log_every_t = log_every_t
+        self.test_metrics = check_test_metrics(test_metrics)
         # Classifier-free guidance needs a conditioning: LatentDiffusion sets these from its config.
         self.ucg_rate = 0.0
         self.guidance_scale = 1.0
@@ -232,6 +237,12 @@ class DDPM(nn.Module):
             samples = self.sample(cond, null, batch_size_of(batch), self.test_timesteps)
         return {"samples": self.decode(samples).clamp(-1, 1), **self.conditioning_images(raw)}
 
+    def test_evaluator(self) -> TestMetrics | None:
+        """Scores of the test stage's samples against the batch's real images (and its condition), if configured."""
+        conditioned = getattr(self, "conditioning_key", None) is not None
+        return build_test_metrics(self.test_metrics, self.first_stage_key, "samples",
+                                  self.cond_stage_key if conditioned else None)
+
     def conditioning_images(self, raw: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """{"conditioning": raw} when it is an image-like tensor of the data's dims (masks, images), else {}."""
         if raw is not None and raw.ndim == len(self.image_size) + 2:
@@ -291,14 +302,15 @@ class LatentDiffusion(DDPM):
                  ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), strict: bool = True,
                  scheduler_config: Mapping[str, Any] | None = None, sampler: str = "ddim", sampler_steps: int = 50,
                  sampler_eta: float = 0.0, timestep_spacing: str = "uniform", log_sampler_steps: int = 20,
-                 log_every_t: int = 100):
+                 log_every_t: int = 100, test_metrics: Mapping[str, Any] | None = None):
         if num_timesteps_cond not in (None, 1):
             raise ValueError(f"num_timesteps_cond: shortened conditioning schedules are not supported, "
                              f"got {num_timesteps_cond} (use 1 or leave it out)")
         super().__init__(unet_config, timesteps, beta_schedule, linear_start, linear_end, cosine_s,
                          rescale_betas_zero_snr, parameterization, loss_type, snr_gamma, offset_noise, image_size,
                          channels, first_stage_key, use_ema, ema_decay, monitor, None, (), True, scheduler_config,
-                         sampler, sampler_steps, sampler_eta, timestep_spacing, log_sampler_steps, log_every_t)
+                         sampler, sampler_steps, sampler_eta, timestep_spacing, log_sampler_steps, log_every_t,
+                         test_metrics)
         self._check_conditioning_options(cond_stage_config, conditioning_key, cond_stage_trainable, ucg_rate,
                                          guidance_scale, mask_to_latent)
         self.first_stage_model = instantiate_from_config(first_stage_config)
