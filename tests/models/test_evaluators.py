@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,6 +281,6 @@ def test_load_evaluator_errors_name_what_is_missing(tmp_path):
     one_line_error(run / "checkpoints" / "last.ckpt", str(run), "configs/*.yaml")
 
     (run / "configs").mkdir()
-    shutil.copy("tests/engine/toy.yaml", run / "configs" / "project.yaml")
+    shutil.copy(Path(__file__).parents[1] / "engine" / "toy.yaml", run / "configs" / "project.yaml")
     with pytest.raises(TypeError, match="tests.engine.toy.ToyRegressor, not of an evaluator"):
         load_evaluator(run)
