@@ -248,12 +248,12 @@ def computed(suite: MetricSuite) -> dict[str, float]:
         raise EvaluationInputError(str(err)) from None
 
 
-def updated(suite: MetricSuite, files: Sequence[Path] | str, **inputs: torch.Tensor | None) -> None:
+def updated(suite: MetricSuite, files: Sequence[Path], **inputs: torch.Tensor | None) -> None:
     """suite.update(**inputs); a ValueError (shapes that do not fit) names the files of the batch."""
     try:
         suite.update(**inputs)
     except ValueError as err:
-        where = files if isinstance(files, str) else f"{files[0]}" + (f" .. {files[-1]}" if len(files) > 1 else "")
+        where = f"{files[0]}" + (f" .. {files[-1]}" if len(files) > 1 else "")
         raise EvaluationInputError(f"{where}: {err}") from None
 
 
@@ -274,10 +274,9 @@ def score_folders(opt: argparse.Namespace, device: torch.device) -> tuple[dict[s
     if real is None and ({"fid", "kid"} | set(PAIRED_METRICS)) & set(scoring.metrics):
         raise EvaluationInputError(f"{', '.join(n for n in scoring.metrics if n in ('fid', 'kid', *PAIRED_METRICS))} "
                                    f"need real images: --real DIR")
-    masks = mask_files = None
+    mask_files, mask_labels = None, parse_integers(opt.mask_labels, "--mask_labels")
     if opt.masks:
         mask_files, paired_by = paired_files(samples.files, listed_files(opt.masks, "--masks")[0], "--masks")
-        masks = (mask_files, parse_integers(opt.mask_labels, "--mask_labels"))
         scored["masks"] = {"source": opt.masks, "count": len(mask_files), "paired_by": paired_by}
     elif "dice" in scoring.metrics:
         raise EvaluationInputError("dice needs the samples' conditioning masks: --masks DIR")
@@ -296,8 +295,8 @@ def score_folders(opt: argparse.Namespace, device: torch.device) -> tuple[dict[s
         suite = build_suite(scoring, device, unpaired)
         for indices, images in samples.batches(opt.batch_size):
             files = [samples.files[i] for i in indices]
-            condition = (torch.stack([read_mask(mask_files[i], samples.shape[1:], masks[1]) for i in indices])
-                         if masks is not None and "dice" in unpaired else None)
+            condition = (torch.stack([read_mask(mask_files[i], samples.shape[1:], mask_labels) for i in indices])
+                         if mask_files is not None and "dice" in unpaired else None)
             updated(suite, files, fake=images.to(device), condition=condition, labels=labels_of(files, table))
         for indices, images in real.batches(opt.batch_size) if real is not None else ():
             files = [real.files[i] for i in indices]

@@ -7,6 +7,8 @@ import io
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -22,11 +24,12 @@ from ldm.cli import main as train_main
 from ldm.engine.images import to_grid
 from ldm.evaluate_cli import main
 from ldm.evaluate_files import read_test_batch, to_unit_range
+from ldm.metrics import METRICS
 from ldm.metrics.distribution import kernel_distance
 from ldm.metrics.diversity import mean_pairwise_similarity
 from ldm.metrics.reconstruction import ssim
 from ldm.util import instantiate_from_config
-from tests.engine.helpers import REPO, only_run_dir
+from tests.engine.helpers import REPO, only_run_dir, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -139,7 +142,6 @@ def test_paired_ssim_follows_sorted_order_and_intensity_rules(tmp_path, capsys):
         report, _ = run_ok(["--samples", str(tmp_path / "fake"), "--real", str(tmp_path / "real"), "--metrics",
                             "ssim", "--intensity", rule, "--out", str(tmp_path / f"{rule}.json"), "--device", "cpu"],
                            capsys)
-        scale = to_unit_range  # the documented rule, per image: reference values below computed independently
         if rule == "minmax":
             reference = [2 * (a - a.min()) / (a.max() - a.min()) - 1 for a in raw]
             scaled_real = [2 * (a - a.min()) / (a.max() - a.min()) - 1 for a in real]
@@ -148,7 +150,7 @@ def test_paired_ssim_follows_sorted_order_and_intensity_rules(tmp_path, capsys):
                 low, high = np.percentile(a, [0.5, 99.5])
                 return np.clip(2 * (a - low) / (high - low) - 1, -1, 1)
             reference, scaled_real = [percentile(a) for a in raw], [percentile(a) for a in real]
-        np.testing.assert_allclose(scale(raw[0][None], rule, (0.5, 99.5))[0], reference[0], atol=1e-5)
+        np.testing.assert_allclose(to_unit_range(raw[0][None], rule, (0.5, 99.5))[0], reference[0], atol=1e-5)
         expected = float(ssim(stacked(reference).float(), stacked(scaled_real).float()).mean())
         assert report["metrics"]["ssim"] == pytest.approx(expected, rel=1e-5)
 
@@ -211,6 +213,32 @@ def test_accuracy_from_a_labels_file(tmp_path, stand_in, capsys):
     assert report["metrics"]["accuracy"] == pytest.approx(3 / 4)  # predictions 0, 1, 1, 0
 
 
+def test_a_sample_py_folder_gives_its_manifest_samples_and_labels(tmp_path, stand_in, capsys):
+    """The manifest's NIfTI files (not the PNG previews beside them), and its "label k" conditions for accuracy."""
+    arrays = [np.full((8, 8, 8), value, dtype=np.float32) for value in (0.5, -0.5, -0.5)]
+    paths = write_nifti(tmp_path / "samples", arrays, prefix="sample")
+    entries = []
+    for index, path in enumerate(paths):
+        Image.fromarray(np.zeros((8, 24), np.uint8)).save(path.with_name(f"sample_{index:04d}.png"))
+        entries.append({"index": index, "files": [path.name, f"sample_{index:04d}.png"],
+                        "condition": f"label {index % 2}"})
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(tmp_path / "samples" / "samples.png")  # the montage
+    (tmp_path / "samples" / "manifest.json").write_text(json.dumps({"samples": entries}))
+    report, _ = run_ok(["--samples", str(tmp_path / "samples"), "--metrics", "accuracy", "--classifier",
+                        str(stand_in), "--intensity", "none", "--device", "cpu"], capsys)
+    assert report["scored"]["samples"]["kind"] == "nifti" and report["scored"]["samples"]["count"] == 3
+    assert report["metrics"]["accuracy"] == pytest.approx(1 / 3)  # predicted 1, 0, 0 for labels 0, 1, 0
+
+
+def test_the_script_reports_bad_input_in_one_line(tmp_path):
+    write_nifti(tmp_path / "fake", volumes(2))
+    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--samples", str(tmp_path / "fake"),
+                             "--metrics", "fidd"], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: --metrics: unknown metric(s) fidd; known: "
+                                                  f"{', '.join(METRICS)}"]
+
+
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     write_nifti(tmp_path / "fake", volumes(2))
     nib.save(nib.Nifti1Image(np.zeros((10, 12, 12), np.float32), np.eye(4)), str(tmp_path / "fake" / "odd.nii.gz"))
@@ -252,6 +280,7 @@ def test_run_mode_generates_and_pairs_the_test_split(tmp_path, monkeypatch, caps
     assert train_main("ldm", ["-b", str(REPO / "configs" / "demo" / "ldm_3d.yaml"), "-t", "--no_test",
                               "-l", str(logdir), *TINY_3D]) == 0
     run = only_run_dir(logdir)
+    assert_error(["-r", str(run), "--metrics", "diversity_ssim"], r"no test-stage samples .*--sample N")
     capsys.readouterr()
     report, lines = run_ok(["-r", str(run), "--sample", "3", "--metrics", "ssim,diversity_ssim,dice",
                             "--segmenter", str(stand_in), "--device", "cpu", "model.params.sampler_steps=2"], capsys)
