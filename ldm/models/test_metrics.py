@@ -94,7 +94,7 @@ def check_test_metrics(config: Mapping[str, Any] | None) -> dict[str, Any] | Non
     if unknown:
         raise ConfigError(f"test_metrics.metrics: unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
     for role in EVALUATOR_FEATURES:
-        if config.get(role) is not None and not Path(str(config[role])).exists():
+        if config.get(role) is not None and (not str(config[role]) or not Path(str(config[role])).exists()):
             raise ConfigError(f"test_metrics.{role}: {config[role]} does not exist (a run folder of train_eval.py)")
     config["metrics"] = metrics
     return config
