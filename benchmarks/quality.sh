@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Sample quality of the shipped configs on one GPU, every row trained from scratch and scored by the project's own
+# metrics (ldm.metrics through each model's test stage, into <run>/metrics/test.json):
+#   digits   2D class-conditional LDM (configs/demo/ldm_2d.yaml): agreement of a classifier trained on real digits
+#            with the requested class, FID / KID on that classifier's features, diversity; beside the same figures
+#            for the real test digits. Two LDMs: the config as shipped (eps) and with zero terminal SNR + v.
+#   mni152   3D tissue-mask-conditioned LDM (configs/demo/ldm_3d.yaml, wider AE and UNet, longer): Dice of a
+#            SegResNet trained on real crops between each sample's segmentation and its conditioning mask, beside
+#            its Dice on the real test crops; AE PSNR / SSIM / MS-SSIM on the 16 held-out test crops.
+#   phantom  3D tumour-mask-conditioned LDM on HeadPhantom 64^3 (configs/quality/): tumour Dice, AE PSNR / SSIM.
+# Usage: bash benchmarks/quality.sh [OUT_DIR]   (step counts from the environment, defaults below)
+# Writes OUT_DIR/summary.txt (every test.json) and each run folder under OUT_DIR/runs.
+set -u
+OUT_DIR=${1:-logs/quality}; RUNS=$OUT_DIR/runs; LOGS=$OUT_DIR/logs; mkdir -p "$RUNS" "$LOGS"
+PY=${PY:-python3}
+QUIET="trainer.logger=[csv]"
+T_STAGE1=${T_STAGE1:-130}   # seconds: stage-1 and evaluator training stop here at the latest (SIGTERM saves)
+T_STAGE2=${T_STAGE2:-240}   # seconds: LDM training stops here at the latest; the test stage runs after it
+run_dir() { ls -td "$RUNS"/*_"$1" | head -n 1; }
+train() { local limit=$1 log=$2; shift 2; timeout "$limit" "$PY" "$@" -l "$RUNS" $QUIET > "$LOGS/$log.log" 2>&1; }
+
+digits() {
+  train "$T_STAGE1" d_ae train_ae.py -b configs/demo/ae_2d.yaml -t -n d_ae trainer.max_steps=${D_AE_STEPS:-3000} \
+    trainer.limit_test_batches=-1 "model.params.test_metrics={metrics: [psnr, ssim, ms_ssim]}" &
+  train "$T_STAGE1" d_cls train_eval.py -b configs/eval/cls_digits.yaml -t -n d_cls &
+  wait
+  local ae cls; ae=$(run_dir d_ae); cls=$(run_dir d_cls)
+  local metrics="{metrics: [accuracy, fid, kid, diversity_ms_ssim], classifier: '$cls', feature_extractor: classifier, kid_subset_size: 50}"
+  for variant in eps vz; do
+    local extra=""
+    [ $variant = vz ] && extra="model.params.parameterization=v model.params.rescale_betas_zero_snr=true model.params.timestep_spacing=trailing"
+    ( train "$T_STAGE2" d_ldm_$variant train_ldm.py -b configs/demo/ldm_2d.yaml -t --no_test -n d_ldm_$variant \
+        trainer.max_steps=${D_LDM_STEPS:-4000} model.params.first_stage_config.params.ckpt_path=$ae/checkpoints/last.ckpt $extra
+      train 120 d_test_$variant train_ldm.py -r "$(run_dir d_ldm_$variant)" trainer.limit_test_batches=-1 \
+        "model.params.test_metrics=$metrics" ) &
+  done
+  wait
+}
+
+mni152() {
+  local wide="model.params.ddconfig.ch=32"
+  train "$T_STAGE1" m_ae train_ae.py -b configs/demo/ae_3d.yaml -t -n m_ae trainer.max_steps=${M_AE_STEPS:-3000} $wide \
+    trainer.val_check_interval=500 data.params.test.params.length=16 "model.params.test_metrics={metrics: [psnr, ssim, ms_ssim]}" &
+  train "$T_STAGE1" m_seg train_eval.py -b configs/eval/seg_mni152.yaml -t --no_test -n m_seg trainer.max_steps=3000 \
+    trainer.val_check_interval=500 data.params.batch_size=8 model.params.network_config.params.init_filters=16 &
+  wait
+  local ae seg; ae=$(run_dir m_ae); seg=$(run_dir m_seg)
+  train "$T_STAGE2" m_ldm train_ldm.py -b configs/demo/ldm_3d.yaml -t --no_test -n m_ldm trainer.max_steps=${M_LDM_STEPS:-6000} \
+    trainer.val_check_interval=1000 model.params.first_stage_config.params.ddconfig.ch=32 \
+    model.params.unet_config.params.model_channels=64 model.params.unet_config.params.num_res_blocks=2 \
+    model.params.first_stage_config.params.ckpt_path=$ae/checkpoints/last.ckpt
+  train 120 m_test train_ldm.py -r "$(run_dir m_ldm)" trainer.limit_test_batches=-1 data.params.test.params.length=16 \
+    "model.params.test_metrics={metrics: [dice, diversity_ms_ssim], segmenter: '$seg'}"
+}
+
+phantom() {
+  train "$T_STAGE1" p_ae train_ae.py -b configs/quality/phantom_ae.yaml -t -n p_ae trainer.max_steps=${P_AE_STEPS:-3000} &
+  train "$T_STAGE1" p_seg train_eval.py -b configs/eval/seg_phantom.yaml -t --no_test -n p_seg trainer.max_steps=2000 &
+  wait
+  local ae seg; ae=$(run_dir p_ae); seg=$(run_dir p_seg)
+  train "$T_STAGE2" p_ldm train_ldm.py -b configs/quality/phantom_ldm.yaml -t --no_test -n p_ldm \
+    trainer.max_steps=${P_LDM_STEPS:-6000} model.params.first_stage_config.params.ckpt_path=$ae/checkpoints/last.ckpt \
+    model.params.test_metrics.segmenter=$seg
+  train 120 p_test train_ldm.py -r "$(run_dir p_ldm)"
+}
+
+start=$(date +%s)
+digits & mni152 & phantom &
+wait
+for report in "$RUNS"/*/metrics/test.json; do
+  echo "$(basename "$(dirname "$(dirname "$report")")"): $(tr -d '\n ' < "$report")"
+done > "$OUT_DIR/summary.txt"
+echo "wall time: $(( $(date +%s) - start )) s" >> "$OUT_DIR/summary.txt"
+cat "$OUT_DIR/summary.txt"
