@@ -16,6 +16,7 @@ PY=${PY:-python3}
 QUIET="trainer.logger=[csv]"
 T_STAGE1=${T_STAGE1:-130}   # seconds: stage-1 and evaluator training stop here at the latest (SIGTERM saves)
 T_STAGE2=${T_STAGE2:-240}   # seconds: LDM training stops here at the latest; the test stage runs after it
+T_TEST=${T_TEST:-120}       # seconds: at most for each test stage
 run_dir() { ls -td "$RUNS"/*_"$1" | head -n 1; }
 train() { local limit=$1 log=$2; shift 2; timeout "$limit" "$PY" "$@" -l "$RUNS" $QUIET > "$LOGS/$log.log" 2>&1; }
 
@@ -31,7 +32,7 @@ digits() {
     [ $variant = vz ] && extra="model.params.parameterization=v model.params.rescale_betas_zero_snr=true model.params.timestep_spacing=trailing"
     ( train "$T_STAGE2" d_ldm_$variant train_ldm.py -b configs/demo/ldm_2d.yaml -t --no_test -n d_ldm_$variant \
         trainer.max_steps=${D_LDM_STEPS:-4000} model.params.first_stage_config.params.ckpt_path=$ae/checkpoints/last.ckpt $extra
-      train 120 d_test_$variant train_ldm.py -r "$(run_dir d_ldm_$variant)" trainer.limit_test_batches=-1 \
+      train "$T_TEST" d_test_$variant train_ldm.py -r "$(run_dir d_ldm_$variant)" trainer.limit_test_batches=-1 \
         "model.params.test_metrics=$metrics" ) &
   done
   wait
@@ -49,7 +50,7 @@ mni152() {
     trainer.val_check_interval=1000 model.params.first_stage_config.params.ddconfig.ch=32 \
     model.params.unet_config.params.model_channels=64 model.params.unet_config.params.num_res_blocks=2 \
     model.params.first_stage_config.params.ckpt_path=$ae/checkpoints/last.ckpt
-  train 120 m_test train_ldm.py -r "$(run_dir m_ldm)" trainer.limit_test_batches=-1 data.params.test.params.length=16 \
+  train "$T_TEST" m_test train_ldm.py -r "$(run_dir m_ldm)" trainer.limit_test_batches=-1 data.params.test.params.length=16 \
     "model.params.test_metrics={metrics: [dice, diversity_ms_ssim], segmenter: '$seg'}"
 }
 
@@ -61,7 +62,7 @@ phantom() {
   train "$T_STAGE2" p_ldm train_ldm.py -b configs/quality/phantom_ldm.yaml -t --no_test -n p_ldm \
     trainer.max_steps=${P_LDM_STEPS:-6000} model.params.first_stage_config.params.ckpt_path=$ae/checkpoints/last.ckpt \
     model.params.test_metrics.segmenter=$seg
-  train 120 p_test train_ldm.py -r "$(run_dir p_ldm)"
+  train "$T_TEST" p_test train_ldm.py -r "$(run_dir p_ldm)"
 }
 
 start=$(date +%s)
