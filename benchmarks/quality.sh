@@ -3,7 +3,8 @@
 # metrics (ldm.metrics through each model's test stage, into <run>/metrics/test.json):
 #   digits   2D class-conditional LDM (configs/demo/ldm_2d.yaml): agreement of a classifier trained on real digits
 #            with the requested class, FID / KID on that classifier's features, diversity; beside the same figures
-#            for the real test digits. Two LDMs: the config as shipped (eps) and with zero terminal SNR + v.
+#            for the real test digits. Two LDMs: the config as shipped (zero terminal SNR, v-prediction) and the
+#            CompVis schedule it replaced (eps, x_T not pure noise).
 #   mni152   3D tissue-mask-conditioned LDM (configs/demo/ldm_3d.yaml, wider AE and UNet, longer): Dice of a
 #            SegResNet trained on real crops between each sample's segmentation and its conditioning mask, beside
 #            its Dice on the real test crops; AE PSNR / SSIM / MS-SSIM on the 16 held-out test crops.
@@ -29,7 +30,7 @@ digits() {
   local metrics="{metrics: [accuracy, fid, kid, diversity_ms_ssim], classifier: '$cls', feature_extractor: classifier, kid_subset_size: 50}"
   for variant in eps vz; do
     local extra=""
-    [ $variant = vz ] && extra="model.params.parameterization=v model.params.rescale_betas_zero_snr=true model.params.timestep_spacing=trailing"
+    [ $variant = eps ] && extra="model.params.parameterization=eps model.params.rescale_betas_zero_snr=false model.params.timestep_spacing=uniform"
     ( train "$T_STAGE2" d_ldm_$variant train_ldm.py -b configs/demo/ldm_2d.yaml -t --no_test -n d_ldm_$variant \
         trainer.max_steps=${D_LDM_STEPS:-4000} model.params.first_stage_config.params.ckpt_path=$ae/checkpoints/last.ckpt $extra
       train "$T_TEST" d_test_$variant train_ldm.py -r "$(run_dir d_ldm_$variant)" trainer.limit_test_batches=-1 \

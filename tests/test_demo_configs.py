@@ -1,29 +1,35 @@
 """The demo configs build and run end to end (few steps): AE training, LDM training on its checkpoint, test stage."""
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 
 from ldm.cli import main
-from tests.engine.helpers import load_last, only_run_dir
+from tests.engine.helpers import only_run_dir, subprocess_env
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo.sh"
 FAST = ["trainer.max_steps=2", "trainer.logger=[csv]", "data.params.num_workers=0"]
 
 
-def test_demo_pipeline_runs(tmp_path):
-    assert main("ae", ["-b", str(CONFIGS / "ae_3d.yaml"), "-t", "--no_test", "-l", str(tmp_path / "ae"), *FAST]) == 0
-    ae_run = only_run_dir(tmp_path / "ae")
-    assert load_last(ae_run)["global_step"] == 2
-    assert main("ldm", ["-b", str(CONFIGS / "ldm_3d.yaml"), "-t", "--no_test", "-l", str(tmp_path / "ldm"), *FAST,
-                        f"model.params.first_stage_config.params.ckpt_path={ae_run / 'checkpoints' / 'last.ckpt'}",
-                        "model.params.sampler_steps=2", "model.params.log_sampler_steps=2"]) == 0
-    ldm_run = only_run_dir(tmp_path / "ldm")
-    assert main("ldm", ["-r", str(ldm_run)]) == 0  # test stage: generate for the test split's masks
+def test_demo_script_runs(tmp_path):
+    """scripts/demo.sh (what `make demo` runs) end to end with 2 steps per stage: AE, judge, LDM, scored samples."""
+    env = {**subprocess_env(), "PY": sys.executable, "LOGS": str(tmp_path)}
+    result = subprocess.run(["bash", str(SCRIPT), "trainer.max_steps=2", "trainer.logger=[csv]",
+                             "data.params.num_workers=0"], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "samples follow their masks: Dice" in result.stdout
+    ldm_run = next(tmp_path.glob("*_demo_ldm"))
     samples = sorted((ldm_run / "images" / "test").glob("samples_*.nii.gz"))
-    assert len(samples) == 4
+    assert len(samples) == 8
     assert nib.load(samples[0]).shape == (32, 32, 32)
+    metrics = json.loads((ldm_run / "metrics" / "test.json").read_text())["metrics"]
+    assert 0.0 <= metrics["dice"] <= 1.0 and 0.0 <= metrics["dice_real"] <= 1.0
+    ae_metrics = json.loads((next(tmp_path.glob("*_demo_ae")) / "metrics" / "test.json").read_text())["metrics"]
+    assert math.isfinite(ae_metrics["psnr"])
 
 
 def test_2d_demo_test_stage_writes_metrics(tmp_path):
