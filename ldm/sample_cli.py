@@ -6,7 +6,8 @@
 
 Sample i starts from noise seeded with `seed + i`, which also drives its ancestral noise, so any sample can be drawn
 again alone, whatever the batch size. Written to --outdir (default <run>/samples/<timestamp>/): `sample_XXXX.nii.gz`
-per 3D sample (with the conditioning file's affine), `sample_XXXX.png` (orthogonal mid-slices for 3D), `samples.png`
+per 3D sample (with the conditioning file's affine) and its mask `sample_XXXX_mask.nii.gz` for mask conditions
+(so a folder of samples is a training set of image-mask pairs: `ldm.data.generated.GeneratedPairs`), `sample_XXXX.png` (orthogonal mid-slices for 3D), `samples.png`
 (all samples, one per row) and `manifest.json` (config, checkpoint hash, sampler settings, seed, seconds and
 condition per sample, device, precision).
 """
@@ -239,8 +240,10 @@ def describe_device(device: torch.device) -> str:
 class SampleWriter:
     """Writes each sample as it is drawn, then the montage and the manifest.
 
-    Per sample: `sample_XXXX.nii.gz` for volumes (C, D, H, W) (the condition's affine, else identity) and
-    `sample_XXXX.png` (orthogonal mid-slices for volumes); at the end `samples.png` and `manifest.json`.
+    Per sample: `sample_XXXX.nii.gz` for volumes (C, D, H, W) (the condition's affine, else identity), with a mask
+    condition of the same grid also `sample_XXXX_mask.nii.gz` (its K channels along the last axis, a label map for
+    K = 1; `sample.py --cond` reads it back), and `sample_XXXX.png` (orthogonal mid-slices for volumes); at the end
+    `samples.png` and `manifest.json`.
     """
 
     def __init__(self, outdir: Path):
@@ -254,17 +257,21 @@ class SampleWriter:
         image = image.detach().float().cpu()
         stem = f"sample_{index:04d}"
         files = []
+        mask = None
         if image.ndim == 4:
             affine = None if condition is None else condition.affine
             save_nifti(image, self.outdir / f"{stem}.nii.gz", affine)
             files.append(f"{stem}.nii.gz")
+            if condition is not None and condition.value.shape[1:] == image.shape[1:]:
+                mask = f"{stem}_mask.nii.gz"  # the spatial condition, on the sample's grid
+                save_nifti(condition.value, self.outdir / mask, affine)
         grid = to_grid(image[None])
         save_png(grid, self.outdir / f"{stem}.png")
         files.append(f"{stem}.png")
         self.rows.append(grid)
         self.entries.append({
             "index": index, "seed": seed, "seconds": round(seconds, 4), "files": files,
-            "condition": None if condition is None else condition.source,
+            "condition": None if condition is None else condition.source, "mask": mask,
             "affine": None if image.ndim != 4 else ("identity" if condition is None or condition.affine is None
                                                     else f"from {condition.source}"),
         })

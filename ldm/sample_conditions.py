@@ -202,12 +202,32 @@ def read_mask(file: Path, dims: int, channels: int | None, labels: Sequence[int]
     return Condition(torch.from_numpy(np.ascontiguousarray(mask)), str(file), np.asarray(image.affine))
 
 
+def sample_folder_masks(folder: Path) -> list[Path] | None:
+    """The mask files a `sample.py` folder's manifest lists, in sample order (None: not such a folder)."""
+    import json
+
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        entries = json.loads(manifest.read_text()).get("samples", [])
+    except ValueError as err:
+        raise ConditionError(f"--cond {folder}: cannot read {manifest.name} ({err})") from None
+    masks = [folder / entry["mask"] for entry in entries if isinstance(entry, dict) and entry.get("mask")]
+    if not masks:
+        raise ConditionError(f"--cond {folder}: a sample.py folder whose samples have no masks to condition on")
+    return masks
+
+
 def mask_folder(folder: Path, model: nn.Module, labels: Sequence[int] | None) -> list[Condition]:
-    """Every `*.nii` / `*.nii.gz` file in `folder` (sorted by name) as a mask condition."""
+    """Every `*.nii` / `*.nii.gz` file in `folder` (sorted by name) as a mask condition; in a folder `sample.py`
+    wrote, the masks its samples were drawn for (`sample_XXXX_mask.nii.gz`), not the samples."""
     if not folder.is_dir():
         raise ConditionError(f"--cond {folder}: no such folder (expected a folder of mask NIfTI files, "
                              f"split:<name> or labels:<i,j,...>)")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+    files = sample_folder_masks(folder)
+    if files is None:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
     if not files:
         raise ConditionError(f"--cond {folder}: the folder holds no .nii or .nii.gz files")
     channels, spatial = mask_channels(model), image_shape(model)

@@ -137,6 +137,47 @@ def test_samples_from_a_split_write_nifti_png_and_manifest(ldm_run, tmp_path):
     assert (manifest["device"], manifest["precision"], manifest["model"]["ema_weights"]) == ("cpu", "32", True)
     assert manifest["config"]["model"]["target"] == "ldm.models.diffusion.ddpm.LatentDiffusion"
     assert manifest["conditioning"] == {"cond": "split:test", "kind": "mask", "key": "mask"}
+    assert [s["mask"] for s in manifest["samples"]] == [f"sample_{i:04d}_mask.nii.gz" for i in range(3)]
+
+
+def test_a_sample_folder_is_a_dataset_of_samples_and_their_masks(ldm_run, tmp_path):
+    """Each mask-conditioned sample is saved beside the mask it was drawn for; GeneratedPairs reads the pairs back
+    exactly (the split's masks, the samples' voxels), and `--cond` takes the saved masks again."""
+    from ldm.data.generated import GeneratedPairs
+
+    outdir, _ = sample(tmp_path, "pairs", "-r", str(ldm_run), "--cond", "split:test", "--n_samples", "2", *FAST)
+    pairs = GeneratedPairs(str(outdir))
+    real = MNI152Crops("test", crop_to=(16, 16, 16), spacing_mm=2, length=4)
+    assert len(pairs) == 2
+    for index in range(2):
+        item = pairs[index]
+        assert item["mask"].shape == (3, 16, 16, 16) and item["image"].shape == (1, 16, 16, 16)
+        torch.testing.assert_close(item["mask"], real[index]["mask"], rtol=0, atol=0)
+        saved = nib.load(str(outdir / f"sample_{index:04d}.nii.gz"))
+        torch.testing.assert_close(item["image"][0], torch.from_numpy(saved.get_fdata(dtype=np.float32)))
+        np.testing.assert_allclose(item["affine"].numpy(), saved.affine)
+    flipped = GeneratedPairs(str(outdir), flip_axes=[0, 1, 2], length=8)
+    torch.manual_seed(0)
+    items = [flipped[i] for i in range(8)]
+    assert any(not torch.equal(item["mask"], pairs[i % 2]["mask"]) for i, item in enumerate(items))
+    subsets = [[d for d in (1, 2, 3) if keep >> (d - 1) & 1] for keep in range(8)]
+    for i, item in enumerate(items):  # image and mask flipped along the same axes: the pair still corresponds
+        original = pairs[i % 2]
+        assert any(torch.equal(item["image"], original["image"].flip(dims)) and
+                   torch.equal(item["mask"], original["mask"].flip(dims)) for dims in subsets)
+    again, manifest = sample(tmp_path, "again", "-r", str(ldm_run), "--cond", str(outdir), "--n_samples", "2", *FAST)
+    assert [s["condition"].endswith("_mask.nii.gz") for s in manifest["samples"]] == [True, True]
+
+
+def test_generated_pairs_errors_name_the_folder(tmp_path):
+    from ldm.data.generated import GeneratedPairs
+    from ldm.data.transforms import DataFileError
+
+    with pytest.raises(DataFileError, match="manifest.json not found"):
+        GeneratedPairs(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(json.dumps({"samples": [{"files": ["sample_0000.png"], "mask": None}]}))
+    with pytest.raises(DataFileError, match="no samples with a mask"):
+        GeneratedPairs(str(tmp_path))
 
 
 def test_split_items_with_an_affine_place_their_samples(ldm_run, tmp_path):
