@@ -144,7 +144,7 @@ class Variant:
     graph: bool = False             # the whole step (forward, backward, AdamW) captured once as a CUDA graph
     graph_network: bool = False     # the networks' forward + backward as CUDA graphs (trainer.cuda_graph)
     weight_casts: str = "once"      # netgraph: autocast's weight casts in one pass ("once") or per layer ("autocast")
-    gn_tuning: str = ""             # ours: GroupNormTuning fields, e.g. "packed_lanes=True" ("": the defaults)
+    gn_tuning: str = ""             # ours: GroupNormTuning fields, e.g. "forward_tile=4096" ("": the defaults)
     weight_copies: bool = False     # ours, netgraph: graphed weights read from bf16 copies AdamW writes (WeightCopies)
 
     @property
@@ -612,7 +612,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "trainer.cuda_graph does), per layer (autocast), or both variants")
     parser.add_argument("--gn-tunings", default="",
                         help="also run ours (triton kernels) with these GroupNorm launch choices, ';'-separated, each "
-                             "','-separated GroupNormTuning fields, e.g. 'packed_lanes=True'")
+                             "','-separated GroupNormTuning fields, e.g. 'forward_tile=4096'")
     parser.add_argument("--weight-copies", action="store_true",
                         help="also run ours' netgraph variants with the graphed weights read from bf16 copies that "
                              "AdamW writes, no casts (trainer.bf16_weight_copies, ldm/engine/weight_copies.py; needs "

@@ -1,7 +1,6 @@
 """The kernels one training forward + backward of bench_models' UNet or autoencoder launches, counted on the CPU.
 
-    python benchmarks/count_ops.py [--case unet|ae128] [--size 8] [--gn-tunings "kernel_param_grads=True"] [--top 12]
-                                   [--quick] [--json FILE]
+    python benchmarks/count_ops.py [--case unet|ae128] [--size 8] [--top 12] [--quick] [--json FILE]
 
 Builds our network as bench_models does (kernels=triton, channels-last) at a small spatial `--size` (the counts do
 not depend on it), runs one forward and backward with every Triton launch recorded instead of run
@@ -30,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import kernel_codegen  # noqa: E402  (first: it turns Triton's interpreter off for the recording)
 from benchmarks.bench_models import CASES, QUICK_CASES, Case, build_ours  # noqa: E402
 from ldm.engine.memory_format import channels_last, model_to_channels_last  # noqa: E402
-from ldm.modules.normalization import set_group_norm_tuning  # noqa: E402
 
 # ATen ops that only view, reshape or allocate: no kernel of their own
 NO_KERNEL = {"view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand", "detach", "alias", "slice",
@@ -56,15 +54,12 @@ class OpCounter(TorchDispatchMode):
         return sum(sum(c.values()) for c in self.shapes.values())
 
 
-def count(case: Case, gn_tunings: str | None) -> tuple[Counter, Counter, OpCounter, OpCounter]:
+def count(case: Case) -> tuple[Counter, Counter, OpCounter, OpCounter]:
     """(forward Triton launches, backward Triton launches, forward ATen ops, backward ATen ops) of one forward +
     backward."""
     launches: list = []
     with kernel_codegen.recorded_launches(case.name, launches, sms=132):
         model = model_to_channels_last(build_ours(case, "triton", compvis_decoder=False).train())
-        if gn_tunings:
-            from kernels.group_norm import GroupNormTuning
-            set_group_norm_tuning(model, GroupNormTuning.parse(gn_tunings))
         x = channels_last(torch.randn(case.input_shape))
         t = torch.randint(0, 1000, (case.batch,))
         forward_ops = OpCounter()
@@ -82,14 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", choices=("unet", "ae128"), default="unet")
     parser.add_argument("--size", type=int, default=8, help="spatial size per axis (8: the UNet's lowest level 2^3)")
-    parser.add_argument("--gn-tunings", default=None, help="a GroupNormTuning, e.g. kernel_param_grads=True")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="bench_models' tiny networks")
     parser.add_argument("--json", default=None, help="also write the counts there")
     args = parser.parse_args(argv)
     case = QUICK_CASES[args.case.rstrip("0123456789")] if args.quick else CASES[args.case]
     case = dataclasses.replace(case, size=args.size)
-    forward, backward, forward_ops, ops = count(case, args.gn_tunings)
+    forward, backward, forward_ops, ops = count(case)
     if args.json:
         def listed(counter: OpCounter) -> dict:
             return {name: [[list(map(list, s)), n] for s, n in shapes.items()]
@@ -97,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as f:
             json.dump({"forward_launches": forward, "backward_launches": backward,
                        "forward_ops": listed(forward_ops), "backward_ops": listed(ops)}, f)
-    print(f"{case.name} at {args.size}^3, GroupNormTuning({args.gn_tunings or ''}): Triton launches forward "
+    print(f"{case.name} at {args.size}^3: Triton launches forward "
           f"{sum(forward.values())}, backward {sum(backward.values())}; ATen ops forward {forward_ops.total()}, "
           f"backward {ops.total()}")
     print(f"backward Triton launches: {dict(backward.most_common())}")

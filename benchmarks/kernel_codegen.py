@@ -92,11 +92,9 @@ def forward_backward(y: torch.Tensor, *inputs: torch.Tensor) -> None:
     torch.autograd.grad(y, inputs, torch.ones_like(y))
 
 
-def case_group_norm(shape: tuple[int, ...], input_bias: bool | str, packed_lanes: bool = False, pdl: bool = False,
-                    scale_shift: bool = False, kernel_param_grads: bool = False):
+def case_group_norm(shape: tuple[int, ...], input_bias: bool | str, scale_shift: bool = False):
     """input_bias: True (N, C), "shared" (C,) as the autoencoder's, "sample" (C,) plus a bf16 (N, C) sample bias as
     the UNet's ResBlocks; scale_shift: bf16 (N, C) scale and shift, as a Linear makes them under autocast."""
-    tuning = group_norm.GroupNormTuning(packed_lanes=packed_lanes, pdl=pdl, kernel_param_grads=kernel_param_grads)
 
     def run():
         x = bf16_channels_last(*shape, grad=True)
@@ -105,7 +103,7 @@ def case_group_norm(shape: tuple[int, ...], input_bias: bool | str, packed_lanes
         ib = torch.zeros((N, C) if input_bias is True else (C,), requires_grad=True) if input_bias else None
         sb = torch.zeros(N, C, dtype=torch.bfloat16, requires_grad=True) if input_bias == "sample" else None
         scale_shift_args = [torch.zeros(N, C, dtype=torch.bfloat16, requires_grad=True) for _ in range(2 * scale_shift)]
-        y = group_norm.group_norm_act(x, w, b, 32, act=True, input_bias=ib, sample_bias=sb, tuning=tuning,
+        y = group_norm.group_norm_act(x, w, b, 32, act=True, input_bias=ib, sample_bias=sb, 
                                       **dict(zip(("scale", "shift"), scale_shift_args)))[0]
         forward_backward(y, x, w, b, *([ib] if input_bias else []), *([sb] if sb is not None else []),
                          *scale_shift_args)
@@ -153,21 +151,13 @@ CASES = {
     "group_norm_4x256x16^3": case_group_norm((4, 256, 16, 16, 16), input_bias=False),
     "group_norm_4x256x16^3_input_bias": case_group_norm((4, 256, 16, 16, 16), input_bias=True),
     "group_norm_4x512x8^3": case_group_norm((4, 512, 8, 8, 8), input_bias=False),
-    # the UNet decoder's concatenations: 12 and 24 channels per group, padded lanes (default) or packed ones
+    # the UNet decoder's concatenations: 12 and 24 channels per group, padded to 16 and 32 lanes (2-byte accesses)
     "group_norm_4x384x32^3": case_group_norm((4, 384, 32, 32, 32), input_bias=False),
-    "group_norm_4x384x32^3_packed": case_group_norm((4, 384, 32, 32, 32), input_bias=False, packed_lanes=True),
-    "group_norm_4x768x16^3_packed": case_group_norm((4, 768, 16, 16, 16), input_bias=False, packed_lanes=True),
-    # the BraTS UNet's scale-shift norm, the autoencoder's conv bias (one for all samples): the backward's second launch
-    # also writes their gradients with GroupNormTuning.kernel_param_grads (opt-in)
-    "group_norm_4x256x16^3_scale_shift": case_group_norm((4, 256, 16, 16, 16), input_bias=True, scale_shift=True,
-                                                         kernel_param_grads=True),
-    "group_norm_1x64x64^3_shared_input_bias": case_group_norm((1, 64, 64, 64, 64), input_bias="shared",
-                                                              kernel_param_grads=True),
+    "group_norm_4x768x16^3": case_group_norm((4, 768, 16, 16, 16), input_bias=False),
+    # the BraTS UNet's scale-shift norm, the autoencoder's conv bias (one for all samples)
+    "group_norm_4x256x16^3_scale_shift": case_group_norm((4, 256, 16, 16, 16), input_bias=True, scale_shift=True),
+    "group_norm_1x64x64^3_shared_input_bias": case_group_norm((1, 64, 64, 64, 64), input_bias="shared"),
     "group_norm_4x256x16^3_sample_bias": case_group_norm((4, 256, 16, 16, 16), input_bias="sample"),
-    "group_norm_4x256x16^3_sample_bias_param_grads": case_group_norm((4, 256, 16, 16, 16), input_bias="sample",
-                                                                     kernel_param_grads=True),
-    # programmatic dependent launch (GroupNormTuning.pdl): griddepcontrol instructions first in each program
-    "group_norm_4x128x32^3_pdl": case_group_norm((4, 128, 32, 32, 32), input_bias=False, pdl=True),
     "master_adamw": case_master_adamw(),
     "master_adamw_4x2048": case_master_adamw(master_adamw.MasterAdamWLaunch(blocks_per_program=4)),
     "master_adamw_1024w4": case_master_adamw(master_adamw.MasterAdamWLaunch(block=1024, num_warps=4)),
@@ -189,7 +179,6 @@ class Codegen:
     local_bytes: int
     shared_bytes: int
     barriers: int
-    grid_dependency: bool = False  # the PTX waits for the previous kernel (griddepcontrol.wait): a PDL launch
     loads: dict = field(default_factory=dict)   # width in bytes -> count of global load instructions
     stores: dict = field(default_factory=dict)
 
@@ -246,7 +235,7 @@ def analyse(launch: Launch, arch: int) -> Codegen:
     return Codegen(case=launch.case, kernel=launch.fn.__name__, grid=launch.grid, constants=constants,
                    num_warps=kernel.metadata.num_warps, registers=usage["REG"],
                    local_bytes=usage["LOCAL"] + usage["STACK"], shared_bytes=kernel.metadata.shared,
-                   barriers=ptx.count("bar.sync"), grid_dependency="griddepcontrol.wait" in ptx, loads=dict(sorted(loads.items())),
+                   barriers=ptx.count("bar.sync"), loads=dict(sorted(loads.items())),
                    stores=dict(sorted(stores.items())))
 
 

@@ -113,8 +113,6 @@ class _Plan:
     fused: bool
     barrier: bool
     dense_lanes: bool  # lanes are the segment's channels one to one, all real (no power-of-two padding)
-    packed_cpg: int = 0  # channels-last with padding: lane i is channel i (< C), in group i // packed_cpg (0: not so)
-    lane_chunk: int = 1  # packed: the largest power of two dividing packed_cpg (runs of lanes in one group)
 
     @property
     def block_splits(self) -> int:
@@ -128,8 +126,7 @@ def _power_of_two_at_most(n: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device: torch.device,
-          splits: int | None = None, fused: bool | None = None, barrier: bool | None = None,
-          packed: bool = False) -> _Plan:
+          splits: int | None = None, fused: bool | None = None, barrier: bool | None = None) -> _Plan:
     """Cut (N, C, S) into segments, splits and tiles of about `tile` elements.
 
     At least one segment per multiprocessor: one program per segment, no barrier (it reads its segment twice; the
@@ -172,31 +169,20 @@ def _plan(N: int, C: int, S: int, G: int, channels_last: bool, tile: int, device
     tiles_per_split = triton.cdiv(tiles, splits)
     dense_lanes = (cpg == cpg_pad and G % groups_per_segment == 0
                    and triton.next_power_of_2(groups_per_segment) == groups_per_segment)
-    # packed: channels-last with padding keeps the channels contiguous in the lanes (vectorised loads), groups found
-    # by gathers; opt-in: no faster than the padded lanes in the UNet step on an H200 (GroupNormTuning.packed_lanes).
-    packed_cpg = cpg if channels_last and not dense_lanes and packed else 0
     return _Plan(block_c=block_c, block_s=block_s, block_g=triton.next_power_of_2(groups_per_segment), cpg_pad=cpg_pad,
                  groups_per_segment=groups_per_segment, segments_per_sample=segments_per_sample,
                  num_segments=N * segments_per_sample, splits=triton.cdiv(tiles, tiles_per_split),
                  tiles_per_split=tiles_per_split, fused=fused,
                  barrier=fused and (splits > 1 if barrier is None else barrier),
-                 dense_lanes=dense_lanes, packed_cpg=packed_cpg,
-                 lane_chunk=packed_cpg & -packed_cpg if packed_cpg else 1)
+                 dense_lanes=dense_lanes)
 
 
 def _plan_meta(plan: _Plan, channels_last: bool) -> dict:
     """The compile-time arguments both kernels take from a plan (layout, block shapes, warps)."""
     return dict(CHANNELS_LAST=channels_last, ONE_TILE=plan.tiles_per_split == 1, BLOCK_C=plan.block_c,
                 BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, CPG_PAD=plan.cpg_pad, BLOCK_SPLITS=plan.block_splits,
-                DENSE_LANES=plan.dense_lanes, PACKED_CPG=plan.packed_cpg, LANE_CHUNK=plan.lane_chunk,
+                DENSE_LANES=plan.dense_lanes,
                 num_warps=max(1, min(16, plan.block_c * plan.block_s // 1024)))
-
-
-def _pdl_meta(tuning: "GroupNormTuning") -> dict:
-    """Launch options for GroupNormTuning.pdl: none where Triton's interpreter runs the kernels (no inline PTX there;
-    read at the call, since benchmarks/kernel_codegen.py records launches with _INTERPRET set but compiles them)."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return dict(PDL=True, launch_pdl=True) if tuning.pdl and not interpreted else {}
 
 
 def _as_kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -223,17 +209,10 @@ class GroupNormTuning:
     splits: int | None = None
     fused: bool | None = None
     barrier: bool | None = None
-    packed_lanes: bool = False  # True: channels-last padded groups in packed lanes (_plan; no gain in the UNet step)
-    pdl: bool = False  # True: programmatic dependent launches (kernels/group_norm_triton.py; no gain in the UNet step)
-    # True: two-launch backward plans write the parameter gradients in the second launch (the last of a position's
-    # segments to finish sums them over the samples) instead of in PyTorch after it: one reduction kernel fewer per
-    # call, several with scale-shift. Off until timed in the UNet step (README, GroupNorm): the earlier design, extra
-    # programs reading every split's partials, made it 0.8-1.1 ms slower on an H200
-    kernel_param_grads: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> "GroupNormTuning":
-        """'forward_tile=4096,packed_lanes=True' (benchmarks' command lines) -> GroupNormTuning; an unknown field or
+        """'forward_tile=4096,splits=8' (benchmarks' command lines) -> GroupNormTuning; an unknown field or
         a value that is not an integer, True or False raises ValueError naming it."""
         fields: dict = {}
         for item in filter(None, spec.split(",")):
@@ -264,13 +243,11 @@ def _scratch(shape: tuple[int, int], plan: _Plan, per_part: int, device: torch.d
     return (results,) + partials
 
 
-def _sync_counters(plan: _Plan, device: torch.device, param_grads: bool = False) -> torch.Tensor:
-    """Zeroed ticket, arrival counters and flags for the barrier; for a two-launch backward that sums the parameter
-    gradients (`param_grads`), one arrival counter per segment position, which its first launch zeroes (no memset
-    kernel); else a dummy."""
+def _sync_counters(plan: _Plan, device: torch.device) -> torch.Tensor:
+    """Zeroed ticket, arrival counters and flags for the barrier; else a dummy."""
     if plan.barrier:
         return torch.zeros(1 + 2 * plan.num_segments, device=device, dtype=torch.int32)
-    return torch.empty(plan.segments_per_sample if param_grads else 1, device=device, dtype=torch.int32)
+    return torch.empty(1, device=device, dtype=torch.int32)
 
 
 def _launch_forward(h_in: torch.Tensor, residual, input_bias, sample_bias, weight, bias, scale, shift, G: int,
@@ -280,7 +257,7 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, sample_bias, weigh
     N, C = h_in.shape[:2]
     S = h_in[0, 0].numel()
     plan = _plan(N, C, S, G, channels_last, tuning.forward_tile, h_in.device, tuning.splits, tuning.fused,
-                 tuning.barrier, tuning.packed_lanes)
+                 tuning.barrier)
     y = torch.empty_like(h_in)
     h = torch.empty_like(h_in) if residual is not None else h_in
     (mean, rstd), part_mean, part_m2 = _scratch((N, G), plan, plan.block_g, h_in.device)
@@ -294,7 +271,7 @@ def _launch_forward(h_in: torch.Tensor, residual, input_bias, sample_bias, weigh
             plan.tiles_per_split, eps)
     meta = dict(_plan_meta(plan, channels_last), HAS_RESIDUAL=residual is not None,
                 HAS_INPUT_BIAS=input_bias is not None, HAS_SCALE=scale is not None, ACT=act,
-                HAS_SAMPLE_BIAS=sample_bias is not None, **_pdl_meta(tuning))
+                HAS_SAMPLE_BIAS=sample_bias is not None)
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
         LAST_KERNELS["forward"] = gn_forward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
@@ -311,14 +288,12 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, sample_b
                      rstd, G: int, act: bool, channels_last: bool,
                      tuning: GroupNormTuning) -> tuple[torch.Tensor, _ParameterGrads]:
     """Runs the backward kernel(s); h is x where input_bias is given. Returns dx and the gradients of input_bias,
-    sample_bias, weight, bias, scale and shift (None where the argument is None): written by the kernel where the plan
-    has two launches and tuning.kernel_param_grads (the per-sample ones in their argument's dtype), else from its
-    per-(sample, channel) sums in PyTorch (fp32)."""
+    sample_bias, weight, bias, scale and shift (None where the argument is None), in fp32, from the kernel's
+    per-(sample, channel) sums (`_parameter_grads_from_sums`)."""
     N, C = h.shape[:2]
     S = h[0, 0].numel()
     plan = _plan(N, C, S, G, channels_last, tuning.backward_tile, h.device, tuning.splits, tuning.fused,
-                 tuning.barrier, tuning.packed_lanes)
-    in_kernel = tuning.kernel_param_grads and not plan.fused
+                 tuning.barrier)
     dx = torch.empty_like(h)
     dummy = mean
     if input_bias is None:
@@ -327,36 +302,23 @@ def _launch_backward(h: torch.Tensor, dy: torch.Tensor, dh, input_bias, sample_b
     else:
         sums, part_a, part_b, part_x = _scratch((N, C), plan, plan.block_c, h.device, count=3)
     d_input_bias = sums[2] if input_bias is not None else None  # per (sample, channel)
-    per_sample = sample_bias if sample_bias is not None else input_bias
-    if in_kernel and per_sample is not None and per_sample.ndim == 2 and per_sample.dtype != torch.float32:
-        d_input_bias = torch.empty(N, C, device=h.device, dtype=per_sample.dtype)  # written in its dtype
-    d_param = torch.empty(3, C, device=h.device, dtype=torch.float32) if in_kernel else dummy
-    d_scale = torch.empty(N, C, device=h.device, dtype=scale.dtype) if in_kernel and scale is not None else dummy
-    d_shift = torch.empty(N, C, device=h.device, dtype=shift.dtype) if in_kernel and scale is not None else dummy
-    sync = _sync_counters(plan, h.device, param_grads=in_kernel)
+    sync = _sync_counters(plan, h.device)
     args = (h, input_bias if input_bias is not None else dummy, sample_bias if sample_bias is not None else dummy,
             dy, dh if dh is not None else dy, dx, weight, bias,
             scale if scale is not None else dummy, shift if shift is not None else dummy, mean, rstd,
-            part_a, part_b, part_x, sums[0], sums[1], d_input_bias if d_input_bias is not None else dummy,
-            sums[2] if input_bias is not None else dummy, d_param, d_scale, d_shift, sync, _sample_stride(input_bias),
-            _sample_stride(sample_bias),
+            part_a, part_b, part_x, sums[0], sums[1], d_input_bias if d_input_bias is not None else dummy, sync,
+            _sample_stride(input_bias), _sample_stride(sample_bias),
             C, S, G, C // G, plan.groups_per_segment, plan.segments_per_sample, plan.num_segments, plan.splits,
             plan.tiles_per_split)
     meta = dict(_plan_meta(plan, channels_last), HAS_DH=dh is not None, HAS_INPUT_BIAS=input_bias is not None,
-                HAS_SCALE=scale is not None, ACT=act, HAS_SAMPLE_BIAS=sample_bias is not None, **_pdl_meta(tuning))
+                HAS_SCALE=scale is not None, ACT=act, HAS_SAMPLE_BIAS=sample_bias is not None)
     grid = (plan.num_segments * plan.splits,)
     if plan.fused:
         LAST_KERNELS["backward"] = gn_backward_kernel[grid](*args, PHASE=PHASE_FUSED, BARRIER=plan.barrier, **meta)
     else:
-        gn_backward_kernel[grid](*args, PHASE=PHASE_PARTIALS, BARRIER=False, PARAM_GRADS=in_kernel, **meta)
-        gn_backward_kernel[grid](*args, PHASE=PHASE_APPLY, BARRIER=False, PARAM_GRADS=in_kernel, **meta)
-    if not in_kernel:
-        return dx, _parameter_grads_from_sums(sums[:2], d_input_bias, input_bias, sample_bias, weight, bias, scale)
-    shared_bias = input_bias is not None and input_bias.ndim == 1
-    return dx, _ParameterGrads(input_bias=d_param[2] if shared_bias else d_input_bias,
-                               sample_bias=d_input_bias if sample_bias is not None else None, weight=d_param[1],
-                               bias=d_param[0], scale=d_scale if scale is not None else None,
-                               shift=d_shift if scale is not None else None)
+        gn_backward_kernel[grid](*args, PHASE=PHASE_PARTIALS, BARRIER=False, **meta)
+        gn_backward_kernel[grid](*args, PHASE=PHASE_APPLY, BARRIER=False, **meta)
+    return dx, _parameter_grads_from_sums(sums[:2], d_input_bias, input_bias, sample_bias, weight, bias, scale)
 
 
 @dataclass

@@ -1,74 +1,42 @@
 """The Triton programs behind kernels/group_norm.py (which holds the spec, the launch planning and autograd).
 
 Tiles are (lanes, BLOCK_S): BLOCK_G groups of CPG_PAD channel lanes (channels per group padded to a power of two) by
-BLOCK_S spatial positions; with PACKED_CPG (channels-last, padded groups) the same number of lanes holds the channels
-in order instead (see `_lanes`). PHASE 0 is the single launch (with BARRIER: programs of a segment meet in global memory;
+BLOCK_S spatial positions. PHASE 0 is the single launch (with BARRIER: programs of a segment meet in global memory;
 without: one program per segment), PHASE 1 writes partial statistics, PHASE 2 combines them and applies.
 HAS_INPUT_BIAS: h = x + input_bias[n, c] is formed in registers wherever a tile is read (forward and backward) and never
-written. PDL (programmatic dependent launch, launched with launch_pdl): each program first waits for the previous
-kernel's writes, then lets the next PDL kernel start, so that launch overlaps this one's tail (GroupNormTuning.pdl).
+written.
 """
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
 
 
 @triton.jit
-def _lanes(c0, C, channels_per_group, groups_here, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
-           DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr):
+def _lanes(c0, channels_per_group, groups_here, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
+           DENSE_LANES: tl.constexpr):
     """The channel of each of the tile's BLOCK_G * CPG_PAD channel lanes (lane i: group i // CPG_PAD of the segment,
     its channel i % CPG_PAD), and whether the lane is a real channel (groups padded to a power of two).
 
     DENSE_LANES (no padding: channels per group and groups per segment are powers of two): lane i is channel c0 + i
     and every lane is real. Written as a plain arange with an all-true mask, so that Triton's axis analysis sees the
     channels-last tile's channel axis as contiguous and vectorises its loads and stores (the // and % of the general
-    form hide that, and a channels-last tile was then read element by element).
-
-    PACKED_CPG (channels-last with padding, e.g. 12 channels per group: c0 = 0): lane i is channel i, real below C,
-    in group i // PACKED_CPG; loads stay contiguous (and vectorised where C is a multiple of 8), and `_group_sum` /
-    `_to_lanes` find the groups by gathers instead of reshapes."""
+    form hide that, and a channels-last tile was then read element by element)."""
     lane = tl.arange(0, BLOCK_G * CPG_PAD)
     if DENSE_LANES:
         return c0 + lane, tl.full((BLOCK_G * CPG_PAD,), 1, tl.int1)
-    if PACKED_CPG:
-        return lane, lane < C
     group = lane // CPG_PAD
     within = lane % CPG_PAD
     return c0 + group * channels_per_group + within, (within < channels_per_group) & (group < groups_here)
 
 
 @triton.jit
-def _group_sum(per_lane, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr, PACKED_CPG: tl.constexpr,
-               LANE_CHUNK: tl.constexpr):
-    """(BLOCK_G * CPG_PAD,) per-lane values -> (BLOCK_G,) per-group sums (lanes outside any group must hold 0).
-
-    Packed lanes: sums of runs of LANE_CHUNK lanes (a run lies in one group), then each group gathers its
-    PACKED_CPG // LANE_CHUNK runs into a row of a (BLOCK_G, CPG_PAD) table and sums it."""
-    if PACKED_CPG:
-        RUNS: tl.constexpr = BLOCK_G * CPG_PAD // LANE_CHUNK
-        RUNS_PER_GROUP: tl.constexpr = PACKED_CPG // LANE_CHUNK
-        runs = tl.sum(tl.reshape(per_lane, (RUNS, LANE_CHUNK)), axis=1)
-        j = tl.arange(0, CPG_PAD)[None, :]
-        index = tl.arange(0, BLOCK_G)[:, None] * RUNS_PER_GROUP + j
-        valid = (j < RUNS_PER_GROUP) & (index < RUNS)
-        table = tl.gather(runs, tl.reshape(tl.where(valid, index, 0), (BLOCK_G * CPG_PAD,)), 0)
-        return tl.sum(tl.where(valid, tl.reshape(table, (BLOCK_G, CPG_PAD)), 0.0), axis=1)
+def _group_sum(per_lane, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """(BLOCK_G * CPG_PAD,) per-lane values -> (BLOCK_G,) per-group sums (padding lanes must hold 0)."""
     return tl.sum(tl.reshape(per_lane, (BLOCK_G, CPG_PAD)), axis=1)
 
 
 @triton.jit
-def _to_lanes(per_group, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr, PACKED_CPG: tl.constexpr,
-              LANE_CHUNK: tl.constexpr):
-    """(BLOCK_G,) per-group values -> (BLOCK_G * CPG_PAD,) per-lane values (0 on packed lanes outside any group).
-
-    Packed lanes: each run of LANE_CHUNK lanes gathers its group's value."""
-    if PACKED_CPG:
-        RUNS: tl.constexpr = BLOCK_G * CPG_PAD // LANE_CHUNK
-        run_group = tl.arange(0, RUNS) * LANE_CHUNK // PACKED_CPG
-        runs = tl.gather(per_group, tl.minimum(run_group, BLOCK_G - 1), 0)
-        runs = tl.where(run_group < BLOCK_G, runs, 0.0)
-        return tl.reshape(tl.broadcast_to(runs[:, None], (RUNS, LANE_CHUNK)), (BLOCK_G * CPG_PAD,))
+def _to_lanes(per_group, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
+    """(BLOCK_G,) per-group values -> (BLOCK_G * CPG_PAD,) per-lane values."""
     return tl.reshape(tl.broadcast_to(per_group[:, None], (BLOCK_G, CPG_PAD)), (BLOCK_G * CPG_PAD,))
 
 
@@ -138,12 +106,11 @@ def _load_shift(x_ptr, r_ptr, input_bias, n, channel, lane_valid, s, C, S, CHANN
 
 
 @triton.jit
-def _tile_moments(h, mask, count, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr, PACKED_CPG: tl.constexpr,
-        LANE_CHUNK: tl.constexpr):
+def _tile_moments(h, mask, count, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
     """Per-group mean and sum of squared deviations of one tile (exact two-pass in registers). h: (lanes, BLOCK_S)."""
-    group_mean = _group_sum(tl.sum(h, axis=1), BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK) / tl.maximum(count, 1.0)
-    deviation = tl.where(mask, h - _to_lanes(group_mean, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)[:, None], 0.0)
-    group_m2 = _group_sum(tl.sum(deviation * deviation, axis=1), BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+    group_mean = _group_sum(tl.sum(h, axis=1), BLOCK_G, CPG_PAD) / tl.maximum(count, 1.0)
+    deviation = tl.where(mask, h - _to_lanes(group_mean, BLOCK_G, CPG_PAD)[:, None], 0.0)
+    group_m2 = _group_sum(tl.sum(deviation * deviation, axis=1), BLOCK_G, CPG_PAD)
     return group_mean, group_m2
 
 
@@ -169,18 +136,12 @@ def _combine_moments(part_mean_ptr, part_m2_ptr, seg, splits, split_elems, group
 
 @triton.jit
 def _arrive(sync_ptr, seg, splits):
-    """Arrive at the segment's barrier (after this program's partials are stored); True for the last to arrive, which
-    must combine the partials, store the result and call `_publish`."""
-    return _last_to_arrive(sync_ptr + 1 + seg, splits)
-
-
-@triton.jit
-def _last_to_arrive(counter_ptr, arrivals):
-    """Count this program in at a counter that `arrivals` programs visit, after its stores (every thread's: the CTA
-    barrier, then a release at GPU scope); True for the last one, which then sees all of their stores (acquire)."""
+    """Arrive at the segment's barrier after this program's partials are stored (every thread's: the CTA barrier,
+    then a release at GPU scope); True for the last to arrive, which then sees all of their stores (acquire) and must
+    combine the partials, store the result and call `_publish`."""
     tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    return arrived == arrivals - 1
+    arrived = tl.atomic_add(sync_ptr + 1 + seg, 1, sem="acq_rel")
+    return arrived == splits - 1
 
 
 @triton.jit
@@ -201,16 +162,6 @@ def _wait_published(sync_ptr, seg, num_segments):
 
 
 @triton.jit
-def _dependent_launch(PDL: tl.constexpr):
-    """With PDL, before anything else: wait until the previous kernel in the stream has finished and its writes are
-    visible (nothing of this program reads or writes memory before), then allow the next kernel to be launched (it
-    waits the same way before it touches memory)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
-@triton.jit
 def _segment_of_program(sync_ptr, splits, BARRIER: tl.constexpr):
     """(segment, split) of this program. With the barrier, programs take a ticket, so they are numbered in start
     order and a waiting program only ever waits for programs that have started or can start."""
@@ -222,9 +173,8 @@ def _segment_of_program(sync_ptr, splits, BARRIER: tl.constexpr):
 
 
 @triton.jit
-def _segment_lanes(seg, C, G, channels_per_group, groups_per_segment, segments_per_sample, BLOCK_G: tl.constexpr,
-                   CPG_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, DENSE_LANES: tl.constexpr,
-                   PACKED_CPG: tl.constexpr):
+def _segment_lanes(seg, G, channels_per_group, groups_per_segment, segments_per_sample, BLOCK_G: tl.constexpr,
+                   CPG_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, DENSE_LANES: tl.constexpr):
     """Sample n, first group g0, groups in the segment, and the lanes' channels and validity of segment `seg`."""
     if CHANNELS_LAST:  # a segment is a whole sample: g0 = 0, known at compile time (aligned channel offsets)
         n = seg
@@ -233,22 +183,21 @@ def _segment_lanes(seg, C, G, channels_per_group, groups_per_segment, segments_p
         n = seg // segments_per_sample
         g0 = (seg % segments_per_sample) * groups_per_segment
     groups_here = tl.minimum(groups_per_segment, G - g0)
-    channel, lane_valid = _lanes(g0 * channels_per_group, C, channels_per_group, groups_here, BLOCK_G, CPG_PAD,
-                                 DENSE_LANES, PACKED_CPG)
+    channel, lane_valid = _lanes(g0 * channels_per_group, channels_per_group, groups_here, BLOCK_G, CPG_PAD,
+                                 DENSE_LANES)
     return n, g0, groups_here, channel, lane_valid
 
 
 @triton.jit
-def _program_part(sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
+def _program_part(sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
                   BARRIER: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
-                  CPG_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, DENSE_LANES: tl.constexpr,
-                  PACKED_CPG: tl.constexpr, LANE_CHUNK: tl.constexpr):
+                  CPG_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, DENSE_LANES: tl.constexpr):
     """Where this program works: segment, split, sample n, first group g0, groups in the segment, the lanes'
     channels and validity, and the first spatial position of its part."""
     seg, split = _segment_of_program(sync_ptr, splits, BARRIER)
-    n, g0, groups_here, channel, lane_valid = _segment_lanes(seg, C, G, channels_per_group, groups_per_segment,
+    n, g0, groups_here, channel, lane_valid = _segment_lanes(seg, G, channels_per_group, groups_per_segment,
                                                              segments_per_sample, BLOCK_G, CPG_PAD, CHANNELS_LAST,
-                                                             DENSE_LANES, PACKED_CPG)
+                                                             DENSE_LANES)
     return seg, split, n, g0, groups_here, channel, lane_valid, split * tiles_per_split * BLOCK_S
 
 
@@ -262,14 +211,12 @@ def gn_forward_kernel(
         HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
-        BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
-        LANE_CHUNK: tl.constexpr, PDL: tl.constexpr = False, HAS_SAMPLE_BIAS: tl.constexpr = False):
+        BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, HAS_SAMPLE_BIAS: tl.constexpr = False):
     """Forward; PHASE 0: one launch with the barrier, 1: partials only, 2: combine and apply. ONE_TILE: the program's
     part is one tile (kept in registers across the barrier in phase 0)."""
-    _dependent_launch(PDL)
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
-        sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)
+        sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
+        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
     input_bias = _lane_input_bias(ib_ptr, sb_ptr, ib_sample_stride, sb_sample_stride, n, channel, lane_valid,
@@ -285,7 +232,7 @@ def gn_forward_kernel(
         offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
         h = _load_input(x_ptr, r_ptr, h_ptr, input_bias, offsets, mask, HAS_RESIDUAL, HAS_INPUT_BIAS)
         count = (tl.minimum(S - s_begin, BLOCK_S) * channels_per_group).to(tl.float32)
-        mean, m2 = _tile_moments(h, mask, count, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+        mean, m2 = _tile_moments(h, mask, count, BLOCK_G, CPG_PAD)
     elif PHASE != 2:
         offsets, mask = _tile_offsets(n, channel, lane_valid, s_begin, C, S, BLOCK_S, CHANNELS_LAST)
         h = _load_input(x_ptr, r_ptr, h_ptr, input_bias, offsets, mask, HAS_RESIDUAL, HAS_INPUT_BIAS)
@@ -303,9 +250,9 @@ def gn_forward_kernel(
         s1, s2 = tl.reduce((sum_d, sum_d2), 1, _add_pairs)
         lane_mean = tl.where(lane_valid, shift.reshape(BLOCK_C) + s1 / positions, 0.0)
         lane_m2 = tl.where(lane_valid, s2 - s1 * s1 / positions, 0.0)
-        mean = _group_sum(lane_mean, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK) / channels_per_group
-        spread = tl.where(lane_valid, lane_mean - _to_lanes(mean, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK), 0.0)
-        m2 = _group_sum(lane_m2 + positions * spread * spread, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+        mean = _group_sum(lane_mean, BLOCK_G, CPG_PAD) / channels_per_group
+        spread = tl.where(lane_valid, lane_mean - _to_lanes(mean, BLOCK_G, CPG_PAD), 0.0)
+        m2 = _group_sum(lane_m2 + positions * spread * spread, BLOCK_G, CPG_PAD)
         count = positions * channels_per_group
     if PHASE != 2:
         if PHASE == 1 or BARRIER:
@@ -339,8 +286,8 @@ def gn_forward_kernel(
             tl.store(rstd_ptr + stats, rstd, mask=g_mask)
 
     # 3. per-channel affine map y = h * a + b (group statistics, weight, bias, scale, shift folded in)
-    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
-    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD)
+    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD)
     a = channel_rstd * tl.load(w_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32) - channel_mean * a
     if HAS_SCALE:
@@ -392,40 +339,29 @@ def _backward_tile(h_ptr, dy_ptr, offsets, mask, channel_mean, channel_rstd, w, 
 @triton.jit
 def gn_backward_kernel(
         h_ptr, ib_ptr, sb_ptr, dy_ptr, dh_ptr, dx_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-        part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, d_ib32_ptr, d_param_ptr, d_scale_ptr,
-        d_shift_ptr, sync_ptr, ib_sample_stride, sb_sample_stride,
+        part_a_ptr, part_b_ptr, part_x_ptr, sum_a_ptr, sum_b_ptr, d_ib_ptr, sync_ptr, ib_sample_stride,
+        sb_sample_stride,
         C, S, G, channels_per_group, groups_per_segment, segments_per_sample, num_segments, splits, tiles_per_split,
         CHANNELS_LAST: tl.constexpr, HAS_DH: tl.constexpr, HAS_INPUT_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
         ACT: tl.constexpr,
         PHASE: tl.constexpr, BARRIER: tl.constexpr, ONE_TILE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr,
-        BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, PACKED_CPG: tl.constexpr,
-        LANE_CHUNK: tl.constexpr, PDL: tl.constexpr = False, PARAM_GRADS: tl.constexpr = False,
-        HAS_SAMPLE_BIAS: tl.constexpr = False):
+        BLOCK_SPLITS: tl.constexpr, DENSE_LANES: tl.constexpr, HAS_SAMPLE_BIAS: tl.constexpr = False):
     """dx = rstd * (k * dz - mean_g(k * dz) - xhat * mean_g(k * dz * xhat)), k = weight * (1 + scale); also the
     per-(sample, channel) sums A = sum(dz), B = sum(dz * xhat) from which the parameter gradients follow, and with
     HAS_INPUT_BIAS (h_ptr then holds x) the input bias's per-(sample, channel) gradient, dx summed over space
     (`_input_bias_grad`, from A, B and X = sum(xhat)), stored in d_ib_ptr's dtype; with HAS_SAMPLE_BIAS that is the
-    (N, C) sample bias's gradient, and the (C,) input bias's is its sum over the samples.
-
-    PARAM_GRADS (two launches): the parameter gradients too, without a kernel of their own. The first launch zeroes
-    one arrival counter per segment position (sync_ptr); in the second, each program that writes a segment's totals
-    (split 0) counts itself in at its position's counter, and the last of the N samples' to arrive sums the
-    gradients over the samples, in sample order (deterministic), from the totals they all stored
-    (`_parameter_gradients`: d_param_ptr, (3, C) fp32 rows d_bias, d_weight and, for an input bias shared by the
-    samples, its gradient from the per-sample fp32 ones in d_ib32_ptr). With HAS_SCALE those programs also write
-    d_scale = weight * B + bias * A and d_shift = A per (sample, channel), in scale's dtype."""
-    _dependent_launch(PDL)
+    (N, C) sample bias's gradient, and the (C,) input bias's is its sum over the samples."""
     seg, split, n, g0, groups_here, channel, lane_valid, s_begin = _program_part(
-        sync_ptr, C, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
-        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES, PACKED_CPG, LANE_CHUNK)
+        sync_ptr, G, channels_per_group, groups_per_segment, segments_per_sample, splits, tiles_per_split,
+        PHASE == 0 and BARRIER, BLOCK_S, BLOCK_G, CPG_PAD, CHANNELS_LAST, DENSE_LANES)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < groups_here
 
     mean = tl.load(mean_ptr + n * G + g0 + g, mask=g_mask, other=0.0)
     rstd = tl.load(rstd_ptr + n * G + g0 + g, mask=g_mask, other=0.0)
-    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
-    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+    channel_mean = _to_lanes(mean, BLOCK_G, CPG_PAD)
+    channel_rstd = _to_lanes(rstd, BLOCK_G, CPG_PAD)
     w = tl.load(w_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + channel, mask=lane_valid, other=0.0).to(tl.float32)
     scale = tl.full((BLOCK_C,), 1.0, tl.float32)
@@ -472,10 +408,7 @@ def gn_backward_kernel(
             if HAS_INPUT_BIAS:
                 tl.store(part_x_ptr + part, sum_x)
 
-    if PHASE == 1:  # two launches: this one only writes the partials (and zeroes the second one's counters)
-        if PARAM_GRADS:
-            if split == 0 and n == 0:  # sample 0's segment at each position: seg is the position
-                tl.store(sync_ptr + seg, 0)
+    if PHASE == 1:  # two launches: this one only writes the partials
         return
 
     # 2. the segment's totals: A and B per channel (written for the parameter gradients; with an input bias, its
@@ -489,7 +422,7 @@ def gn_backward_kernel(
             tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
             if HAS_INPUT_BIAS:
                 total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
-                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
                 tl.store(d_ib_ptr + sums, d_ib.to(d_ib_ptr.dtype.element_ty), mask=lane_valid)
             _publish(sync_ptr, seg, num_segments)
         _wait_published(sync_ptr, seg, num_segments)
@@ -500,7 +433,7 @@ def gn_backward_kernel(
         tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
         tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
         if HAS_INPUT_BIAS:
-            d_ib = _input_bias_grad(total_a, total_b, sum_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+            d_ib = _input_bias_grad(total_a, total_b, sum_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
             tl.store(d_ib_ptr + sums, d_ib.to(d_ib_ptr.dtype.element_ty), mask=lane_valid)
     else:
         total_a = _sum_partials(part_a_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
@@ -508,25 +441,12 @@ def gn_backward_kernel(
         if split == 0:
             tl.store(sum_a_ptr + sums, total_a, mask=lane_valid)
             tl.store(sum_b_ptr + sums, total_b, mask=lane_valid)
-            if PARAM_GRADS and HAS_SCALE:
-                tl.store(d_scale_ptr + sums, (w * total_b + b * total_a).to(d_scale_ptr.dtype.element_ty),
-                         mask=lane_valid)
-                tl.store(d_shift_ptr + sums, total_a.to(d_shift_ptr.dtype.element_ty), mask=lane_valid)
             if HAS_INPUT_BIAS:
                 total_x = _sum_partials(part_x_ptr, seg, splits, BLOCK_SPLITS, BLOCK_C)
-                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+                d_ib = _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G, CPG_PAD)
                 tl.store(d_ib_ptr + sums, d_ib.to(d_ib_ptr.dtype.element_ty), mask=lane_valid)
-                if PARAM_GRADS and d_ib_ptr.dtype.element_ty != tl.float32:
-                    if ib_sample_stride == 0:  # the shared bias's gradient is the sum of these, in fp32 (an fp32
-                        tl.store(d_ib32_ptr + sums, d_ib, mask=lane_valid)  # d_ib_ptr is d_ib32_ptr already)
-            if PARAM_GRADS:
-                position = seg % segments_per_sample
-                if _last_to_arrive(sync_ptr + position, num_segments // segments_per_sample):
-                    _parameter_gradients(sum_a_ptr, sum_b_ptr, d_ib32_ptr, scale_ptr, d_param_ptr, channel,
-                                         lane_valid, num_segments // segments_per_sample, ib_sample_stride, C,
-                                         HAS_INPUT_BIAS, HAS_SCALE, BLOCK_C)
 
-    c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+    c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD)
 
     # 3. dx for this program's part
     if ONE_TILE and PHASE == 0:
@@ -546,51 +466,21 @@ def gn_backward_kernel(
 
 
 @triton.jit
-def _parameter_gradients(sum_a_ptr, sum_b_ptr, d_ib32_ptr, scale_ptr, d_param_ptr, channel, lane_valid, N,
-                         ib_sample_stride, C, HAS_INPUT_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
-    """The parameter gradients of the lanes' channels, summed over the N samples in order from every sample's totals
-    (stored by their segments' programs, which have all arrived): d_bias = sum_n (1 + scale_n) A_n,
-    d_weight = sum_n (1 + scale_n) B_n and, for an input bias shared by the samples (ib_sample_stride 0), the sum of
-    its per-sample fp32 gradients. Stored as rows 0, 1, 2 of d_param_ptr ((3, C) fp32)."""
-    d_bias = tl.zeros((BLOCK_C,), tl.float32)
-    d_weight = tl.zeros((BLOCK_C,), tl.float32)
-    d_input_bias = tl.zeros((BLOCK_C,), tl.float32)
-    for n in range(0, N):
-        sums = n * C + channel
-        scale = tl.full((BLOCK_C,), 1.0, tl.float32)
-        if HAS_SCALE:
-            scale += tl.load(scale_ptr + sums, mask=lane_valid, other=0.0).to(tl.float32)
-        d_bias += scale * tl.load(sum_a_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
-        d_weight += scale * tl.load(sum_b_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
-        if HAS_INPUT_BIAS:
-            if ib_sample_stride == 0:
-                d_input_bias += tl.load(d_ib32_ptr + sums, mask=lane_valid, other=0.0, volatile=True)
-    tl.store(d_param_ptr + channel, d_bias, mask=lane_valid)
-    tl.store(d_param_ptr + C + channel, d_weight, mask=lane_valid)
-    if HAS_INPUT_BIAS:
-        if ib_sample_stride == 0:
-            tl.store(d_param_ptr + 2 * C + channel, d_input_bias, mask=lane_valid)
-
-
-@triton.jit
 def _input_bias_grad(total_a, total_b, total_x, k, channel_rstd, S, inv_elems, BLOCK_G: tl.constexpr,
-                     CPG_PAD: tl.constexpr, PACKED_CPG: tl.constexpr,
-        LANE_CHUNK: tl.constexpr):
+                     CPG_PAD: tl.constexpr):
     """Per lane: dx summed over the sample's space, rstd * (k A - S mean_g(k dz) - X mean_g(k dz xhat)), from the
     totals A = sum(dz), B = sum(dz * xhat), X = sum(xhat); mean_g over the group's elements (inv_elems = 1 / their
     number). The gradient of an input bias added to this sample's channels."""
-    c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK)
+    c1, c2 = _group_means(k * total_a, k * total_b, inv_elems, BLOCK_G, CPG_PAD)
     return channel_rstd * (k * total_a - S * c1 - total_x * c2)
 
 
 @triton.jit
-def _group_means(k_a, k_b, inv_elems, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr, PACKED_CPG: tl.constexpr,
-        LANE_CHUNK: tl.constexpr):
+def _group_means(k_a, k_b, inv_elems, BLOCK_G: tl.constexpr, CPG_PAD: tl.constexpr):
     """Per lane, its group's mean_g(k dz) and mean_g(k dz xhat) from per-lane sums k A and k B (inv_elems = 1 / the
     group's number of elements)."""
-    c1 = _to_lanes(_group_sum(k_a, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK), BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK) * inv_elems
-    c2 = _to_lanes(_group_sum(k_b, BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK), BLOCK_G, CPG_PAD, PACKED_CPG, LANE_CHUNK) * inv_elems
+    c1 = _to_lanes(_group_sum(k_a, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
+    c2 = _to_lanes(_group_sum(k_b, BLOCK_G, CPG_PAD), BLOCK_G, CPG_PAD) * inv_elems
     return c1, c2
 
 

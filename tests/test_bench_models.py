@@ -37,12 +37,11 @@ def test_gn_tunings_add_labelled_triton_variants():
     from kernels.group_norm import GroupNormTuning
 
     args = parse_args(["--kernels", "triton", "--channels-last-only", "--no-monai",
-                       "--gn-tunings", "packed_lanes=True;forward_tile=4096,packed_lanes=False"])
+                       "--gn-tunings", "splits=8;forward_tile=4096,fused=False"])
     labels = [v.label for v in variants(args, torch.device("cpu"))]
-    assert labels == ["ours triton CL", "ours triton CL [packed_lanes=True]",
-                      "ours triton CL [forward_tile=4096,packed_lanes=False]"]
-    tuning = GroupNormTuning.parse("forward_tile=4096,packed_lanes=True,splits=None")
-    assert (tuning.forward_tile, tuning.packed_lanes, tuning.splits) == (4096, True, None)
+    assert labels == ["ours triton CL", "ours triton CL [splits=8]", "ours triton CL [forward_tile=4096,fused=False]"]
+    tuning = GroupNormTuning.parse("forward_tile=4096,fused=True,splits=None")
+    assert (tuning.forward_tile, tuning.fused, tuning.splits) == (4096, True, None)
     with pytest.raises(ValueError, match="unknown field 'packed'"):
         GroupNormTuning.parse("packed=True")
     with pytest.raises(ValueError, match="forward_tile='big' is not an integer"):
@@ -58,13 +57,13 @@ def test_weight_copies_add_netgraph_variants_only():
     labels = [v.label for v in variants(args, torch.device("cuda"))]
     assert labels == ["ours torch", "ours torch netgraph", "ours torch WC netgraph"]
     args = parse_args(["--kernels", "triton", "--no-monai", "--graph-network", "--weight-copies", "--precision", "bf16",
-                       "--channels-last-only", "--gn-tunings", "packed_lanes=True"])
+                       "--channels-last-only", "--gn-tunings", "splits=8"])
     labels = [v.label for v in variants(args, torch.device("cuda"))]
-    assert labels[-2:] == ["ours triton CL WC netgraph", "ours triton CL [packed_lanes=True] WC netgraph"]
+    assert labels[-2:] == ["ours triton CL WC netgraph", "ours triton CL [splits=8] WC netgraph"]
     args = parse_args(["--kernels", "triton", "--only-flash", "--graph-network", "--netgraph-only", "--precision",
-                       "bf16", "--channels-last-only", "--gn-tunings", "pdl=True"])
+                       "bf16", "--channels-last-only", "--gn-tunings", "splits=8"])
     labels = [v.label for v in variants(args, torch.device("cuda"))]
-    assert labels == ["MONAI flash netgraph", "ours triton CL netgraph", "ours triton CL [pdl=True] netgraph"]
+    assert labels == ["MONAI flash netgraph", "ours triton CL netgraph", "ours triton CL [splits=8] netgraph"]
     with pytest.raises(SystemExit):
         parse_args(["--netgraph-only"])
     for wrong in (["--weight-copies", "--graph-network", "--precision", "fp32"], ["--weight-copies"]):

@@ -4,7 +4,6 @@ Without CUDA these run through Triton's interpreter on CPU tensors (tests/confte
 small shapes; on a GPU machine (interpreter off) the same cases run on the GPU, which also runs bf16/fp16 shapes where
 the single-launch barrier path has many programs per segment.
 """
-import dataclasses
 import os
 
 import pytest
@@ -123,23 +122,16 @@ def test_every_fusion_option(act, scale_shift, residual):
 
 # Launch plans: the single launch with one tile per program and with many (the multi-tile loops), two launches with
 # several splits (the partials' combination), and the single launch with its barrier (one split in the interpreter;
-# many on a GPU), the last two also as programmatic dependent launches. The single launch is forced: in the
-# interpreter the planner would choose two.
+# many on a GPU). The single launch is forced: in the interpreter the planner would choose two.
 PLANS = {
     "one-launch": GroupNormTuning(fused=True),
     "multi-tile": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True),
     "two-launch": GroupNormTuning(forward_tile=64, backward_tile=64, splits=3, fused=False),
     "barrier": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True, barrier=True),
-    # programmatic dependent launches (on a GPU; the interpreter runs them as ordinary launches)
-    "two-launch-pdl": GroupNormTuning(forward_tile=64, backward_tile=64, splits=3, fused=False, pdl=True),
-    "barrier-pdl": GroupNormTuning(forward_tile=64, backward_tile=64, fused=True, barrier=True, pdl=True),
 }
-# Where the launch gets no PDL options (kernels.group_norm._pdl_meta: in the interpreter) a PDL plan runs exactly as
-# its plan without PDL: not run twice.
-RUN_PLANS = [name for name, tuning in PLANS.items() if not tuning.pdl or gn._pdl_meta(tuning)]
 
 
-@pytest.mark.parametrize("plan", RUN_PLANS)
+@pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_launch_plans(plan, layout):
     errors = run_case((2, 12, 9, 11), 3, layout=layout, scale_shift=True, residual=True, tuning=PLANS[plan])
@@ -159,25 +151,11 @@ def test_dense_lanes_only_where_no_lane_is_padding():
     assert not _plan(2, 30, 90, 3, False, 8192, cpu).dense_lanes
 
 
-def test_padded_channels_last_groups_take_packed_lanes():
-    """Channels-last groups that do not fill a power of two of lanes keep the channels contiguous in the lanes
-    (packed: lane i is channel i), with groups found in runs of `lane_chunk` lanes; dense and contiguous plans don't."""
-    from kernels.group_norm import _plan
-
-    cpu = torch.device("cpu")
-    plan = _plan(4, 384, 4096, 32, True, 8192, cpu, packed=True)  # the UNet decoder's 256 + 128: 12 per group
-    assert (plan.packed_cpg, plan.lane_chunk, plan.block_c) == (12, 4, 512)
-    assert _plan(2, 30, 90, 3, True, 8192, cpu, packed=True).lane_chunk == 2  # 10 per group
-    assert _plan(2, 48, 60, 6, True, 8192, cpu, packed=True).packed_cpg == 8  # 6 groups of 8: padded by groups
-    assert _plan(2, 384, 4096, 32, True, 8192, cpu).packed_cpg == 0  # opt-in (GroupNormTuning.packed_lanes)
-    assert _plan(1, 64, 100, 32, True, 8192, cpu, packed=True).packed_cpg == 0  # dense
-    assert _plan(2, 30, 90, 3, False, 8192, cpu, packed=True).packed_cpg == 0  # contiguous
-
-
-@pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("plan", RUN_PLANS)
-def test_channels_last_padded_groups_in_both_lane_layouts(plan, packed):
-    tuning = dataclasses.replace(PLANS[plan], packed_lanes=packed)
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_channels_last_padded_groups(plan):
+    """Channels-last segments with padding lanes (12 and 10 channels per group padded to 16; 6 groups padded to 8):
+    padding lanes are masked out of every load, sum and store."""
+    tuning = PLANS[plan]
     for shape, groups in [((2, 48, 5, 6, 3), 4), ((2, 30, 9, 10), 3), ((1, 24, 7, 9), 6)]:
         errors = run_case(shape, groups, layout="channels_last", scale_shift=True, input_bias="per_sample",
                           tuning=tuning)
@@ -204,7 +182,7 @@ def test_every_output_element_is_written(monkeypatch):
     monkeypatch.setattr(gn.torch, "empty_like",
                         lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")) if t.is_floating_point()
                         else real_empty_like(t, **kw))
-    for plan in RUN_PLANS:
+    for plan in list(PLANS):
         errors = run_case((2, 30, 7, 9), 3, scale_shift=True, residual=True, tuning=PLANS[plan], seed=1)
         assert_close(errors, torch.float32)
 
@@ -298,7 +276,7 @@ def test_input_bias_every_fusion_option(act, scale_shift):
     assert_close(errors, torch.float32)
 
 
-@pytest.mark.parametrize("plan", RUN_PLANS)
+@pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_input_bias_launch_plans(plan, layout):
     errors = run_case((2, 6, 7, 10), 2, layout=layout, scale_shift=True, input_bias=True,
@@ -334,74 +312,6 @@ def test_input_bias_empty_input():
     assert torch.equal(input_bias.grad, torch.zeros(4))
 
 
-def parameter_gradients(shape, groups, layout, tuning, scale_shift, input_bias, scale_dtype=torch.float32):
-    """Gradients of x and of every parameter of one forward + backward of ours (fp32 x, SiLU)."""
-    gen = torch.Generator().manual_seed(3)
-    N, C = shape[:2]
-    inputs = {"x": torch.randn(shape, generator=gen) * 2 + 3, "weight": torch.randn(C, generator=gen),
-              "bias": torch.randn(C, generator=gen)}
-    if scale_shift:
-        inputs["scale"] = (0.5 * torch.randn(N, C, generator=gen)).to(scale_dtype)
-        inputs["shift"] = torch.randn(N, C, generator=gen).to(scale_dtype)
-    if input_bias:
-        inputs["input_bias"] = 4 * torch.randn((N, C) if input_bias == "per_sample" else (C,), generator=gen)
-    grad_y = torch.randn(shape, generator=gen).to(DEVICE)
-    leaves = {k: v.to(DEVICE).requires_grad_() for k, v in inputs.items()}
-    x = channels_last(leaves["x"]) if layout == "channels_last" else leaves["x"]
-    y, _ = group_norm_act(x, leaves["weight"], leaves["bias"], groups, 1e-5, True, leaves.get("scale"),
-                          leaves.get("shift"), input_bias=leaves.get("input_bias"), tuning=tuning)
-    (y * grad_y).sum().backward()
-    return {k: v.grad for k, v in leaves.items()}
-
-
-@pytest.mark.parametrize("scale_shift,input_bias", [(True, False), (False, True), (True, "per_sample")])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_parameter_gradients_in_kernel_match_pytorch_sums(monkeypatch, layout, scale_shift, input_bias):
-    """Two launches with kernel_param_grads: in the second launch the last segment of each position to finish sums
-    the weight, bias (and shared input bias) gradients over the samples, and the combining programs write scale's and
-    shift's; the same numbers as PyTorch's sums of the kernel's per-sample sums, up to summation order, every element
-    written (float outputs start as NaN), PyTorch's sums not used, and the arrival counters zeroed by the first
-    launch (integer buffers start as 7). Channels-last runs the padded groups in both lane layouts."""
-    shape, groups = (3, 30, 4, 5), 3  # 10 channels per group, padded to 16 lanes; several splits, tiles and samples
-    for packed in ([False, True] if layout == "channels_last" else [False]):
-        plan = GroupNormTuning(forward_tile=256, backward_tile=256, splits=3, fused=False, packed_lanes=packed,
-                               kernel_param_grads=True)
-        expected = parameter_gradients(shape, groups, layout, dataclasses.replace(plan, kernel_param_grads=False),
-                                       scale_shift, input_bias)
-        with monkeypatch.context() as patched:
-            real_empty = torch.empty
-            patched.setattr(gn.torch, "empty", lambda *size, **kw: real_empty(*size, **kw).fill_(
-                float("nan") if kw.get("dtype", torch.float32).is_floating_point else 7))
-
-            def pytorch_sums(*args, **kwargs):
-                raise AssertionError("the parameter gradients were summed in PyTorch, not by the kernel")
-
-            patched.setattr(gn, "_parameter_grads_from_sums", pytorch_sums)
-            got = parameter_gradients(shape, groups, layout, plan, scale_shift, input_bias)
-        assert got.keys() == expected.keys()
-        for name in expected:
-            assert torch.isfinite(got[name]).all(), f"{name} (packed={packed}): an element was not written"
-            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{name} (packed={packed}): {m}")
-
-
-def test_parameter_gradients_in_kernel_in_scale_dtype(monkeypatch):
-    """bf16 scale and shift (a Linear's output under autocast): their gradients come back in bf16 from the kernel
-    (PyTorch's sums not used), equal to PyTorch's rounding of the fp32 sums up to one bf16 step."""
-    plan = GroupNormTuning(forward_tile=64, backward_tile=64, splits=2, fused=False, kernel_param_grads=True)
-    with monkeypatch.context() as patched:
-        def pytorch_sums(*args, **kwargs):
-            raise AssertionError("the parameter gradients were summed in PyTorch, not by the kernel")
-
-        patched.setattr(gn, "_parameter_grads_from_sums", pytorch_sums)
-        got = parameter_gradients((2, 8, 4, 5, 6), 4, "channels_last", plan, True, False, torch.bfloat16)
-    expected = parameter_gradients((2, 8, 4, 5, 6), 4, "channels_last",
-                                   dataclasses.replace(plan, kernel_param_grads=False), True, False, torch.bfloat16)
-    for name in ("scale", "shift"):
-        assert got[name].dtype == torch.bfloat16
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-2, atol=1e-2)
-
-
 @pytest.mark.parametrize("plan", ["two-launch", "one-launch", "barrier"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_sample_bias_added_to_input_bias(plan, layout):
@@ -412,8 +322,7 @@ def test_sample_bias_added_to_input_bias(plan, layout):
     assert_close(errors, torch.float32)
 
 
-@pytest.mark.parametrize("kernel_param_grads", [True, False])
-def test_sample_bias_gradient_in_its_dtype(kernel_param_grads):
+def test_sample_bias_gradient_in_its_dtype():
     """A bf16 sample bias (a Linear's output under autocast) with an fp32 input bias: the same output as their fp32 sum
     given as one (N, C) input bias, gradients in each one's dtype, the (C,) one the sum over samples of the other."""
     gen = torch.Generator().manual_seed(5)
@@ -423,8 +332,7 @@ def test_sample_bias_gradient_in_its_dtype(kernel_param_grads):
     sample_bias = torch.randn(2, 8, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
     joined = (input_bias.detach() + sample_bias.detach().float()).requires_grad_()
     grad_y = torch.randn(x.shape, generator=gen).to(DEVICE)
-    tuning = GroupNormTuning(forward_tile=64, backward_tile=64, splits=2, fused=False,
-                             kernel_param_grads=kernel_param_grads)
+    tuning = GroupNormTuning(forward_tile=64, backward_tile=64, splits=2, fused=False)
     y, _ = group_norm_act(x, w, b, 4, act=True, input_bias=input_bias, sample_bias=sample_bias, tuning=tuning)
     y_joined, _ = group_norm_act(x, w, b, 4, act=True, input_bias=joined, tuning=tuning)
     torch.testing.assert_close(y, y_joined, rtol=0, atol=0)

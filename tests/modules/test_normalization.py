@@ -126,12 +126,12 @@ def test_unet_applies_kernels_choice_to_every_norm():
 
 def test_a_module_tuning_reaches_the_kernels(monkeypatch):
     """set_group_norm_tuning sets every norm's launch choices; the module passes them to the kernels, whose result
-    (here packed lanes: 10 channels per group, channels-last) stays PyTorch's."""
+    (here small tiles in two launches of 3 splits, channels-last) stays PyTorch's."""
     from kernels import group_norm
     from kernels.group_norm import GroupNormTuning
 
     model = torch.nn.Sequential(GroupNormAct(30, 3, kernels="triton"), GroupNormAct(30, 3, kernels="triton"))
-    tuning = GroupNormTuning(packed_lanes=True)
+    tuning = GroupNormTuning(forward_tile=128, backward_tile=128, splits=3, fused=False)
     assert set_group_norm_tuning(model, tuning) is model and all(m.tuning is tuning for m in model)
     seen = []
     real_plan = group_norm._plan
@@ -139,7 +139,7 @@ def test_a_module_tuning_reaches_the_kernels(monkeypatch):
     x = torch.randn(2, 30, 3, 4, 5).to(memory_format=torch.channels_last_3d).requires_grad_()
     got = model(x)
     got.square().mean().backward()
-    assert seen and all(plan.packed_cpg == 10 for plan in seen)
+    assert seen and all((plan.fused, plan.splits, plan.block_s) == (False, 3, 2) for plan in seen)
     expected = set_kernels(copy.deepcopy(model), "torch")(x.detach())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
