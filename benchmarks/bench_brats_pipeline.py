@@ -1,4 +1,4 @@
-"""The BraTS configs end to end on one GPU: stage-1 and stage-2 training steps and DDIM sampling (issues 4, 5, 6).
+"""The BraTS configs end to end on one GPU: stage-1 and stage-2 training steps and DDIM sampling.
 
     python benchmarks/bench_brats_pipeline.py [--ae-steps 30] [--ldm-steps 25] [--samples 3] [--subjects 8]
                                               [--layouts contiguous,channels_last] [--ldm-only] [--out DIR]

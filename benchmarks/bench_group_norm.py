@@ -173,7 +173,7 @@ def main() -> None:
                         help="also profile the host side of 200 forward+backward calls (cProfile, top functions)")
     parser.add_argument("--input-bias", action="store_true",
                         help="add a per-channel bias to x first: ours fused, ours after a separate add, eager")
-    parser.add_argument("--shapes", default="", help="only these shapes: indices into the issue's four (0-3) or "
+    parser.add_argument("--shapes", default="", help="only these shapes: indices into SHAPES (0-3) or "
                         "explicit N x C x spatial shapes, e.g. 0,1,4x128x32x32x32")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()

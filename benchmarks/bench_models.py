@@ -1,11 +1,12 @@
-"""Training-step time and memory of our 3D autoencoder and UNet against MONAI 1.6.1's, in one run (issue 9).
+"""Training-step time and memory of our 3D autoencoder and UNet against MONAI 1.6.1's, in one run.
 
     python benchmarks/bench_models.py [--only ae|unet] [--cases ae96,ae128,unet] [--steps 9] [--warmup 3]
                                       [--channels-last] [--recompute-cheap] [--cuda-graph] [--graph-network]
                                       [--kernels torch,triton]
                                       [--profile [TOP] [--trace]] [--quick] [--no-monai] [--out DIR]
 
-Cases (the anchors of /work/shared/ANCHORS.md; `ae256` is the issue's scale goal, run only when named):
+Cases (the reference problems the project compares against MONAI on; `ae256`, the largest volume the autoencoder must
+train on an 80 GB GPU, runs only when named):
   ae96   AutoencoderKL, channels (32, 64, 64), 2 res blocks, latent 4, attention in the mid blocks only, 2 x 1 x 96^3
   ae128  the same with channels (64, 128, 128), 1 x 1 x 128^3
   ae256  as ae128 at 1 x 1 x 256^3

@@ -2,9 +2,10 @@
 
 Full size (no training): configs/autoencoder/brats_kl_f4_3d.yaml and
 configs/latent-diffusion/brats_mask_concat_3d.yaml build their models, with the parameter counts and latent shape the
-configs promise, and the LDM's UNet equals MONAI's anchor UNet of issue 9 up to the q/k/v biases. Tiny (crop 16^3,
-ch 8, model_channels 32, a fake BraTS tree): the AE trains for 2 steps through the CLI with the discriminator active,
-then the LDM trains on its checkpoint and generates for the test masks.
+configs promise, and the LDM's UNet equals MONAI's 166.5M DiffusionModelUNet (the UNet bench_models.py compares
+against) up to the q/k/v biases. Tiny (crop 16^3, ch 8, model_channels 32, a fake BraTS tree): the AE trains for 2
+steps through the CLI with the discriminator active, then the LDM trains on its checkpoint and generates for the test
+masks.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ SPLITS = ("train", "validation", "test")
 AE_PARAMETERS = 40_319_784          # encoder, decoder, quant convs: channels 64, 128, 256
 DISCRIMINATOR_PARAMETERS = 2_778_017
 UNET_PARAMETERS = 169_323_140       # in 8 (latent 4 + mask 4), channels 128, 256, 512, scale-shift norm
-MONAI_UNET_PARAMETERS = 166_498_820  # the issue-9 anchor, "166M"
+MONAI_UNET_PARAMETERS = 166_498_820  # DiffusionModelUNet(channels=(128, 256, 512), attention (F, T, T), 64-ch heads)
 
 
 def count(module: torch.nn.Module) -> int:
