@@ -9,6 +9,8 @@
 #            SegResNet trained on real crops between each sample's segmentation and its conditioning mask, beside
 #            its Dice on the real test crops; AE PSNR / SSIM / MS-SSIM on the 16 held-out test crops.
 #   phantom  3D tumour-mask-conditioned LDM on HeadPhantom 64^3 (configs/quality/): tumour Dice, AE PSNR / SSIM.
+#   Both 3D rows also train the judge's network on samples for the training masks and test it on real data
+#   (m_tstr / p_tstr against m_seg / p_seg: "train on synthetic, test on real").
 # Usage: bash benchmarks/quality.sh [OUT_DIR]   (step counts from the environment, defaults below)
 # Writes OUT_DIR/summary.txt (every test.json) and each run folder under OUT_DIR/runs.
 set -u
@@ -39,6 +41,18 @@ digits() {
   wait
 }
 
+# Train on synthetic, test on real: samples for the training split's masks train the judge's config afresh; both
+# that network and the real-trained judge are then tested on the real test split (metrics/test.json: dice).
+tstr() {  # PREFIX LDM_RUN REAL_SEG_RUN SEG_CONFIG [overrides of the seg config ...]
+  local prefix=$1 ldm=$2 seg=$3 config=$4 samples=$OUT_DIR/${1}_tstr_samples; shift 4
+  timeout "$T_TEST" "$PY" sample.py -r "$ldm" --cond split:train --n_samples "${TSTR_N:-256}" --batch_size 32 \
+    --outdir "$samples" > "$LOGS/${prefix}_tstr_sample.log" 2>&1
+  train "$T_STAGE1" ${prefix}_tstr train_eval.py -b "$config" -t --no_test -n ${prefix}_tstr "$@" \
+    "data.params.train={target: ldm.data.generated.GeneratedPairs, params: {folder: '$samples', flip_axes: [0], length: 1024}}"
+  train "$T_TEST" ${prefix}_tstr_test train_eval.py -r "$(run_dir ${prefix}_tstr)"
+  train "$T_TEST" ${prefix}_seg_test train_eval.py -r "$seg"
+}
+
 mni152() {
   local wide="model.params.ddconfig.ch=32"
   train "$T_STAGE1" m_ae train_ae.py -b configs/demo/ae_3d.yaml -t -n m_ae trainer.max_steps=${M_AE_STEPS:-3000} $wide \
@@ -53,6 +67,8 @@ mni152() {
     model.params.first_stage_config.params.ckpt_path=$ae/checkpoints/last.ckpt
   train "$T_TEST" m_test train_ldm.py -r "$(run_dir m_ldm)" trainer.limit_test_batches=-1 data.params.test.params.length=16 \
     "model.params.test_metrics={metrics: [dice, diversity_ms_ssim], segmenter: '$seg'}"
+  tstr m "$(run_dir m_ldm)" "$seg" configs/eval/seg_mni152.yaml trainer.max_steps=3000 trainer.val_check_interval=500 \
+    data.params.batch_size=8 model.params.network_config.params.init_filters=16
 }
 
 phantom() {
@@ -64,6 +80,7 @@ phantom() {
     trainer.max_steps=${P_LDM_STEPS:-6000} model.params.first_stage_config.params.ckpt_path=$ae/checkpoints/last.ckpt \
     model.params.test_metrics.segmenter=$seg
   train "$T_TEST" p_test train_ldm.py -r "$(run_dir p_ldm)"
+  tstr p "$(run_dir p_ldm)" "$seg" configs/eval/seg_phantom.yaml trainer.max_steps=2000
 }
 
 start=$(date +%s)
