@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import os
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint, load_model_state
+from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint, load_model_state, non_finite_parameters
 from ldm.engine.config import trainer_config_from
 from ldm.engine.guard import NonFiniteLossError
 from ldm.util import ConfigError, instantiate_from_config
@@ -152,11 +153,14 @@ def resolve_resume(resume: str) -> tuple[Path, Path]:
     return path, checkpoint
 
 
-def resume_hint(logdir: Path) -> str:
-    """How to go on after the NaN/Inf guard stopped a run in `logdir`."""
+def resume_hint(logdir: Path, last_good: Path | None) -> str:
+    """How to go on after the NaN/Inf guard stopped a run in `logdir`; `last_good`: the newest step file saved
+    outside a streak of bad steps, if known."""
     last = logdir / "checkpoints" / LAST
     if not last.is_file():
         return f"no checkpoint was saved in {logdir} yet"
+    if last_good is not None and last_good.is_file() and not os.path.samefile(last_good, last):
+        return f"-r {last_good} resumes from before the bad steps ({LAST} was saved during them)"
     return f"-r {logdir} resumes from {last}"
 
 
@@ -238,6 +242,10 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
     if checkpoint is not None:
         load_model_state(model, checkpoint["state_dict"], checkpoint_path)
+        broken = non_finite_parameters(model)
+        if broken:
+            raise CheckpointError(f"{checkpoint_path} holds NaN/Inf weights ({', '.join(broken[:5])}"
+                                  f"{', ...' if len(broken) > 5 else ''}): resume from an earlier step=N.ckpt")
         trainer.weights_loaded_from(checkpoint_path, checkpoint)
     # Only now, with config, data, model and checkpoint known to be good, write into the run folder: a bad
     # override given with -r must not leave a config behind that breaks every later resume.
@@ -257,7 +265,7 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
             try:
                 trainer.fit(model, datamodule, resume=checkpoint)
             except NonFiniteLossError as err:
-                raise NonFiniteLossError(f"{err}; {resume_hint(logdir)}") from None
+                raise NonFiniteLossError(f"{err}; {resume_hint(logdir, trainer.last_good_checkpoint)}") from None
         if not opt.no_test:
             if datamodule.has("test"):
                 trainer.test(model, datamodule)

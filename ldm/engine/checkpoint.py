@@ -192,6 +192,11 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, Any], sour
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: {err}") from err
 
 
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of `model`'s parameters holding NaN or Inf."""
+    return [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter.detach()).all()]
+
+
 def step_checkpoints(directory: str | Path) -> list[Path]:
     """`step=N.ckpt` files in `directory`, oldest step first."""
     found = [(int(m.group(1)), p) for p in Path(directory).glob("step=*.ckpt") if (m := _STEP_FILE.match(p.name))]
@@ -214,9 +219,10 @@ def remove_stale_temporaries(directory: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def save_rotating(state: dict, directory: str | Path, step: int, keep_last_k: int) -> Path:
+def save_rotating(state: dict, directory: str | Path, step: int, keep_last_k: int, keep: Sequence[Path] = ()) -> Path:
     """Save `step=<step>.ckpt` and point `last.ckpt` at it (both atomic, the state serialised once), then delete
-    step files beyond the newest `keep_last_k` (only `step=N.ckpt` files: `last.ckpt` and `best.ckpt` stay)."""
+    step files beyond the newest `keep_last_k` (only `step=N.ckpt` files: `last.ckpt`, `best.ckpt` and the files in
+    `keep` stay)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(directory)
@@ -224,8 +230,10 @@ def save_rotating(state: dict, directory: str | Path, step: int, keep_last_k: in
     atomic_torch_save(state, step_path)
     atomic_link(step_path, directory / LAST)
     if keep_last_k > 0:
+        kept = {Path(path).name for path in keep}
         for old in step_checkpoints(directory)[:-keep_last_k]:
-            old.unlink()
+            if old.name not in kept:
+                old.unlink()
     return step_path
 
 

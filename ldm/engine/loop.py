@@ -23,7 +23,7 @@ from ldm.engine import cpu_bf16, weight_copies
 from ldm.engine.config import TrainerConfig, fabric_kwargs
 from ldm.engine.cuda_graph import graph_training_forward
 from ldm.engine.evaluation import TEST_METRICS, computed_metrics, report_test_metrics, test_evaluator_of
-from ldm.engine.guard import NonFiniteLossError, StepGuard, describe_loss, gradient_norm
+from ldm.engine.guard import NonFiniteLossError, StepGuard, describe_loss, gradient_norm, weights_finite
 from ldm.engine.images import batch_affines, save_images
 from ldm.engine.interface import optional_hook
 from ldm.engine.loggers import RunLogger
@@ -80,6 +80,7 @@ class Trainer:
         self.guard = StepGuard(self.fabric, config.max_bad_steps)
         self.best = BestRecord(None)  # the monitored validation key's best value; set up by `fit`
         self.saved_checkpoint: Path | None = None  # the checkpoint saved or loaded last: where tested weights are from
+        self.last_good_checkpoint: Path | None = None  # the newest step file saved outside a streak of bad steps
         self.mid_step = False  # between the first and the last optimizer.step() of one global step
         self.raw_model: torch.nn.Module | None = None
         self.module = None  # the Fabric-wrapped model, once set up
@@ -207,13 +208,22 @@ class Trainer:
         return states
 
     def save_checkpoint(self, optimizers, schedulers, as_step: bool = True, as_best: bool = False) -> None:
-        """Save the state as `step=N.ckpt` + `last.ckpt` (rotating) and/or as `best.ckpt`; every rank calls this."""
+        """Save the state as `step=N.ckpt` + `last.ckpt` (rotating) and/or as `best.ckpt`; every rank calls this.
+
+        Never saves non-finite weights (the guard's unread flag is read first), and during a streak of skipped steps
+        rotation keeps the last step file saved before it."""
+        self.guard.check_weights()
         state = self.state(optimizers, schedulers)
         if self.is_global_zero:
             directory = self.logdir / "checkpoints"
             path = None
             if as_step:
-                path = ckpt.save_rotating(state, directory, self.global_step, self.config.checkpoint.keep_last_k)
+                in_streak = self.guard.bad_in_a_row > 0
+                keep = [self.last_good_checkpoint] if in_streak and self.last_good_checkpoint is not None else []
+                path = ckpt.save_rotating(state, directory, self.global_step, self.config.checkpoint.keep_last_k,
+                                          keep=keep)
+                if not in_streak:
+                    self.last_good_checkpoint = path
                 self.saved_checkpoint = directory / ckpt.LAST
                 tqdm.write(f"saved checkpoint {path}")
             if as_best:
@@ -314,6 +324,8 @@ class Trainer:
         self.pending: list[list[tuple]] = [[] for _ in optimizers]  # (loss, scalars) of the step's micro-batches
         if resume is not None:
             self._restore(resume, optimizers, schedulers)
+            resumed_file = self.logdir / "checkpoints" / f"step={self.global_step}.ckpt" if self.logdir else None
+            self.last_good_checkpoint = resumed_file if resumed_file is not None and resumed_file.is_file() else None
         else:
             self._seed_rank()
         self._track_best(model, resume)
@@ -357,9 +369,11 @@ class Trainer:
         path = self.logdir / "checkpoints" / ckpt.LAST if self.logdir is not None else None
         if not self.is_global_zero or path is None:
             return
-        if self.mid_step or self.sharded:
-            tqdm.write(f"exception at step {self.global_step}: {path} left as it was "
-                       f"({'mid-step' if self.mid_step else 'sharded model'})")
+        unread = self.guard.take_weights_flag()
+        weights_bad = unread is not None and float(unread[1]) != 1.0
+        if self.mid_step or self.sharded or weights_bad:
+            why = "mid-step" if self.mid_step else "sharded model" if self.sharded else "non-finite weights"
+            tqdm.write(f"exception at step {self.global_step}: {path} left as it was ({why})")
             return
         state = self.state(optimizers, schedulers) | {"rng": self._rng_states(gather=False)}
         ckpt.atomic_torch_save(state, path)
@@ -478,7 +492,7 @@ class Trainer:
         what was not finite (empty for a good step).
 
         One read from the GPU per step: the finiteness flag (all-reduced: every rank decides alike), the gradient
-        norm and the logged scalars together. Under the fp16 grad scaler the losses are read first and the
+        norm, the logged scalars and whether the previous step wrote finite weights, together. Under the fp16 grad scaler the losses are read first and the
         gradients unscaled (clipped) only on a good step; the scaler itself skips steps whose gradients overflowed."""
         pending, self.pending[index] = self.pending[index], []
         losses_finite = torch.isfinite(torch.stack([loss.float().reshape(()) for loss, _ in pending])).all()
@@ -491,8 +505,12 @@ class Trainer:
             finite = self.guard.agreed(losses_finite)
             if clip > 0 and bool(finite):
                 norm = self.fabric.clip_gradients(module, optimizer, max_norm=clip, error_if_nonfinite=False)
-        finite, norm, *rest = _read_together([finite, norm] + [loss for loss, _ in pending]
+        unread = self.guard.take_weights_flag()
+        weights = [unread[1]] if unread is not None else []
+        finite, norm, *rest = _read_together([finite, norm] + weights + [loss for loss, _ in pending]
                                              + [v for _, scalars in pending for v in scalars.values()])
+        if unread is not None:
+            self.guard.judge_weights(unread[0], rest.pop(0))
         losses, values = rest[:len(pending)], iter(rest[len(pending):])
         per_batch = [{name: next(values) for name in scalars} for _, scalars in pending]  # each micro-batch's terms
         logged.update(per_batch[-1])
@@ -508,6 +526,8 @@ class Trainer:
         else:
             self.mid_step = True
             optimizer.step()  # with fp16 the scaler skips steps whose gradients overflowed
+            self.guard.watch_weights(self.global_step,
+                                     weights_finite(p for group in optimizer.param_groups for p in group["params"]))
             if index < len(schedulers):
                 schedulers[index].step()
         optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from ldm.engine.guard import gradient_norm
+from ldm.engine.guard import gradient_norm, weights_finite
 
 
 def parameters_with_grads(*grads: torch.Tensor) -> list[nn.Parameter]:
@@ -35,3 +35,12 @@ def test_gradient_norm_is_not_finite_when_a_gradient_is_not():
 
 def test_gradient_norm_without_gradients_is_zero():
     assert gradient_norm([nn.Parameter(torch.ones(2))]) == 0
+
+
+def test_weights_finite_matches_an_elementwise_check_and_does_not_overflow():
+    big = torch.full((3, 3), 3e38)  # finite; the squares of a 2-norm would overflow
+    for tensors, expected in [([big, torch.ones(2)], True), ([big, torch.tensor([1.0, float("nan")])], False),
+                              ([torch.tensor([float("-inf")]), big], False), ([], True)]:
+        params = [torch.nn.Parameter(t) for t in tensors]
+        assert bool(weights_finite(params)) is expected
+        assert expected is all(bool(torch.isfinite(p).all()) for p in params)

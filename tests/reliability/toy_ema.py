@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,19 +34,24 @@ class EmaRegressor(nn.Module):
     """y = MLP(scale_factor * x) + noise, for batches {"image": (B, 1, 4, 4), "target": (B, 1)}.
 
     hidden: width of the hidden layer (a different width is a different architecture); nan_at_steps: global steps
-    whose loss is NaN; sleep_s: seconds each training step sleeps (so signals land mid-run); ckpt_path/ignore_keys/
+    whose loss is NaN; lr_spikes: {scheduler step: factor} multiplies the learning rate at those steps (a factor of
+1e40 with `sgd` makes the update overflow to Inf while the loss and gradients stay finite); sgd: plain SGD instead
+of AdamW (whose own checks refuse a step size beyond float32); sleep_s: seconds each training step sleeps (so signals land mid-run); ckpt_path/ignore_keys/
     strict: initial weights through `ldm.models.autoencoder.load_weights`, as the real models take them.
     """
 
     def __init__(self, hidden: int = 8, ema_decay: float = 0.9, noise_std: float = 0.1,
-                 nan_at_steps: Sequence[int] = (), sleep_s: float = 0.0, ckpt_path: str | None = None,
-                 ignore_keys: Sequence[str] = (), strict: bool = True):
+                 nan_at_steps: Sequence[int] = (), lr_spikes: Mapping[int, float] | None = None,
+                 sgd: bool = False, sleep_s: float = 0.0, ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
+                 strict: bool = True):
         super().__init__()
         self.model = nn.Sequential(nn.Linear(16, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self.model_ema = LitEma(self.model, decay=ema_decay)
         self.register_buffer("scale_factor", torch.tensor(float("nan")))
         self.noise_std = noise_std
         self.nan_at_steps = set(nan_at_steps)
+        self.sgd = sgd
+        self.lr_spikes = {int(step): float(factor) for step, factor in (lr_spikes or {}).items()}
         self.sleep_s = sleep_s
         self.learning_rate = 0.0
         self.global_step = 0
@@ -54,8 +59,9 @@ class EmaRegressor(nn.Module):
             load_weights(self, ckpt_path, ignore_keys, strict)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate)
-        return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 5))]
+        optimizer = (torch.optim.SGD if self.sgd else torch.optim.AdamW)(self.model.parameters(), lr=self.learning_rate)
+        return [optimizer], [torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / 5) * self.lr_spikes.get(step, 1.0))]
 
     def _mse(self, batch) -> torch.Tensor:
         x = batch["image"].flatten(1) * self.scale_factor
