@@ -3,21 +3,26 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ldm.modules.nn_dims import KernelChoice, avg_pool_nd, conv_nd, upsample_nearest
 from ldm.modules.recomputed_conv import prepared_conv
 
 
 class Downsample(nn.Module):
-    """Halve every spatial size: stride-2 3x3 conv, or 2x average pooling. x: (B, C, *S) -> (B, C, *S/2)."""
+    """Halve every spatial size: stride-2 3x3 conv, or 2x average pooling. x: (B, C, *S) -> (B, C, *S/2).
 
-    def __init__(self, channels: int, dims: int, with_conv: bool):
+    The conv pads one row on each side of every axis, or with `pad_end` one at the end and none at the start (the
+    autoencoders of CompVis and diffusers do: their weights are trained for that grid alignment)."""
+
+    def __init__(self, channels: int, dims: int, with_conv: bool, pad_end: bool = False):
         super().__init__()
-        self.op = (conv_nd(dims, channels, channels, 3, stride=2, padding=1) if with_conv
+        self.pad = (0, 1) * dims if with_conv and pad_end else None
+        self.op = (conv_nd(dims, channels, channels, 3, stride=2, padding=0 if self.pad else 1) if with_conv
                    else avg_pool_nd(dims, kernel_size=2, stride=2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
+        return self.op(x if self.pad is None else F.pad(x, self.pad))
 
 
 class Upsample(KernelChoice, nn.Module):

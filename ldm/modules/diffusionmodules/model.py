@@ -176,6 +176,8 @@ class Encoder(nn.Module):
     `recompute_cheap` keeps only the inputs of GroupNorm+SiLU -> conv and nearest-upsample -> conv pairs for backward
     and recomputes the norm / interpolation there (recomputed_conv.py): less activation memory for one extra
     memory-bound pass each; the convolutions are not recomputed (the Decoder takes the same keys).
+    `downsample_pad_end` pads the stride-2 convolutions' input at the end of each axis only, as the CompVis and
+    diffusers autoencoders (and so their pretrained weights) do; false pads one row on each side.
     """
 
     recompute_cheap = False  # conv_out(norm_out(h)) keeps only h (set with the blocks by set_recompute_cheap)
@@ -184,7 +186,8 @@ class Encoder(nn.Module):
                  attn_resolutions: Sequence[Any], in_channels: int, resolution: int | Sequence[int], z_channels: int,
                  double_z: bool = True, dropout: float = 0.0, resamp_with_conv: bool = True, dims: int = 2,
                  norm_num_groups: int = 32, use_checkpoint: bool = False, kernels: str = "auto",
-                 attention_backend: str | None = None, recompute_cheap: bool = False):
+                 attention_backend: str | None = None, recompute_cheap: bool = False,
+                 downsample_pad_end: bool = False):
         super().__init__()
         plan = _Plan("Encoder", ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dims, norm_num_groups)
         self.dims, self.factor = plan.dims, plan.factor
@@ -192,7 +195,7 @@ class Encoder(nn.Module):
         in_chs = [ch, *plan.channels[:-1]]
         self.down = nn.ModuleList([
             _level(in_chs[i], plan.channels[i], num_res_blocks, plan.attention[i],
-                   Downsample(plan.channels[i], dims, resamp_with_conv) if i < plan.num_levels - 1 else None,
+                   Downsample(plan.channels[i], dims, resamp_with_conv, downsample_pad_end) if i < plan.num_levels - 1 else None,
                    dropout, dims, norm_num_groups, use_checkpoint)
             for i in range(plan.num_levels)
         ])
