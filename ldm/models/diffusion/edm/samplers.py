@@ -1,0 +1,125 @@
+"""sgm's sampler classes: a discretization, a guider and one solver of `k_samplers`, called as
+`sampler(denoiser, x, cond, uc=None)` with `denoiser(x, sigma, cond)` (see `guiders`) and x: (B, C, *spatial) unit
+noise; returns samples of the same shape.
+
+As in sgm, the start is x sqrt(1 + sigma_0^2): unit-variance data plus noise of std sigma_0.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ldm.models.diffusion.edm import k_samplers
+from ldm.models.diffusion.edm.guiders import Cond, ConditionalDenoiser
+from ldm.util import instantiate_from_config
+
+DEFAULT_DISCRETIZATION = {"target": "ldm.models.diffusion.edm.discretization.EDMDiscretization"}
+DEFAULT_GUIDER = {"target": "ldm.models.diffusion.edm.guiders.IdentityGuider"}
+
+
+class EDMSampler:
+    """Base: `num_steps` noise levels of `discretization_config` (then 0), `guider_config` around the denoiser;
+    `verbose` shows a progress bar. Subclasses name their solver and its options."""
+
+    solver = staticmethod(k_samplers.sample_euler)
+
+    def __init__(self, discretization_config: Mapping[str, Any] | None = None, num_steps: int | None = None,
+                 guider_config: Mapping[str, Any] | None = None, verbose: bool = False):
+        self.discretization = instantiate_from_config(discretization_config or DEFAULT_DISCRETIZATION)
+        self.guider = instantiate_from_config(guider_config or DEFAULT_GUIDER)
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
+        self.num_steps = num_steps
+        self.verbose = verbose
+
+    def solver_options(self) -> dict[str, Any]:
+        return {}
+
+    def sigmas(self, num_steps: int | None, device: torch.device | str) -> torch.Tensor:
+        """(n + 1,) float64 levels, the last 0."""
+        steps = num_steps or self.num_steps
+        if steps is None:
+            raise ValueError(f"{type(self).__name__}: num_steps is not set (give it in sampler_config.params)")
+        return self.discretization(steps, device=device)
+
+    @torch.no_grad()
+    def __call__(self, denoiser: ConditionalDenoiser, x: torch.Tensor, cond: Cond, uc: Cond | None = None,
+                 num_steps: int | None = None, callback=None) -> torch.Tensor:
+        sigmas = self.sigmas(num_steps, x.device)
+        model = self.guider(denoiser, cond, uc)
+        x = x * (1.0 + sigmas[0] ** 2).sqrt().to(x.dtype)
+        return type(self).solver(model, x, sigmas.to(x.dtype), callback=callback, disable=not self.verbose,
+                                 **self.solver_options())
+
+
+class _ChurnSampler(EDMSampler):
+    """Karras et al. 2022, Algorithm 2's stochasticity: s_churn, s_tmin, s_tmax, s_noise."""
+
+    def __init__(self, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+                 discretization_config: Mapping[str, Any] | None = None, num_steps: int | None = None,
+                 guider_config: Mapping[str, Any] | None = None, verbose: bool = False):
+        super().__init__(discretization_config, num_steps, guider_config, verbose)
+        self.options = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
+
+    def solver_options(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+class _AncestralSampler(EDMSampler):
+    """Ancestral noise of std eta * the DDPM posterior's (eta 0: the ODE), times s_noise."""
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0, discretization_config: Mapping[str, Any] | None = None,
+                 num_steps: int | None = None, guider_config: Mapping[str, Any] | None = None, verbose: bool = False):
+        super().__init__(discretization_config, num_steps, guider_config, verbose)
+        self.options = {"eta": eta, "s_noise": s_noise}
+
+    def solver_options(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+class EulerEDMSampler(_ChurnSampler):
+    solver = staticmethod(k_samplers.sample_euler)
+
+
+class HeunEDMSampler(_ChurnSampler):
+    solver = staticmethod(k_samplers.sample_heun)
+
+
+class EulerAncestralSampler(_AncestralSampler):
+    solver = staticmethod(k_samplers.sample_euler_ancestral)
+
+
+class DPMPP2SAncestralSampler(_AncestralSampler):
+    solver = staticmethod(k_samplers.sample_dpmpp_2s_ancestral)
+
+
+class DPMPP2MSampler(EDMSampler):
+    solver = staticmethod(k_samplers.sample_dpmpp_2m)
+
+
+class LinearMultistepSampler(EDMSampler):
+    """Linear multistep of `order` (4 by default)."""
+
+    solver = staticmethod(k_samplers.sample_lms)
+
+    def __init__(self, order: int = 4, discretization_config: Mapping[str, Any] | None = None,
+                 num_steps: int | None = None, guider_config: Mapping[str, Any] | None = None, verbose: bool = False):
+        super().__init__(discretization_config, num_steps, guider_config, verbose)
+        if order < 1:
+            raise ValueError(f"order: must be >= 1, got {order}")
+        self.order = order
+
+    def solver_options(self) -> dict[str, Any]:
+        return {"order": self.order}
+
+
+#: The names `sample.py --sampler` accepts for a DiffusionEngine run.
+SAMPLERS = {
+    "euler": EulerEDMSampler,
+    "heun": HeunEDMSampler,
+    "euler_ancestral": EulerAncestralSampler,
+    "dpmpp_2s_ancestral": DPMPP2SAncestralSampler,
+    "dpmpp_2m": DPMPP2MSampler,
+    "lms": LinearMultistepSampler,
+}
