@@ -17,6 +17,27 @@ TARGET_ALIASES = {
     "ldm.data.base.SimpleDataset": "ldm.data.simple.SimpleDataset",  # kept apart: importing MONAI is slow
     "ldm.lr_scheduler.LambdaLinearScheduler": "ldm.models.diffusion.lr_schedules.LambdaLinearScheduler",
     "ldm.lr_scheduler.LambdaWarmUpCosineScheduler2": "ldm.models.diffusion.lr_schedules.LambdaWarmUpCosineScheduler2",
+    "sgm.modules.GeneralConditioner": "ldm.modules.conditioner.GeneralConditioner",
+}
+
+_EDM = "ldm.models.diffusion.edm"
+# Modules of Stability's generative-models (sgm), each standing for the modules of ours that define its class names, so
+# that sgm configs port unchanged. A module that provides more sgm names (text embedders, say) appends itself here.
+MODULE_ALIASES: dict[str, list[str]] = {
+    "sgm.models.diffusion": ["ldm.models.diffusion.engine"],
+    "sgm.models.autoencoder": ["ldm.models.autoencoder"],
+    "sgm.lr_scheduler": ["ldm.models.diffusion.lr_schedules"],
+    "sgm.modules.diffusionmodules.openaimodel": ["ldm.modules.diffusionmodules.openaimodel"],
+    "sgm.modules.diffusionmodules.denoiser": [f"{_EDM}.denoiser"],
+    "sgm.modules.diffusionmodules.denoiser_scaling": [f"{_EDM}.scalings"],
+    "sgm.modules.diffusionmodules.discretizer": [f"{_EDM}.discretization"],
+    "sgm.modules.diffusionmodules.sigma_sampling": [f"{_EDM}.sigma_sampling"],
+    "sgm.modules.diffusionmodules.denoiser_weighting": [f"{_EDM}.loss_weighting"],
+    "sgm.modules.diffusionmodules.loss_weighting": [f"{_EDM}.loss_weighting"],
+    "sgm.modules.diffusionmodules.loss": [f"{_EDM}.loss"],
+    "sgm.modules.diffusionmodules.sampling": [f"{_EDM}.samplers"],
+    "sgm.modules.diffusionmodules.guiders": [f"{_EDM}.guiders"],
+    "sgm.modules.encoders.modules": ["ldm.modules.conditioner", "ldm.modules.embedders"],
 }
 
 
@@ -41,6 +62,8 @@ def get_obj_from_str(name: str, where: str = "target") -> Any:
     if not isinstance(name, str) or "." not in name:
         raise ConfigError(f"{where}: {name!r} is not a dotted import path like 'package.module.Class'")
     module_name, attr = TARGET_ALIASES.get(name, name).rsplit(".", 1)
+    if module_name in MODULE_ALIASES:
+        return _get_aliased(name, module_name, attr, where)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -48,6 +71,16 @@ def get_obj_from_str(name: str, where: str = "target") -> Any:
     if not hasattr(module, attr):
         raise ConfigError(f"{where}: cannot import {name!r} (module {module_name} has no attribute {attr!r})")
     return getattr(module, attr)
+
+
+def _get_aliased(name: str, module_name: str, attr: str, where: str) -> Any:
+    """`attr` from the first of our modules standing for the sgm module `module_name` that defines it."""
+    for candidate in MODULE_ALIASES[module_name]:
+        module = importlib.import_module(candidate)
+        if hasattr(module, attr):
+            return getattr(module, attr)
+    raise ConfigError(f"{where}: cannot import {name!r} (no {attr!r} in {', '.join(MODULE_ALIASES[module_name])}, "
+                      f"which stand for {module_name})")
 
 
 def _plain(value: Any) -> Any:
