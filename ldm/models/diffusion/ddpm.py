@@ -62,7 +62,8 @@ def freeze(module: nn.Module) -> nn.Module:
 class DDPM(nn.Module):
     """Denoising diffusion in pixel space: batch[first_stage_key] (B, channels, *image_size) in [-1, 1].
 
-    image_size: an int (every axis) or one size per axis; the spatial dims come from the network's `dims`.
+    image_size: an int (every axis) or one size per axis; the spatial dims come from the network's `dims`. A network
+    that states its own `image_size` (UNetModel's, as in CompVis configs) must state the same grid.
     sampler (ddpm, ddim, plms, dpmpp_2m) / sampler_steps / sampler_eta (ddim only) / timestep_spacing (uniform,
     trailing, quad): how `test_step` samples; log_sampler_steps: the same for `log_images`; log_every_t: timestep
     spacing of the diffusion and denoising rows in `log_images`. ema_decay: of the LitEma (with warm-up) when use_ema.
@@ -104,6 +105,10 @@ class DDPM(nn.Module):
         if len(sizes) != self.model.dims:
             raise ValueError(f"image_size: {image_size} does not fit the network's dims={self.model.dims}")
         self.image_size = tuple(int(s) for s in sizes)
+        network_size = getattr(self.model, "image_size", None)
+        if network_size is not None and tuple(network_size) != self.image_size:
+            raise ValueError(f"unet_config.params.image_size: {list(network_size)} differs from the model's image_size "
+                             f"{list(self.image_size)} (the grid it trains and samples on); give both the same size")
         self.channels = channels
         self.first_stage_key = first_stage_key
         self.use_ema = use_ema
@@ -285,7 +290,8 @@ class LatentDiffusion(DDPM):
     spatial conditioning reaches the latent grid: `mask_to_latent` (see `conditioning.to_latent_grid`).
     scale_by_std: scale_factor = 1 / std of the first training batch's latents (all ranks), kept as a buffer.
     ucg_rate: probability of training with the null conditioning; guidance_scale: classifier-free guidance at sampling.
-    image_size and channels describe the latent grid. ckpt_path / ignore_keys / strict: as for DDPM, for the whole
+    image_size and channels describe the latent grid. num_timesteps_cond: CompVis configs' 1 (the conditioning is not
+    noised) is the only value accepted; CompVis' shortened conditioning schedule (> 1) is not implemented. ckpt_path / ignore_keys / strict: as for DDPM, for the whole
     model; the first stage's own weights come from `first_stage_config.params.ckpt_path` (with its own ignore_keys,
     e.g. [loss], and strict).
     """
@@ -294,7 +300,7 @@ class LatentDiffusion(DDPM):
                  first_stage_key: str = "image", cond_stage_key: str = "image", conditioning_key: str | None = None,
                  cond_stage_trainable: bool = False, scale_factor: float = 1.0, scale_by_std: bool = False,
                  ucg_rate: float = 0.0, guidance_scale: float = 1.0, mask_to_latent: str = "nearest",
-                 num_timesteps_cond: int | None = None, timesteps: int = 1000, beta_schedule: str = "linear",
+                 num_timesteps_cond: int = 1, timesteps: int = 1000, beta_schedule: str = "linear",
                  linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
                  rescale_betas_zero_snr: bool = False, parameterization: str = "eps", loss_type: str = "l2",
                  snr_gamma: float | None = None, offset_noise: float = 0.0, image_size: int | Sequence[int] = 256,
@@ -303,9 +309,9 @@ class LatentDiffusion(DDPM):
                  scheduler_config: Mapping[str, Any] | None = None, sampler: str = "ddim", sampler_steps: int = 50,
                  sampler_eta: float = 0.0, timestep_spacing: str = "uniform", log_sampler_steps: int = 20,
                  log_every_t: int = 100, test_metrics: Mapping[str, Any] | None = None):
-        if num_timesteps_cond not in (None, 1):
-            raise ValueError(f"num_timesteps_cond: shortened conditioning schedules are not supported, "
-                             f"got {num_timesteps_cond} (use 1 or leave it out)")
+        if num_timesteps_cond != 1:
+            raise ValueError(f"num_timesteps_cond: shortened conditioning schedules (noised conditioning) are not "
+                             f"supported, got {num_timesteps_cond} (use 1, the default, or leave it out)")
         super().__init__(unet_config, timesteps, beta_schedule, linear_start, linear_end, cosine_s,
                          rescale_betas_zero_snr, parameterization, loss_type, snr_gamma, offset_noise, image_size,
                          channels, first_stage_key, use_ema, ema_decay, monitor, None, (), True, scheduler_config,

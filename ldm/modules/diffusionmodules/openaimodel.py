@@ -163,7 +163,8 @@ class UNetModel(nn.Module):
     `use_spatial_transformer` picks the cross-attention transformer (needs `context_dim`) over plain self-attention.
     Heads: `num_heads` per block, or `num_head_channels` channels per head when that is set. With `legacy` (the
     original default) a transformer's head width is channels // heads even when `num_head_channels` is set.
-    `image_size` (int or one size per axis) is only checked: every size must halve `len(channel_mult) - 1` times.
+    `image_size` (int or one size per axis): the grid it is trained on; every size must halve `len(channel_mult) - 1`
+    times, and a diffusion model (ldm/models/diffusion/ddpm.py) requires its own image_size to be the same.
     `kernels` (`auto`, `triton`, `torch`) picks the GroupNorm implementation (ldm/modules/normalization.py),
     `attention_backend` the attention's (ldm/modules/attention.py; None: the process-wide choice).
     `recompute_cheap` keeps only the ResBlocks' norm inputs (and the upsamplers' inputs) for backward and recomputes

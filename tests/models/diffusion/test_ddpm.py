@@ -262,6 +262,21 @@ def test_bad_configs_name_the_culprit(overrides, error, match):
         build(ldm_config(**overrides))
 
 
+def test_unet_image_size_must_be_the_models():
+    """UNetModel's image_size (kept from CompVis configs) is the grid the diffusion model trains and samples on."""
+    unet = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": {"image_size": 8, "in_channels": 2, "model_channels": 32, "out_channels": 2, "num_res_blocks": 1,
+                       "attention_resolutions": [], "channel_mult": [1, 2], "num_heads": 1, "dims": 2,
+                       "kernels": "torch"}}
+    config = {"target": "ldm.models.diffusion.ddpm.DDPM",
+              "params": {"unet_config": unet, "image_size": [8, 8], "channels": 2, "use_ema": False}}
+    assert build(config).image_size == (8, 8)
+    config["params"]["image_size"] = 16
+    with pytest.raises(ValueError, match=r"unet_config.params.image_size: \[8, 8\] differs from the model's "
+                                         r"image_size \[16, 16\]"):
+        build(config)
+
+
 def test_latent_shape_must_match_channels_and_image_size():
     model = build(ldm_config(image_size=[4, 4, 8]))
     model.train()
