@@ -291,9 +291,9 @@ class LatentDiffusion(DDPM):
     scale_by_std: scale_factor = 1 / std of the first training batch's latents (all ranks), kept as a buffer.
     ucg_rate: probability of training with the null conditioning; guidance_scale: classifier-free guidance at sampling.
     image_size and channels describe the latent grid. num_timesteps_cond: CompVis configs' 1 (the conditioning is not
-    noised) is the only value accepted; CompVis' shortened conditioning schedule (> 1) is not implemented. ckpt_path / ignore_keys / strict: as for DDPM, for the whole
-    model; the first stage's own weights come from `first_stage_config.params.ckpt_path` (with its own ignore_keys,
-    e.g. [loss], and strict).
+    noised) is the only value accepted; CompVis' shortened conditioning schedule (> 1) is not implemented.
+    ckpt_path / ignore_keys / strict: as for DDPM, for the whole model; the first stage's own weights come from
+    `first_stage_config.params.ckpt_path` (with its own ignore_keys, e.g. [loss], and strict).
     """
 
     def __init__(self, first_stage_config: Mapping[str, Any], cond_stage_config: Any, unet_config: Mapping[str, Any],
