@@ -123,3 +123,14 @@ def test_symmetric_padding_autoencoder_is_not_exported(tmp_path):
     params["ddconfig"]["downsample_pad_end"] = False
     with pytest.raises(ConversionError, match="pad both sides"):
         vae.export_state(vae.build(params), "diffusers")
+
+
+def test_full_size_sd_autoencoder_parameter_count_matches_diffusers():
+    """SD's published autoencoder config (kl-f8), built on the meta device by diffusers and by ours."""
+    with torch.device("meta"):
+        theirs = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                         latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                                         up_block_types=("UpDecoderBlock2D",) * 4)
+        state = {k: torch.empty(v.shape) for k, v in theirs.state_dict().items()}
+        ours = vae.build(vae.infer_config(state, "diffusers"))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 83_653_863
