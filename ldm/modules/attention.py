@@ -365,28 +365,41 @@ class SpatialTransformer(nn.Module):
     """Transformer over the voxels of a feature map, as a residual block.
 
     GroupNorm, 1x1 projection to `n_heads * d_head` channels, `depth` transformer blocks over the flattened
-    spatial tokens, zero-initialised 1x1 projection back: the block starts as the identity. `attention_backend` as
-    in CrossAttention.
+    spatial tokens, zero-initialised 1x1 projection back: the block starts as the identity. With `use_linear` the two
+    projections are Linear layers on the tokens (SD 2.x / SDXL; the same maps, weights without the 1x1 kernel axes).
+    `attention_backend` as in CrossAttention.
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
-                 context_dim: int | None = None, dims: int = 2, attention_backend: str | None = None):
+                 context_dim: int | None = None, dims: int = 2, attention_backend: str | None = None,
+                 use_linear: bool = False):
         super().__init__()
         self.dims = check_dims(dims, "SpatialTransformer.dims")
         inner_dim = n_heads * d_head
+        self.use_linear = use_linear
         self.norm = GroupNormAct(in_channels, act=False)
-        self.proj_in = conv_nd(dims, in_channels, inner_dim, 1)
+        if use_linear:
+            self.proj_in = nn.Linear(in_channels, inner_dim)
+        else:
+            self.proj_in = conv_nd(dims, in_channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim, attention_backend)
             for _ in range(depth))
-        self.proj_out = zero_module(conv_nd(dims, inner_dim, in_channels, 1))
+        if use_linear:
+            self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
+        else:
+            self.proj_out = zero_module(conv_nd(dims, inner_dim, in_channels, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, *spatial) with len(spatial) == dims, context: (B, L_ctx, context_dim) or None -> x's shape."""
         spatial = spatial_dims(x, self.dims)
         y, x = self.norm(x, pass_input=True)  # the residual's gradient joins the norm's backward (Triton)
-        tokens = self.proj_in(y).flatten(2).transpose(1, 2)
+        if self.use_linear:
+            tokens = self.proj_in(y.flatten(2).transpose(1, 2))
+        else:
+            tokens = self.proj_in(y).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        h = tokens.transpose(1, 2).unflatten(2, spatial)
-        return x + self.proj_out(h)
+        if self.use_linear:
+            return x + self.proj_out(tokens).transpose(1, 2).unflatten(2, spatial)
+        return x + self.proj_out(tokens.transpose(1, 2).unflatten(2, spatial))

@@ -165,6 +165,13 @@ class UNetModel(nn.Module):
     original default) a transformer's head width is channels // heads even when `num_head_channels` is set.
     `image_size` (int or one size per axis): the grid it is trained on; every size must halve `len(channel_mult) - 1`
     times, and a diffusion model (ldm/models/diffusion/ddpm.py) requires its own image_size to be the same.
+    Conditioning as in sgm's UNet: `num_classes` (int) adds a label embedding to the timestep embedding, and
+    `num_classes: sequential` with `adm_in_channels` an MLP of a vector y: (B, adm_in_channels) (SDXL's pooled text
+    and size embeddings, any `GeneralConditioner` vector). `transformer_depth`: blocks per spatial transformer, one
+    int or one per level (`transformer_depth_middle` for the middle block, default the last level's);
+    `use_linear_in_transformer`: Linear projections in and out of the transformers (SD 2.x / SDXL);
+    `spatial_transformer_attn_type` (sgm's key, `softmax` or `softmax-xformers`) is accepted for porting: the
+    attention kernel is `attention_backend`'s choice either way.
     `kernels` (`auto`, `triton`, `torch`) picks the GroupNorm implementation (ldm/modules/normalization.py),
     `attention_backend` the attention's (ldm/modules/attention.py; None: the process-wide choice).
     `recompute_cheap` keeps only the ResBlocks' norm inputs (and the upsamplers' inputs) for backward and recomputes
@@ -176,9 +183,12 @@ class UNetModel(nn.Module):
                  channel_mult: Sequence[int] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
                  num_classes: int | None = None, use_checkpoint: bool = False, num_heads: int = -1,
                  num_head_channels: int = -1, num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
-                 resblock_updown: bool = False, use_spatial_transformer: bool = False, transformer_depth: int = 1,
+                 resblock_updown: bool = False, use_spatial_transformer: bool = False,
+                 transformer_depth: int | Sequence[int] = 1, transformer_depth_middle: int | None = None,
                  context_dim: int | None = None, legacy: bool = True, use_fp16: bool = False, kernels: str = "auto",
-                 attention_backend: str | None = None, recompute_cheap: bool = False):
+                 attention_backend: str | None = None, recompute_cheap: bool = False,
+                 adm_in_channels: int | None = None, use_linear_in_transformer: bool = False,
+                 spatial_transformer_attn_type: str = "softmax"):
         super().__init__()
         if dims not in (2, 3):
             raise ValueError(f"UNetModel: dims must be 2 or 3, got {dims}")
@@ -193,6 +203,20 @@ class UNetModel(nn.Module):
         if context_dim is not None and not use_spatial_transformer:
             raise ValueError("UNetModel: context_dim is set but use_spatial_transformer is False; "
                              "cross-attention only exists in the spatial transformer")
+        if spatial_transformer_attn_type not in ("softmax", "softmax-xformers"):
+            raise ValueError(f"UNetModel: spatial_transformer_attn_type {spatial_transformer_attn_type!r} is not one of "
+                             f"softmax, softmax-xformers (the kernel itself is attention_backend's choice)")
+        if (num_classes == "sequential") != (adm_in_channels is not None):
+            raise ValueError(f"UNetModel: num_classes='sequential' and adm_in_channels go together (vector "
+                             f"conditioning of width adm_in_channels), got num_classes={num_classes!r}, "
+                             f"adm_in_channels={adm_in_channels}")
+        if isinstance(num_classes, str) and num_classes != "sequential":
+            raise ValueError(f"UNetModel: num_classes must be an int or 'sequential', got {num_classes!r}")
+        depths = [transformer_depth] * len(channel_mult) if isinstance(transformer_depth, int) else list(transformer_depth)
+        if len(depths) != len(channel_mult) or any(d < 1 for d in depths):
+            raise ValueError(f"UNetModel: transformer_depth must be a positive int or one per level of channel_mult "
+                             f"({len(channel_mult)}), got {transformer_depth}")
+        depth_middle = depths[-1] if transformer_depth_middle is None else transformer_depth_middle
         self.down_factor = 2 ** (len(channel_mult) - 1)
         sizes = [image_size] * dims if isinstance(image_size, int) else list(image_size)
         if len(sizes) != dims or any(s % self.down_factor for s in sizes):
@@ -211,7 +235,7 @@ class UNetModel(nn.Module):
         self.context_dim = context_dim
         self.use_checkpoint = use_checkpoint
 
-        def attention_block(ch: int, heads_if_no_width: int) -> nn.Module:
+        def attention_block(ch: int, heads_if_no_width: int, depth: int) -> nn.Module:
             heads = heads_if_no_width if num_head_channels == -1 else ch // num_head_channels
             if not 1 <= heads <= ch:
                 raise ValueError(f"UNetModel: cannot split {ch} channels into attention heads with "
@@ -222,7 +246,8 @@ class UNetModel(nn.Module):
                                      f"num_head_channels={num_head_channels}")
                 return AttentionBlock(ch, heads)
             d_head = ch // heads if legacy or num_head_channels == -1 else num_head_channels
-            return SpatialTransformer(ch, heads, d_head, transformer_depth, dropout, context_dim, dims)
+            return SpatialTransformer(ch, heads, d_head, depth, dropout, context_dim, dims,
+                                      use_linear=use_linear_in_transformer)
 
         def res_block(ch: int, out_ch: int, up: bool = False, down: bool = False) -> ResBlock:
             return ResBlock(ch, time_embed_dim, dropout, out_ch, dims, use_scale_shift_norm, up=up, down=down)
@@ -230,7 +255,12 @@ class UNetModel(nn.Module):
         time_embed_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
                                         nn.Linear(time_embed_dim, time_embed_dim))
-        self.label_emb = nn.Embedding(num_classes, time_embed_dim) if num_classes is not None else None
+        if num_classes == "sequential":  # sgm's nesting, so that its checkpoints' label_emb.0.* keys load
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(),
+                                                         nn.Linear(time_embed_dim, time_embed_dim)))
+        else:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim) if num_classes is not None else None
+        self.adm_in_channels = adm_in_channels
 
         ch = model_channels
         factor = 1
@@ -241,7 +271,7 @@ class UNetModel(nn.Module):
                 layers = [res_block(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if factor in attention_resolutions:
-                    layers.append(attention_block(ch, num_heads))
+                    layers.append(attention_block(ch, num_heads, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -250,7 +280,7 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 factor *= 2
 
-        self.middle_block = TimestepEmbedSequential(res_block(ch, ch), attention_block(ch, num_heads),
+        self.middle_block = TimestepEmbedSequential(res_block(ch, ch), attention_block(ch, num_heads, depth_middle),
                                                     res_block(ch, ch))
 
         heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
@@ -261,7 +291,8 @@ class UNetModel(nn.Module):
                 ch = mult * model_channels
                 if factor in attention_resolutions:
                     # The original gives transformers num_heads and self-attention blocks num_heads_upsample here.
-                    layers.append(attention_block(ch, num_heads if use_spatial_transformer else heads_up))
+                    layers.append(attention_block(ch, num_heads if use_spatial_transformer else heads_up,
+                                                  depths[level]))
                 if level and i == num_res_blocks:
                     layers.append(res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, dims, with_conv=conv_resample))
                     factor //= 2
@@ -294,8 +325,13 @@ class UNetModel(nn.Module):
             raise ValueError(f"UNetModel: context must be ({batch}, L, {self.context_dim}), got {got}")
         if self.num_classes is None and y is not None:
             raise ValueError("UNetModel: class labels y given but num_classes is not set")
-        if self.num_classes is not None and (y is None or y.shape != (batch,)
-                                             or y.dtype not in (torch.int32, torch.int64)):
+        if self.adm_in_channels is not None:
+            if y is None or y.shape != (batch, self.adm_in_channels) or not y.is_floating_point():
+                got = None if y is None else f"{tuple(y.shape)} {y.dtype}"
+                raise ValueError(f"UNetModel: num_classes='sequential' needs a float vector y of shape "
+                                 f"({batch}, {self.adm_in_channels}) (adm_in_channels), got {got}")
+        elif self.num_classes is not None and (y is None or y.shape != (batch,)
+                                               or y.dtype not in (torch.int32, torch.int64)):
             got = None if y is None else f"{tuple(y.shape)} {y.dtype}"
             raise ValueError(f"UNetModel: num_classes={self.num_classes} needs class labels y of shape ({batch},) "
                              f"and an integer dtype (int64), got {got}")
@@ -309,12 +345,13 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, in_channels, *spatial), timesteps: (B,) int or float, context: (B, L, context_dim),
-        y: (B,) int64 class labels -> (B, out_channels, *spatial)."""
+        y: (B,) int64 class labels, or (B, adm_in_channels) float with num_classes 'sequential'
+        -> (B, out_channels, *spatial)."""
         self._check_inputs(x, timesteps, context, y)
         t_emb = timestep_embedding(timesteps, self.model_channels)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         if self.label_emb is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y.to(emb.dtype) if y.is_floating_point() else y)
         emb = project_embedding(emb, self.res_blocks)
         h = x
         skips = []
