@@ -20,6 +20,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint, load_model_state, non_finite_parameters
 from ldm.engine.config import trainer_config_from
 from ldm.engine.guard import NonFiniteLossError
+from ldm.engine.model_checks import check_latent_diffusion
 from ldm.util import ConfigError, instantiate_from_config
 
 SECTIONS = ("model", "data", "trainer")
@@ -229,7 +230,11 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
     datamodule = instantiate_from_config(config.data)
     if fabric.is_global_zero:
         print(f"data: {type(datamodule).__name__}\n{datamodule.describe()}")
-    model = instantiate_from_config(model_config_for(config.model, training=opt.train))
+    model_config = model_config_for(config.model, training=opt.train)
+    model = instantiate_from_config(model_config)
+    if hasattr(model, "first_stage_model") and hasattr(datamodule, "peek"):
+        split, item = datamodule.peek()
+        check_latent_diffusion(model, model_config.params, item, data_where=f"data.params.{split}")
     base_lr = float(config.model.get("base_learning_rate", 0.0))
     num_nodes = getattr(fabric.strategy, "num_nodes", 1)  # `fabric run --num-nodes` may override the config
     model.learning_rate, how = scaled_learning_rate(
@@ -247,18 +252,20 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
             raise CheckpointError(f"{checkpoint_path} holds NaN/Inf weights ({', '.join(broken[:5])}"
                                   f"{', ...' if len(broken) > 5 else ''}): resume from an earlier step=N.ckpt")
         trainer.weights_loaded_from(checkpoint_path, checkpoint)
-    # Only now, with config, data, model and checkpoint known to be good, write into the run folder: a bad
-    # override given with -r must not leave a config behind that breaks every later resume.
     run_config = OmegaConf.to_container(config, resolve=True)
-    if fabric.is_global_zero:
-        (logdir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (logdir / "configs").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.masked_copy(config, ["model", "data"]), logdir / "configs" / f"{now}-project.yaml")
-        OmegaConf.save(OmegaConf.create({"trainer": config.get("trainer", {})}),
-                       logdir / "configs" / f"{now}-trainer.yaml")
-        print(f"run folder: {logdir}")
-    fabric.barrier()
-    trainer.attach(logdir, callbacks, run_config)
+
+    def open_run_folder() -> None:
+        """Write into the run folder only once the first step has gone through: an override given with -r that
+        fails (at build time or in the first step) must not leave a config behind that breaks every later resume."""
+        if fabric.is_global_zero:
+            (logdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (logdir / "configs").mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(OmegaConf.masked_copy(config, ["model", "data"]), logdir / "configs" / f"{now}-project.yaml")
+            OmegaConf.save(OmegaConf.create({"trainer": config.get("trainer", {})}),
+                           logdir / "configs" / f"{now}-trainer.yaml")
+            print(f"run folder: {logdir}")
+
+    trainer.attach(logdir, callbacks, run_config, open_run_folder)
 
     try:
         if opt.train:

@@ -185,6 +185,12 @@ class DataModuleFromConfig:
     def has(self, split: str) -> bool:
         return split in self.datasets
 
+    def peek(self) -> tuple[str, Any]:
+        """(split, its item 0) for the first configured split: the item read with its transforms seeded and the
+        global generators left as they were, to check the model against the data before training."""
+        split = next(split for split in SPLITS if split in self.datasets)
+        return split, ItemSeededDataset(self.datasets[split])[(0, 0)]
+
     def dataloader(self, split: str, rank: int = 0, world_size: int = 1, seed: int = 0,
                    drop_last: bool = False) -> DataLoader:
         """A loader of `split` for one rank, batches as dicts of tensors; its sampler is a `ShardedResumableSampler`.

@@ -11,7 +11,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from lightning.fabric import Fabric
@@ -85,17 +85,35 @@ class Trainer:
         self.raw_model: torch.nn.Module | None = None
         self.module = None  # the Fabric-wrapped model, once set up
         self.run_config: dict = {}
+        self._open_run_folder: Callable[[], None] | None = None  # see `attach`
+        self.start_step = 0  # global_step when this process started training: what it may save after an exception
 
     # ----------------------------------------------------------------------------------------------- set-up
     @property
     def is_global_zero(self) -> bool:
         return self.fabric.is_global_zero
 
-    def attach(self, logdir: Path, callbacks: list, run_config: dict) -> None:
-        """Where to write (the same folder on every rank) and what to save in checkpoints."""
+    def attach(self, logdir: Path, callbacks: list, run_config: dict,
+               open_run_folder: Callable[[], None] | None = None) -> None:
+        """Where to write (the same folder on every rank) and what to save in checkpoints.
+
+        `open_run_folder` (called on every rank) prepares the folder, e.g. saves the run's configs; it is called once
+        the first training step (or test batch) has gone through, so that a run that cannot take a step leaves its
+        folder as it was. Without it the folder is used at once."""
         self.logdir = Path(logdir)
         self.callbacks = callbacks
         self.run_config = run_config
+        self._open_run_folder = open_run_folder
+        if open_run_folder is None:
+            self.logger = RunLogger(self.logdir, self.config.logger, enabled=self.is_global_zero)
+
+    def _ensure_run_folder(self) -> None:
+        """Open the run folder (see `attach`) before the first write into it."""
+        if self._open_run_folder is None:
+            return
+        open_run_folder, self._open_run_folder = self._open_run_folder, None
+        open_run_folder()
+        self.fabric.barrier()
         self.logger = RunLogger(self.logdir, self.config.logger, enabled=self.is_global_zero)
 
     @property
@@ -328,6 +346,7 @@ class Trainer:
             self.last_good_checkpoint = resumed_file if resumed_file is not None and resumed_file.is_file() else None
         else:
             self._seed_rank()
+        self.start_step = self.global_step
         self._track_best(model, resume)
 
         loader = datamodule.dataloader("train", self.fabric.global_rank, self.fabric.world_size, self.seed,
@@ -367,8 +386,8 @@ class Trainer:
         Not when the exception came between two optimizers' steps of one global step (a GAN's generator stepped,
         its discriminator not), nor under FSDP (gathering needs every rank, which may be gone)."""
         path = self.logdir / "checkpoints" / ckpt.LAST if self.logdir is not None else None
-        if not self.is_global_zero or path is None:
-            return
+        if not self.is_global_zero or path is None or self.global_step == self.start_step:
+            return  # nothing learnt here: the checkpoint on disk (if any) holds this very state, or a newer one
         unread = self.guard.take_weights_flag()
         weights_bad = unread is not None and float(unread[1]) != 1.0
         if self.mid_step or self.sharded or weights_bad:
@@ -403,6 +422,7 @@ class Trainer:
                 if not boundary:
                     continue
                 micro = 0
+                self._ensure_run_folder()
                 self.global_step += 1
                 self.batch_in_epoch = batch_idx + 1
                 hook = optional_hook(self.raw_model, "on_train_batch_end")
@@ -604,6 +624,7 @@ class Trainer:
                 break
             batch = self._to_layout(batch)
             images = module.test_step(batch, batch_idx)
+            self._ensure_run_folder()
             if evaluator is not None:
                 evaluator.update(batch, images)
             affines, affine_shape = batch_affines(batch)

@@ -98,3 +98,45 @@ def test_a_failed_resume_does_not_break_the_next_one(run, runs):
     assert file_digests(run.parent) == before
     assert main("test", ["-r", str(run), "-t", "--no_test", "trainer.max_steps=7"]) == 0
     assert last_checkpoint(only_run_dir(run.parent))["global_step"] == 7
+
+
+def test_an_override_that_fails_in_the_first_step_leaves_the_run_folder_as_it_was(run, runs):
+    """The override builds but breaks the first training step: neither it (in configs/) nor a checkpoint of the
+    unchanged state is written, so the next plain `-r` goes on."""
+    before = file_digests(run.parent)
+    code, output = runs.finish(runs.resume(run, "-t", "--no_test", "trainer.max_steps=8",
+                                                "model.params.fail_at_steps=[6]"))
+    assert code == 1 and "RuntimeError: EmaRegressor: fail_at_steps has global step 6" in output, output
+    assert file_digests(run.parent) == before
+    assert main("test", ["-r", str(run), "-t", "--no_test", "trainer.max_steps=7"]) == 0
+    assert last_checkpoint(run)["global_step"] == 7
+
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
+TINY_3D = ["data.params.num_workers=0", "data.params.batch_size=2", "model.params.image_size=4",
+           "model.params.unet_config.params.image_size=4", "model.params.first_stage_config.params.ddconfig.resolution=16",
+           *[f"data.params.{split}.params.crop_to=[16,16,16]" for split in ("train", "validation", "test")]]
+LDM = "model.params"
+
+
+@pytest.mark.parametrize("config, args, message", [
+    ("ldm_2d.yaml", [f"{LDM}.channels=3"],
+     f"{LDM}.channels=3 but {LDM}.first_stage_config.params.embed_dim=4: the diffusion runs on the first stage's "
+     f"latents, so the two must be equal"),
+    ("ldm_2d.yaml", [f"{LDM}.unet_config.params.in_channels=5"],
+     f"{LDM}.unet_config.params.in_channels=5 but {LDM}.channels=4 = 4 channels reach the network"),
+    ("ldm_2d.yaml", [f"{LDM}.unet_config.params.out_channels=3"],
+     f"{LDM}.unet_config.params.out_channels=3 but {LDM}.channels=4: the network predicts a latent-shaped target"),
+    ("ldm_2d.yaml", [f"{LDM}.image_size=16", f"{LDM}.unet_config.params.image_size=16"],
+     f"{LDM}.image_size=[16, 16] but data.params.train items['image'] of spatial size [32, 32] become latents of "
+     f"[8, 8] ({LDM}.first_stage_config.params.ddconfig.ch_mult downsamples by 4)"),
+    ("ldm_3d.yaml", [*TINY_3D, f"{LDM}.unet_config.params.in_channels=5"],
+     f"{LDM}.unet_config.params.in_channels=5 but {LDM}.channels=4 + 3 channels of the concat conditioning "
+     f"({LDM}.cond_stage_config) = 7 channels reach the network"),
+], ids=["channels-vs-embed_dim", "in_channels", "out_channels", "image_size-vs-downsampling", "concat-in_channels"])
+def test_mismatched_latent_diffusion_configs_fail_when_built(tmp_path, capsys, config, args, message):
+    logs = tmp_path / "logs"
+    assert main("test", ["-b", str(DEMO / config), "-l", str(logs), "-t", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"error: {message}", err
+    assert not logs.exists()

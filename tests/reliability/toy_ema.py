@@ -34,14 +34,15 @@ class EmaRegressor(nn.Module):
     """y = MLP(scale_factor * x) + noise, for batches {"image": (B, 1, 4, 4), "target": (B, 1)}.
 
     hidden: width of the hidden layer (a different width is a different architecture); nan_at_steps: global steps
-    whose loss is NaN; lr_spikes: {scheduler step: factor} multiplies the learning rate at those steps (a factor of
+    whose loss is NaN; fail_at_steps: global steps whose training step raises RuntimeError (a config that breaks only
+once training runs); lr_spikes: {scheduler step: factor} multiplies the learning rate at those steps (a factor of
 1e40 with `sgd` makes the update overflow to Inf while the loss and gradients stay finite); sgd: plain SGD instead
 of AdamW (whose own checks refuse a step size beyond float32); sleep_s: seconds each training step sleeps (so signals land mid-run); ckpt_path/ignore_keys/
     strict: initial weights through `ldm.models.autoencoder.load_weights`, as the real models take them.
     """
 
     def __init__(self, hidden: int = 8, ema_decay: float = 0.9, noise_std: float = 0.1,
-                 nan_at_steps: Sequence[int] = (), lr_spikes: Mapping[int, float] | None = None,
+                 nan_at_steps: Sequence[int] = (), fail_at_steps: Sequence[int] = (), lr_spikes: Mapping[int, float] | None = None,
                  sgd: bool = False, sleep_s: float = 0.0, ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
                  strict: bool = True):
         super().__init__()
@@ -50,6 +51,7 @@ of AdamW (whose own checks refuse a step size beyond float32); sleep_s: seconds 
         self.register_buffer("scale_factor", torch.tensor(float("nan")))
         self.noise_std = noise_std
         self.nan_at_steps = set(nan_at_steps)
+        self.fail_at_steps = set(fail_at_steps)
         self.sgd = sgd
         self.lr_spikes = {int(step): float(factor) for step, factor in (lr_spikes or {}).items()}
         self.sleep_s = sleep_s
@@ -70,6 +72,8 @@ of AdamW (whose own checks refuse a step size beyond float32); sleep_s: seconds 
 
     def training_step(self, batch, batch_idx: int, optimizer_idx: int):
         time.sleep(self.sleep_s)
+        if self.global_step in self.fail_at_steps:
+            raise RuntimeError(f"EmaRegressor: fail_at_steps has global step {self.global_step}")
         if torch.isnan(self.scale_factor):  # first step of a fresh run: 1 / std of the first batch
             self.scale_factor.fill_(1.0 / batch["image"].float().std().item())
         mse = self._mse(batch)
