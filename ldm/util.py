@@ -25,7 +25,7 @@ _EDM = "ldm.models.diffusion.edm"
 # that sgm configs port unchanged. A module that provides more sgm names (text embedders, say) appends itself here.
 MODULE_ALIASES: dict[str, list[str]] = {
     "sgm.models.diffusion": ["ldm.models.diffusion.engine"],
-    "sgm.models.autoencoder": ["ldm.models.autoencoder"],
+    "sgm.models.autoencoder": ["ldm.models.autoencoder", "ldm.models.diffusion.engine"],
     "sgm.lr_scheduler": ["ldm.models.diffusion.lr_schedules"],
     "sgm.modules.diffusionmodules.openaimodel": ["ldm.modules.diffusionmodules.openaimodel"],
     "sgm.modules.diffusionmodules.denoiser": [f"{_EDM}.denoiser"],

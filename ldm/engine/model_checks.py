@@ -21,7 +21,12 @@ def check_latent_diffusion(model: torch.nn.Module, params: DictConfig, item: Map
     Checked: `channels` against the first stage's `embed_dim`; the UNet's `in_channels` against `channels` plus the
     channels a concat conditioning adds; its `out_channels` against `channels`; the data's channels against the first
     stage's `in_channels`; `image_size` against the data's spatial size over the first stage's downsampling factor.
-    item: {first_stage_key: (C, *spatial), cond_stage_key: ...} unbatched, or None to skip the data checks."""
+    item: {first_stage_key: (C, *spatial), cond_stage_key: ...} unbatched, or None to skip the data checks.
+    A model with its own `check_against_data(item, where, data_where)` (the DiffusionEngine) is checked by it."""
+    own_check = getattr(model, "check_against_data", None)
+    if own_check is not None:
+        own_check(item, where, data_where)
+        return
     first_stage = getattr(model, "first_stage_model", None)
     if first_stage is None:
         return
