@@ -3,6 +3,7 @@ pickle format, read with `weights_only=True`, so a file that would run code is r
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -18,9 +19,10 @@ class ConversionError(ValueError):
     """A weight file or folder that cannot be converted: the message names the file and the keys at fault."""
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a weight file, by name. A `.ckpt` with a `state_dict` entry (CompVis, Lightning, ours) gives
-    that entry; a file of tensors alone (diffusers' `.bin`) gives itself."""
+    that entry; a file of tensors alone (diffusers' `.bin`) gives itself. `mmap`: tensors of a zip-format pickle
+    are read from disk only when used (to look at key names cheaply)."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"weight file {path} does not exist")
@@ -30,7 +32,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"weight file {path}: unknown extension {path.suffix!r} "
                               f"(expected {SAFETENSORS} or one of {', '.join(PICKLED)})")
     try:
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_checkpoint(path, mmap=mmap and zipfile.is_zipfile(path))
     except CheckpointError as err:
         if "has no 'state_dict' entry" not in str(err):
             raise ConversionError(str(err)) from None

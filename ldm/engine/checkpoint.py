@@ -67,13 +67,14 @@ def saved_entry(path: str | Path, key: str) -> Any:
     return checkpoint.get(key) if isinstance(checkpoint, dict) else None
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with `weights_only=True` (no code runs from the file); errors name the file."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """Load a checkpoint with `weights_only=True` (no code runs from the file); errors name the file. `mmap`: tensors
+    stay on disk until used (zip-format files only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         refused = re.search(r"Unsupported global: GLOBAL \S+|Unsupported operand \S+", str(err))
         raise CheckpointError(

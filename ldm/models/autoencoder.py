@@ -21,14 +21,20 @@ _TRAINING_ONLY_SCALARS = ("d_weight", "disc_factor")
 
 def load_weights(model: nn.Module, ckpt_path: str | Path, ignore_keys: Sequence[str] = (),
                  strict: bool = True) -> tuple[list[str], list[str]]:
-    """Load the `state_dict` of checkpoint `ckpt_path` (one of ours, read with weights_only) into `model`.
+    """Load the `state_dict` of checkpoint `ckpt_path` (one of ours, read with weights_only) into `model`, or the
+    weights of a pretrained file or folder in another layout (a CompVis / Stable Diffusion `.ckpt` / `.safetensors`,
+    a diffusers folder: ldm/convert/pretrained.py), converted to `model`'s names first.
 
     Keys starting with any of `ignore_keys` are skipped in the checkpoint and in the model. Everything else must
     fit: a missing or unexpected key or a shape mismatch raises CheckpointError naming the file and the model, with
     the keys listed, unless `strict` is False, which loads the matching tensors and prints what was left out
     (see `ldm.engine.checkpoint.load_selected_state`). Returns (missing, unexpected) keys.
     """
-    state = load_checkpoint(ckpt_path)["state_dict"]
+    from ldm.convert.pretrained import converted_state  # imported here: ldm.convert builds this module's models
+
+    state = converted_state(model, ckpt_path, ignore_keys)
+    if state is None:
+        state = load_checkpoint(ckpt_path)["state_dict"]
     missing, unexpected = load_selected_state(model, state, ckpt_path, ignore_keys, strict)
     skipped = sum(ignored(key, ignore_keys) for key in state)
     initialised = sum(ignored(key, ignore_keys) for key in model.state_dict())
