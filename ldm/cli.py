@@ -21,6 +21,7 @@ from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint, load_m
 from ldm.engine.config import trainer_config_from
 from ldm.engine.guard import NonFiniteLossError
 from ldm.engine.model_checks import check_latent_diffusion
+from ldm.engine.signals import Preempted, PreemptionFlags
 from ldm.util import ConfigError, instantiate_from_config
 
 SECTIONS = ("model", "data", "trainer")
@@ -188,8 +189,12 @@ def run_name(opt: argparse.Namespace, now: str) -> str:
 def main(description: str, argv: list[str] | None = None) -> int:
     parser = build_parser(description)
     opt, dotlist = parser.parse_known_args(normalise_boolean_flags(sys.argv[1:] if argv is None else argv))
+    flags = PreemptionFlags(stage="start-up").install()
     try:
-        return run(opt, dotlist)
+        return run(opt, dotlist, flags)
+    except Preempted as err:
+        print(err, file=sys.stderr)
+        return 0
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -200,9 +205,11 @@ def main(description: str, argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NON_FINITE
+    finally:
+        flags.uninstall()
 
 
-def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
+def run(opt: argparse.Namespace, dotlist: list[str], flags: PreemptionFlags) -> int:
     from ldm.engine.loop import Trainer  # heavy imports after argument errors are out of the way
 
     if opt.name and opt.resume:
@@ -220,7 +227,7 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
 
     config = load_config(opt.base, dotlist)
     trainer_cfg = trainer_config_from(config.get("trainer", {}))
-    trainer = Trainer(trainer_cfg, seed=opt.seed)
+    trainer = Trainer(trainer_cfg, seed=opt.seed, flags=flags)
     fabric = trainer.fabric
     logdir = Path(fabric.broadcast(str(logdir), src=0))  # every rank writes into rank 0's folder
     fabric.seed_everything(opt.seed)
@@ -274,6 +281,9 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> int:
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(f"{err}; {resume_hint(logdir, trainer.last_good_checkpoint)}") from None
         if not opt.no_test:
+            if flags.exit_requested:  # a SIGTERM that came after training's last step boundary
+                raise Preempted("SIGTERM at the end of training: exiting before the test stage")
+            flags.stage = "the test stage"
             if datamodule.has("test"):
                 trainer.test(model, datamodule)
             elif fabric.is_global_zero:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ldm.engine.signals import ignore_in_worker
 from ldm.util import config_path, instantiate_from_config
 
 SPLITS = ("train", "validation", "test")
@@ -139,6 +140,13 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def init_worker(worker_id: int) -> None:
+    """A loader worker's set-up: SIGTERM and SIGUSR1 are left to the training process (`ldm.engine.signals`), then
+    `seed_worker`."""
+    ignore_in_worker()
+    seed_worker(worker_id)
+
+
 class WrappedDataset(Dataset):
     """Wraps any indexable with a length (a list of dicts, for instance) as a torch Dataset."""
 
@@ -205,6 +213,6 @@ class DataModuleFromConfig:
         return DataLoader(
             ItemSeededDataset(dataset), batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=drop_last,
-            persistent_workers=self.num_workers > 0, worker_init_fn=seed_worker,
+            persistent_workers=self.num_workers > 0, worker_init_fn=init_worker,
             generator=torch.Generator().manual_seed(seed + 7919 * rank),
         )

@@ -29,7 +29,7 @@ from ldm.engine.interface import optional_hook
 from ldm.engine.loggers import RunLogger
 from ldm.engine.memory_format import batch_to_channels_last, model_to_channels_last
 from ldm.engine.monitor import BestRecord, monitored_key
-from ldm.engine.signals import PreemptionFlags
+from ldm.engine.signals import TRAINING, PreemptionFlags
 from ldm.util import ConfigError
 
 
@@ -64,9 +64,12 @@ def _read_together(values: list) -> list[float | None]:
 class Trainer:
     """Runs `fit` and `test` for one model. Build it before the model so that every rank exists (`fabric.launch`)."""
 
-    def __init__(self, config: TrainerConfig, seed: int = 23):
+    def __init__(self, config: TrainerConfig, seed: int = 23, flags: PreemptionFlags | None = None):
+        """flags: installed preemption handlers of the whole run (the command line's); without them `fit` installs
+        its own for its duration."""
         self.config = config
         self.seed = seed
+        self.flags = flags
         self.fabric = Fabric(**fabric_kwargs(config))
         if os.environ.get("LT_CLI_USED") != "1":  # `fabric run` has already started every process
             self.fabric.launch()
@@ -364,7 +367,8 @@ class Trainer:
         batches_per_epoch = math.ceil(len(sampler.shard()) / datamodule.batch_size)
         if cfg.limit_train_batches > 0:
             batches_per_epoch = min(batches_per_epoch, cfg.limit_train_batches)
-        flags = PreemptionFlags().install()
+        flags = self.flags or PreemptionFlags().install()
+        flags.stage = TRAINING
         progress = tqdm(total=cfg.max_steps if cfg.max_steps > 0 else None, initial=self.global_step,
                         disable=not self.is_global_zero, desc="train", dynamic_ncols=True)
         module.train()
@@ -377,7 +381,9 @@ class Trainer:
             self._save_after_exception(optimizers, schedulers)
             raise
         finally:
-            flags.uninstall()
+            flags.stage = "the end of training"
+            if flags is not self.flags:
+                flags.uninstall()
             progress.close()
 
     def _save_after_exception(self, optimizers, schedulers) -> None:

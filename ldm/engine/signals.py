@@ -1,25 +1,43 @@
 """Preemption signals: SIGUSR1 asks for a checkpoint, SIGTERM for a checkpoint and a clean exit.
 
-Handlers only set flags; the loop acts on them at the next optimizer-step boundary, where the state is consistent.
+In training, handlers only set flags; the loop acts on them at the next optimizer-step boundary, where the state is
+consistent. Outside it (`stage`: start-up, the test stage) there is nothing to save: SIGTERM raises `Preempted`,
+which the command line turns into one line and exit code 0, and SIGUSR1 says what it will do. Loader workers ignore
+both (`ignore_in_worker`): SLURM signals the whole process group, and a worker killed first would end the run with
+a loader error instead of a checkpoint.
 """
 from __future__ import annotations
 
 import signal
+import sys
 import threading
+
+TRAINING = "training"
+
+
+class Preempted(BaseException):
+    """SIGTERM outside the training loop. A BaseException, so that `except Exception` in loading code lets it by."""
 
 
 class PreemptionFlags:
-    def __init__(self) -> None:
+    def __init__(self, stage: str = TRAINING) -> None:
         self.save_requested = False
         self.exit_requested = False
+        self.stage = stage
         self._previous: dict[int, object] = {}
 
     def _on_usr1(self, signum, frame) -> None:
         self.save_requested = True
+        if self.stage != TRAINING:
+            print(f"SIGUSR1 during {self.stage}: " + ("a checkpoint is saved after the first training step"
+                                                      if self.stage == "start-up" else "no training runs, nothing to "
+                                                                                       "save"), file=sys.stderr)
 
     def _on_term(self, signum, frame) -> None:
         self.save_requested = True
         self.exit_requested = True
+        if self.stage != TRAINING:
+            raise Preempted(f"SIGTERM during {self.stage}: exiting")
 
     def install(self) -> "PreemptionFlags":
         if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
@@ -34,3 +52,10 @@ class PreemptionFlags:
 
     def clear_save(self) -> None:
         self.save_requested = False
+
+
+def ignore_in_worker() -> None:
+    """In a loader worker: ignore SIGTERM and SIGUSR1 (the main process handles them; the worker ends when the
+    loader shuts it down or its parent exits)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)

@@ -32,7 +32,8 @@ def run_in_process(logdir: Path, *args: str) -> int:
 
 
 class Runs:
-    """Starts CLI processes with their output in files; `close()` SIGKILLs any still running."""
+    """Starts CLI processes with their output in files, each leading its own process group (as a SLURM job step
+    does, so that a test can signal the group); `close()` SIGKILLs any still running."""
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
@@ -48,7 +49,7 @@ class Runs:
         log = self.workdir / f"process-{len(self.processes)}.log"
         with open(log, "w") as handle:
             process = subprocess.Popen([sys.executable, str(DRIVER), *args], env=env, stdout=handle,
-                                       stderr=subprocess.STDOUT, cwd=REPO)
+                                       stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         self.processes.append((process, log))
         return process
 

@@ -3,6 +3,7 @@ and exits 0; `-r` then finishes the run as if nothing happened, loader workers w
 
 (tests/engine/test_loop.py checks the two signals on the plain toy model; this adds the exact continuation.)
 """
+import os
 import signal
 
 from ldm.engine.checkpoint import load_checkpoint, step_checkpoints
@@ -47,3 +48,51 @@ def test_sigusr1_then_sigterm_then_resume_matches_a_straight_run(tmp_path, runs,
     code, output = runs.finish(runs.resume(run, "-t", "--no_test"))
     assert code == 0, output
     assert_same_training_state(last_checkpoint(run), last_checkpoint(only_run_dir(tmp_path / "straight")))
+
+
+def killpg(process, signum) -> None:
+    """Signal the process's whole group, as SLURM does at the time limit: the loader workers get it too."""
+    os.killpg(process.pid, signum)
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_0(tmp_path, runs):
+    logdir = tmp_path / "logs"
+    process = runs.train(logdir, *OPTIONS, "model.params.sleep_s=0.1")
+    runs.wait_for(lambda: logdir.is_dir() and any(logdir.iterdir()) and logged_steps(only_run_dir(logdir)) >= 3,
+                  process, "step 3")
+    killpg(process, signal.SIGTERM)
+    code, output = runs.finish(process)
+    assert code == 0 and "Traceback" not in output, output
+    run = only_run_dir(logdir)
+    step = last_checkpoint(run)["global_step"]
+    assert f"SIGTERM: checkpoint saved at step {step}, exiting" in output, output
+    assert 3 <= step < 24
+
+
+def test_signals_during_start_up_and_the_test_stage_end_the_run_with_one_line(tmp_path, runs):
+    """No checkpoint to save there: SIGUSR1 says so, SIGTERM exits 0 with one line, and start-up writes nothing."""
+    logdir = tmp_path / "start-up"
+    process = runs.train(logdir, *OPTIONS, "model.params.build_sleep_s=60")
+    runs.wait_for(lambda: "data: DataModuleFromConfig" in runs.output(process), process, "the model build")
+    killpg(process, signal.SIGUSR1)
+    runs.wait_for(lambda: "SIGUSR1 during start-up" in runs.output(process), process, "the SIGUSR1 notice")
+    killpg(process, signal.SIGTERM)
+    code, output = runs.finish(process)
+    assert code == 0 and "Traceback" not in output, output
+    assert "SIGUSR1 during start-up: a checkpoint is saved after the first training step" in output
+    assert output.strip().splitlines()[-1] == "SIGTERM during start-up: exiting", output
+    assert not logdir.exists()
+
+    logdir = tmp_path / "test-stage"
+    test_split = "data.params.test={target: tests.engine.toy.RegressionData, params: {length: 40}}"
+    process = runs.train(logdir, "-t", "trainer.max_steps=2", "model.params.sleep_s=0.5", test_split)
+    runs.wait_for(lambda: logdir.is_dir() and (only_run_dir(logdir) / "images" / "test").is_dir(), process,
+                  "the test stage's first images")
+    killpg(process, signal.SIGUSR1)
+    runs.wait_for(lambda: "SIGUSR1 during the test stage" in runs.output(process), process, "the SIGUSR1 notice")
+    killpg(process, signal.SIGTERM)
+    code, output = runs.finish(process)
+    assert code == 0 and "Traceback" not in output, output
+    assert "SIGUSR1 during the test stage: no training runs, nothing to save" in output
+    assert "SIGTERM during the test stage: exiting" in output, output
+    assert last_checkpoint(only_run_dir(logdir))["global_step"] == 2

@@ -34,18 +34,22 @@ class EmaRegressor(nn.Module):
     """y = MLP(scale_factor * x) + noise, for batches {"image": (B, 1, 4, 4), "target": (B, 1)}.
 
     hidden: width of the hidden layer (a different width is a different architecture); nan_at_steps: global steps
-    whose loss is NaN; fail_at_steps: global steps whose training step raises RuntimeError (a config that breaks only
-once training runs); lr_spikes: {scheduler step: factor} multiplies the learning rate at those steps (a factor of
-1e40 with `sgd` makes the update overflow to Inf while the loss and gradients stay finite); sgd: plain SGD instead
-of AdamW (whose own checks refuse a step size beyond float32); sleep_s: seconds each training step sleeps (so signals land mid-run); ckpt_path/ignore_keys/
-    strict: initial weights through `ldm.models.autoencoder.load_weights`, as the real models take them.
+    whose loss is NaN; fail_at_steps: global steps whose training step raises RuntimeError (a config that breaks
+    only once training runs); lr_spikes: {scheduler step: factor} multiplies the learning rate at those steps (a
+    factor of 1e40 with `sgd` makes the update overflow to Inf while the loss and gradients stay finite); sgd: plain
+    SGD instead of AdamW (whose own checks refuse a step size beyond float32); sleep_s: seconds each training or test
+    step sleeps (so signals land mid-run); build_sleep_s: seconds the constructor sleeps (a slow start-up);
+    ckpt_path/ignore_keys/strict: initial weights through `ldm.models.autoencoder.load_weights`, as the real models
+    take them.
     """
 
     def __init__(self, hidden: int = 8, ema_decay: float = 0.9, noise_std: float = 0.1,
-                 nan_at_steps: Sequence[int] = (), fail_at_steps: Sequence[int] = (), lr_spikes: Mapping[int, float] | None = None,
-                 sgd: bool = False, sleep_s: float = 0.0, ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
+                 nan_at_steps: Sequence[int] = (), fail_at_steps: Sequence[int] = (),
+                 lr_spikes: Mapping[int, float] | None = None, sgd: bool = False, sleep_s: float = 0.0,
+                 build_sleep_s: float = 0.0, ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
                  strict: bool = True):
         super().__init__()
+        time.sleep(build_sleep_s)
         self.model = nn.Sequential(nn.Linear(16, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self.model_ema = LitEma(self.model, decay=ema_decay)
         self.register_buffer("scale_factor", torch.tensor(float("nan")))
@@ -92,6 +96,7 @@ of AdamW (whose own checks refuse a step size beyond float32); sleep_s: seconds 
             return {"loss": self._mse(batch)}
 
     def test_step(self, batch, batch_idx: int):
+        time.sleep(self.sleep_s)
         return {"inputs": batch["image"].clamp(-1, 1)}
 
     def log_images(self, batch, split: str, max_images: int):
