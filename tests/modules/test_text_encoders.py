@@ -146,3 +146,31 @@ def test_hub_id_resolves_from_the_local_cache(pipeline, tmp_path, monkeypatch):
     encoder = FrozenCLIPEmbedder("someone/tiny-sd", subfolder="text_encoder", max_length=24)
     with torch.no_grad():
         torch.testing.assert_close(encoder(PROMPTS), first(ids()).last_hidden_state, rtol=0, atol=0)
+
+
+def test_as_cond_stage_of_latent_diffusion_a_training_step_reaches_the_text_encoder():
+    """The random encoder as today's cond_stage_config: captions in, cross-attention context out, trained with the
+    UNet; the null condition is the empty caption's."""
+    from ldm.util import instantiate_from_config
+    from tests.convert.test_pretrained import FIRST_STAGE
+
+    unet = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+        "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
+        "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2, "use_spatial_transformer": True,
+        "context_dim": 16}}
+    text = {"target": "ldm.modules.text_encoders.CLIPTextEmbedder", "params": {
+        "text_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        "max_length": 12, "freeze": False}}
+    model = instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+        "first_stage_config": FIRST_STAGE, "cond_stage_config": text, "unet_config": unet, "image_size": 8,
+        "channels": 4, "cond_stage_key": "caption", "conditioning_key": "crossattn", "cond_stage_trainable": True,
+        "ucg_rate": 0.5, "use_ema": False}})
+    batch = {"image": torch.randn(2, 3, 16, 16), "caption": ["a seven", "a one"]}
+    cond, null, _ = model.get_conditioning(batch)
+    assert cond.context.shape == (2, 12, 16)
+    loss, _ = model.training_step(batch, 0, 0)
+    loss.backward()
+    assert model.cond_stage_model.transformer.embeddings.token_embedding.weight.grad is not None
+    with torch.no_grad():
+        empty = model.cond_stage_model([""])
+    torch.testing.assert_close(null.context, empty.expand(2, -1, -1))
