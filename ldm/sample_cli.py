@@ -36,6 +36,8 @@ from ldm.engine.images import save_nifti, save_png, to_grid
 from ldm.engine.inference_graph import GraphedInference
 from ldm.engine.memory_format import channels_last as channels_last_tensor, model_to_channels_last
 from ldm.models.diffusion.conditioning import Conditioning, classifier_free_guidance
+from ldm.models.diffusion.edm.samplers import SAMPLERS as EDM_SAMPLERS
+from ldm.models.diffusion.engine import DiffusionEngine
 from ldm.models.diffusion.sampling import SAMPLERS, get_sampler, timestep_schedule
 from ldm.sample_conditions import Condition, ConditionError, conditioning_kind, load_conditions, stack_values
 from ldm.util import ConfigError, instantiate_from_config
@@ -61,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_samples", type=int, default=None,
                         help=f"default: one per condition, {DEFAULT_UNCONDITIONAL_SAMPLES} for an unconditional model")
     parser.add_argument("--batch_size", type=int, default=1, help="samples drawn together (1 for large 3D volumes)")
-    parser.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: model.params.sampler")
+    parser.add_argument("--sampler", choices=sorted(set(SAMPLERS) | set(EDM_SAMPLERS)), default=None,
+                        help=f"default: the run's (model.params.sampler, or a DiffusionEngine's sampler_config); "
+                             f"{', '.join(SAMPLERS)} for LatentDiffusion runs, {', '.join(EDM_SAMPLERS)} for "
+                             f"DiffusionEngine runs")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: model.params.sampler_steps)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 ancestral")
     parser.add_argument("--scale", type=float, default=None,
@@ -148,9 +153,11 @@ def build_model(config: DictConfig, checkpoint: dict, checkpoint_path: Path) -> 
     if isinstance(first_stage, DictConfig) and (first_stage.get("params") or {}).get("ckpt_path") is not None:
         first_stage.params.ckpt_path = None
     model = instantiate_from_config(model_config)
-    if not all(hasattr(model, name) for name in ("diffusion", "apply_model", "decode")):
+    if not isinstance(model, DiffusionEngine) and not all(hasattr(model, name)
+                                                          for name in ("diffusion", "apply_model", "decode")):
         raise ConfigError(f"model.target: {type(model).__name__} is not a diffusion model (sample.py needs "
-                          f"ldm.models.diffusion.ddpm.DDPM or LatentDiffusion)")
+                          f"ldm.models.diffusion.ddpm.DDPM, LatentDiffusion or ldm.models.diffusion.engine."
+                          f"DiffusionEngine)")
     try:
         missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -192,6 +199,9 @@ class SamplerSettings:
 def sampler_settings(opt: argparse.Namespace, params: DictConfig, model: torch.nn.Module) -> SamplerSettings:
     """Flags over the model's configured sampler (model.params.sampler, sampler_steps, ...), checked."""
     name = opt.sampler or params.get("sampler", "ddim")
+    if name not in SAMPLERS:
+        raise ConfigError(f"--sampler {name}: a {type(model).__name__} run samples with {', '.join(SAMPLERS)} "
+                          f"({', '.join(EDM_SAMPLERS)} are for DiffusionEngine runs)")
     configured_eta = float(params.get("sampler_eta", 0.0)) if params.get("sampler", "ddim") == "ddim" else 0.0
     eta = opt.eta if opt.eta is not None else (configured_eta if name == "ddim" else 0.0)
     if name != "ddim" and eta:
@@ -383,6 +393,9 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
     if opt.decode_slab is not None:
         set_decode_slab(model, opt.decode_slab)
     ema = use_ema_weights(model, opt.ema)
+    if isinstance(model, DiffusionEngine):
+        from ldm.sample_engine import run_engine
+        return run_engine(opt, model, config, checkpoint, checkpoint_path, run_dir, device, ema, mask_labels)
     settings = sampler_settings(opt, model_config_for(config.model, training=False).params, model)
     try:
         timesteps = timestep_schedule(model.diffusion.num_timesteps, settings.steps, settings.spacing)

@@ -1,4 +1,6 @@
 """DiffusionEngine: sgm configs build (target aliases), training steps, EMA, sampling, errors naming the key."""
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -6,7 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.cli import main
+from ldm.models.diffusion.edm.samplers import SAMPLERS as EDM_SAMPLERS
 from ldm.models.diffusion.engine import DiffusionEngine
+from ldm.sample_cli import main as sample_main
 from ldm.util import ConfigError, instantiate_from_config
 from tests.engine.helpers import only_run_dir
 
@@ -127,13 +131,54 @@ def test_data_checks_name_the_keys():
         instantiate_from_config(config).check_against_data(item)
 
 
-def test_edm_2d_demo_trains_and_tests_through_the_cli(tmp_path):
-    """configs/demo/edm_2d.yaml: two training steps through train_ldm's CLI, validation, checkpoint, test samples."""
-    assert main("ldm", ["-b", str(ROOT / "configs" / "demo" / "edm_2d.yaml"), "-t", "-l", str(tmp_path), *FAST]) == 0
-    run = only_run_dir(tmp_path)
-    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+@pytest.fixture(scope="module")
+def edm_run(tmp_path_factory) -> Path:
+    """configs/demo/edm_2d.yaml trained for two steps through train_ldm's CLI (validation, checkpoint, test stage)."""
+    logs = tmp_path_factory.mktemp("edm_2d")
+    assert main("ldm", ["-b", str(ROOT / "configs" / "demo" / "edm_2d.yaml"), "-t", "-l", str(logs), *FAST]) == 0
+    return only_run_dir(logs)
+
+
+def test_edm_2d_demo_trains_and_tests_through_the_cli(edm_run):
+    state = torch.load(edm_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert any(k.startswith("model_ema.") for k in state) and any(k.startswith("conditioner.embedders.0.") for k in state)
-    assert list((run / "images" / "test").glob("samples_*.png"))
+    assert list((edm_run / "images" / "test").glob("samples_*.png"))
+
+
+@pytest.mark.parametrize("sampler", sorted(EDM_SAMPLERS))
+def test_sample_py_draws_with_every_sampler(edm_run, tmp_path, sampler):
+    outdir = tmp_path / sampler
+    assert sample_main(["-r", str(edm_run), "--cond", "labels:3,7", "--sampler", sampler, "--steps", "2",
+                        "--scale", "1.5", "--batch_size", "2", "--outdir", str(outdir)]) == 0
+    manifest = json.loads((outdir / "manifest.json").read_text())
+    assert manifest["sampler"]["name"] == sampler and manifest["sampler"]["scale"] == 1.5
+    assert len(manifest["sampler"]["sigmas"]) == 3 and manifest["sampler"]["sigmas"][-1] == 0.0
+    assert [entry["condition"] for entry in manifest["samples"]] == ["label 3", "label 7"]
+    assert (outdir / "sample_0001.png").is_file() and (outdir / "samples.png").is_file()
+
+
+def test_sample_py_sample_is_reproducible_from_its_seed(edm_run, tmp_path):
+    args = ["-r", str(edm_run), "--cond", "labels:3,7", "--sampler", "euler_ancestral", "--steps", "2"]
+    assert sample_main([*args, "--outdir", str(tmp_path / "both")]) == 0
+    first = (tmp_path / "both" / "sample_0000.png").read_bytes()  # seed 23, label 3, its ancestral noise too
+    assert sample_main([*args, "--n_samples", "1", "--outdir", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "sample_0000.png").read_bytes() == first
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sampler", "ddim"], "--sampler ddim: a DiffusionEngine run samples with euler"),
+    (["--spacing", "trailing"], "--spacing / --quadratic: a DiffusionEngine samples at its discretization"),
+    (["--sampler", "heun", "--eta", "0.5"], "--eta 0.5: only the ancestral samplers"),
+    (["--cond", "labels:12"], r"--cond labels:12: labels \[12\]; this model knows \[0, 10\)"),
+    (["--cond", "split:nope"], "--cond split:nope: the run's data config has no 'nope' split"),
+])
+def test_sample_py_errors_are_one_line(edm_run, tmp_path, capsys, argv, message):
+    argv = ["-r", str(edm_run), "--outdir", str(tmp_path / "out"), *(["--cond", "labels:1"] if "--cond" not in argv
+                                                                    else []), *argv]
+    assert sample_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_error_for_guidance_without_a_condition(tmp_path, capsys):
