@@ -8,6 +8,7 @@ build data and model, then train (`-t`) and/or test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import os
@@ -21,6 +22,7 @@ from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint, load_m
 from ldm.engine.config import trainer_config_from
 from ldm.engine.guard import NonFiniteLossError
 from ldm.engine.model_checks import check_latent_diffusion
+from ldm.engine.run_lock import RunFolderBusy, RunLock
 from ldm.engine.signals import Preempted, PreemptionFlags
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -191,11 +193,12 @@ def main(description: str, argv: list[str] | None = None) -> int:
     opt, dotlist = parser.parse_known_args(normalise_boolean_flags(sys.argv[1:] if argv is None else argv))
     flags = PreemptionFlags(stage="start-up").install()
     try:
-        return run(opt, dotlist, flags)
+        with contextlib.ExitStack() as cleanup:
+            return run(opt, dotlist, flags, cleanup)
     except Preempted as err:
         print(err, file=sys.stderr)
         return 0
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, RunFolderBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except MissingMandatoryValue as err:  # a `???` in a config that nothing set
@@ -209,7 +212,25 @@ def main(description: str, argv: list[str] | None = None) -> int:
         flags.uninstall()
 
 
-def run(opt: argparse.Namespace, dotlist: list[str], flags: PreemptionFlags) -> int:
+def lock_run_folder(fabric, logdir: Path, cleanup: contextlib.ExitStack) -> None:
+    """Rank 0 locks the run folder until the run ends (`cleanup`); every rank raises RunFolderBusy if it could not."""
+    problem = None
+    if fabric.is_global_zero:
+        lock = RunLock(logdir)
+        try:
+            notice = lock.acquire()
+        except RunFolderBusy as err:
+            problem = str(err)
+        else:
+            cleanup.callback(lock.release)
+            if notice:
+                print(notice)
+    problem = fabric.broadcast(problem, src=0)
+    if problem:
+        raise RunFolderBusy(problem)
+
+
+def run(opt: argparse.Namespace, dotlist: list[str], flags: PreemptionFlags, cleanup: contextlib.ExitStack) -> int:
     from ldm.engine.loop import Trainer  # heavy imports after argument errors are out of the way
 
     if opt.name and opt.resume:
@@ -230,6 +251,8 @@ def run(opt: argparse.Namespace, dotlist: list[str], flags: PreemptionFlags) -> 
     trainer = Trainer(trainer_cfg, seed=opt.seed, flags=flags)
     fabric = trainer.fabric
     logdir = Path(fabric.broadcast(str(logdir), src=0))  # every rank writes into rank 0's folder
+    if checkpoint_path is not None:
+        lock_run_folder(fabric, logdir, cleanup)
     fabric.seed_everything(opt.seed)
 
     callbacks = [instantiate_from_config(cfg) for cfg in (config.trainer.callbacks.values()
@@ -267,6 +290,10 @@ def run(opt: argparse.Namespace, dotlist: list[str], flags: PreemptionFlags) -> 
         if fabric.is_global_zero:
             (logdir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (logdir / "configs").mkdir(parents=True, exist_ok=True)
+            if checkpoint_path is None:  # a new run folder: lock it now that it exists
+                lock = RunLock(logdir)
+                lock.acquire()
+                cleanup.callback(lock.release)
             OmegaConf.save(OmegaConf.masked_copy(config, ["model", "data"]), logdir / "configs" / f"{now}-project.yaml")
             OmegaConf.save(OmegaConf.create({"trainer": config.get("trainer", {})}),
                            logdir / "configs" / f"{now}-trainer.yaml")

@@ -5,10 +5,12 @@ and exits 0; `-r` then finishes the run as if nothing happened, loader workers w
 """
 import os
 import signal
+import socket
 
+from ldm.cli import main
 from ldm.engine.checkpoint import load_checkpoint, step_checkpoints
-from tests.reliability.processes import (assert_same_training_state, last_checkpoint, logged_steps,
-                                        only_run_dir, run_in_process)
+from tests.reliability.processes import (assert_same_training_state, file_digests, last_checkpoint,
+                                        logged_steps, only_run_dir, run_in_process)
 
 # Two loader workers drawing random augmentation; checkpoints only when signalled (and at the end).
 OPTIONS = ["-t", "--no_test", "-s", "11", "data.params.num_workers=2", "trainer.checkpoint.every_n_steps=1000"]
@@ -96,3 +98,30 @@ def test_signals_during_start_up_and_the_test_stage_end_the_run_with_one_line(tm
     assert "SIGUSR1 during the test stage: no training runs, nothing to save" in output
     assert "SIGTERM during the test stage: exiting" in output, output
     assert last_checkpoint(only_run_dir(logdir))["global_step"] == 2
+
+
+def test_a_second_process_resuming_a_running_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, runs,
+                                                                                                   capsys):
+    """Two processes on one run folder would trample each other's checkpoints: the second gets one error line
+    naming the first (pid and host), exit code 2, and changes nothing. The first is then killed with its lock file
+    left behind: the next resume sees that the lock is stale, takes it over and finishes the run."""
+    assert run_in_process(tmp_path, "-t", "--no_test", "trainer.max_steps=3") == 0
+    run = only_run_dir(tmp_path)
+    # the first resume hangs halfway through writing its checkpoint of step 6, holding the lock
+    first = runs.resume(run, "-t", "--no_test", "trainer.max_steps=6", slow_saves="60", markers=tmp_path / "m")
+    runs.wait_for(lambda: (tmp_path / "m" / "save-1").exists(), first, "the first resume's checkpoint write")
+    owner = f"pid {first.pid} on host {socket.gethostname()}"
+    before = file_digests(run)
+    assert main("test", ["-r", str(run), "-t", "--no_test", "trainer.max_steps=24"]) == 2  # here, in this process
+    output = capsys.readouterr().err
+    assert output.strip().splitlines()[-1] == (
+        f"error: run folder {run} is in use by {owner} (lock file {run / '.lock'}); two runs writing one folder "
+        f"would overwrite each other's checkpoints"), output
+    assert file_digests(run) == before
+
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    assert (run / ".lock").read_text().strip() == owner
+    assert main("test", ["-r", str(run), "-t", "--no_test", "trainer.max_steps=6"]) == 0
+    assert f"run folder {run}: took over the stale lock of {owner} (not running)" in capsys.readouterr().out
+    assert last_checkpoint(run)["global_step"] == 6 and not (run / ".lock").exists()
