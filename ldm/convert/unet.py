@@ -50,7 +50,10 @@ def layout_of(model: UNetModel, layout: str) -> list[Mapped]:
     if layout not in _TOP:
         raise ConversionError(f"unknown UNet layout {layout!r} (known: {', '.join(_TOP)})")
     entries = [mapped(ours, theirs) for ours, theirs in _TOP[layout].items()]
-    if model.label_emb is not None:
+    if isinstance(model.label_emb, nn.Sequential):  # sgm's vector conditioning (SDXL): diffusers' text_time MLP
+        for ours, theirs in (("label_emb.0.0", "add_embedding.linear_1"), ("label_emb.0.2", "add_embedding.linear_2")):
+            entries.append(mapped(ours, ours if layout == COMPVIS else theirs))
+    elif model.label_emb is not None:
         entries.append(mapped("label_emb", "label_emb" if layout == COMPVIS else "class_embedding",
                               params=("weight",)))
     level, index = 0, 0
@@ -185,14 +188,24 @@ def infer_config(state: Mapping[str, torch.Tensor], layout: str, prefix: str = "
         use_scale_shift_norm=_emb_width(state, prefix, levels, layout) == 2 * widths[0])
     if f"{prefix}{names['label']}.weight" in state:
         params["num_classes"] = int(state[f"{prefix}{names['label']}.weight"].shape[0])
+    vector = "label_emb.0.0.weight" if layout == COMPVIS else "add_embedding.linear_1.weight"
+    if f"{prefix}{vector}" in state:
+        params.update(num_classes="sequential", adm_in_channels=int(state[f"{prefix}{vector}"].shape[1]))
     if transformers:
         first = transformers[0]
         if f"{prefix}{first}.transformer_blocks.0.attn2.to_k.weight" not in state:
             raise ConversionError(f"{source}: {prefix}{first} is a plain self-attention block (use_spatial_"
                                   f"transformer: false), whose q/k/v biases ours lacks")
-        depth = sum(f"{prefix}{first}.transformer_blocks.{d}.norm1.weight" in state for d in range(64))
+        def depth(block: str | None) -> int:
+            return 1 if block is None else sum(f"{prefix}{block}.transformer_blocks.{d}.norm1.weight" in state
+                                               for d in range(64))
+        depths = [depth(level[0]) for level in attention]
+        middle = depth("middle_block.1" if layout == COMPVIS else "mid_block.attentions.0")
         context_dim = int(tensor(f"{first}.transformer_blocks.0.attn2.to_k.weight").shape[1])
-        params.update(use_spatial_transformer=True, transformer_depth=depth, context_dim=context_dim)
+        params.update(use_spatial_transformer=True, context_dim=context_dim,
+                      transformer_depth=depths[0] if len(set(depths)) == 1 else depths)
+        if middle != depths[-1]:
+            params["transformer_depth_middle"] = middle
         if tensor(f"{first}.proj_in.weight").ndim == 2:
             params["use_linear_in_transformer"] = True
         if num_heads is None and num_head_channels is None:
@@ -272,9 +285,10 @@ _DIFFUSERS_DEFAULTS = {"center_input_sample": False, "flip_sin_to_cos": True, "f
 
 def _check_diffusers_config(config: Mapping[str, Any], path: Path) -> None:
     """Options of diffusers' UNet2DConditionModel that change the maths away from ours are refused by name."""
+    allowed = {"addition_embed_type": "text_time"}  # SDXL: sgm's vector conditioning (num_classes: sequential)
     different = [f"{key}={config[key]!r} (ours: {value!r})" for key, value in _DIFFUSERS_DEFAULTS.items()
-                 if key in config and config[key] != value and not (key == "mid_block_scale_factor"
-                                                                     and float(config[key]) == float(value))]
+                 if key in config and config[key] != value and config[key] != allowed.get(key)
+                 and not (key == "mid_block_scale_factor" and float(config[key]) == float(value))]
     if different:
         raise ConversionError(f"{path}: unet config.json options that our UNetModel does not compute: "
                               f"{', '.join(different)}")
@@ -322,12 +336,21 @@ def diffusers_config(model: UNetModel) -> dict[str, Any]:
         raise ConversionError(f"diffusers' UNet gives its mid block the last level's heads ({heads[-1]}); this "
                               f"UNet's mid block has {mid.transformer_blocks[0].attn1.heads}")
     first = next(t for t in transformers if t is not None)
+    if len(mid.transformer_blocks) != len((transformers[-1] or mid).transformer_blocks):
+        raise ConversionError("diffusers' UNet gives its mid block the last level's transformer depth; this UNet's "
+                              "differs (transformer_depth_middle)")
+    if model.adm_in_channels is not None:  # SDXL: pooled text + 6 size/crop numbers of 256 Fourier features each
+        vector = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                  "projection_class_embeddings_input_dim": model.adm_in_channels}
+    else:
+        vector = {"num_class_embeds": model.num_classes}
     return {"_class_name": "UNet2DConditionModel", "sample_size": model.image_size[0],
             "in_channels": model.in_channels, "out_channels": model.out[1].out_channels,
             "down_block_types": ["CrossAttnDownBlock2D" if t is not None else "DownBlock2D" for t in transformers],
             "up_block_types": ["CrossAttnUpBlock2D" if t is not None else "UpBlock2D" for t in transformers[::-1]],
             "mid_block_type": "UNetMidBlock2DCrossAttn", "block_out_channels": widths,
             "layers_per_block": len(levels[0]), "cross_attention_dim": model.context_dim,
-            "attention_head_dim": heads, "transformer_layers_per_block": len(first.transformer_blocks),
+            "attention_head_dim": heads,
+            "transformer_layers_per_block": [len((t or mid).transformer_blocks) for t in transformers],
             "use_linear_projection": isinstance(first.proj_in, nn.Linear), "norm_num_groups": 32,
-            "num_class_embeds": model.num_classes, "class_embed_type": None}
+            "class_embed_type": None, **vector}

@@ -17,6 +17,15 @@ CONFIGS = {  # SD 1.x's block structure, tiny; and three levels, two transformer
                            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), in_channels=3,
                            out_channels=6),
+    "sd2_like": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=24, attention_head_dim=(2, 4),
+                     use_linear_projection=True, upcast_attention=True,
+                     down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2),
+    "sdxl_like": dict(block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=24,
+                      attention_head_dim=(2, 4, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2, 3),
+                      addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=16 + 6 * 8,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
 }
 
 
@@ -37,26 +46,39 @@ def test_diffusers_folder_to_ours_same_outputs_and_back(tmp_path, name):
     assert sorted(back) == sorted(ref.state_dict())
     assert all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
     write_component(tmp_path / "out" / "unet", unet.diffusers_config(ours), back)
-    reloaded = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet")
-    assert reloaded.config.attention_head_dim == [CONFIGS[name]["attention_head_dim"]] * len(ref.down_blocks)
-
     config = CONFIGS[name]
+    if "addition_time_embed_dim" in config:  # ours writes SDXL's 256 Fourier features per size number
+        write_component(tmp_path / "out" / "unet", {**unet.diffusers_config(ours), "addition_time_embed_dim": 8}, back)
+    reloaded = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet")
+    heads = config["attention_head_dim"]
+    heads = list(heads) if isinstance(heads, tuple) else [heads] * len(ref.down_blocks)
+    with_attention = [i for i, kind in enumerate(config["down_block_types"]) if kind.startswith("CrossAttn")]
+    assert [reloaded.config.attention_head_dim[i] for i in with_attention] == [heads[i] for i in with_attention]
+
     x = torch.randn(2, config.get("in_channels", 4), 16, 16)
     t = torch.tensor([3, 917])
     context = torch.randn(2, 7, config["cross_attention_dim"])
     labels = torch.tensor([1, 4]) if "num_class_embeds" in config else None
+    theirs_extra, y = {"class_labels": labels}, labels
+    if "addition_embed_type" in config:  # SDXL: pooled text + Fourier features of the size/crop numbers as y
+        text_embeds, time_ids = torch.randn(2, 16), torch.tensor([[16.0, 16, 0, 0, 16, 16], [32, 24, 2, 1, 16, 16]])
+        theirs_extra = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
+        y = torch.cat([text_embeds, ref.add_time_proj(time_ids.flatten()).reshape(2, -1)], dim=1)
     with torch.no_grad():
-        expected = ref(x, t, context, class_labels=labels).sample
-        torch.testing.assert_close(ours(x, t, context, labels), expected, rtol=0, atol=1e-4)
-        torch.testing.assert_close(reloaded(x, t, context, class_labels=labels).sample, expected, rtol=0, atol=0)
+        expected = ref(x, t, context, **theirs_extra).sample
+        torch.testing.assert_close(ours(x, t, context, y), expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(reloaded(x, t, context, **theirs_extra).sample, expected, rtol=0, atol=0)
+        if y is not None and y.is_floating_point():
+            y = y.double()
+            theirs_extra["added_cond_kwargs"] = {k: v.double() for k, v in theirs_extra["added_cond_kwargs"].items()}
         ref, ours = ref.double(), ours.double()
-        torch.testing.assert_close(ours(x.double(), t, context.double(), labels),
-                                   ref(x.double(), t, context.double(), class_labels=labels).sample,
-                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(ours(x.double(), t, context.double(), y),
+                                   ref(x.double(), t, context.double(), **theirs_extra).sample, rtol=0, atol=1e-10)
 
 
-def test_compvis_single_file_round_trips_through_diffusers_loader(tmp_path):
-    ref = reference("sd1_like")
+@pytest.mark.parametrize("name", ["sd1_like", "sd2_like", "sdxl_like"])
+def test_compvis_single_file_round_trips_through_diffusers_loader(tmp_path, name):
+    ref = reference(name)
     ref.save_pretrained(tmp_path / "unet")
     ours = unet.load_unet(tmp_path / "unet")
     single = {**unet.export_state(ours, "compvis", unet.SINGLE_FILE_PREFIX),
@@ -65,7 +87,9 @@ def test_compvis_single_file_round_trips_through_diffusers_loader(tmp_path):
     theirs = diffusers.UNet2DConditionModel.from_single_file(tmp_path / "sd.ckpt", config=str(tmp_path / "unet"),
                                                              local_files_only=True)
     assert all(torch.equal(theirs.state_dict()[k], v) for k, v in ref.state_dict().items())
-    again = unet.load_unet(tmp_path / "sd.ckpt", num_heads=4)
+    heads = CONFIGS[name]["attention_head_dim"]
+    again = unet.load_unet(tmp_path / "sd.ckpt", **({"num_heads": 4} if name == "sd1_like" else
+                                                     {"num_head_channels": 32 // heads[0]}))
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
 
 
