@@ -133,9 +133,9 @@ def test_data_checks_name_the_keys():
 
 @pytest.fixture(scope="module")
 def edm_run(tmp_path_factory) -> Path:
-    """configs/demo/edm_2d.yaml trained for two steps through train_ldm's CLI (validation, checkpoint, test stage)."""
+    """configs/sgm/edm_digits_2d.yaml trained for two steps through train_ldm's CLI (validation, checkpoint, test stage)."""
     logs = tmp_path_factory.mktemp("edm_2d")
-    assert main("ldm", ["-b", str(ROOT / "configs" / "demo" / "edm_2d.yaml"), "-t", "-l", str(logs), *FAST]) == 0
+    assert main("ldm", ["-b", str(ROOT / "configs" / "sgm" / "edm_digits_2d.yaml"), "-t", "-l", str(logs), *FAST]) == 0
     return only_run_dir(logs)
 
 
@@ -185,7 +185,7 @@ def test_cli_error_for_guidance_without_a_condition(tmp_path, capsys):
     no_dropout = tmp_path / "no_dropout.yaml"
     no_dropout.write_text("model: {params: {conditioner_config: {params: {emb_models: [{input_key: class_label, "
                           "target: ldm.modules.embedders.ClassEmbedder, params: {embed_dim: 64, n_classes: 10}}]}}}}\n")
-    code = main("ldm", ["-b", str(ROOT / "configs" / "demo" / "edm_2d.yaml"), str(no_dropout), "-t",
+    code = main("ldm", ["-b", str(ROOT / "configs" / "sgm" / "edm_digits_2d.yaml"), str(no_dropout), "-t",
                         "-l", str(tmp_path / "logs"), *FAST])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()

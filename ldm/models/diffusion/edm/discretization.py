@@ -48,17 +48,18 @@ class LegacyDDPMDiscretization(Discretization):
 
     def __init__(self, linear_start: float = 0.00085, linear_end: float = 0.0120, num_timesteps: int = 1000):
         self.num_timesteps = num_timesteps
-        betas = make_beta_schedule("linear", num_timesteps, linear_start, linear_end)
-        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        with torch.device("cpu"):  # a host table, also when a model is built under another default device (meta)
+            self.alphas_cumprod = torch.cumprod(1 - make_beta_schedule("linear", num_timesteps, linear_start,
+                                                                       linear_end), dim=0)
 
     def timesteps(self, n: int) -> torch.Tensor:
         """The n timesteps kept, increasing: (n,) int64."""
         if n > self.num_timesteps:
             raise ValueError(f"LegacyDDPMDiscretization: {n} noise levels asked of a {self.num_timesteps}-step schedule")
         if n == self.num_timesteps:
-            return torch.arange(n)
+            return torch.arange(n, device="cpu")
         step = (self.num_timesteps - 1) / n
-        return (self.num_timesteps - 1 - step * torch.arange(n, dtype=torch.float64)).long().flip(0)
+        return (self.num_timesteps - 1 - step * torch.arange(n, dtype=torch.float64, device="cpu")).long().flip(0)
 
     def get_sigmas(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
         alphas_cumprod = self.alphas_cumprod[self.timesteps(n)]
