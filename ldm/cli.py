@@ -144,13 +144,19 @@ def model_config_for(model: DictConfig, training: bool) -> DictConfig:
     return chosen.model
 
 
-def resolve_resume(resume: str) -> tuple[Path, Path]:
-    """(log dir, checkpoint path) for `-r`, which names a log dir or a checkpoint file inside one."""
+def is_run_folder(path: Path) -> bool:
+    return (path / "configs").is_dir() and (path / "checkpoints").is_dir()
+
+
+def resolve_resume(resume: str) -> tuple[Path | None, Path]:
+    """(run folder, checkpoint path) for `-r`, which names a run folder, a checkpoint in its checkpoints/, or a
+    checkpoint anywhere else: then the run folder is None (the run continues in a new one)."""
     path = Path(resume)
     if not path.exists():
         raise CheckpointError(f"-r {resume}: no such file or folder")
     if path.is_file():
-        return path.parent.parent, path
+        run = path.parent.parent
+        return (run if path.parent.name == "checkpoints" and is_run_folder(run) else None), path
     checkpoint = path / "checkpoints" / LAST
     if not checkpoint.is_file():
         raise CheckpointError(f"-r {resume}: the log dir has no checkpoints/{LAST} to resume from")
@@ -233,25 +239,32 @@ def lock_run_folder(fabric, logdir: Path, cleanup: contextlib.ExitStack) -> None
 def run(opt: argparse.Namespace, dotlist: list[str], flags: PreemptionFlags, cleanup: contextlib.ExitStack) -> int:
     from ldm.engine.loop import Trainer  # heavy imports after argument errors are out of the way
 
-    if opt.name and opt.resume:
-        raise ConfigError("-n/--name and -r/--resume cannot be combined: a resumed run keeps its name")
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    checkpoint_path = None
-    if opt.resume:
+    checkpoint_path, logdir = None, None
+    if opt.resume and not (opt.name and not Path(opt.resume).is_file()):
         logdir, checkpoint_path = resolve_resume(opt.resume)
+    resumed_run = logdir is not None  # else a new run folder, perhaps from a checkpoint found outside any
+    if opt.name and (resumed_run or opt.resume and checkpoint_path is None):
+        raise ConfigError("-n/--name and -r/--resume of a run folder cannot be combined: a resumed run keeps its name")
+    if resumed_run:
         opt.base = sorted(glob.glob(str(logdir / "configs" / "*.yaml"))) + list(opt.base)
     else:
         parent = Path(opt.logdir) / "debug_runs" if opt.debug else Path(opt.logdir)
         logdir = parent / run_name(opt, now)
     if not opt.base:
-        raise ConfigError("no config given: pass --base config.yaml (or -r a log dir)")
+        raise ConfigError("no config given: pass --base config.yaml (or -r a run folder)" if checkpoint_path is None
+                          else f"no config given: -r {opt.resume} is not inside a run folder (with configs/ and "
+                               f"checkpoints/), so its configs are unknown; pass --base config.yaml")
+    if checkpoint_path is not None and not resumed_run:
+        print(f"-r {opt.resume}: not inside a run folder (with configs/ and checkpoints/); its training state "
+              f"continues in a new run folder under {parent}")
 
     config = load_config(opt.base, dotlist)
     trainer_cfg = trainer_config_from(config.get("trainer", {}))
     trainer = Trainer(trainer_cfg, seed=opt.seed, flags=flags)
     fabric = trainer.fabric
     logdir = Path(fabric.broadcast(str(logdir), src=0))  # every rank writes into rank 0's folder
-    if checkpoint_path is not None:
+    if resumed_run:
         lock_run_folder(fabric, logdir, cleanup)
     fabric.seed_everything(opt.seed)
 
@@ -290,7 +303,7 @@ def run(opt: argparse.Namespace, dotlist: list[str], flags: PreemptionFlags, cle
         if fabric.is_global_zero:
             (logdir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (logdir / "configs").mkdir(parents=True, exist_ok=True)
-            if checkpoint_path is None:  # a new run folder: lock it now that it exists
+            if not resumed_run:  # a new run folder: lock it now that it exists
                 lock = RunLock(logdir)
                 lock.acquire()
                 cleanup.callback(lock.release)

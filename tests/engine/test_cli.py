@@ -84,7 +84,7 @@ def test_debug_runs_go_to_their_own_folder(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-n", "x", "-r", "somewhere"], "-n/--name and -r/--resume cannot be combined"),
+    (["-n", "x", "-r", "somewhere"], "-n/--name and -r/--resume of a run folder cannot be combined"),
     (["-r", "no/such/dir"], "-r no/such/dir: no such file or folder"),
     (["trainer.max_step=3"], "trainer: unknown key 'max_step'"),
     (["model.params.two_optimisers=true", "-t"], "model.params: unknown argument 'two_optimisers' for ToyRegressor"),

@@ -140,3 +140,29 @@ def test_mismatched_latent_diffusion_configs_fail_when_built(tmp_path, capsys, c
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == f"error: {message}", err
     assert not logs.exists()
+
+
+def test_a_checkpoint_outside_a_run_folder_continues_in_a_new_one(trained_run, tmp_path, capsys):
+    """`-r downloads/weights/model.ckpt`: `downloads` is no run folder (no checkpoints/ holding the file), so
+    nothing is created, merged or rotated there; the state continues in a new run folder under -l."""
+    downloads = tmp_path / "downloads"
+    (downloads / "weights").mkdir(parents=True)
+    (downloads / "configs").mkdir()
+    (downloads / "configs" / "other.yaml").write_text("model: {base_learning_rate: 1.0}\n")
+    shutil.copyfile(trained_run / "checkpoints" / "last.ckpt", downloads / "weights" / "model.ckpt")
+    for step in (1, 2, 3):  # files rotation would delete if `weights` were taken for checkpoints/
+        shutil.copyfile(trained_run / "checkpoints" / "last.ckpt", downloads / "weights" / f"step={step}.ckpt")
+    before = file_digests(downloads)
+    model = downloads / "weights" / "model.ckpt"
+    logs = tmp_path / "logs"
+
+    assert main("test", ["-r", str(model), "-l", str(logs), "-t", "--no_test"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: no config given: -r {model} is not inside a run folder (with configs/ and checkpoints/), so its "
+        f"configs are unknown; pass --base config.yaml")
+    assert main("test", ["-r", str(model), "-b", str(CONFIG), "-l", str(logs), "-n", "fine-tune", "-t", "--no_test",
+                         "trainer.max_steps=9"]) == 0
+    assert file_digests(downloads) == before
+    run = only_run_dir(logs)
+    assert run.name.endswith("_fine-tune") and last_checkpoint(run)["global_step"] == 9
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step=9.ckpt"]
