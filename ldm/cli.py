@@ -27,9 +27,11 @@ from ldm.engine.signals import Preempted, PreemptionFlags
 from ldm.util import ConfigError, instantiate_from_config
 
 SECTIONS = ("model", "data", "trainer")
-# Exit codes besides 0: bad input (config, checkpoint; nothing written) and a run stopped by the NaN/Inf guard.
+# Exit codes besides 0: bad input (config, checkpoint; nothing written), a run stopped by the NaN/Inf guard, and an
+# OS error writing or reading files (disk full, read-only folder; the last good checkpoint is left as it was).
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
+EXIT_OS_ERROR = 4
 MODEL_KEYS = ("target", "params", "base_learning_rate", "train_target", "test_target", "test_only_params")
 
 
@@ -163,6 +165,14 @@ def resolve_resume(resume: str) -> tuple[Path | None, Path]:
     return path, checkpoint
 
 
+def check_log_folder(logdir: str, parent: Path) -> None:
+    """Refuse a `-l` under which no run folder can be made (its nearest existing folder is a file, read-only or not
+    ours), before anything runs."""
+    existing = next(path for path in (parent, *parent.parents) if path.exists() or path == path.parent)
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"-l {logdir}: run folders cannot be made there ({existing} is not a writable folder)")
+
+
 def resume_hint(logdir: Path, last_good: Path | None) -> str:
     """How to go on after the NaN/Inf guard stopped a run in `logdir`; `last_good`: the newest step file saved
     outside a streak of bad steps, if known."""
@@ -214,6 +224,9 @@ def main(description: str, argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except OSError as err:  # one line naming the path and the OS error, e.g. a full disk
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_OS_ERROR
     finally:
         flags.uninstall()
 
@@ -250,6 +263,7 @@ def run(opt: argparse.Namespace, dotlist: list[str], flags: PreemptionFlags, cle
         opt.base = sorted(glob.glob(str(logdir / "configs" / "*.yaml"))) + list(opt.base)
     else:
         parent = Path(opt.logdir) / "debug_runs" if opt.debug else Path(opt.logdir)
+        check_log_folder(opt.logdir, parent)
         logdir = parent / run_name(opt, now)
     if not opt.base:
         raise ConfigError("no config given: pass --base config.yaml (or -r a run folder)" if checkpoint_path is None

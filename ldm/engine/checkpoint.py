@@ -30,27 +30,67 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, read-only folder); the message names the file and the OS
+    error. The file it was to replace is left as it was."""
+
+
+class _WriteRecorder:
+    """A file handle that keeps the first OSError of its writes: torch's zip writer replaces it by a RuntimeError
+    about stream positions, which names neither the file nor the cause."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+
+def _temporary(path: Path, kind: str) -> Path:
+    """This process's temporary file for `path`: `kind` "tmp" for writes, "link" for links (distinct, so that a
+    write and a link to the same target never share one)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """Call `write(handle)` on a temporary file in the same folder, fsync it, then rename it over `path`.
 
-    A kill at any moment leaves either the old file or the new one, never a torn one.
+    A kill at any moment leaves either the old file or the new one, never a torn one. An OS error (disk full,
+    read-only folder) raises CheckpointWriteError naming `path` and the error, the old file left as it was.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary(path, "tmp")
     try:
         with open(tmp, "wb") as handle:
-            write(handle)
+            recorder = _WriteRecorder(handle)
+            try:
+                write(recorder)
+            except Exception as err:
+                if recorder.error is None:
+                    raise
+                raise CheckpointWriteError(f"cannot write {path}: {recorder.error}") from err
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)
+    except CheckpointWriteError:
+        raise
+    except OSError as err:
+        raise CheckpointWriteError(f"cannot write {path}: {err}") from err
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -206,18 +246,24 @@ def step_checkpoints(directory: str | Path) -> list[Path]:
 
 def atomic_link(source: Path, target: Path) -> None:
     """Make `target` the same file as `source` in one rename (a copy where hard links are not supported)."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = _temporary(target, "link")
+    tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"cannot write {target}: {err}") from err
 
 
 def remove_stale_temporaries(directory: Path) -> None:
     """Temporary files a killed writer left behind (ours never outlive the call that made them)."""
-    for stale in directory.glob(".*.tmp-*"):
-        stale.unlink(missing_ok=True)
+    for pattern in (".*.tmp-*", ".*.link-*"):
+        for stale in directory.glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 def save_rotating(state: dict, directory: str | Path, step: int, keep_last_k: int, keep: Sequence[Path] = ()) -> Path:

@@ -401,7 +401,11 @@ class Trainer:
             tqdm.write(f"exception at step {self.global_step}: {path} left as it was ({why})")
             return
         state = self.state(optimizers, schedulers) | {"rng": self._rng_states(gather=False)}
-        ckpt.atomic_torch_save(state, path)
+        try:
+            ckpt.atomic_torch_save(state, path)
+        except OSError as err:  # e.g. the disk that failed the run is full: report the run's own error, not this
+            tqdm.write(f"exception at step {self.global_step}: {path} left as it was ({err})")
+            return
         tqdm.write(f"exception: saved {path} at step {self.global_step}")
 
     def _train_epochs(self, module, optimizers, schedulers, loader, sampler, batch_size: int, val_loader,

@@ -1,4 +1,6 @@
 """Checkpoint files: atomic replace, rotation, safe loading with clear errors, RNG round trip."""
+import errno
+import os
 import random
 
 import numpy as np
@@ -70,3 +72,44 @@ def test_last_is_the_newest_step_file_and_survives_its_rotation(tmp_path):
     ckpt.save_rotating({"state_dict": {}, "global_step": 3}, tmp_path, 3, keep_last_k=1)
     assert not (tmp_path / "step=2.ckpt").exists()
     assert ckpt.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 3
+
+
+def test_a_write_error_names_the_file_and_the_os_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """torch's zip writer turns the disk's error into 'unexpected pos ...'; the save reports the OSError itself."""
+    path = tmp_path / "last.ckpt"
+    ckpt.atomic_torch_save({"state_dict": {"w": torch.ones(2)}}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(ckpt, "_WriteRecorder", failing_after(1000, ckpt._WriteRecorder))
+    with pytest.raises(ckpt.CheckpointWriteError) as raised:
+        ckpt.atomic_torch_save({"state_dict": {"w": torch.zeros(10_000)}}, path)
+    assert str(raised.value) == f"cannot write {path}: [Errno 28] No space left on device"
+    assert isinstance(raised.value.__cause__, RuntimeError)  # what torch raised, kept as the cause
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def failing_after(limit: int, recorder_class):
+    """A `_WriteRecorder` over a handle that fails with ENOSPC once `limit` bytes are written."""
+    class Full:
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > limit:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    return lambda handle: recorder_class(Full(handle))
+
+
+def test_link_and_write_temporaries_are_distinct(tmp_path):
+    """A leftover write temporary of last.ckpt (same process id) must not turn the link into a copy."""
+    step = tmp_path / "step=1.ckpt"
+    ckpt.atomic_torch_save({"state_dict": {}}, step)
+    (tmp_path / f".last.ckpt.tmp-{os.getpid()}").write_bytes(b"a write in progress")
+    ckpt.atomic_link(step, tmp_path / "last.ckpt")
+    assert (tmp_path / "last.ckpt").samefile(step)
+    assert (tmp_path / f".last.ckpt.tmp-{os.getpid()}").read_bytes() == b"a write in progress"

@@ -39,13 +39,17 @@ class Runs:
         self.workdir = workdir
         self.processes: list[tuple[subprocess.Popen, Path]] = []
 
-    def start(self, args: list[str], slow_saves: str = "", markers: Path | None = None) -> subprocess.Popen:
+    def start(self, args: list[str], slow_saves: str = "", markers: Path | None = None,
+              file_size_limit: int = 0) -> subprocess.Popen:
         """`slow_saves`: pauses in seconds mid-write of the 1st, 2nd, ... checkpoint ("0,30": the second one hangs
-        half written for 30 s), with a marker file per save in `markers` (see train.py)."""
+        half written for 30 s), with a marker file per save in `markers`; `file_size_limit`: bytes beyond which
+        writing a file fails like a full disk (see train.py)."""
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         if slow_saves:
             markers.mkdir(parents=True, exist_ok=True)
             env |= {"RELIABILITY_SLOW_SAVE_S": slow_saves, "RELIABILITY_MARKERS": str(markers)}
+        if file_size_limit:
+            env["RELIABILITY_FILE_SIZE_LIMIT"] = str(file_size_limit)
         log = self.workdir / f"process-{len(self.processes)}.log"
         with open(log, "w") as handle:
             process = subprocess.Popen([sys.executable, str(DRIVER), *args], env=env, stdout=handle,

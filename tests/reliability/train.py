@@ -8,12 +8,17 @@ markers folder, and the writer pauses s_n seconds (the last value for all later 
 test that waits for a marker and then sends SIGKILL therefore kills the process while a checkpoint is torn on disk.
 Only the bytes' timing changes: the checkpoint code under test (`ldm.engine.checkpoint`: temporary file, fsync,
 rename, hard link) runs unmodified.
+
+With `RELIABILITY_FILE_SIZE_LIMIT=<bytes>`, writing any file past that size fails with EFBIG ("File too large"), the
+way a full disk fails a write: the kernel's RLIMIT_FSIZE, with SIGXFSZ ignored so that the write returns the error.
 """
 from __future__ import annotations
 
 import io
 import itertools
 import os
+import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,4 +54,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # the same kernels in every process of a test: bitwise comparable runs
     if os.environ.get("RELIABILITY_SLOW_SAVE_S"):
         torch.save = slow_torch_save
+    if os.environ.get("RELIABILITY_FILE_SIZE_LIMIT"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limit = int(os.environ["RELIABILITY_FILE_SIZE_LIMIT"])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     sys.exit(main("reliability-test training run"))
