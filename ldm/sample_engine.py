@@ -68,7 +68,8 @@ def engine_sampler(opt: argparse.Namespace, model: DiffusionEngine) -> tuple[EDM
         sigmas = sampler.sigmas(None, "cpu")
     except ValueError as err:
         raise ConfigError(f"--steps: {err}") from None
-    options = {k: v if not isinstance(v, float) or np.isfinite(v) else str(v) for k, v in sampler.solver_options().items()}
+    options = {k: v if not isinstance(v, float) or np.isfinite(v) else str(v)  # JSON has no infinity
+               for k, v in sampler.solver_options().items()}
     settings = {"name": name, "steps": steps, "scale": scale, "options": options,
                 "discretization": type(sampler.discretization).__name__, "sigmas": sigmas.tolist()}
     return sampler, settings

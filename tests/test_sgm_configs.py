@@ -88,7 +88,8 @@ def test_edm_brats_3d_builds_at_full_size():
 def test_edm_mni152_3d_trains_and_samples(tmp_path):
     fast = ["trainer.max_steps=2", "trainer.logger=[csv]", "data.params.num_workers=0", "data.params.batch_size=2",
             "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-            "model.params.sampler_config.params.num_steps=2", "trainer.callbacks.image_logger.params.batch_frequency=100"]
+            "model.params.sampler_config.params.num_steps=2",
+            "trainer.callbacks.image_logger.params.batch_frequency=100"]
     assert main("ldm", ["-b", str(CONFIGS / "edm_mni152_3d.yaml"), "-t", "-l", str(tmp_path / "logs"), *fast]) == 0
     run = only_run_dir(tmp_path / "logs")
     assert list((run / "images" / "test").glob("samples_*.nii.gz"))

@@ -84,8 +84,9 @@ class DiffusionEngine(nn.Module):
         self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
         self.loss_fn = instantiate_from_config(loss_fn_config) if loss_fn_config is not None else None
         self.sampler = instantiate_from_config(sampler_config) if sampler_config is not None else None
-        if self.sampler is not None and isinstance(self.sampler.guider, VanillaCFG) and not self.conditioner.dropped_keys:
-            raise ValueError(f"sampler_config.params.guider_config: VanillaCFG(scale={self.sampler.guider.scale}) needs "
+        guider = getattr(self.sampler, "guider", None)
+        if isinstance(guider, VanillaCFG) and not self.conditioner.dropped_keys:
+            raise ValueError(f"sampler_config.params.guider_config: VanillaCFG(scale={guider.scale}) needs "
                              f"an unconditional prediction, but no embedder of the conditioner was trained with a "
                              f"ucg_rate > 0 (use IdentityGuider, or give an embedder a ucg_rate)")
         self.optimizer_config = dict(optimizer_config or {"target": "torch.optim.AdamW"})
@@ -271,9 +272,10 @@ class DiffusionEngine(nn.Module):
         return {"samples": samples.clamp(-1, 1), **({"conditioning": spatial[0]} if spatial else {})}
 
     def test_evaluator(self) -> TestMetrics | None:
-        spatial_keys = [key for key in self.conditioner.input_keys]
-        return build_test_metrics(self.test_metrics, self.input_key, "samples",
-                                  spatial_keys[0] if len(spatial_keys) == 1 else None)
+        """Scores of the test samples against the batch's images (and its one condition, if the conditioner has one
+        input), if `test_metrics` is set."""
+        keys = self.conditioner.input_keys
+        return build_test_metrics(self.test_metrics, self.input_key, "samples", keys[0] if len(keys) == 1 else None)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], split: str, max_images: int) -> dict[str, torch.Tensor]:

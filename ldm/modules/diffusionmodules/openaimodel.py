@@ -204,15 +204,16 @@ class UNetModel(nn.Module):
             raise ValueError("UNetModel: context_dim is set but use_spatial_transformer is False; "
                              "cross-attention only exists in the spatial transformer")
         if spatial_transformer_attn_type not in ("softmax", "softmax-xformers"):
-            raise ValueError(f"UNetModel: spatial_transformer_attn_type {spatial_transformer_attn_type!r} is not one of "
-                             f"softmax, softmax-xformers (the kernel itself is attention_backend's choice)")
+            raise ValueError(f"UNetModel: spatial_transformer_attn_type {spatial_transformer_attn_type!r} is not "
+                             f"one of softmax, softmax-xformers (the kernel itself is attention_backend's choice)")
         if (num_classes == "sequential") != (adm_in_channels is not None):
             raise ValueError(f"UNetModel: num_classes='sequential' and adm_in_channels go together (vector "
                              f"conditioning of width adm_in_channels), got num_classes={num_classes!r}, "
                              f"adm_in_channels={adm_in_channels}")
         if isinstance(num_classes, str) and num_classes != "sequential":
             raise ValueError(f"UNetModel: num_classes must be an int or 'sequential', got {num_classes!r}")
-        depths = [transformer_depth] * len(channel_mult) if isinstance(transformer_depth, int) else list(transformer_depth)
+        depths = ([transformer_depth] * len(channel_mult) if isinstance(transformer_depth, int)
+                  else list(transformer_depth))
         if len(depths) != len(channel_mult) or any(d < 1 for d in depths):
             raise ValueError(f"UNetModel: transformer_depth must be a positive int or one per level of channel_mult "
                              f"({len(channel_mult)}), got {transformer_depth}")

@@ -36,7 +36,8 @@ def sgm_toy_config(**overrides):
                 "adm_in_channels": 16}},
             "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": [
                 {"is_trainable": True, "input_key": "cls", "ucg_rate": 0.2,
-                 "target": "sgm.modules.encoders.modules.ClassEmbedder", "params": {"embed_dim": 16, "n_classes": 10}}]}},
+                 "target": "sgm.modules.encoders.modules.ClassEmbedder",
+                 "params": {"embed_dim": 16, "n_classes": 10}}]}},
             "first_stage_config": {"target": "sgm.models.autoencoder.IdentityFirstStage"},
             "loss_fn_config": {"target": sgm + "loss.StandardDiffusionLoss", "params": {
                 "loss_weighting_config": {"target": sgm + "loss_weighting.EDMWeighting", "params": {"sigma_data": 1.0}},
@@ -133,7 +134,8 @@ def test_data_checks_name_the_keys():
 
 @pytest.fixture(scope="module")
 def edm_run(tmp_path_factory) -> Path:
-    """configs/sgm/edm_digits_2d.yaml trained for two steps through train_ldm's CLI (validation, checkpoint, test stage)."""
+    """configs/sgm/edm_digits_2d.yaml trained for two steps through train_ldm's CLI (validation, checkpoint, test
+    stage)."""
     logs = tmp_path_factory.mktemp("edm_2d")
     assert main("ldm", ["-b", str(ROOT / "configs" / "sgm" / "edm_digits_2d.yaml"), "-t", "-l", str(logs), *FAST]) == 0
     return only_run_dir(logs)
@@ -141,7 +143,8 @@ def edm_run(tmp_path_factory) -> Path:
 
 def test_edm_2d_demo_trains_and_tests_through_the_cli(edm_run):
     state = torch.load(edm_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert any(k.startswith("model_ema.") for k in state) and any(k.startswith("conditioner.embedders.0.") for k in state)
+    assert any(k.startswith("model_ema.") for k in state)
+    assert any(k.startswith("conditioner.embedders.0.") for k in state)
     assert list((edm_run / "images" / "test").glob("samples_*.png"))
 
 

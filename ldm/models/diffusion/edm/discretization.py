@@ -55,7 +55,8 @@ class LegacyDDPMDiscretization(Discretization):
     def timesteps(self, n: int) -> torch.Tensor:
         """The n timesteps kept, increasing: (n,) int64."""
         if n > self.num_timesteps:
-            raise ValueError(f"LegacyDDPMDiscretization: {n} noise levels asked of a {self.num_timesteps}-step schedule")
+            raise ValueError(f"LegacyDDPMDiscretization: {n} noise levels asked of a {self.num_timesteps}-step "
+                             f"schedule")
         if n == self.num_timesteps:
             return torch.arange(n, device="cpu")
         step = (self.num_timesteps - 1) / n

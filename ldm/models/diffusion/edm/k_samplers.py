@@ -34,7 +34,8 @@ def get_ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor,
     sigma_down^2 + sigma_up^2 = sigma_to^2; eta = 1 is the DDPM posterior's noise, eta = 0 the ODE."""
     if not eta:
         return sigma_to, sigma_to * 0
-    sigma_up = torch.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    posterior_std = (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5
+    sigma_up = torch.minimum(sigma_to, eta * posterior_std)
     return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
 
 

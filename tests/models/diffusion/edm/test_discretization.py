@@ -7,7 +7,8 @@ from ldm.models.diffusion.schedules import make_beta_schedule
 from tests.models.diffusion.edm.reference import default_float64, k_sampling
 
 
-@pytest.mark.parametrize("n, sigma_min, sigma_max, rho", [(10, 0.002, 80.0, 7.0), (25, 0.03, 14.6, 3.0), (2, 0.1, 1, 7)])
+@pytest.mark.parametrize("n, sigma_min, sigma_max, rho", [(10, 0.002, 80.0, 7.0), (25, 0.03, 14.6, 3.0),
+                                                         (2, 0.1, 1, 7)])
 def test_edm_discretization_equals_k_diffusion_karras(n, sigma_min, sigma_max, rho):
     sigmas = EDMDiscretization(sigma_min, sigma_max, rho)(n)
     with default_float64():
