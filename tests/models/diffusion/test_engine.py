@@ -194,3 +194,10 @@ def test_cli_error_for_guidance_without_a_condition(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "guider_config: VanillaCFG(scale=2.0) needs an unconditional prediction" in err[0]
     assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").glob("*"))
+
+
+def test_sample_py_refuses_an_edm_sampler_for_a_ddpm_run(tmp_path):
+    from tests.test_sample_cli import assert_error, unconditional_2d
+    checkpoint, config = unconditional_2d(tmp_path)
+    assert_error(["-r", str(checkpoint), "--config", str(config), "--sampler", "heun"],
+                 r"--sampler heun: a DDPM run samples with ddpm, ddim, .*are for DiffusionEngine runs")
