@@ -24,7 +24,7 @@ from ldm.engine.guard import NonFiniteLossError
 from ldm.engine.model_checks import check_latent_diffusion
 from ldm.engine.run_lock import RunFolderBusy, RunLock
 from ldm.engine.signals import Preempted, PreemptionFlags
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import TRUST_VARIABLE, TRUSTED_PREFIXES, ConfigError, instantiate_from_config
 
 SECTIONS = ("model", "data", "trainer")
 # Exit codes besides 0: bad input (config, checkpoint; nothing written), a run stopped by the NaN/Inf guard, and an
@@ -87,6 +87,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("-d", "--debug", action="store_true", help="write the run under <logdir>/debug_runs/")
     parser.add_argument("-s", "--seed", type=int, default=23, help="seed for weights, data order and noise")
     parser.add_argument("-l", "--logdir", default="logs", help="parent folder of run folders")
+    parser.add_argument("--trust-config", action="store_true",
+                        help=f"let configs name any importable target (also {TRUST_VARIABLE}=1); by default only "
+                             f"{', '.join(TRUSTED_PREFIXES)} and the aliases, since a config runs the code it names")
     parser.add_argument("--scale_lr", type=str2bool, default=True,
                         help="lr = accumulate_grad_batches * devices * num_nodes * batch_size * base_learning_rate "
                              "(default true; --scale_lr false uses base_learning_rate as is)")
@@ -207,6 +210,8 @@ def run_name(opt: argparse.Namespace, now: str) -> str:
 def main(description: str, argv: list[str] | None = None) -> int:
     parser = build_parser(description)
     opt, dotlist = parser.parse_known_args(normalise_boolean_flags(sys.argv[1:] if argv is None else argv))
+    if opt.trust_config:
+        os.environ[TRUST_VARIABLE] = "1"  # also for the processes of the other ranks, started from this one
     flags = PreemptionFlags(stage="start-up").install()
     try:
         with contextlib.ExitStack() as cleanup:

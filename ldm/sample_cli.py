@@ -19,6 +19,8 @@ import datetime
 import glob
 import hashlib
 import json
+import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -40,7 +42,7 @@ from ldm.models.diffusion.edm.samplers import SAMPLERS as EDM_SAMPLERS
 from ldm.models.diffusion.engine import DiffusionEngine
 from ldm.models.diffusion.sampling import SAMPLERS, get_sampler, timestep_schedule
 from ldm.sample_conditions import Condition, ConditionError, conditioning_kind, load_conditions, stack_values
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import TRUST_VARIABLE, TRUSTED_PREFIXES, ConfigError, instantiate_from_config
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 SPACING_NAMES = {"uniform": "uniform", "quadratic": "quad", "quad": "quad", "trailing": "trailing"}
@@ -68,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{', '.join(SAMPLERS)} for LatentDiffusion runs, {', '.join(EDM_SAMPLERS)} for "
                              f"DiffusionEngine runs")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: model.params.sampler_steps)")
-    parser.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 ancestral")
-    parser.add_argument("--scale", type=float, default=None,
+    parser.add_argument("--eta", type=finite_float, default=None, help="DDIM noise: 0 deterministic, 1 ancestral")
+    parser.add_argument("--scale", type=finite_float, default=None,
                         help="classifier-free guidance scale (default: model.params.guidance_scale; 1 = off)")
     parser.add_argument("--spacing", choices=list(SPACING_NAMES), default=None,
                         help="timestep spacing (default: model.params.timestep_spacing)")
@@ -87,7 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("-s", "--seed", type=int, default=23, help="sample i uses seed + i")
     parser.add_argument("--outdir", default=None, help="default: <run>/samples/<timestamp>/")
+    parser.add_argument("--trust-config", action="store_true",
+                        help=f"let the run's configs name any importable target (also {TRUST_VARIABLE}=1); by default "
+                             f"only {', '.join(TRUSTED_PREFIXES)} and the aliases, since a config runs the code it names")
     return parser
+
+
+def finite_float(value: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite (a NaN eta or scale makes every sample NaN)."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opt, dotlist = parser.parse_known_args(argv)
     opt.argv = argv
+    if opt.trust_config:
+        os.environ[TRUST_VARIABLE] = "1"
     try:
         run(opt, dotlist)
     except (ConfigError, CheckpointError, ConditionError) as err:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -41,6 +42,34 @@ MODULE_ALIASES: dict[str, list[str]] = {
 }
 
 
+# Where the `target`s of a config may come from unless it is trusted: a config names code to run, and a run folder
+# downloaded from elsewhere is a config. This repository's packages, the PyTorch and MONAI building blocks configs
+# use, and the aliases above. `--trust-config` (LDM_TRUST_CONFIG=1) lifts the restriction for configs one trusts.
+TRUSTED_PREFIXES = ("ldm.", "kernels.", "tests.", "torch.nn.", "torch.optim.", "monai.")
+TRUST_VARIABLE = "LDM_TRUST_CONFIG"
+
+
+def config_trusted() -> bool:
+    """Whether configs may name any importable target (LDM_TRUST_CONFIG is 1, true or yes)."""
+    return os.environ.get(TRUST_VARIABLE, "").strip().lower() in ("1", "true", "yes")
+
+
+def _is_trusted_module(module: str) -> bool:
+    return (module + ".").startswith(TRUSTED_PREFIXES)
+
+
+def _untrusted(name: str, where: str) -> ConfigError:
+    allowed = ", ".join(prefix + "*" for prefix in TRUSTED_PREFIXES)
+    return ConfigError(f"{where}: {name!r} is outside the modules a config may name ({allowed} and the aliases of "
+                       f"ldm.util): configs run the code they name, so other targets need --trust-config (or "
+                       f"{TRUST_VARIABLE}=1) for a config you trust")
+
+
+def _origin(obj: Any) -> str:
+    """The module that defines `obj` (a re-exported `os.system` is `posix`, not the module it was found in)."""
+    return obj.__name__ if inspect.ismodule(obj) else str(getattr(obj, "__module__", None) or "")
+
+
 class ConfigError(ValueError):
     """A config that cannot be built; the message starts with the config path of the culprit."""
 
@@ -58,12 +87,24 @@ def config_path(config: Any, key: str | None = None, default: str = "<config>") 
 
 
 def get_obj_from_str(name: str, where: str = "target") -> Any:
-    """Import `package.module.Attr` and return `Attr`; a failure names `where` and the missing piece."""
+    """Import `package.module.Attr` and return `Attr`; a failure names `where` and the missing piece.
+
+    Unless configs are trusted (`config_trusted`), `name` must be an alias or lie under TRUSTED_PREFIXES, checked
+    before anything is imported, and so must the module that defines `Attr`."""
     if not isinstance(name, str) or "." not in name:
         raise ConfigError(f"{where}: {name!r} is not a dotted import path like 'package.module.Class'")
     module_name, attr = TARGET_ALIASES.get(name, name).rsplit(".", 1)
-    if module_name in MODULE_ALIASES:
-        return _get_aliased(name, module_name, attr, where)
+    checked = not config_trusted()
+    if checked and module_name not in MODULE_ALIASES and not _is_trusted_module(module_name):
+        raise _untrusted(name, where)
+    found = (_get_aliased(name, module_name, attr, where) if module_name in MODULE_ALIASES
+             else _import_attribute(name, module_name, attr, where))
+    if checked and not _is_trusted_module(_origin(found)):
+        raise _untrusted(name, where)
+    return found
+
+
+def _import_attribute(name: str, module_name: str, attr: str, where: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:

@@ -377,3 +377,28 @@ def test_errors_name_the_culprit(ldm_run, tmp_path):
                  "the model is unconditional")
     assert_error(["-r", str(checkpoint), "--config", str(config), "--scale", "3"],
                  "classifier-free guidance needs a null condition")
+
+
+def test_a_run_whose_config_names_code_outside_the_allow_list_is_refused_before_importing_it(tmp_path, monkeypatch):
+    """A downloaded run is a config, and a config names code: `os.system` must not run from it."""
+    monkeypatch.setenv("LDM_TRUST_CONFIG", "0")
+    checkpoint, config = unconditional_2d(tmp_path)
+    hostile = OmegaConf.load(config)
+    marker = tmp_path / "ran"
+    hostile.model.params.unet_config = {"target": "os.system", "params": {"command": f"touch {marker}"}}
+    OmegaConf.save(hostile, config)
+    assert_error(["-r", str(checkpoint), "--config", str(config)],
+                 r"model.params.unet_config.target: 'os.system' is outside the modules a config may name "
+                 r"\(ldm.\*, kernels.\*, tests.\*, torch.nn.\*, torch.optim.\*, monai.\* and the aliases of ldm.util\): "
+                 r"configs run the code they name, so other targets need --trust-config \(or LDM_TRUST_CONFIG=1\) "
+                 r"for a config you trust")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--eta", "nan"), ("--scale", "nan"), ("--scale", "inf")])
+def test_non_finite_eta_or_scale_is_refused(flag, value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["-r", "anything", flag, value])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"error: argument {flag}: expected a finite number, got {value!r}")

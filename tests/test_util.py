@@ -1,8 +1,10 @@
 """instantiate_from_config: builds objects and names the config path and cause of every failure."""
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 
 
 class Widget:
@@ -97,3 +99,27 @@ class Picky:
 def test_a_constructor_refusing_a_value_names_the_config():
     with pytest.raises(ConfigError, match=r"^model.params: Picky: size must be >= 1, got 0$"):
         build("model: {target: tests.test_util.Picky, params: {size: 0}}")
+
+
+@pytest.mark.parametrize("name", ["ldm.engine.callbacks.ImageLogger", "kernels.attention.KernelConfig",
+                                  "main.ImageLogger", "sgm.modules.GeneralConditioner",
+                                  "sgm.models.diffusion.DiffusionEngine", "torch.nn.Identity", "torch.optim.AdamW",
+                                  "monai.networks.nets.SegResNet", "tests.engine.toy.RegressionData"])
+def test_targets_of_this_repo_torch_nn_monai_and_the_aliases_are_allowed(name, monkeypatch):
+    monkeypatch.setenv("LDM_TRUST_CONFIG", "0")
+    assert get_obj_from_str(name) is not None
+
+
+@pytest.mark.parametrize("name, why", [("os.system", "outside"), ("builtins.eval", "outside"),
+                                       ("subprocess.Popen", "outside"),
+                                       ("ldm.util.importlib", "found under ldm. but defined in importlib"),
+                                       ("ldm.engine.checkpoint.shutil", "a module re-exported")])
+def test_other_targets_are_refused_unless_the_config_is_trusted(name, why, monkeypatch):
+    monkeypatch.setenv("LDM_TRUST_CONFIG", "0")
+    with pytest.raises(ConfigError, match=rf"^x.target: '{re.escape(name)}' is outside the modules a config may name "
+                                          r"\(ldm\.\*, kernels\.\*, tests\.\*, torch\.nn\.\*, torch\.optim\.\*, "
+                                          r"monai\.\* and the aliases of ldm.util\): configs run the code they name, "
+                                          r"so other targets need --trust-config \(or LDM_TRUST_CONFIG=1\)"):
+        get_obj_from_str(name, where="x.target")
+    monkeypatch.setenv("LDM_TRUST_CONFIG", "1")
+    assert get_obj_from_str(name) is not None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ldm.cli import main
 from ldm.engine.checkpoint import CheckpointError
@@ -154,3 +155,28 @@ def test_ckpt_path_loads_exactly_what_ignore_keys_or_strict_false_leave(trained_
     for key, value in lenient.state_dict().items():  # the network and scale factor from the file, the EMA as built
         expected = fresh_ema[key.removeprefix("model_ema.")] if key.startswith("model_ema.") else saved[key]
         assert torch.equal(value, expected), key
+
+
+def test_a_run_folder_naming_code_outside_the_allow_list_runs_nothing_unless_trusted(trained_run, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Run folders are configs, and configs name code: a downloaded run's `target: os.system` is refused before it
+    is imported, with one error line and nothing changed; `--trust-config` lifts the allow-list."""
+    monkeypatch.setenv("LDM_TRUST_CONFIG", "0")
+    run = Path(shutil.copytree(trained_run, tmp_path / "downloaded" / trained_run.name))
+    marker = tmp_path / "ran"
+    (project,) = (run / "configs").glob("*-project.yaml")
+    config = OmegaConf.load(project)
+    config.data.params.validation = {"target": "os.system", "params": {"command": f"touch {marker}"}}
+    OmegaConf.save(config, project)
+    before = file_digests(run)
+    assert main("test", ["-r", str(run), "-t", "--no_test", "trainer.max_steps=7"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: data.params.validation.target: 'os.system' is outside the modules a config may name (ldm.*, "
+        "kernels.*, tests.*, torch.nn.*, torch.optim.*, monai.* and the aliases of ldm.util): configs run the code "
+        "they name, so other targets need --trust-config (or LDM_TRUST_CONFIG=1) for a config you trust")
+    assert not marker.exists() and file_digests(run) == before
+
+    harmless = ["-t", "--no_test", "trainer.max_steps=1", "trainer.callbacks={extra: {target: collections.OrderedDict}}"]
+    assert run_in_process(tmp_path / "logs", *harmless) == 2
+    assert "'collections.OrderedDict' is outside the modules a config may name" in capsys.readouterr().err
+    assert run_in_process(tmp_path / "logs", "--trust-config", *harmless) == 0
