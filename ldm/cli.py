@@ -176,6 +176,23 @@ def check_log_folder(logdir: str, parent: Path) -> None:
         raise ConfigError(f"-l {logdir}: run folders cannot be made there ({existing} is not a writable folder)")
 
 
+def untrained_first_stage_warning(model, model_config: DictConfig) -> str | None:
+    """A loud line when a latent diffusion model is about to train on a first stage that no checkpoint filled: the
+    demo configs leave `first_stage_config.params.ckpt_path` null for the command line to set."""
+    first_stage = getattr(model, "first_stage_model", None)
+    params = model_config.get("params", {}) or {}
+    stage_config = params.get("first_stage_config", None)
+    if first_stage is None or not isinstance(stage_config, DictConfig) or params.get("ckpt_path", None) or \
+            next(first_stage.parameters(), None) is None:
+        return None
+    if (stage_config.get("params", {}) or {}).get("ckpt_path", None):
+        return None
+    key = "model.params.first_stage_config.params.ckpt_path"
+    return (f"WARNING: {key} is null: the first stage is an untrained autoencoder with random weights, so this model "
+            f"learns the latents of noise and its samples will be noise. Set {key}=logs/<autoencoder run>/"
+            f"checkpoints/last.ckpt")
+
+
 def resume_hint(logdir: Path, last_good: Path | None) -> str:
     """How to go on after the NaN/Inf guard stopped a run in `logdir`; `last_good`: the newest step file saved
     outside a streak of bad steps, if known."""
@@ -302,9 +319,15 @@ def run(opt: argparse.Namespace, dotlist: list[str], flags: PreemptionFlags, cle
     model.learning_rate, how = scaled_learning_rate(
         base_lr, trainer_cfg.accumulate_grad_batches, fabric.world_size // num_nodes, num_nodes,
         datamodule.batch_size, opt.scale_lr)
+    if checkpoint_path is not None and opt.train:
+        how = f"{how}; unused when resuming (the optimizer state saved in the checkpoint sets it)"
     if fabric.is_global_zero:
         parameters = sum(p.numel() for p in model.parameters())
         print(f"model: {type(model).__name__}, {parameters / 1e6:.2f}M parameters\n{how}")
+        if opt.train and checkpoint_path is None:
+            warning = untrained_first_stage_warning(model, model_config)
+            if warning:
+                print(warning, file=sys.stderr)
 
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
     if checkpoint is not None:

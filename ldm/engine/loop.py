@@ -291,6 +291,9 @@ class Trainer:
                 optimizer.load_state_dict(state)
         for scheduler, state in zip(schedulers, checkpoint.get("lr_schedulers", [])):
             scheduler.load_state_dict(state)
+        if self.is_global_zero:  # what the next step uses: the saved optimizer's, not the config's
+            rates = ", ".join(f"{optimizer.param_groups[0]['lr']:.2e}" for optimizer in optimizers)
+            tqdm.write(f"resume: learning rate {rates} (restored with the optimizer and scheduler states)")
         self.global_step = int(checkpoint["global_step"])
         self.epoch = int(checkpoint["epoch"])
         self.batch_in_epoch = int(checkpoint.get("batch_in_epoch", 0))

@@ -28,8 +28,8 @@ def check_latent_diffusion(model: torch.nn.Module, params: DictConfig, item: Map
         own_check(item, where, data_where)
         return
     first_stage = getattr(model, "first_stage_model", None)
-    if first_stage is None:
-        return
+    if first_stage is None or not all(hasattr(model, name) for name in ("channels", "image_size", "first_stage_key")):
+        return  # not a LatentDiffusion (an sgm-style engine describes its latents otherwise)
     unet = params.get("unet_config", {}).get("params", {})
     first = f"{where}.first_stage_config.params"
     embed_dim = getattr(first_stage, "embed_dim", None)

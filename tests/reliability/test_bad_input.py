@@ -10,9 +10,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from ldm.cli import main
+from ldm.util import instantiate_from_config
 from tests.data.brats_tree import head_and_tumour
 from tests.reliability.processes import CONFIG, file_digests, last_checkpoint, only_run_dir, run_in_process
 
@@ -166,3 +168,35 @@ def test_a_checkpoint_outside_a_run_folder_continues_in_a_new_one(trained_run, t
     run = only_run_dir(logs)
     assert run.name.endswith("_fine-tune") and last_checkpoint(run)["global_step"] == 9
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step=9.ckpt"]
+
+
+TINY_2D = ["data.params.batch_size=2", "data.params.num_workers=0", "trainer.max_steps=1", "trainer.callbacks={}",
+           "trainer.logger=[csv]", "--no_test"]
+
+
+def test_training_a_latent_diffusion_model_on_an_untrained_first_stage_warns(tmp_path, capsys):
+    """The demo configs leave the autoencoder's ckpt_path null for the command line: forgetting it trains on the
+    latents of a random network, which must not pass in silence."""
+    key = "model.params.first_stage_config.params.ckpt_path"
+    assert main("test", ["-b", str(DEMO / "ldm_2d.yaml"), "-l", str(tmp_path / "logs"), "-t", *TINY_2D]) == 0
+    assert (f"WARNING: {key} is null: the first stage is an untrained autoencoder with random weights, so this model "
+            f"learns the latents of noise and its samples will be noise. Set {key}=logs/<autoencoder run>/checkpoints/"
+            f"last.ckpt") in capsys.readouterr().err
+
+    first_stage = OmegaConf.load(DEMO / "ldm_2d.yaml").model.params.first_stage_config
+    autoencoder = tmp_path / "ae.ckpt"
+    torch.save({"state_dict": instantiate_from_config(first_stage).state_dict()}, autoencoder)
+    assert main("test", ["-b", str(DEMO / "ldm_2d.yaml"), "-l", str(tmp_path / "logs"), "-t", *TINY_2D,
+                         f"{key}={autoencoder}"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_a_resumed_run_prints_the_learning_rate_it_uses(run, capsys):
+    """On resume the optimizer's saved state sets the learning rate, whatever base_learning_rate now says."""
+    assert main("test", ["-r", str(run), "-t", "--no_test", "trainer.max_steps=7", "model.base_learning_rate=1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "learning rate 4.00e+00 = 1 (accumulate_grad_batches) * 1 (devices) * 1 (num_nodes) * 4 (batch_size) * " \
+           "1.00e+00 (base_learning_rate); unused when resuming (the optimizer state saved in the checkpoint sets it)" \
+           in out, out
+    assert "resume: learning rate 2.00e-02 (restored with the optimizer and scheduler states)" in out, out
+    assert last_checkpoint(run)["optimizer_states"][0]["param_groups"][0]["lr"] == 2e-2
