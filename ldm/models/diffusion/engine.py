@@ -161,10 +161,10 @@ class DiffusionEngine(nn.Module):
         if image_channels is not None and image.shape[1] != image_channels:
             raise ConfigError(f"{data_where} items[{self.input_key!r}] have {image.shape[1]} channels but "
                               f"{where}.first_stage_config.params.ddconfig.in_channels={image_channels}")
-        z = self.encode_first_stage(image)
-        if self.latent_shape is not None and tuple(z.shape[1:]) != self.latent_shape:
+        latent = self._latent_shape_of(image, f"{data_where} items[{self.input_key!r}]")
+        if self.latent_shape is not None and latent != self.latent_shape:
             raise ConfigError(f"{where}.latent_shape={list(self.latent_shape)} but {data_where} items become latents "
-                              f"of shape {list(z.shape[1:])}")
+                              f"of shape {list(latent)}")
         try:
             cond = self.conditioner.eval()(batch)
         except (KeyError, ValueError) as err:
@@ -172,14 +172,14 @@ class DiffusionEngine(nn.Module):
         finally:
             self.conditioner.train(self.training)
         concat = cond["concat"].shape[1] if "concat" in cond else 0
-        if "concat" in cond and cond["concat"].shape[2:] != z.shape[2:]:
+        if "concat" in cond and tuple(cond["concat"].shape[2:]) != latent[1:]:
             raise ConfigError(f"{where}.conditioner_config: the concat conditioning has spatial size "
-                              f"{list(cond['concat'].shape[2:])}, the latents {list(z.shape[2:])}")
+                              f"{list(cond['concat'].shape[2:])}, the latents {list(latent[1:])}")
         in_channels = getattr(net, "in_channels", None)
-        if in_channels is not None and in_channels != z.shape[1] + concat:
-            raise ConfigError(f"{net_where}.in_channels={in_channels} but {z.shape[1]} latent channels"
+        if in_channels is not None and in_channels != latent[0] + concat:
+            raise ConfigError(f"{net_where}.in_channels={in_channels} but {latent[0]} latent channels"
                               + (f" + {concat} concat channels of the conditioner" if concat else "")
-                              + f" = {z.shape[1] + concat} reach the network")
+                              + f" = {latent[0] + concat} reach the network")
         vector = cond["vector"].shape[1] if "vector" in cond else None
         if vector != getattr(net, "adm_in_channels", None):
             raise ConfigError(f"{net_where}.adm_in_channels={getattr(net, 'adm_in_channels', None)} but the "
@@ -188,6 +188,20 @@ class DiffusionEngine(nn.Module):
         if context != getattr(net, "context_dim", None):
             raise ConfigError(f"{net_where}.context_dim={getattr(net, 'context_dim', None)} but the conditioner's "
                               f"crossattn outputs have width {context}")
+
+    def _latent_shape_of(self, image: torch.Tensor, what: str) -> tuple[int, ...]:
+        """(c, *s) of the latents of image: (1, C, *S), from the first stage's embed_dim and downsampling factor
+        (encoding a full-size volume on the host would slow every start), else by encoding it."""
+        if isinstance(self.first_stage_model, IdentityFirstStage):
+            return tuple(image.shape[1:])
+        embed_dim = getattr(self.first_stage_model, "embed_dim", None)
+        factor = getattr(getattr(self.first_stage_model, "encoder", None), "factor", None)
+        if embed_dim is None or factor is None:
+            return tuple(self.encode_first_stage(image).shape[1:])
+        if any(size % factor for size in image.shape[2:]):
+            raise ConfigError(f"{what} of spatial size {list(image.shape[2:])} are not divisible by the first "
+                              f"stage's downsampling factor {factor}")
+        return (int(embed_dim), *(int(size) // factor for size in image.shape[2:]))
 
     # ------------------------------------------------------------------------------------------- diffusion
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -126,6 +126,9 @@ def test_data_checks_name_the_keys():
     with pytest.raises(ConfigError, match=r"network_config.params.adm_in_channels=12 but the conditioner's vector "
                                           r"outputs have width 16"):
         instantiate_from_config(config).check_against_data(item)
+    with pytest.raises(ConfigError, match=r"latent_shape=\[1, 4, 4\] but data items become latents of shape "
+                                          r"\[1, 8, 8\]"):
+        instantiate_from_config(sgm_toy_config(latent_shape=[1, 4, 4])).check_against_data(item)
     config = sgm_toy_config()
     config.params.network_config.params.in_channels = 2
     with pytest.raises(ConfigError, match=r"in_channels=2 but 1 latent channels = 1 reach the network"):
