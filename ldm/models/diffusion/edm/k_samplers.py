@@ -5,11 +5,11 @@
 - `model(x, sigma, **extra_args)` is the denoiser D(x; sigma): x (B, C, *spatial), sigma (B,) -> (B, C, *spatial);
 - `x`: the start, noise at level sigmas[0] (e.g. sigma_max * N(0, I));
 - `sigmas`: (n + 1,) decreasing noise levels, usually ending in 0;
-- `callback({"x", "i", "sigma", "sigma_hat", "denoised"})` after each model call of a step; `disable` turns the
-  progress bar off (None: off when not on a terminal);
+- `callback({"x", "i", "sigma", "sigma_hat", "denoised"})` once per step, after its first model call; `disable`
+  turns the progress bar off (None: off when not on a terminal);
 - stochastic solvers draw from `noise_sampler(sigma, sigma_next)` -> N(0, I) like x (default `torch.randn_like`).
 The ODE is dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 3 with s(t) = 1, sigma(t) = t).
-Adding a solver is adding one function to `K_SAMPLERS`.
+Adding a solver is adding one function (and, for sgm configs and sample.py, a class in `samplers`).
 """
 from __future__ import annotations
 
@@ -204,12 +204,3 @@ def sample_lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_arg
         x = x + sum(c * d for c, d in zip(coefficients, reversed(derivatives)))
     return x
 
-
-K_SAMPLERS = {
-    "euler": sample_euler,
-    "heun": sample_heun,
-    "euler_ancestral": sample_euler_ancestral,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "lms": sample_lms,
-}
