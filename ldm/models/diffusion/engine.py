@@ -90,8 +90,13 @@ class DiffusionEngine(nn.Module):
                              f"an unconditional prediction, but no embedder of the conditioner was trained with a "
                              f"ucg_rate > 0 (use IdentityGuider, or give an embedder a ucg_rate)")
         self.optimizer_config = dict(optimizer_config or {"target": "torch.optim.AdamW"})
+        unknown = sorted(set(self.optimizer_config) - {"target", "params"})
+        if unknown:
+            raise ValueError(f"optimizer_config: unknown keys {', '.join(map(repr, unknown))} (target, params)")
         get_obj_from_str(self.optimizer_config.get("target", ""), "optimizer_config.target")
         self.scheduler_config = scheduler_config
+        if not scale_factor > 0:
+            raise ValueError(f"scale_factor: must be positive (latents are scale_factor * encode(x)), got {scale_factor}")
         self.scale_factor = float(scale_factor)
         self.disable_first_stage_autocast = disable_first_stage_autocast
         self.input_key = input_key

@@ -114,6 +114,18 @@ def test_bad_sections_name_the_key():
         instantiate_from_config(config)
 
 
+def test_bad_optimizer_and_scale_factor():
+    with pytest.raises(ConfigError, match=r"optimizer_config: unknown keys 'lr'"):
+        instantiate_from_config(sgm_toy_config(optimizer_config={"target": "torch.optim.SGD", "lr": 0.1}))
+    with pytest.raises(ConfigError, match="scale_factor: must be positive"):
+        instantiate_from_config(sgm_toy_config(scale_factor=0.0))
+    model = instantiate_from_config(sgm_toy_config(optimizer_config={"target": "torch.optim.SGD",
+                                                                     "params": {"momentum": 0.5}}))
+    model.learning_rate = 0.1
+    optimizer, = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.5
+
+
 def test_data_checks_name_the_keys():
     model = instantiate_from_config(sgm_toy_config())
     item = {"image": torch.zeros(1, 8, 8), "cls": torch.tensor(3)}
