@@ -96,7 +96,8 @@ class DiffusionEngine(nn.Module):
         get_obj_from_str(self.optimizer_config.get("target", ""), "optimizer_config.target")
         self.scheduler_config = scheduler_config
         if not scale_factor > 0:
-            raise ValueError(f"scale_factor: must be positive (latents are scale_factor * encode(x)), got {scale_factor}")
+            raise ValueError(f"scale_factor: must be positive (latents are scale_factor * encode(x)), "
+                             f"got {scale_factor}")
         self.scale_factor = float(scale_factor)
         self.disable_first_stage_autocast = disable_first_stage_autocast
         self.input_key = input_key
