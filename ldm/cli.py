@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from ldm.data.transforms import DataFileError
 from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint, load_model_state, non_finite_parameters
 from ldm.engine.config import trainer_config_from
 from ldm.engine.guard import NonFiniteLossError
@@ -246,11 +247,23 @@ def main(description: str, argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except DataFileError as err:  # a file found corrupt when read, in training or test
+        print(f"error: {data_error_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except OSError as err:  # one line naming the path and the OS error, e.g. a full disk
         print(f"error: {err}", file=sys.stderr)
         return EXIT_OS_ERROR
     finally:
         flags.uninstall()
+
+
+def data_error_line(err: DataFileError) -> str:
+    """The message of a DataFileError; one raised in a loader worker arrives wrapped with the worker's traceback,
+    whose last line holds it."""
+    text = str(err).strip()
+    last = text.splitlines()[-1] if text else ""
+    marker = f"{DataFileError.__name__}: "
+    return last.split(marker, 1)[1] if "Original Traceback" in text and marker in last else text
 
 
 def lock_run_folder(fabric, logdir: Path, cleanup: contextlib.ExitStack) -> None:

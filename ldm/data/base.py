@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import types
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -11,10 +12,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ldm.data.transforms import DataFileError
 from ldm.engine.signals import ignore_in_worker
 from ldm.util import config_path, instantiate_from_config
 
 SPLITS = ("train", "validation", "test")
+SKIPPED_READS = "skipped_reads"  # item key with on_bad_file: skip (see ItemSeededDataset)
 
 
 class ShardedResumableSampler(Sampler[int]):
@@ -113,10 +116,16 @@ class ItemSeededDataset(Dataset):
     During `dataset[index]` the global generators (python, numpy, torch CPU) and the dataset's own generators
     (`find_randomizables`, e.g. MONAI random transforms) are seeded from `seed`; the global states are restored
     afterwards, so that loading in the training process (`num_workers: 0`) leaves the training noise alone.
+
+    A file found corrupt only when read (DataFileError) meets the dataset's `on_bad_file`: "skip" logs it and reads
+    the next index instead (the same one on every run, so resumes stay exact), and items then carry
+    `SKIPPED_READS`, how many reads their slot skipped (the trainer logs the total); "error" (the default) raises it
+    with a pointer to the option.
     """
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
+        self.on_bad_file = getattr(dataset, "on_bad_file", None)
         self._randomizables: list | None = None  # found on first use, in each process
 
     def __len__(self) -> int:
@@ -124,6 +133,24 @@ class ItemSeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
+        if self.on_bad_file != "skip":
+            try:
+                return self._read(index, seed)
+            except DataFileError as err:
+                if self.on_bad_file is None:
+                    raise
+                raise DataFileError(f"{err} (on_bad_file: skip would skip it)") from None
+        for skipped in range(len(self.dataset)):
+            try:
+                item = self._read((index + skipped) % len(self.dataset), seed)
+            except DataFileError as err:
+                print(f"on_bad_file: skip: {err}", file=sys.stderr)
+                continue
+            return {**item, SKIPPED_READS: skipped} if isinstance(item, dict) else item
+        raise DataFileError(f"on_bad_file: skip: none of the {len(self.dataset)} items of "
+                            f"{type(self.dataset).__name__} could be read")
+
+    def _read(self, index: int, seed: int) -> Any:
         if self._randomizables is None:
             self._randomizables = find_randomizables(self.dataset)
         with seeded_global_generators(seed):

@@ -92,7 +92,8 @@ class ImageFolder(Dataset):
 
     Files are checked at construction (unreadable, not an image, a PNG failing its checksums): a bad file raises
     DataFileError naming it, or with `on_bad_file: skip` is left out with one warning giving the count. Data that
-    are corrupt beyond what the check sees (a truncated JPEG) raise DataFileError when the item is read.
+    are corrupt beyond what the check sees (a truncated JPEG) raise DataFileError when the item is read, which the
+    loaders of `ldm.data.base` apply `on_bad_file` to as well.
 
     Items: `image` (channels, H, W) float32 in [-1, 1], `path` str, and with `class_from_folder` a
     `class_label` int64 scalar.
@@ -118,6 +119,7 @@ class ImageFolder(Dataset):
         if classes is not None and not class_from_folder:
             raise ValueError("classes is given but class_from_folder is false: set class_from_folder: true")
         self.channels, self.resize, self.small_image = channels, resize, small_image
+        self.on_bad_file = on_bad_file  # also applies when an item is read (see ldm.data.base.ItemSeededDataset)
 
         root_path = Path(root)
         if not root_path.is_dir():

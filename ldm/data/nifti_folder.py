@@ -140,7 +140,8 @@ class VolumeDataset(CachedTransformDataset):
     `subjects`: name -> {"image": [files, one channel each], "seg": label file or None, "path": str}. Only the
     subjects of `split` are kept; their headers are checked at construction (missing, unreadable, mismatched shape
     or affine) and a bad subject raises DataFileError, or with `on_bad_file="skip"` is left out with one warning
-    giving the count. A file whose data is corrupt beyond its header raises DataFileError when read.
+    giving the count. A file whose data is corrupt beyond its header raises DataFileError when read, which the
+    loaders of `ldm.data.base` apply `on_bad_file` to as well.
 
     Items: `image` (C, *crop_to) float32 in [-1, 1], `mask` (K, *crop_to) float32 in {0, 1} when `labels` is given,
     `path` str. `source` says where the subjects came from, for error messages.
@@ -156,6 +157,7 @@ class VolumeDataset(CachedTransformDataset):
             raise ValueError(f"small_volume must be one of {', '.join(SMALL_ITEM_MODES)}, got {small_volume!r}")
         if on_bad_file not in BAD_FILE_MODES:
             raise ValueError(f"on_bad_file must be one of {', '.join(BAD_FILE_MODES)}, got {on_bad_file!r}")
+        self.on_bad_file = on_bad_file  # also applies when an item is read (see ldm.data.base.ItemSeededDataset)
         if spacing is not None and (len(spacing) != 3 or any(s <= 0 for s in spacing)):
             raise ValueError(f"spacing must be 3 positive numbers in mm (or null to keep the files' grid), "
                              f"got {spacing!r}")

@@ -18,6 +18,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from tqdm.auto import tqdm
 
+from ldm.data.base import SKIPPED_READS
 from ldm.engine import checkpoint as ckpt
 from ldm.engine import cpu_bf16, weight_copies
 from ldm.engine.config import TrainerConfig, fabric_kwargs
@@ -90,6 +91,7 @@ class Trainer:
         self.run_config: dict = {}
         self._open_run_folder: Callable[[], None] | None = None  # see `attach`
         self.start_step = 0  # global_step when this process started training: what it may save after an exception
+        self.skipped_reads: torch.Tensor | None = None  # rank 0's reads of corrupt files skipped (on_bad_file: skip)
 
     # ----------------------------------------------------------------------------------------------- set-up
     @property
@@ -427,6 +429,9 @@ class Trainer:
                 if micro == 0:  # the loader's share of this optimizer step: waiting for its first batch
                     data_wait = time.perf_counter() - step_start
                 batch = self._to_layout(batch)
+                if isinstance(batch, dict) and SKIPPED_READS in batch:  # summed on the device: no wait for it here
+                    skipped = batch[SKIPPED_READS].sum()
+                    self.skipped_reads = skipped if self.skipped_reads is None else self.skipped_reads + skipped
                 if first_step is None:
                     first_step = self._announce_first_step()
                 boundary = micro == accumulate - 1 or batch_idx == batches_per_epoch - 1
@@ -571,6 +576,8 @@ class Trainer:
         self.logger.log_scalars(lrs, self.global_step)
         if self.global_step % max(self.config.log_every_n_steps, 1) == 0:
             perf = {"perf/steps_per_s": rate, "perf/data_wait_s": data_wait, "epoch": self.epoch}
+            if self.skipped_reads is not None:
+                perf["data/skipped_reads"] = self.skipped_reads
             if self.fabric.device.type == "cuda":
                 perf.update(cuda_memory_scalars())
             self.logger.log_scalars({**scalars, **perf}, self.global_step)

@@ -187,3 +187,30 @@ def test_batches_collate(folder):
 def test_bad_arguments_raise_a_clear_error(folder, arguments, message):
     with pytest.raises(ValueError, match=message):
         ImageFolder(str(folder), **{"size": 8, **arguments})
+
+
+def test_a_truncated_jpeg_meets_on_bad_file_in_the_loader(tmp_path):
+    """skip: the loader reads the next image in its place (the same one every time) and counts the skipped read;
+    error: the read error names the file and the option."""
+    from ldm.data.base import SKIPPED_READS, DataModuleFromConfig
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        save(tmp_path / f"{name}.jpg", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    data = (tmp_path / "b.jpg").read_bytes()
+    (tmp_path / "b.jpg").write_bytes(data[: len(data) - 64])  # its header and most of its data: passes the check
+
+    def batches(on_bad_file: str) -> list:
+        train = {"target": "ldm.data.image_folder.ImageFolder", "params": {
+            "root": str(tmp_path), "size": 8, "split_ratios": None, "crop": "center", "on_bad_file": on_bad_file}}
+        module = DataModuleFromConfig(batch_size=3, train=train, num_workers=0)
+        loader = module.dataloader("train", seed=0)
+        loader.sampler.shuffle = False
+        return list(loader)
+
+    (batch,) = batches("skip")
+    assert [p.rsplit("/", 1)[-1] for p in batch["path"]] == ["a.jpg", "c.jpg", "c.jpg"]
+    assert batch[SKIPPED_READS].tolist() == [0, 1, 0]
+    assert torch.equal(batch["image"][1], batch["image"][2])
+    with pytest.raises(DataFileError, match=r"cannot decode image file .*b\.jpg: OSError: image file is truncated.*"
+                                            r" \(on_bad_file: skip would skip it\)$"):
+        batches("error")

@@ -200,3 +200,41 @@ def test_a_resumed_run_prints_the_learning_rate_it_uses(run, capsys):
            in out, out
     assert "resume: learning rate 2.00e-02 (restored with the optimizer and scheduler states)" in out, out
     assert last_checkpoint(run)["optimizer_states"][0]["param_groups"][0]["lr"] == 2e-2
+
+
+def volumes_with_one_corrupt_past_its_header(root: Path) -> Path:
+    """root/s{0..3}.nii.gz, 8^3 each; s1's data is cut in half (its header still reads). Returns s1."""
+    root.mkdir(parents=True)
+    for index in range(4):
+        volume = np.random.default_rng(index).random((8, 8, 8)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), str(root / f"s{index}.nii.gz"))
+    truncate(root / "s1.nii.gz")
+    return root / "s1.nii.gz"
+
+
+@pytest.mark.parametrize("on_bad_file", ["skip", "error"])
+def test_a_file_corrupt_past_its_header_is_skipped_or_stops_the_run_with_one_line(tmp_path, capfd, on_bad_file):
+    """The header check at build time passes; reading the data fails in a loader worker, mid-run (whose output
+    capfd sees)."""
+    corrupt = volumes_with_one_corrupt_past_its_header(tmp_path / "volumes")
+    config = OmegaConf.load(CONFIG)
+    config.data.params.num_workers = 1
+    config.data.params.train = {"target": "ldm.data.nifti_folder.NiftiFolder", "params": {
+        "root": str(tmp_path / "volumes"), "crop_to": [4, 4, 1], "split_ratios": [1, 0, 0], "percentiles": [0, 100],
+        "on_bad_file": on_bad_file}}  # items (1, 4, 4, 1): the toy's 16 inputs
+    OmegaConf.save(config, tmp_path / "volumes.yaml")
+    logs = tmp_path / "logs"
+    code = main("test", ["-b", str(tmp_path / "volumes.yaml"), "-l", str(logs), "-t", "--no_test",
+                         "trainer.max_steps=3"])
+    err = capfd.readouterr().err
+    if on_bad_file == "skip":
+        assert code == 0, err
+        assert f"on_bad_file: skip: cannot read NIfTI file {corrupt}: EOFError" in err
+        rows = [line.split(",") for line in (only_run_dir(logs) / "metrics.csv").read_text().splitlines()]
+        skipped = [float(value) for step, name, value in rows if name == "data/skipped_reads"]
+        assert skipped == [1.0, 2.0, 3.0]  # one batch of the 4 subjects per step, each with s1 in it
+    else:
+        assert code == 2
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"error: cannot read NIfTI file {corrupt}: EOFError: ") and \
+            last.endswith("(on_bad_file: skip would skip it)"), err

@@ -31,7 +31,8 @@ class AugmentedRegressionData(RegressionData):
 
 
 class EmaRegressor(nn.Module):
-    """y = MLP(scale_factor * x) + noise, for batches {"image": (B, 1, 4, 4), "target": (B, 1)}.
+    """y = MLP(scale_factor * x) + noise, for batches {"image": (B, 1, 4, 4), "target": (B, 1)} (any image of 16
+    voxels; a batch without targets, e.g. of volumes, regresses to 0).
 
     hidden: width of the hidden layer (a different width is a different architecture); nan_at_steps: global steps
     whose loss is NaN; fail_at_steps: global steps whose training step raises RuntimeError (a config that breaks
@@ -72,7 +73,8 @@ class EmaRegressor(nn.Module):
     def _mse(self, batch) -> torch.Tensor:
         x = batch["image"].flatten(1) * self.scale_factor
         prediction = self.model(x) + self.noise_std * torch.randn(x.shape[0], 1)
-        return (prediction - batch["target"]).pow(2).mean()
+        target = batch["target"] if "target" in batch else torch.zeros_like(prediction)
+        return (prediction - target).pow(2).mean()
 
     def training_step(self, batch, batch_idx: int, optimizer_idx: int):
         time.sleep(self.sleep_s)
