@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-s", "--seed", type=int, default=23, help="sample i uses seed + i")
     parser.add_argument("--outdir", default=None, help="default: <run>/samples/<timestamp>/")
     parser.add_argument("--trust-config", action="store_true",
-                        help=f"let the run's configs name any importable target (also {TRUST_VARIABLE}=1); by default "
-                             f"only {', '.join(TRUSTED_PREFIXES)} and the aliases, since a config runs the code it names")
+                        help=f"let the run's configs name any importable target (also {TRUST_VARIABLE}=1); by "
+                             f"default only {', '.join(TRUSTED_PREFIXES)} and the aliases, since a config runs the "
+                             f"code it names")
     return parser
 
 

@@ -389,9 +389,9 @@ def test_a_run_whose_config_names_code_outside_the_allow_list_is_refused_before_
     OmegaConf.save(hostile, config)
     assert_error(["-r", str(checkpoint), "--config", str(config)],
                  r"model.params.unet_config.target: 'os.system' is outside the modules a config may name "
-                 r"\(ldm.\*, kernels.\*, tests.\*, torch.nn.\*, torch.optim.\*, monai.\* and the aliases of ldm.util\): "
-                 r"configs run the code they name, so other targets need --trust-config \(or LDM_TRUST_CONFIG=1\) "
-                 r"for a config you trust")
+                 r"\(ldm.\*, kernels.\*, tests.\*, torch.nn.\*, torch.optim.\*, monai.\* and the aliases of "
+                 r"ldm.util\): configs run the code they name, so other targets need --trust-config \(or "
+                 r"LDM_TRUST_CONFIG=1\) for a config you trust")
     assert not marker.exists()
 
 

@@ -530,8 +530,9 @@ class Trainer:
         what was not finite (empty for a good step).
 
         One read from the GPU per step: the finiteness flag (all-reduced: every rank decides alike), the gradient
-        norm, the logged scalars and whether the previous step wrote finite weights, together. Under the fp16 grad scaler the losses are read first and the
-        gradients unscaled (clipped) only on a good step; the scaler itself skips steps whose gradients overflowed."""
+        norm, the logged scalars and whether the previous step wrote finite weights, together. Under the fp16 grad
+        scaler the losses are read first and the gradients unscaled (clipped) only on a good step; the scaler itself
+        skips steps whose gradients overflowed."""
         pending, self.pending[index] = self.pending[index], []
         losses_finite = torch.isfinite(torch.stack([loss.float().reshape(()) for loss, _ in pending])).all()
         clip, norm = self.config.gradient_clip_val, None

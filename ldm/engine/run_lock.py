@@ -52,7 +52,9 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (owner_line() + "\n").encode(), 0)
             self._fd = fd
-            return f"run folder {self.path.parent}: took over the stale lock of {stale} (not running)" if stale else None
+            if not stale:
+                return None
+            return f"run folder {self.path.parent}: took over the stale lock of {stale} (not running)"
 
     def release(self) -> None:
         if self._fd is None:

@@ -116,7 +116,8 @@ def test_an_override_that_fails_in_the_first_step_leaves_the_run_folder_as_it_wa
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo"
 TINY_3D = ["data.params.num_workers=0", "data.params.batch_size=2", "model.params.image_size=4",
-           "model.params.unet_config.params.image_size=4", "model.params.first_stage_config.params.ddconfig.resolution=16",
+           "model.params.unet_config.params.image_size=4",
+           "model.params.first_stage_config.params.ddconfig.resolution=16",
            *[f"data.params.{split}.params.crop_to=[16,16,16]" for split in ("train", "validation", "test")]]
 LDM = "model.params"
 

@@ -176,7 +176,8 @@ def test_a_run_folder_naming_code_outside_the_allow_list_runs_nothing_unless_tru
         "they name, so other targets need --trust-config (or LDM_TRUST_CONFIG=1) for a config you trust")
     assert not marker.exists() and file_digests(run) == before
 
-    harmless = ["-t", "--no_test", "trainer.max_steps=1", "trainer.callbacks={extra: {target: collections.OrderedDict}}"]
+    harmless = ["-t", "--no_test", "trainer.max_steps=1",
+                "trainer.callbacks={extra: {target: collections.OrderedDict}}"]
     assert run_in_process(tmp_path / "logs", *harmless) == 2
     assert "'collections.OrderedDict' is outside the modules a config may name" in capsys.readouterr().err
     assert run_in_process(tmp_path / "logs", "--trust-config", *harmless) == 0
