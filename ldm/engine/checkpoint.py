@@ -268,17 +268,18 @@ def remove_stale_temporaries(directory: Path) -> None:
 
 def save_rotating(state: dict, directory: str | Path, step: int, keep_last_k: int, keep: Sequence[Path] = ()) -> Path:
     """Save `step=<step>.ckpt` and point `last.ckpt` at it (both atomic, the state serialised once), then delete
-    step files beyond the newest `keep_last_k` (only `step=N.ckpt` files: `last.ckpt`, `best.ckpt` and the files in
-    `keep` stay)."""
+    step files beyond the newest `keep_last_k`, this one first among them (only `step=N.ckpt` files: `last.ckpt`,
+    `best.ckpt` and the files in `keep` stay)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(directory)
     step_path = directory / f"step={step}.ckpt"
     atomic_torch_save(state, step_path)
     atomic_link(step_path, directory / LAST)
-    if keep_last_k > 0:
-        kept = {Path(path).name for path in keep}
-        for old in step_checkpoints(directory)[:-keep_last_k]:
+    if keep_last_k > 0:  # the file just saved counts as the newest, even with higher steps left by an earlier run
+        kept = {Path(path).name for path in keep} | {step_path.name}
+        others = [path for path in step_checkpoints(directory) if path.name != step_path.name]
+        for old in others[:max(len(others) - (keep_last_k - 1), 0)]:
             if old.name not in kept:
                 old.unlink()
     return step_path

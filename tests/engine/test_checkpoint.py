@@ -113,3 +113,13 @@ def test_link_and_write_temporaries_are_distinct(tmp_path):
     ckpt.atomic_link(step, tmp_path / "last.ckpt")
     assert (tmp_path / "last.ckpt").samefile(step)
     assert (tmp_path / f".last.ckpt.tmp-{os.getpid()}").read_bytes() == b"a write in progress"
+
+
+def test_rotation_keeps_the_file_just_saved_over_higher_steps_of_an_abandoned_run(tmp_path):
+    """Resumed from step 2 while step 3 exists (a later checkpoint of the run, left behind): the new step 2 is the
+    newest state, so rotation deletes step 3, not it."""
+    for step in (1, 2, 3):
+        ckpt.save_rotating({"state_dict": {}, "global_step": step}, tmp_path, step, keep_last_k=1)
+    ckpt.save_rotating({"state_dict": {}, "global_step": 2}, tmp_path, 2, keep_last_k=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=2.ckpt"]
+    assert (tmp_path / "last.ckpt").samefile(tmp_path / "step=2.ckpt")

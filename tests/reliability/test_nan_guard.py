@@ -86,6 +86,12 @@ def test_rotation_keeps_the_last_good_checkpoint_through_a_streak_of_bad_steps(t
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith(f"-r {checkpoints / 'step=6.ckpt'} resumes from before the bad steps (last.ckpt was "
                         f"saved during them)"), err
+    # as the hint says, into the same run folder (with the bad steps gone)
+    assert main("test", ["-r", str(checkpoints / "step=6.ckpt"), "-t", "--no_test", "trainer.max_steps=7",
+                         "model.params.nan_at_steps=[]"]) == 0
+    assert only_run_dir(logs) == run and last_checkpoint(run)["global_step"] == 7
+    # rotation counts the file just saved as the newest: step 9 of the abandoned streak goes, not step 7
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step=7.ckpt"]
 
 
 def test_resuming_from_a_checkpoint_with_inf_weights_is_refused(trained_run, tmp_path, capsys):
