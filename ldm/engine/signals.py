@@ -3,11 +3,12 @@
 In training, handlers only set flags; the loop acts on them at the next optimizer-step boundary, where the state is
 consistent. Outside it (`stage`: start-up, the test stage) there is nothing to save: SIGTERM raises `Preempted`,
 which the command line turns into one line and exit code 0, and SIGUSR1 says what it will do. Loader workers ignore
-both (`ignore_in_worker`): SLURM signals the whole process group, and a worker killed first would end the run with
-a loader error instead of a checkpoint.
+both unless their parent sends them (`ignore_in_worker`): SLURM signals the whole process group, and a worker killed
+first would end the run with a loader error instead of a checkpoint.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -55,7 +56,18 @@ class PreemptionFlags:
 
 
 def ignore_in_worker() -> None:
-    """In a loader worker: ignore SIGTERM and SIGUSR1 (the main process handles them; the worker ends when the
-    loader shuts it down or its parent exits)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """In a loader worker: ignore SIGUSR1, and SIGTERM unless its parent sends it (the main process handles both;
+    the parent's SIGTERM is how it ends a worker at exit, which must still work).
+
+    A signal handler cannot tell who sent the signal, so SIGTERM is blocked in this thread (threads started from it
+    inherit that) and a daemon thread takes it with `sigwaitinfo`, which names the sender."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True,
+                     name="sigterm-from-parent").start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)

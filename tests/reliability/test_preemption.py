@@ -6,10 +6,12 @@ and exits 0; `-r` then finishes the run as if nothing happened, loader workers w
 import os
 import signal
 import socket
+import subprocess
+import sys
 
 from ldm.cli import main
 from ldm.engine.checkpoint import load_checkpoint, step_checkpoints
-from tests.reliability.processes import (assert_same_training_state, file_digests, last_checkpoint,
+from tests.reliability.processes import (REPO, assert_same_training_state, file_digests, last_checkpoint,
                                         logged_steps, only_run_dir, run_in_process)
 
 # Two loader workers drawing random augmentation; checkpoints only when signalled (and at the end).
@@ -125,3 +127,19 @@ def test_a_second_process_resuming_a_running_run_is_refused_and_a_killed_runs_lo
     assert main("test", ["-r", str(run), "-t", "--no_test", "trainer.max_steps=6"]) == 0
     assert f"run folder {run}: took over the stale lock of {owner} (not running)" in capsys.readouterr().out
     assert last_checkpoint(run)["global_step"] == 6 and not (run / ".lock").exists()
+
+
+def test_a_loader_left_running_at_exit_does_not_hang_the_process(tmp_path):
+    """Workers ignore SIGTERM from outside but obey their parent's: at interpreter exit multiprocessing ends daemon
+    workers with SIGTERM and then waits for them without a deadline (a worker ignoring every SIGTERM hung here)."""
+    script = tmp_path / "leave_loader.py"
+    script.write_text(
+        "from ldm.data.base import DataModuleFromConfig\n"
+        "data = DataModuleFromConfig(batch_size=2, num_workers=1,\n"
+        "                            train={'target': 'tests.engine.toy.RegressionData', 'params': {'length': 8}})\n"
+        "batches = iter(data.dataloader('train'))  # still referenced, with its worker, when the interpreter exits\n"
+        "next(batches)\n"
+        "print('read a batch', flush=True)\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "read a batch\n", result.stderr
