@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+from omegaconf import OmegaConf
 
 from ldm.cli import main
 from tests.engine.helpers import only_run_dir, subprocess_env
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo.sh"
+TSTR = Path(__file__).resolve().parents[1] / "benchmarks" / "tstr.sh"
 FAST = ["trainer.max_steps=2", "trainer.logger=[csv]", "data.params.num_workers=0"]
 
 
@@ -30,6 +32,20 @@ def test_demo_script_runs(tmp_path):
     assert 0.0 <= metrics["dice"] <= 1.0 and 0.0 <= metrics["dice_real"] <= 1.0
     ae_metrics = json.loads((next(tmp_path.glob("*_demo_ae")) / "metrics" / "test.json").read_text())["metrics"]
     assert math.isfinite(ae_metrics["psnr"])
+
+    # Train on synthetic, test on real, on the demo's runs: a judge trained on samples for the training masks only.
+    tstr = subprocess.run(["bash", str(TSTR), str(ldm_run), str(next(tmp_path.glob("*_demo_seg"))),
+                           str(tmp_path / "tstr"), "trainer.max_steps=2", "trainer.logger=[csv]",
+                           "data.params.num_workers=0"], capture_output=True, text=True, timeout=600,
+                          env={**env, "N": "2", "STEPS": "2", "BATCH": "2"})
+    assert tstr.returncode == 0, tstr.stderr[-2000:]
+    assert "train on synthetic, test on real: Dice" in tstr.stdout
+    tstr_run = next((tmp_path / "tstr").glob("*_tstr_seg"))
+    saved = OmegaConf.merge(*[OmegaConf.load(f) for f in sorted((tstr_run / "configs").glob("*.yaml"))])
+    assert saved.data.params.train.target == "ldm.data.generated.GeneratedPairs"  # the real crops replaced
+    assert "dice" in json.loads((tstr_run / "metrics" / "test.json").read_text())["metrics"]
+    manifest = json.loads((tmp_path / "tstr" / "samples" / "manifest.json").read_text())
+    assert [entry["mask"] for entry in manifest["samples"]] == ["sample_0000_mask.nii.gz", "sample_0001_mask.nii.gz"]
 
 
 def test_2d_demo_test_stage_writes_metrics(tmp_path):
