@@ -39,6 +39,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ from ldm.evaluate_files import (INTENSITY_RULES, EvaluationInputError, ImageSet,
                                 saved_test_samples, read_test_batch)
 from ldm.metrics import METRICS, MetricSuite, MissingWeights, feature_extractor
 from ldm.models.test_metrics import check_test_metrics, load_scorer, on_device_of_input
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import TRUST_VARIABLE, ConfigError, instantiate_from_config
 
 FEATURES = ("segmenter", "classifier", "inception", "medicalnet", "2.5d")
 PAIRED_METRICS = ("psnr", "ssim", "ms_ssim")
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("-s", "--seed", type=int, default=23, help="with -r: the test stage's seed (data order)")
     parser.add_argument("--out", metavar="FILE.json", help="report path (default: see above)")
+    parser.add_argument("--trust-config", action="store_true",
+                        help=f"let the run's configs name any importable target (also {TRUST_VARIABLE}=1)")
     return parser
 
 
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opt, dotlist = build_parser().parse_known_args(argv)
     opt.argv = argv
+    if opt.trust_config:
+        os.environ[TRUST_VARIABLE] = "1"
     try:
         metrics, path = run(opt, dotlist)
     except TestStageFailed as failed:

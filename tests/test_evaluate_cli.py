@@ -23,6 +23,7 @@ import ldm.evaluate_cli as evaluate_cli
 from ldm.cli import main as train_main
 from ldm.engine.images import to_grid
 from ldm.evaluate_cli import main
+from ldm.util import ConfigError
 from ldm.evaluate_files import read_test_batch, to_unit_range
 from ldm.metrics import METRICS
 from ldm.metrics.distribution import kernel_distance
@@ -307,3 +308,17 @@ def test_run_mode_generates_and_pairs_the_test_split(tmp_path, monkeypatch, caps
     report, _ = run_ok(["-r", str(run), "--metrics", "diversity_ssim", "--out", str(tmp_path / "again.json"),
                         "--device", "cpu"], capsys)
     assert report["scored"]["count"] == 4
+
+
+def test_trust_config_lifts_the_target_allow_list_as_in_the_other_scripts(tmp_path, monkeypatch):
+    """evaluate.py -r builds the run's model from its configs: `--trust-config` lets them name any target, as
+    train_*.py and sample.py do (the flag sets LDM_TRUST_CONFIG for this process)."""
+    from ldm.util import TRUST_VARIABLE, instantiate_from_config
+
+    monkeypatch.setenv(TRUST_VARIABLE, "0")
+    outside = {"target": "collections.OrderedDict"}
+    with pytest.raises(ConfigError, match="outside the modules a config may name"):
+        instantiate_from_config(outside)
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["--trust-config", "--samples", str(tmp_path / "none"), "--metrics", "diversity_ms_ssim"]) == 2
+    assert instantiate_from_config(outside) == {}
