@@ -311,12 +311,14 @@ class CrossAttention(nn.Module):
         if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.context_dim:
             raise ValueError(f"CrossAttention: context must be (B={x.shape[0]}, L_ctx, {self.context_dim}), "
                              f"got {tuple(context.shape)}")
-        if context is x:  # self-attention: q, k and v in one matmul (one input gradient, no adds of three)
+        projections = (self.to_q, self.to_k, self.to_v)
+        # self-attention: q, k and v in one matmul (one input gradient, no adds of three); wrapped projections (LoRA)
+        # are called as modules, since their weight attribute is the base weight alone
+        if context is x and all(type(p) is nn.Linear for p in projections):
             weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
             q, k, v = (self._split_heads(t) for t in F.linear(x, weight).chunk(3, dim=-1))
         else:
-            q, k, v = (self._split_heads(proj(src)) for proj, src in
-                       ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+            q, k, v = (self._split_heads(proj(src)) for proj, src in zip(projections, (x, context, context)))
         out = attention(q, k, v, self.attention_backend).transpose(1, 2).flatten(2)
         return self.dropout(self.to_out(out))
 
