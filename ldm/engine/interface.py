@@ -64,6 +64,9 @@ def optional_hook(model: torch.nn.Module, name: str):
     - `on_train_batch_end(batch, batch_idx)`: after each optimizer step (e.g. for EMA).
     - `cuda_graph_modules()`: name -> network whose training forward and backward `trainer.cuda_graph` captures;
       each must run once per training step, see ldm/engine/cuda_graph.py.
+    - `prepare_training_data(datamodule, fabric)`: once per `fit` on every rank, after set-up (weights on the
+      device) and before the train loader is built; it may replace the train split (e.g. `LatentDiffusion`'s
+      latent cache).
     - `test_evaluator()`: None or an `Evaluator`, asked once per `Trainer.test`; the loop calls its
       `update(batch, outputs)` after each `test_step` and `compute()` at the end, then writes
       `<logdir>/metrics/test.json` (format in ldm/engine/evaluation.py), logs each metric as `test/<name>` at the

@@ -357,6 +357,9 @@ class Trainer:
         self.start_step = self.global_step
         self._track_best(model, resume)
 
+        prepare_training_data = optional_hook(model, "prepare_training_data")
+        if prepare_training_data is not None:  # e.g. a latent cache, encoded on the device the model now lives on
+            prepare_training_data(datamodule, self.fabric)
         loader = datamodule.dataloader("train", self.fabric.global_rank, self.fabric.world_size, self.seed,
                                        drop_last=False)
         sampler = loader.sampler

@@ -11,8 +11,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch import nn
 
+from ldm.data.latent_cache import LATENT_MOMENTS, config_digest, prepare_latent_cache, weights_digest
 from ldm.engine.images import mid_slices
 from ldm.models.autoencoder import load_weights
 from ldm.models.diffusion.conditioning import (CONDITIONING_KEYS, MASK_TO_LATENT, Conditioning, build_conditioning,
@@ -21,6 +23,7 @@ from ldm.models.diffusion.gaussian_diffusion import LOSS_TYPES, GaussianDiffusio
 from ldm.models.diffusion.schedules import make_beta_schedule, rescale_zero_terminal_snr
 from ldm.models.diffusion.sampling import get_sampler, timestep_schedule
 from ldm.models.test_metrics import TestMetrics, build_test_metrics, check_test_metrics
+from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
 
@@ -294,6 +297,17 @@ class LatentDiffusion(DDPM):
     noised) is the only value accepted; CompVis' shortened conditioning schedule (> 1) is not implemented.
     ckpt_path / ignore_keys / strict: as for DDPM, for the whole model; the first stage's own weights come from
     `first_stage_config.params.ckpt_path` (with its own ignore_keys, e.g. [loss], and strict).
+
+    cache_latents: {dir, copies (default 1)}: before training, encode the train split once with the frozen first
+    stage (a KL autoencoder) and train on its stored posterior moments, still drawing z ~ q(z|x) each step; the
+    conditioning batch[cond_stage_key] is stored beside them. Random augmentation meets caching as `copies` encodings
+    per item, each of the item read with other augmentation seeds; every training read takes one copy at random, so a
+    run sees `copies` augmentations per item in all instead of a fresh one per epoch (copies: 1 suits data without
+    random transforms). The cache in `dir` is reused by later runs while the first stage's weights, the train split's
+    config and `copies` stay the same, and rebuilt with a notice otherwise or when a file of it fails its hash; see
+    `ldm.data.latent_cache`. Encoding runs in the first stage's dtype, outside autocast, spread over the ranks.
+    Training batches then hold no images: `images()` gives the first stage's reconstruction of their mean instead.
+    Validation and test batches are read and encoded as without the cache.
     """
 
     def __init__(self, first_stage_config: Mapping[str, Any], cond_stage_config: Any, unet_config: Mapping[str, Any],
@@ -308,7 +322,8 @@ class LatentDiffusion(DDPM):
                  ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), strict: bool = True,
                  scheduler_config: Mapping[str, Any] | None = None, sampler: str = "ddim", sampler_steps: int = 50,
                  sampler_eta: float = 0.0, timestep_spacing: str = "uniform", log_sampler_steps: int = 20,
-                 log_every_t: int = 100, test_metrics: Mapping[str, Any] | None = None):
+                 log_every_t: int = 100, test_metrics: Mapping[str, Any] | None = None,
+                 cache_latents: Mapping[str, Any] | None = None):
         if num_timesteps_cond != 1:
             raise ValueError(f"num_timesteps_cond: shortened conditioning schedules (noised conditioning) are not "
                              f"supported, got {num_timesteps_cond} (use 1, the default, or leave it out)")
@@ -340,8 +355,22 @@ class LatentDiffusion(DDPM):
         # the GPU to tell (a load may bring any value: it makes the next check read the buffer again).
         self._scale_factor_set = not scale_by_std
         self.register_load_state_dict_post_hook(LatentDiffusion._forget_scale_factor_check)
+        self.cache_latents = self._check_cache_latents(cache_latents)
         if ckpt_path is not None:
             load_weights(self, ckpt_path, ignore_keys, strict)
+
+    @staticmethod
+    def _check_cache_latents(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        if options is None:
+            return None
+        unknown = sorted(set(options) - {"dir", "copies"})
+        if unknown or not options.get("dir"):
+            raise ValueError(f"cache_latents: takes {{dir, copies}} with dir required"
+                             f"{' (unknown: ' + ', '.join(map(str, unknown)) + ')' if unknown else ''}")
+        copies = options.get("copies", 1)
+        if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+            raise ValueError(f"cache_latents.copies: must be an integer >= 1, got {copies!r}")
+        return {"dir": str(options["dir"]), "copies": copies}
 
     @staticmethod
     def _check_conditioning_options(cond_stage_config: Any, conditioning_key: str | None, cond_stage_trainable: bool,
@@ -392,6 +421,35 @@ class LatentDiffusion(DDPM):
             return encoded.float()
         return (encoded.sample() if sample_posterior else encoded.mode()).float()
 
+    @torch.no_grad()
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, *S) -> the first stage's posterior [mean, logvar]: (B, 2 * embed_dim, *S / f), unclamped."""
+        parameters = next(self.first_stage_model.parameters())
+        encoded = self.first_stage_model.encode(x.to(parameters.device, parameters.dtype))
+        if not isinstance(encoded, DiagonalGaussianDistribution):
+            raise ValueError(f"cache_latents: needs a first stage with a Gaussian posterior (a KL autoencoder), "
+                             f"{type(self.first_stage_model).__name__}.encode gave {type(encoded).__name__}")
+        return encoded.parameters
+
+    def prepare_training_data(self, datamodule: Any, fabric: Any) -> None:
+        """With cache_latents, the train split becomes its latent cache (built or checked here, on every rank)."""
+        if self.cache_latents is None:
+            return
+        configs = getattr(datamodule, "configs", None)
+        if not isinstance(configs, Mapping) or "train" not in getattr(datamodule, "datasets", {}):
+            raise ValueError(f"cache_latents: needs a data module with a configured train split "
+                             f"(DataModuleFromConfig), got {type(datamodule).__name__}")
+        carry = [self.cond_stage_key] if self.conditioning_key is not None else []
+        train_config = configs["train"]
+        plain = OmegaConf.to_container(train_config, resolve=True) if OmegaConf.is_config(train_config) \
+            else train_config
+        key = {"first_stage": weights_digest(self.first_stage_model),
+               "data": config_digest({"train": plain, "image_key": self.first_stage_key, "carry": carry,
+                                      "copies": self.cache_latents["copies"]})}
+        datamodule.datasets["train"] = prepare_latent_cache(
+            self.cache_latents["dir"], datamodule.datasets["train"], self.encode_moments, key, self.first_stage_key,
+            carry, self.cache_latents["copies"], datamodule.batch_size, fabric)
+
     @staticmethod
     def _forget_scale_factor_check(module: "LatentDiffusion", incompatible_keys) -> None:
         module._scale_factor_set = False
@@ -422,9 +480,20 @@ class LatentDiffusion(DDPM):
         self._scale_factor_set = True
         print(f"LatentDiffusion: scale_by_std set scale_factor = {float(self.scale_factor):.6g}")
 
+    def images(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """batch[first_stage_key]; for a cached batch, which holds none, the reconstruction of its posterior mean."""
+        if LATENT_MOMENTS in batch:
+            return self.decode(self.get_input(batch, sample_posterior=False))
+        return super().images(batch)
+
     def get_input(self, batch: Mapping[str, Any], sample_posterior: bool = True) -> torch.Tensor:
-        """scale_factor * z for z from batch[first_stage_key]: (B, channels, *image_size)."""
-        z = self.encode_first_stage(self.images(batch), sample_posterior)
+        """scale_factor * z for z from batch[first_stage_key], or from the posterior moments of a cached batch
+        (batch[LATENT_MOMENTS]): (B, channels, *image_size)."""
+        if LATENT_MOMENTS in batch:
+            posterior = DiagonalGaussianDistribution(batch[LATENT_MOMENTS])
+            z = posterior.sample() if sample_posterior else posterior.mode()
+        else:
+            z = self.encode_first_stage(self.images(batch), sample_posterior)
         self.check_shape(z)
         if self.scale_by_std and self.training and not self.scale_factor_is_set():
             self.estimate_scale_factor(z)
