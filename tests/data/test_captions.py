@@ -133,3 +133,17 @@ def test_batches_collate_captions_as_lists(txt_folder):
     batch = next(iter(DataLoader(CaptionedImages(str(txt_folder), size=8), batch_size=2)))
     assert batch["image"].shape == (2, 3, 8, 8) and batch["txt"] == ["a red square", "une île"]
     assert batch["original_size_as_tuple"].tolist() == [[8, 12], [10, 8]]
+
+
+def test_from_config_through_the_data_module(txt_folder):
+    from ldm.data.base import DataModuleFromConfig
+    from ldm.util import ConfigError
+
+    train = {"target": "ldm.data.captions.CaptionedImages", "params": {"root": str(txt_folder), "size": 8,
+                                                                      "flip": True}}
+    data = DataModuleFromConfig(batch_size=2, train=train, num_workers=0, pin_memory=False)
+    batch = next(iter(data.dataloader("train")))
+    assert sorted(batch["txt"]) == ["a red square", "une île"] and batch["image"].shape == (2, 3, 8, 8)
+    with pytest.raises((ConfigError, TypeError), match="caption_dropout"):
+        DataModuleFromConfig(batch_size=2, num_workers=0, train={**train, "params": {**train["params"],
+                                                                                     "caption_dropout": 0.1}})
