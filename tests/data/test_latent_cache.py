@@ -3,6 +3,7 @@ encoder's own (float64 first stage), reuse, invalidation, damaged files, a kille
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -187,3 +188,51 @@ def test_train_ldm_with_the_cache(tmp_path, capsys):
     assert (only_run_dir(tmp_path / "first") / "checkpoints" / "last.ckpt").is_file()
     assert train_main("ldm", [*args, "-l", str(tmp_path / "second")]) == 0  # same seed, same untrained autoencoder
     assert "latent cache" not in capsys.readouterr().out
+
+
+class ThreadRank:
+    """One rank of a process group played by threads: barrier and broadcast through shared state."""
+
+    def __init__(self, rank: int, world_size: int, barrier: threading.Barrier, shared: dict):
+        self.global_rank, self.world_size, self._barrier, self._shared = rank, world_size, barrier, shared
+
+    def barrier(self) -> None:
+        self._barrier.wait()
+
+    def broadcast(self, obj, src: int):
+        if self.global_rank == src:
+            self._shared["value"] = obj
+        self.barrier()
+        value = self._shared["value"]
+        self.barrier()
+        return value
+
+
+def test_two_ranks_encode_their_shares_into_one_cache(tmp_path):
+    model, datamodule = build(tmp_path / "one")
+    model.prepare_training_data(datamodule, ONE_PROCESS)
+    expected = [datamodule.datasets["train"][i] for i in range(LENGTH)]
+    model.cache_latents["dir"] = str(tmp_path / "two")
+    barrier, shared, errors = threading.Barrier(2), {}, []
+    datamodules = [instantiate_from_config(tiny_config(None).data) for _ in range(2)]
+
+    def rank(r: int) -> None:
+        try:
+            model.prepare_training_data(datamodules[r], ThreadRank(r, 2, barrier, shared))
+        except BaseException as err:  # reported below, in the test's thread
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert sorted(path.name for path in (tmp_path / "two").glob("*.npy")) == [
+        "carry0-0.npy", "carry0-1.npy", "moments-0.npy", "moments-1.npy"]
+    for datamodule in datamodules:
+        for i in range(LENGTH):
+            item = datamodule.datasets["train"][i]
+            assert torch.equal(item["mask"], expected[i]["mask"])
+            torch.testing.assert_close(item[LATENT_MOMENTS], expected[i][LATENT_MOMENTS], rtol=1e-12, atol=1e-12)
