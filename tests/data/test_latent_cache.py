@@ -208,7 +208,16 @@ class ThreadRank:
         return value
 
 
-def test_two_ranks_encode_their_shares_into_one_cache(tmp_path):
+def test_two_ranks_encode_their_shares_into_one_cache(tmp_path, monkeypatch):
+    # Ranks here are threads, which share torch's global generator (processes do not): an item's seeding and its
+    # random crop must not interleave with the other thread's.
+    lock, seeded_read = threading.Lock(), ItemSeededDataset.__getitem__
+
+    def one_thread_at_a_time(self, key):
+        with lock:
+            return seeded_read(self, key)
+
+    monkeypatch.setattr(ItemSeededDataset, "__getitem__", one_thread_at_a_time)
     model, datamodule = build(tmp_path / "one")
     model.prepare_training_data(datamodule, ONE_PROCESS)
     expected = [datamodule.datasets["train"][i] for i in range(LENGTH)]
