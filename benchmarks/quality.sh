@@ -47,14 +47,7 @@ tstr() {  # PREFIX LDM_RUN REAL_SEG_RUN SEG_CONFIG [overrides of the seg config 
   local prefix=$1 ldm=$2 seg=$3 config=$4 samples=$OUT_DIR/${1}_tstr_samples; shift 4
   timeout "$T_TEST" "$PY" sample.py -r "$ldm" --cond split:train --n_samples "${TSTR_N:-256}" --batch_size 32 \
     --outdir "$samples" > "$LOGS/${prefix}_tstr_sample.log" 2>&1
-  "$PY" - "$config" "$samples" "$OUT_DIR/${prefix}_tstr.yaml" <<'EOF'
-import sys
-from omegaconf import OmegaConf
-config = OmegaConf.load(sys.argv[1])  # the judge's config, its training split replaced by the samples
-config.data.params.train = {"target": "ldm.data.generated.GeneratedPairs",
-                            "params": {"folder": sys.argv[2], "flip_axes": [0], "length": 1024}}
-OmegaConf.save(config, sys.argv[3])
-EOF
+  "$PY" -m ldm.data.generated "$config" "$samples" "$OUT_DIR/${prefix}_tstr.yaml"  # training split: the samples
   train "$T_STAGE1" ${prefix}_tstr train_eval.py -b "$OUT_DIR/${prefix}_tstr.yaml" -t --no_test -n ${prefix}_tstr "$@"
   train "$T_TEST" ${prefix}_tstr_test train_eval.py -r "$(run_dir ${prefix}_tstr)"
   train "$T_TEST" ${prefix}_seg_test train_eval.py -r "$seg"

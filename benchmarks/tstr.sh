@@ -21,15 +21,7 @@ mkdir -p "$OUT_DIR"
 
 "$PY" sample.py -r "$LDM_RUN" --cond split:train --n_samples "${N:-256}" --batch_size "${BATCH:-16}" \
     --steps "${STEPS:-50}" --outdir "$OUT_DIR/samples"
-# The judge's config with its training split replaced (a dotlist override would merge into the old split's params).
-"$PY" - "$SEG_CONFIG" "$OUT_DIR/samples" "$OUT_DIR/tstr_seg.yaml" <<'EOF'
-import sys
-from omegaconf import OmegaConf
-config = OmegaConf.load(sys.argv[1])
-config.data.params.train = {"target": "ldm.data.generated.GeneratedPairs",
-                            "params": {"folder": sys.argv[2], "flip_axes": [0], "length": 1024}}
-OmegaConf.save(config, sys.argv[3])
-EOF
+"$PY" -m ldm.data.generated "$SEG_CONFIG" "$OUT_DIR/samples" "$OUT_DIR/tstr_seg.yaml"  # training split: the samples
 "$PY" train_eval.py --base "$OUT_DIR/tstr_seg.yaml" -t --name tstr_seg -l "$OUT_DIR" "$@"
 TSTR_RUN=$(ls -td "$OUT_DIR"/*_tstr_seg | head -n 1)
 [ -f "$REAL_SEG/metrics/test.json" ] || "$PY" train_eval.py -r "$REAL_SEG"   # its test stage on the real test split

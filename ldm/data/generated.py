@@ -88,3 +88,24 @@ class GeneratedPairs(Dataset):
                 affine[:3, 3] += affine[:3, axis] * (image.shape[1 + axis] - 1)
                 affine[:3, axis] *= -1
         return {"image": image, "mask": mask, "affine": affine}
+
+
+def config_training_on(config_path: str, folder: str, out_path: str, flip_axes: Sequence[int] = (0,),
+                       length: int = 1024) -> None:
+    """Writes `config_path` (a judge's config, e.g. configs/eval/seg_mni152.yaml) to `out_path` with its training
+    split replaced by the samples of `folder`: the "train on synthetic" half of train-on-synthetic, test-on-real.
+    (A command-line override cannot do this: it would merge into the old split's parameters.)"""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(config_path)
+    config.data.params.train = {"target": "ldm.data.generated.GeneratedPairs",
+                                "params": {"folder": folder, "flip_axes": list(flip_axes), "length": length}}
+    OmegaConf.save(config, out_path)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 4:
+        sys.exit("usage: python -m ldm.data.generated JUDGE_CONFIG SAMPLE_FOLDER OUT_CONFIG")
+    config_training_on(*sys.argv[1:])
