@@ -1,6 +1,7 @@
 """DiffusionEngine: sgm configs build (target aliases), training steps, EMA, sampling, errors naming the key."""
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,20 @@ def test_sample_py_refuses_an_edm_sampler_for_a_ddpm_run(tmp_path):
     checkpoint, config = unconditional_2d(tmp_path)
     assert_error(["-r", str(checkpoint), "--config", str(config), "--sampler", "heun"],
                  r"--sampler heun: a DDPM run samples with ddpm, ddim, .*are for DiffusionEngine runs")
+
+
+def test_latents_whose_std_misses_sigma_data_are_named_once_with_the_scale_factor_to_use():
+    """EDM's preconditioning assumes latents of std sigma_data: the first training batch says when they are not
+    (the toy images are uniform on [-1, 1], std ~0.58 against sigma_data 1), suggesting scale_factor * 1 / std."""
+    batch = toy_batch()
+    std = float(batch["image"].std())
+    model = instantiate_from_config(sgm_toy_config()).train()
+    with pytest.warns(UserWarning, match=rf"std {std:.3g} where the denoiser expects 1 .*scale_factor to about "
+                                         rf"{1 / std:.3g}"):
+        model.loss(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.loss(batch)  # once per run
+        matched = instantiate_from_config(sgm_toy_config(scale_factor=1 / std)).train()
+        matched.loss(batch)
+        instantiate_from_config(sgm_toy_config()).eval().loss(batch)  # validation: no check
