@@ -22,7 +22,8 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ldm.data.image_folder import CROP_MODES, IMAGE_EXTENSIONS, inspect_image, read_image, resize_to_cover
+from ldm.data.image_folder import (CROP_MODES, IMAGE_EXTENSIONS, image_size, inspect_image, read_image,
+                                   resize_to_cover)
 from ldm.data.transforms import BAD_FILE_MODES, DataFileError, split_by_ratios, split_name
 
 METADATA_FILE = "metadata.jsonl"
@@ -79,10 +80,7 @@ class CaptionedImages(Dataset):
                  extensions: Sequence[str] = IMAGE_EXTENSIONS, split_ratios: Sequence[float] | None = None,
                  seed: int = 0, on_bad_file: str = "error"):
         self.split = split_name(split)
-        sizes = [size, size] if isinstance(size, int) else size
-        if isinstance(sizes, str) or len(sizes) != 2 or any(int(s) != s or s < 1 for s in sizes):
-            raise ValueError(f"size must be a positive int or [height, width], got {size!r}")
-        self.size = (int(sizes[0]), int(sizes[1]))
+        self.size = image_size(size)
         self.crop = crop or ("random" if self.split == "train" else "center")
         for name, value, modes in [("crop", self.crop, CROP_MODES), ("captions", captions, CAPTION_SOURCES),
                                    ("on_bad_file", on_bad_file, BAD_FILE_MODES)]:

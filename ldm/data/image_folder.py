@@ -26,6 +26,14 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
+def image_size(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of a dataset's `size` parameter: one positive int for squares, or [height, width]."""
+    sizes = [size, size] if isinstance(size, int) else size
+    if isinstance(sizes, str) or len(sizes) != 2 or any(int(s) != s or s < 1 for s in sizes):
+        raise ValueError(f"size must be a positive int or [height, width], got {size!r}")
+    return int(sizes[0]), int(sizes[1])
+
+
 def inspect_image(path: str) -> tuple[str | None, tuple[int, int]]:
     """(problem or None, (height, width) as displayed) of an image file, from its header and Pillow's `verify`
     (which walks a PNG's chunks and checksums without decoding; a JPEG's data are only checked when decoded)."""
@@ -105,10 +113,7 @@ class ImageFolder(Dataset):
                  classes: Sequence[str] | None = None, split_ratios: Sequence[float] | None = (0.8, 0.1, 0.1),
                  seed: int = 0, on_bad_file: str = "error"):
         self.split = split_name(split)
-        sizes = [size, size] if isinstance(size, int) else size
-        if isinstance(sizes, str) or len(sizes) != 2 or any(int(s) != s or s < 1 for s in sizes):
-            raise ValueError(f"size must be a positive int or [height, width], got {size!r}")
-        self.size = (int(sizes[0]), int(sizes[1]))
+        self.size = image_size(size)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
         self.crop = crop or ("random" if self.split == "train" else "center")

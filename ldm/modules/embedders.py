@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
+from ldm.modules.encoders import check_class_labels
 
 
 class ClassEmbedder(nn.Module):
@@ -24,11 +25,7 @@ class ClassEmbedder(nn.Module):
         self.add_sequence_dim = add_sequence_dim
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if labels.ndim != 1 or labels.is_floating_point():
-            raise ValueError(f"ClassEmbedder: labels must be (B,) integers, got {tuple(labels.shape)} {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
-            raise ValueError(f"ClassEmbedder: labels must be in [0, {self.n_classes}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        check_class_labels(labels, self.n_classes)
         embedding = self.embedding(labels.long())
         return embedding[:, None] if self.add_sequence_dim else embedding
 

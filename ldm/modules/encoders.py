@@ -11,6 +11,15 @@ from torch import nn
 from ldm.modules.nn_dims import check_dims, conv_nd, spatial_dims
 
 
+def check_class_labels(labels: torch.Tensor, n_classes: int) -> None:
+    """labels must be (B,) integers in [0, n_classes); a ValueError says what they are otherwise."""
+    if labels.ndim != 1 or labels.is_floating_point():
+        raise ValueError(f"ClassEmbedder: labels must be (B,) integers, got {tuple(labels.shape)} {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ValueError(f"ClassEmbedder: labels must be in [0, {n_classes}), got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
 class ClassEmbedder(nn.Module):
     """Class labels (B,) int64 in [0, n_classes) -> one token each: (B, 1, embed_dim), for cross-attention.
 
@@ -26,11 +35,7 @@ class ClassEmbedder(nn.Module):
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """labels: (B,) int -> (B, 1, embed_dim)."""
-        if labels.ndim != 1 or labels.is_floating_point():
-            raise ValueError(f"ClassEmbedder: labels must be (B,) integers, got {tuple(labels.shape)} {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
-            raise ValueError(f"ClassEmbedder: labels must be in [0, {self.n_classes}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        check_class_labels(labels, self.n_classes)
         return self.embedding(labels.long())[:, None]
 
     def null_condition(self, c: torch.Tensor) -> torch.Tensor:
