@@ -140,15 +140,25 @@ class ItemSeededDataset(Dataset):
                 if self.on_bad_file is None:
                     raise
                 raise DataFileError(f"{err} (on_bad_file: skip would skip it)") from None
-        for skipped in range(len(self.dataset)):
+        for skipped, substitute in enumerate(self._substitutes(index)):
             try:
-                item = self._read((index + skipped) % len(self.dataset), seed)
+                item = self._read(substitute, seed)
             except DataFileError as err:
                 print(f"on_bad_file: skip: {err}", file=sys.stderr)
                 continue
             return {**item, SKIPPED_READS: skipped} if isinstance(item, dict) else item
+        scope = "" if getattr(self.dataset, "bucket_ids", None) is None else f" in the bucket of item {index}"
         raise DataFileError(f"on_bad_file: skip: none of the {len(self.dataset)} items of "
-                            f"{type(self.dataset).__name__} could be read")
+                            f"{type(self.dataset).__name__}{scope} could be read")
+
+    def _substitutes(self, index: int) -> Iterator[int]:
+        """`index`, then the items read in its place while reads fail: the following ones, wrapping round; with
+        aspect-ratio buckets (`bucket_ids`) only those of its bucket, so that its batch keeps one size."""
+        following = (i % len(self.dataset) for i in range(index, index + len(self.dataset)))
+        bucket_ids = getattr(self.dataset, "bucket_ids", None)
+        if bucket_ids is None:
+            return following
+        return (i for i in following if bucket_ids[i] == bucket_ids[index])
 
     def _read(self, index: int, seed: int) -> Any:
         if self._randomizables is None:
@@ -228,15 +238,21 @@ class DataModuleFromConfig:
 
     def dataloader(self, split: str, rank: int = 0, world_size: int = 1, seed: int = 0,
                    drop_last: bool = False) -> DataLoader:
-        """A loader of `split` for one rank, batches as dicts of tensors; its sampler is a `ShardedResumableSampler`.
+        """A loader of `split` for one rank, batches as dicts of tensors; its sampler is a `ShardedResumableSampler`,
+        or for a dataset with aspect-ratio buckets (`bucket_ids`) a `ldm.data.buckets.BucketSampler`.
 
         Each item's random transforms are seeded from (seed, epoch, rank, position in the epoch) through
         `ItemSeededDataset`, so a resumed run sees the same augmented batches as an uninterrupted one."""
         if split not in self.datasets:
             raise KeyError(f"data: no '{split}' split configured (have: {', '.join(self.datasets) or 'none'})")
         dataset = self.datasets[split]
-        sampler = ShardedResumableSampler(len(dataset), self.shuffle[split], seed=seed, rank=rank,
-                                          world_size=world_size, item_seeds=True)
+        if getattr(dataset, "bucket_ids", None) is not None:  # items of several sizes: a batch from one bucket each
+            from ldm.data.buckets import BucketSampler  # here, not above: it imports this module's sampler
+            sampler = BucketSampler(dataset.bucket_ids, self.batch_size, self.shuffle[split], seed=seed, rank=rank,
+                                    world_size=world_size, item_seeds=True, drop_last=dataset.buckets.drop_last)
+        else:
+            sampler = ShardedResumableSampler(len(dataset), self.shuffle[split], seed=seed, rank=rank,
+                                              world_size=world_size, item_seeds=True)
         return DataLoader(
             ItemSeededDataset(dataset), batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=drop_last,
