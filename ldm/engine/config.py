@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.engine.strategy import check_timeout, fabric_strategy, fsdp_options
 from ldm.util import ConfigError
 
 MONITOR_MODES = ("min", "max")
@@ -34,7 +35,8 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"        # auto = ddp on more than one device; or ddp, fsdp, single_device
+    strategy: Any = "auto"        # auto, ddp, fsdp, single_device, or {name: fsdp, ...} (ldm/engine/strategy.py)
+    timeout_s: float | None = None  # collectives' timeout of the process group (ddp, fsdp); null: torch's 30 min
     precision: str = "32"
     max_epochs: int = -1          # -1: no epoch limit (max_steps decides)
     max_steps: int = -1
@@ -71,6 +73,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.bf16_weight_copies: needs cuda_graph: true and precision: bf16-mixed (got "
                               f"cuda_graph: {str(self.cuda_graph).lower()}, precision: {self.precision}); the copies "
                               f"stand in for the casts of the graphed networks' weights under bf16 autocast")
+        fsdp_options(self.strategy)  # unknown names and options raise here, before any process starts
+        check_timeout(self.timeout_s, self.strategy)
         if self.max_steps < 0 and self.max_epochs < 0:
             raise ConfigError("trainer: set max_steps or max_epochs (both are -1, the run would never end)")
 
@@ -104,11 +108,7 @@ def trainer_config_from(section: DictConfig | dict | None) -> TrainerConfig:
 
 def fabric_kwargs(cfg: TrainerConfig) -> dict:
     """Arguments for `lightning.fabric.Fabric` from the trainer section."""
-    strategy: Any = cfg.strategy
-    if strategy == "fsdp":
-        from lightning.fabric.strategies import FSDPStrategy
-        # One full state dict on rank 0: checkpoints stay plain files readable without our code.
-        strategy = FSDPStrategy(state_dict_type="full", use_orig_params=True)
+    strategy = fabric_strategy(cfg.strategy, cfg.timeout_s)
     kwargs = dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                   strategy=strategy, precision=cfg.precision)
     # Under `fabric run --devices 2 ...` the launcher's flags (LT_* variables) win over the config.

@@ -140,6 +140,16 @@ def project_embedding(emb: torch.Tensor, blocks: Sequence[ResBlock]) -> dict[nn.
     return dict(zip(blocks, projected.split([linear.out_features for linear in linears], dim=1)))
 
 
+def unwrapped(layer: nn.Module) -> nn.Module:
+    """The block inside FSDP's and activation checkpointing's wrappers (they wrap whole blocks, see
+    ldm/engine/strategy.py), which take the block's arguments as they are."""
+    while True:
+        inner = getattr(layer, "_fsdp_wrapped_module", None) or getattr(layer, "_checkpoint_wrapped_module", None)
+        if inner is None:
+            return layer
+        layer = inner
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence of layers; ResBlocks also get the embedding (or their projections of it) and SpatialTransformers
     the context."""
@@ -147,9 +157,9 @@ class TimestepEmbedSequential(nn.Sequential):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | dict[nn.Module, torch.Tensor],
                 context: torch.Tensor | None) -> torch.Tensor:
         for layer in self:
-            if isinstance(layer, ResBlock):
+            if isinstance(unwrapped(layer), ResBlock):
                 x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
+            elif isinstance(unwrapped(layer), SpatialTransformer):
                 x = layer(x, context)
             else:
                 x = layer(x)
