@@ -196,6 +196,15 @@ class WrappedDataset(Dataset):
     def __getitem__(self, index: int) -> Any:
         return self.data[index]
 
+    @property
+    def bucket_ids(self) -> Any:
+        """The wrapped dataset's aspect-ratio buckets per item, if it has them (the loader batches by bucket)."""
+        return getattr(self.data, "bucket_ids", None)
+
+    @property
+    def buckets(self) -> Any:
+        return getattr(self.data, "buckets", None)
+
 
 class DataModuleFromConfig:
     """The `data` section: `batch_size`, `num_workers` and a `{target, params}` config per split.

@@ -211,10 +211,10 @@ def test_incomplete_batches_are_filled_from_their_bucket_or_dropped():
         BucketSampler(bucket_ids, batch_size=8, shuffle=True, drop_last=True)
 
 
-def data_module(folder, **bucket_options):
+def data_module(folder, wrap=False, **bucket_options):
     train = {"target": "ldm.data.captions.CaptionedImages",
              "params": {"root": str(folder), "buckets": {**SMALL, **bucket_options}, "flip": True}}
-    return DataModuleFromConfig(batch_size=2, train=train, num_workers=0, pin_memory=False)
+    return DataModuleFromConfig(batch_size=2, train=train, num_workers=0, pin_memory=False, wrap=wrap)
 
 
 def epoch_of(loader, epoch, start_batch=0):
@@ -222,8 +222,9 @@ def epoch_of(loader, epoch, start_batch=0):
     return list(loader)
 
 
-def test_loaders_of_two_ranks_give_single_bucket_batches_and_resume(folder):
-    data = data_module(folder)
+@pytest.mark.parametrize("wrap", [False, True])
+def test_loaders_of_two_ranks_give_single_bucket_batches_and_resume(folder, wrap):
+    data = data_module(folder, wrap=wrap)
     shards = []
     for rank in (0, 1):
         batches = epoch_of(data.dataloader("train", rank, 2, seed=3), epoch=1)
@@ -232,7 +233,8 @@ def test_loaders_of_two_ranks_give_single_bucket_batches_and_resume(folder):
             assert (targets == targets[0]).all() and batch["image"].shape == (2, 3, *targets[0].tolist())
         shards.append([path for batch in batches for path in batch["path"]])
     assert len(shards[0]) == len(shards[1]) == 8 and not set(shards[0]) & set(shards[1])
-    assert sorted(shards[0] + shards[1]) == sorted(data.datasets["train"].files)
+    dataset = data.datasets["train"]
+    assert sorted(shards[0] + shards[1]) == sorted((dataset.data if wrap else dataset).files)
     straight = epoch_of(data.dataloader("train", 1, 2, seed=3), epoch=1)
     resumed = epoch_of(data.dataloader("train", 1, 2, seed=3), epoch=1, start_batch=2)
     for one, other in zip(straight[2:], resumed, strict=True):  # same items, same random crops and flips
