@@ -3,7 +3,7 @@
 
 Sections, by our model's type: an AutoencoderKL takes the autoencoder (`first_stage_model.*` of a single file, the
 file itself for a VAE file, `vae/` of a folder); a DDPM's network `model.*` takes the UNet (`model.diffusion_model.*`,
-`unet/`); a LatentDiffusion both. An EMA (`model_ema.*`) starts from the converted network's weights (a file's own
+`unet/`); a LatentDiffusion both, as does a DiffusionEngine (`model.diffusion_model.*`, `first_stage_model.*`). An EMA (`model_ema.*`) starts from the converted network's weights (a file's own
 `model_ema.*` is not read), and `scale_factor` keeps the config's value unless the file has one. What the file lacks
 stays missing, and a config whose architecture differs from the file's fails naming the keys.
 """
@@ -20,6 +20,7 @@ from ldm.convert import unet as unet_convert
 from ldm.convert import vae as vae_convert
 from ldm.convert.diffusers_folder import component_folder, read_component
 from ldm.convert.weights_io import ConversionError, read_state_dict
+from ldm.engine.checkpoint import CheckpointError
 
 _FOREIGN = {"compvis", "diffusers"}
 
@@ -62,14 +63,20 @@ def _folder_kind(folder: Path) -> str | None:
 def converted_state(model: nn.Module, path: str | Path,
                     ignore_keys: Sequence[str] = ()) -> dict[str, torch.Tensor] | None:
     """`model`'s state dict from a foreign pretrained file or folder at `path` (or a `.safetensors` file of ours, as
-    `python -m ldm.engine.export` writes them); None when `path` is a pickled checkpoint of ours (or not there), for
-    the checkpoint loader. A section of ours under one of `ignore_keys` (e.g. `first_stage_model.`) is not read."""
+    `python -m ldm.engine.export` writes them); None when `path` is a pickled checkpoint of ours, for the checkpoint
+    loader. A Hugging Face repo id reads its snapshot in the local cache (`in_hub_cache`); a path that is not there
+    raises CheckpointError saying what ckpt_path takes and how to fetch it. A section of ours under one of `ignore_keys` (e.g. `first_stage_model.`) is not read."""
     from ldm.models.autoencoder import AutoencoderKL
     from ldm.models.diffusion.ddpm import DDPM, LatentDiffusion
+    from ldm.models.diffusion.engine import DiffusionEngine
 
-    path = Path(path)
+    path = in_hub_cache(Path(path))
     if not path.exists():
-        return None  # the checkpoint loader's error names it
+        repo = str(path) if _looks_like_repo_id(path) else "<repo id>"
+        raise CheckpointError(f"checkpoint {path} does not exist; ckpt_path takes a checkpoint of this repo, a Stable "
+                              f"Diffusion single file (.ckpt, .safetensors), a diffusers pipeline folder or the repo "
+                              f"id of one in the Hugging Face cache (fetch it on a machine with network: hf download "
+                              f"{repo}, then copy the cache or give the folder)")
     lookup, foreign, scale = _source_sections(path)
     if not foreign:
         return read_state_dict(path) if path.suffix == ".safetensors" else None
@@ -80,9 +87,12 @@ def converted_state(model: nn.Module, path: str | Path,
         sections.append(("model.", model.model, "unet", unet_convert.SINGLE_FILE_PREFIX))
         if isinstance(model, LatentDiffusion):
             sections.append(("first_stage_model.", model.first_stage_model, "vae", "first_stage_model."))
+    elif isinstance(model, DiffusionEngine):
+        sections += [("model.diffusion_model.", model.model.diffusion_model, "unet", unet_convert.SINGLE_FILE_PREFIX),
+                     ("first_stage_model.", model.first_stage_model, "vae", "first_stage_model.")]
     else:
-        raise ConversionError(f"{path}: pretrained files of other layouts load into AutoencoderKL, DDPM and "
-                              f"LatentDiffusion, not {type(model).__name__}")
+        raise ConversionError(f"{path}: pretrained files of other layouts load into AutoencoderKL, DDPM, "
+                              f"LatentDiffusion and DiffusionEngine, not {type(model).__name__}")
     state: dict[str, torch.Tensor] = {}
     for ours, module, component, prefix in sections:
         if ours and any(ours.startswith(key) for key in ignore_keys):
@@ -101,6 +111,22 @@ def converted_state(model: nn.Module, path: str | Path,
         state.update({ours + key: value for key, value in converted.items()})
     _fill_bookkeeping(model, state, scale)
     return state
+
+
+def _looks_like_repo_id(path: Path) -> bool:
+    return not path.is_absolute() and len(path.parts) == 2 and not path.name.endswith((".ckpt", ".safetensors"))
+
+
+def in_hub_cache(path: Path) -> Path:
+    """`path`, or for a Hugging Face repo id (`owner/name`, no such path here) its snapshot in the local Hugging Face
+    cache, as the text encoders' `version` resolves; nothing is downloaded."""
+    if path.exists() or not _looks_like_repo_id(path):
+        return path
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), or not a repo id at all (HFValidationError)
+        return path
 
 
 def _fill_bookkeeping(model: nn.Module, state: dict[str, torch.Tensor], scale: float | None) -> None:

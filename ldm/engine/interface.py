@@ -67,6 +67,8 @@ def optional_hook(model: torch.nn.Module, name: str):
     - `prepare_training_data(datamodule, fabric)`: once per `fit` on every rank, after set-up (weights on the
       device) and before the train loader is built; it may replace the train split (e.g. `LatentDiffusion`'s
       latent cache).
+    - `save_beside_checkpoint(path)`: on rank 0 after each checkpoint file is written (`step=N.ckpt`, `last.ckpt`,
+      `best.ckpt`), to write files of its own beside it (e.g. the LoRA weights alone, ldm/modules/lora.py).
     - `test_evaluator()`: None or an `Evaluator`, asked once per `Trainer.test`; the loop calls its
       `update(batch, outputs)` after each `test_step` and `compute()` at the end, then writes
       `<logdir>/metrics/test.json` (format in ldm/engine/evaluation.py), logs each metric as `test/<name>` at the

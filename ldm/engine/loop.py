@@ -253,7 +253,15 @@ class Trainer:
                 best = ckpt.save_best(state, directory, same_as=path)
                 self.logger.log_scalars({f"best/{self.best.key}": self.best.value}, self.global_step)
                 tqdm.write(f"best {self.best.key}={self.best.value:.6g} at step {self.global_step}: saved {best}")
+            self._save_beside([path, directory / ckpt.LAST] if as_step else [])
+            self._save_beside([directory / ckpt.BEST] if as_best else [])
         self.fabric.barrier()
+
+    def _save_beside(self, checkpoints: list) -> None:
+        """The model's files beside each checkpoint file just written (its `save_beside_checkpoint` hook)."""
+        hook = optional_hook(self.raw_model, "save_beside_checkpoint")
+        for checkpoint in checkpoints if hook is not None else []:
+            hook(checkpoint)
 
     def weights_loaded_from(self, path: str | Path, checkpoint: dict) -> None:
         """The model's weights come from `checkpoint`, read from `path`: `test` reports them as such (until `fit`
@@ -411,6 +419,7 @@ class Trainer:
         state = self.state(optimizers, schedulers) | {"rng": self._rng_states(gather=False)}
         try:
             ckpt.atomic_torch_save(state, path)
+            self._save_beside([path])
         except OSError as err:  # e.g. the disk that failed the run is full: report the run's own error, not this
             tqdm.write(f"exception at step {self.global_step}: {path} left as it was ({err})")
             return

@@ -9,6 +9,10 @@ Files hold the LoRA weights alone, as `.safetensors`, in one of two key layouts 
   loading accepts too);
 - `diffusers`: `unet.<diffusers module path>.lora_A.weight` / `.lora_B.weight`, alpha in the file's metadata
   (`lora_alpha`; absent means alpha = r, as diffusers assumes).
+
+A model's `lora_config` ({rank, alpha, target_modules, save_layout}, see `lora_options`) puts LoRA on its UNet after
+the base weights load; the training loop then writes the LoRA weights alone beside each checkpoint file
+(`lora_file_beside`: `checkpoints/step=N.ckpt` -> `checkpoints/lora-step=N.safetensors`).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from ldm.modules.attention import CrossAttention, SpatialTransformer
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out")
 LAYOUTS = ("kohya", "diffusers")
+LORA_CONFIG_KEYS = ("rank", "alpha", "target_modules", "save_layout")
 _ALIASES = {"to_out.0": "to_out"}  # diffusers' name of the output projection
 _KOHYA_PREFIX, _DIFFUSERS_PREFIX = "lora_unet_", "unet."
 
@@ -52,6 +57,39 @@ def add_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None,
     if not paths:
         raise ValueError("add_lora: the UNet has no SpatialTransformer attention (use_spatial_transformer: true)")
     return _inject(unet, paths, int(rank), float(rank if alpha is None else alpha))
+
+
+def lora_options(config: Mapping[str, object] | None) -> dict[str, object] | None:
+    """A model's `lora_config` checked and completed: {rank (default 4), alpha (default rank), target_modules
+    (default all of TARGETS), save_layout (kohya or diffusers, default kohya)}; None (no LoRA) stays None."""
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raise ValueError(f"lora_config: expected a mapping with keys among {', '.join(LORA_CONFIG_KEYS)}, "
+                         f"got {config!r}")
+    unknown = sorted(set(map(str, config)) - set(LORA_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"lora_config: unknown key(s) {', '.join(unknown)} (accepted: {', '.join(LORA_CONFIG_KEYS)})")
+    rank = config.get("rank", 4)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"lora_config.rank: must be a positive int, got {rank!r}")
+    alpha = config.get("alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
+        raise ValueError(f"lora_config.alpha: must be a positive number (or null for alpha = rank), got {alpha!r}")
+    targets = config.get("target_modules", TARGETS)
+    if isinstance(targets, str) or not isinstance(targets, Sequence):
+        raise ValueError(f"lora_config.target_modules: a list among {', '.join(TARGETS)}, got {targets!r}")
+    layout = config.get("save_layout", "kohya")
+    if layout not in LAYOUTS:
+        raise ValueError(f"lora_config.save_layout: must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return {"rank": rank, "alpha": float(rank if alpha is None else alpha), "target_modules": list(targets),
+            "save_layout": layout}
+
+
+def lora_file_beside(checkpoint: str | Path) -> Path:
+    """Where the LoRA weights of checkpoint file `checkpoint` go: `<folder>/lora-<its stem>.safetensors`."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"lora-{checkpoint.stem}.safetensors")
 
 
 def _inject(unet: nn.Module, paths: Sequence[str], rank: int, alpha: float) -> nn.Module:

@@ -7,6 +7,7 @@ guidance); these classes only wire data, networks and the optimizer to them.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from ldm.models.diffusion.sampling import get_sampler, timestep_schedule
 from ldm.models.test_metrics import TestMetrics, build_test_metrics, check_test_metrics
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.modules.lora import add_lora, lora_file_beside, lora_options, save_lora
 from ldm.util import instantiate_from_config
 
 
@@ -208,9 +210,10 @@ class DDPM(nn.Module):
 
     # ------------------------------------------------------------------------------------ loop interface
     def configure_optimizers(self):
-        """AdamW over the network (and a trainable conditioning stage), fused (one kernel per step for all parameters of
-        a device and dtype, instead of a dozen passes over them); LambdaLR when `scheduler_config` is set."""
-        params = [p for module in self.trainable_modules() for p in module.parameters()]
+        """AdamW over the parameters of `trainable_modules()` that require gradients (with LoRA: its weights alone),
+        fused (one kernel per step for all parameters of a device and dtype, instead of a dozen passes over them);
+        LambdaLR when `scheduler_config` is set."""
+        params = [p for module in self.trainable_modules() for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, fused=True)
         if self.scheduler_config is None:
             return [optimizer]
@@ -308,6 +311,11 @@ class LatentDiffusion(DDPM):
     `ldm.data.latent_cache`. Encoding runs in the first stage's dtype, outside autocast, spread over the ranks.
     Training batches then hold no images: `images()` gives the first stage's reconstruction of their mean instead.
     Validation and test batches are read and encoded as without the cache.
+
+    lora_config: {rank, alpha, target_modules, save_layout} (`ldm.modules.lora.lora_options`): once the weights of
+    ckpt_path are in, the UNet's attention projections get LoRA and only the LoRA weights train; the EMA (use_ema)
+    averages them alone, and `save_beside_checkpoint` writes them (the EMA's when use_ema) as
+    `lora-<checkpoint name>.safetensors` in the `save_layout` key layout beside each checkpoint file.
     """
 
     def __init__(self, first_stage_config: Mapping[str, Any], cond_stage_config: Any, unet_config: Mapping[str, Any],
@@ -323,13 +331,17 @@ class LatentDiffusion(DDPM):
                  scheduler_config: Mapping[str, Any] | None = None, sampler: str = "ddim", sampler_steps: int = 50,
                  sampler_eta: float = 0.0, timestep_spacing: str = "uniform", log_sampler_steps: int = 20,
                  log_every_t: int = 100, test_metrics: Mapping[str, Any] | None = None,
-                 cache_latents: Mapping[str, Any] | None = None):
+                 cache_latents: Mapping[str, Any] | None = None, lora_config: Mapping[str, Any] | None = None):
+        lora = lora_options(lora_config)
+        if lora is not None and cond_stage_trainable:
+            raise ValueError("lora_config: only the UNet's LoRA weights train; set cond_stage_trainable: false")
         if num_timesteps_cond != 1:
             raise ValueError(f"num_timesteps_cond: shortened conditioning schedules (noised conditioning) are not "
                              f"supported, got {num_timesteps_cond} (use 1, the default, or leave it out)")
         super().__init__(unet_config, timesteps, beta_schedule, linear_start, linear_end, cosine_s,
                          rescale_betas_zero_snr, parameterization, loss_type, snr_gamma, offset_noise, image_size,
-                         channels, first_stage_key, use_ema, ema_decay, monitor, None, (), True, scheduler_config,
+                         channels, first_stage_key, use_ema and lora is None, ema_decay, monitor, None, (), True,
+                         scheduler_config,
                          sampler, sampler_steps, sampler_eta, timestep_spacing, log_sampler_steps, log_every_t,
                          test_metrics)
         self._check_conditioning_options(cond_stage_config, conditioning_key, cond_stage_trainable, ucg_rate,
@@ -358,6 +370,17 @@ class LatentDiffusion(DDPM):
         self.cache_latents = self._check_cache_latents(cache_latents)
         if ckpt_path is not None:
             load_weights(self, ckpt_path, ignore_keys, strict)
+        self.lora = lora
+        if lora is not None:  # on the loaded base weights; the EMA (left out above) is of the LoRA weights alone
+            add_lora(self.model, lora["rank"], lora["alpha"], lora["target_modules"])
+            self.use_ema = use_ema
+            self.model_ema = LitEma(self.model, decay=ema_decay) if use_ema else None
+
+    def save_beside_checkpoint(self, checkpoint: Path) -> None:
+        """With lora_config: the LoRA weights alone (the EMA's when use_ema) as `lora_file_beside(checkpoint)`."""
+        if self.lora is not None:
+            with self.ema_scope():
+                save_lora(self.model, lora_file_beside(checkpoint), self.lora["save_layout"])
 
     @staticmethod
     def _check_cache_latents(options: Mapping[str, Any] | None) -> dict[str, Any] | None:

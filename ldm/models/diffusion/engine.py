@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from ldm.models.diffusion.edm.guiders import VanillaCFG
 from ldm.models.test_metrics import TestMetrics, build_test_metrics, check_test_metrics
 from ldm.modules.conditioner import GeneralConditioner
 from ldm.modules.ema import LitEma
+from ldm.modules.lora import add_lora, lora_file_beside, lora_options, save_lora
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 
 Cond = dict[str, torch.Tensor]
@@ -64,19 +66,23 @@ class DiffusionEngine(nn.Module):
     use_ema / ema_decay_rate: an EMA of the network (`model_ema`). log_keys: batch entries shown by `log_images`
     next to the samples (default: the conditioner's spatial inputs). latent_shape: (C, *spatial) of the latents, for
     `sample.py` (training and the test stage take it from the batch). ckpt_path: initial weights of the whole
-    engine. monitor / test_metrics: as for `DDPM`.
+    engine (ours, or an SD single file / diffusers folder: its UNet and VAE, ldm/convert/pretrained.py);
+    ignore_keys: prefixes left out of it (e.g. [conditioner.] for text encoders that load their own weights).
+    monitor / test_metrics: as for `DDPM`. lora_config: LoRA on the network after ckpt_path loads, as for
+    `LatentDiffusion` (only the LoRA weights train; the EMA averages them alone; files beside each checkpoint).
     """
 
     def __init__(self, network_config: Mapping[str, Any], denoiser_config: Mapping[str, Any],
                  first_stage_config: Mapping[str, Any], conditioner_config: Mapping[str, Any] | None = None,
                  sampler_config: Mapping[str, Any] | None = None, optimizer_config: Mapping[str, Any] | None = None,
                  scheduler_config: Mapping[str, Any] | None = None, loss_fn_config: Mapping[str, Any] | None = None,
-                 ckpt_path: str | None = None, use_ema: bool = False, ema_decay_rate: float = 0.9999,
+                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), use_ema: bool = False, ema_decay_rate: float = 0.9999,
                  scale_factor: float = 1.0, disable_first_stage_autocast: bool = False, input_key: str = "jpg",
                  log_keys: Sequence[str] | None = None, en_and_decode_n_samples_a_time: int | None = None,
                  latent_shape: Sequence[int] | None = None, monitor: str | None = "val/loss",
-                 test_metrics: Mapping[str, Any] | None = None):
+                 test_metrics: Mapping[str, Any] | None = None, lora_config: Mapping[str, Any] | None = None):
         super().__init__()
+        self.lora = lora_options(lora_config)
         network = instantiate_from_config(network_config)
         self.dims = getattr(network, "dims", 2)
         self.model = OpenAIWrapper(network)
@@ -111,14 +117,26 @@ class DiffusionEngine(nn.Module):
             raise ValueError(f"latent_shape: {list(latent_shape)} is not (channels, *{self.dims} spatial sizes)")
         self.latent_shape = None if latent_shape is None else tuple(int(s) for s in latent_shape)
         self.use_ema = use_ema
-        self.model_ema = LitEma(self.model, decay=ema_decay_rate) if use_ema else None
+        self.model_ema = LitEma(self.model, decay=ema_decay_rate) if use_ema and self.lora is None else None
         self.monitor = monitor
         self.test_metrics = check_test_metrics(test_metrics)
         self.learning_rate = 0.0
         self.global_step = 0
         self._latent_scale_checked = False
         if ckpt_path is not None:
-            load_weights(self, ckpt_path)
+            load_weights(self, ckpt_path, ignore_keys)
+        if self.lora is not None:
+            if any(spec.is_trainable for spec in self.conditioner.specs):
+                raise ValueError("lora_config: only the network's LoRA weights train; set is_trainable: false on "
+                                 "every embedder of conditioner_config")
+            add_lora(network, self.lora["rank"], self.lora["alpha"], self.lora["target_modules"])
+            self.model_ema = LitEma(self.model, decay=ema_decay_rate) if use_ema else None  # of the LoRA alone
+
+    def save_beside_checkpoint(self, checkpoint: Path) -> None:
+        """With lora_config: the LoRA weights alone (the EMA's when use_ema) as `lora_file_beside(checkpoint)`."""
+        if self.lora is not None:
+            with self.ema_scope():
+                save_lora(self.model.diffusion_model, lora_file_beside(checkpoint), self.lora["save_layout"])
 
     def train(self, mode: bool = True) -> "DiffusionEngine":
         """The first stage stays in eval mode."""
@@ -266,10 +284,10 @@ class DiffusionEngine(nn.Module):
 
     # ------------------------------------------------------------------------------------ loop interface
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The network's and the trainable embedders' parameters."""
+        """The network's and the trainable embedders' parameters that require gradients (with LoRA: its weights)."""
         embedders = [p for spec, embedder in zip(self.conditioner.specs, self.conditioner.embedders)
                      if spec.is_trainable for p in embedder.parameters()]
-        return list(self.model.parameters()) + embedders
+        return [p for p in list(self.model.parameters()) + embedders if p.requires_grad]
 
     def configure_optimizers(self):
         """optimizer_config's optimizer over `trainable_parameters`; LambdaLR when scheduler_config is set."""
