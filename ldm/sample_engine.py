@@ -5,8 +5,8 @@
 Conditions (`--cond`) are batch entries of the conditioner's input keys: `labels:i,j` for a conditioner with one
 class-label input, `split:<name>` (every input key of the split's items), or a folder of mask files for a
 conditioner with one spatial input. Sample i starts from unit noise seeded with `seed + i`; the solvers' ancestral
-and churn noise comes from the global generator, seeded with the batch's first seed, so with --batch_size 1 every
-sample is reproducible alone.
+and churn noise, and the seed of the SDE solvers' Brownian tree, come from the global generator, seeded with the
+batch's first seed, so with --batch_size 1 every sample is reproducible alone.
 """
 from __future__ import annotations
 
@@ -24,13 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.edm.guiders import IdentityGuider, VanillaCFG
-from ldm.models.diffusion.edm.samplers import SAMPLERS, EDMSampler
+from ldm.models.diffusion.edm.samplers import ETA_SAMPLERS, SAMPLERS, EDMSampler
 from ldm.models.diffusion.engine import DiffusionEngine
 from ldm.modules.embedders import SpatialMaskEmbedder
 from ldm.sample_conditions import Condition, ConditionError, dataset_mask_labels, read_mask, sample_folder_masks
 from ldm.util import ConfigError, instantiate_from_config
-
-ANCESTRAL = ("euler_ancestral", "dpmpp_2s_ancestral")
 
 
 def engine_sampler(opt: argparse.Namespace, model: DiffusionEngine) -> tuple[EDMSampler, dict[str, Any]]:
@@ -47,8 +45,9 @@ def engine_sampler(opt: argparse.Namespace, model: DiffusionEngine) -> tuple[EDM
     name = opt.sampler or configured
     if name not in SAMPLERS:
         raise ConfigError(f"--sampler {name}: a DiffusionEngine run samples with {', '.join(SAMPLERS)}")
-    if opt.eta is not None and name not in ANCESTRAL:
-        raise ConfigError(f"--eta {opt.eta}: only the ancestral samplers ({', '.join(ANCESTRAL)}) have an eta")
+    if opt.eta is not None and name not in ETA_SAMPLERS:
+        raise ConfigError(f"--eta {opt.eta}: only the ancestral samplers and the SDE samplers "
+                          f"({', '.join(ETA_SAMPLERS)}) have an eta")
     steps = opt.steps if opt.steps is not None else model.sampler.num_steps
     configured_scale = model.sampler.guider.scale if isinstance(model.sampler.guider, VanillaCFG) else 1.0
     scale = float(opt.scale if opt.scale is not None else configured_scale)

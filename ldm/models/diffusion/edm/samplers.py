@@ -66,8 +66,9 @@ class _ChurnSampler(EDMSampler):
         return dict(self.options)
 
 
-class _AncestralSampler(EDMSampler):
-    """Ancestral noise of std eta * the DDPM posterior's (eta 0: the ODE), times s_noise."""
+class StochasticSampler(EDMSampler):
+    """Base of the solvers with fresh noise each step, scaled by eta (0: the ODE) and s_noise: the ancestral ones
+    (noise of std eta * the DDPM posterior's) and the SDE ones (eta scales the SDE's noise)."""
 
     def __init__(self, eta: float = 1.0, s_noise: float = 1.0, discretization_config: Mapping[str, Any] | None = None,
                  num_steps: int | None = None, guider_config: Mapping[str, Any] | None = None, verbose: bool = False):
@@ -86,16 +87,56 @@ class HeunEDMSampler(_ChurnSampler):
     solver = staticmethod(k_samplers.sample_heun)
 
 
-class EulerAncestralSampler(_AncestralSampler):
+class EulerAncestralSampler(StochasticSampler):
     solver = staticmethod(k_samplers.sample_euler_ancestral)
 
 
-class DPMPP2SAncestralSampler(_AncestralSampler):
+class DPMPP2SAncestralSampler(StochasticSampler):
     solver = staticmethod(k_samplers.sample_dpmpp_2s_ancestral)
 
 
 class DPMPP2MSampler(EDMSampler):
     solver = staticmethod(k_samplers.sample_dpmpp_2m)
+
+
+class DPM2Sampler(_ChurnSampler):
+    solver = staticmethod(k_samplers.sample_dpm_2)
+
+
+class DPM2AncestralSampler(StochasticSampler):
+    solver = staticmethod(k_samplers.sample_dpm_2_ancestral)
+
+
+class DPMPPSDESampler(StochasticSampler):
+    """Stochastic DPM-Solver++; `r`: where its intermediate level lies in t (0.5: the midpoint)."""
+
+    solver = staticmethod(k_samplers.sample_dpmpp_sde)
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5,
+                 discretization_config: Mapping[str, Any] | None = None, num_steps: int | None = None,
+                 guider_config: Mapping[str, Any] | None = None, verbose: bool = False):
+        super().__init__(eta, s_noise, discretization_config, num_steps, guider_config, verbose)
+        if not 0 < r <= 1:
+            raise ValueError(f"r: must be in (0, 1], got {r}")
+        self.options["r"] = r
+
+
+class DPMPP2MSDESampler(StochasticSampler):
+    """DPM-Solver++(2M) SDE; `solver_type`: `midpoint` or `heun` for its second-order term."""
+
+    solver = staticmethod(k_samplers.sample_dpmpp_2m_sde)
+
+    def __init__(self, eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint",
+                 discretization_config: Mapping[str, Any] | None = None, num_steps: int | None = None,
+                 guider_config: Mapping[str, Any] | None = None, verbose: bool = False):
+        super().__init__(eta, s_noise, discretization_config, num_steps, guider_config, verbose)
+        if solver_type not in ("midpoint", "heun"):
+            raise ValueError(f"solver_type: must be 'midpoint' or 'heun', got {solver_type!r}")
+        self.options["solver_type"] = solver_type
+
+
+class DPMPP3MSDESampler(StochasticSampler):
+    solver = staticmethod(k_samplers.sample_dpmpp_3m_sde)
 
 
 class LinearMultistepSampler(EDMSampler):
@@ -122,4 +163,12 @@ SAMPLERS = {
     "dpmpp_2s_ancestral": DPMPP2SAncestralSampler,
     "dpmpp_2m": DPMPP2MSampler,
     "lms": LinearMultistepSampler,
+    "dpm_2": DPM2Sampler,
+    "dpm_2_ancestral": DPM2AncestralSampler,
+    "dpmpp_sde": DPMPPSDESampler,
+    "dpmpp_2m_sde": DPMPP2MSDESampler,
+    "dpmpp_3m_sde": DPMPP3MSDESampler,
 }
+
+#: The names of SAMPLERS whose solver takes an eta (`sample.py --eta`).
+ETA_SAMPLERS = tuple(name for name, cls in SAMPLERS.items() if issubclass(cls, StochasticSampler))

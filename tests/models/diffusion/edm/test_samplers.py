@@ -1,16 +1,21 @@
+import inspect
+
 import pytest
 import torch
 
 from ldm.models.diffusion.edm import k_samplers
 from ldm.models.diffusion.edm.guiders import IdentityGuider, VanillaCFG
-from ldm.models.diffusion.edm.samplers import SAMPLERS, DPMPP2MSampler, EulerEDMSampler
+from ldm.models.diffusion.edm.samplers import (ETA_SAMPLERS, SAMPLERS, DPMPP2MSampler, DPMPP2MSDESampler,
+                                                DPMPPSDESampler, EulerEDMSampler)
 from ldm.util import instantiate_from_config
 
 EDM = "ldm.models.diffusion.edm."
 DISCRETIZATION = {"target": EDM + "discretization.EDMDiscretization", "params": {"sigma_min": 0.01, "sigma_max": 10.0}}
 OPTIONS = {"euler": {"s_churn": 10.0, "s_noise": 1.01}, "heun": {"s_churn": 5.0, "s_tmin": 0.1, "s_tmax": 5.0},
            "euler_ancestral": {"eta": 0.7, "s_noise": 0.95}, "dpmpp_2s_ancestral": {"eta": 0.5},
-           "dpmpp_2m": {}, "lms": {"order": 3}}
+           "dpmpp_2m": {}, "lms": {"order": 3}, "dpm_2": {"s_churn": 5.0}, "dpm_2_ancestral": {"eta": 0.8},
+           "dpmpp_sde": {"eta": 0.6, "s_noise": 1.02, "r": 0.4}, "dpmpp_2m_sde": {"eta": 0.9, "solver_type": "heun"},
+           "dpmpp_3m_sde": {"eta": 0.5}}
 
 
 def conditional_denoiser(x, sigma, cond):
@@ -75,3 +80,14 @@ def test_sampler_errors():
                                                               {"vector": torch.ones(1, 2)})
     with pytest.raises(ValueError, match="num_steps: must be >= 1"):
         EulerEDMSampler(num_steps=0)
+    with pytest.raises(ValueError, match="solver_type: must be 'midpoint' or 'heun', got 'rk4'"):
+        DPMPP2MSDESampler(solver_type="rk4")
+    with pytest.raises(ValueError, match=r"r: must be in \(0, 1\], got 1.5"):
+        DPMPPSDESampler(r=1.5)
+
+
+def test_eta_samplers_are_the_ones_whose_solver_takes_eta():
+    """`sample.py --eta` is accepted exactly for the samplers whose solver has an eta parameter."""
+    takes_eta = {name for name, cls in SAMPLERS.items() if "eta" in inspect.signature(cls.solver).parameters}
+    assert set(ETA_SAMPLERS) == takes_eta
+    assert {"euler_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"} <= takes_eta
