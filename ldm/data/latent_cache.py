@@ -151,6 +151,9 @@ def prepare_latent_cache(directory: str | Path, dataset: Dataset, encode: Callab
     given as `dataset` stands for its source."""
     directory = Path(directory)
     dataset = dataset.source if isinstance(dataset, CachedLatents) else dataset
+    if getattr(dataset, "bucket_ids", None) is not None:
+        raise ValueError("cache_latents: the train dataset has aspect-ratio buckets (items of several sizes), which "
+                         "the latent cache does not store; drop buckets or cache_latents")
     rank, world_size = fabric.global_rank, fabric.world_size
     reason = check_cache(directory, key) if rank == 0 else None
     reason = fabric.broadcast(reason, src=0)

@@ -245,3 +245,13 @@ def test_two_ranks_encode_their_shares_into_one_cache(tmp_path, monkeypatch):
             item = datamodule.datasets["train"][i]
             assert torch.equal(item["mask"], expected[i]["mask"])
             torch.testing.assert_close(item[LATENT_MOMENTS], expected[i][LATENT_MOMENTS], rtol=1e-12, atol=1e-12)
+
+
+def test_bucketed_dataset_is_refused_by_name(tmp_path):
+    from ldm.data.latent_cache import prepare_latent_cache
+
+    bucketed = SimpleNamespace(bucket_ids=[0, 1], __len__=lambda: 2)
+    with pytest.raises(ValueError, match="aspect-ratio buckets"):
+        prepare_latent_cache(tmp_path / "cache", bucketed, encode=None, key={}, image_key="image", carry=[],
+                             copies=1, batch_size=1, fabric=ONE_PROCESS)
+    assert not (tmp_path / "cache").exists()
