@@ -124,6 +124,9 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     except Exception as err:
         hint = "" if zipfile.is_zipfile(path) else ": truncated or corrupt (no zip directory at its end)"
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}){hint}") from err
+    if isinstance(checkpoint, dict) and "shards" in checkpoint:  # an FSDP run's: its weights in a folder beside it
+        from ldm.engine.sharded import consolidated
+        checkpoint = consolidated(checkpoint, path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no 'state_dict' entry: not a checkpoint of this repo")
     return checkpoint

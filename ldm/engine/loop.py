@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ldm.data.base import SKIPPED_READS
 from ldm.engine import checkpoint as ckpt
-from ldm.engine import cpu_bf16, weight_copies
+from ldm.engine import cpu_bf16, sharded, weight_copies
 from ldm.engine.config import TrainerConfig, fabric_kwargs
 from ldm.engine.cuda_graph import graph_training_forward
 from ldm.engine.evaluation import TEST_METRICS, computed_metrics, report_test_metrics, test_evaluator_of
@@ -31,6 +31,7 @@ from ldm.engine.loggers import RunLogger
 from ldm.engine.memory_format import batch_to_channels_last, model_to_channels_last
 from ldm.engine.monitor import BestRecord, monitored_key
 from ldm.engine.signals import TRAINING, PreemptionFlags
+from ldm.engine.strategy import fsdp_options
 from ldm.util import ConfigError
 
 
@@ -205,11 +206,30 @@ class Trainer:
         return (get_model_state_dict(wrapped, options=options),
                 [get_optimizer_state_dict(wrapped, opt.optimizer, options=options) for opt in optimizers])
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """trainer.strategy's state_dict_type: sharded, under FSDP (ldm/engine/sharded.py)."""
+        options = fsdp_options(self.config.strategy)
+        return self.sharded and options is not None and options.state_dict_type == "sharded"
+
+    def _weights_state(self, optimizers) -> dict:
+        """Model and optimizer states: whole, or with sharded checkpoints each rank's shards written into a folder
+        beside the checkpoint file, which names it. Every rank calls this."""
+        if not self.sharded_checkpoints:
+            model_state, optimizer_states = self._model_and_optimizer_states(optimizers)
+            return {"state_dict": model_state, "optimizer_states": optimizer_states}
+        directory = self.logdir / "checkpoints"
+        folder = sharded.shard_folder_name(self.global_step)
+        if self.is_global_zero:  # folders whose checkpoint files rotation deleted
+            directory.mkdir(parents=True, exist_ok=True)
+            sharded.remove_unreferenced(directory)
+        self.fabric.barrier()
+        sharded.save_shards(self.fabric, directory / folder, self.module, optimizers)
+        return {sharded.SHARDS_KEY: folder}
+
     def state(self, optimizers, schedulers) -> dict:
-        model_state, optimizer_states = self._model_and_optimizer_states(optimizers)
         return {
-            "state_dict": model_state,
-            "optimizer_states": optimizer_states,
+            **self._weights_state(optimizers),
             "lr_schedulers": [s.state_dict() for s in schedulers],
             "global_step": self.global_step,
             "epoch": self.epoch,
