@@ -40,12 +40,13 @@ from ldm.engine.memory_format import channels_last as channels_last_tensor, mode
 from ldm.models.diffusion.conditioning import Conditioning, classifier_free_guidance
 from ldm.models.diffusion.edm.samplers import SAMPLERS as EDM_SAMPLERS
 from ldm.models.diffusion.engine import DiffusionEngine
-from ldm.models.diffusion.sampling import SAMPLERS, get_sampler, timestep_schedule
+from ldm.models.diffusion.sampling import SAMPLERS, get_sampler, sampler_options, timestep_schedule
 from ldm.sample_conditions import Condition, ConditionError, conditioning_kind, load_conditions, stack_values
 from ldm.util import TRUST_VARIABLE, TRUSTED_PREFIXES, ConfigError, instantiate_from_config
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
-SPACING_NAMES = {"uniform": "uniform", "quadratic": "quad", "quad": "quad", "trailing": "trailing"}
+SPACING_NAMES = {"uniform": "uniform", "leading": "leading", "linspace": "linspace", "trailing": "trailing",
+                 "quadratic": "quad", "quad": "quad"}
 DEFAULT_UNCONDITIONAL_SAMPLES = 8
 
 
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=finite_float, default=None,
                         help="classifier-free guidance scale (default: model.params.guidance_scale; 1 = off)")
     parser.add_argument("--spacing", choices=list(SPACING_NAMES), default=None,
-                        help="timestep spacing (default: model.params.timestep_spacing)")
+                        help="timestep spacing (default: model.params.timestep_spacing); leading, linspace and "
+                             "trailing as diffusers defines them, model.params.steps_offset applying to leading")
     parser.add_argument("--quadratic", action="store_true", help="same as --spacing quadratic")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help="use the EMA weights (default: when the model has them)")
@@ -200,16 +202,21 @@ def use_ema_weights(model: torch.nn.Module, wanted: bool | None) -> bool:
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How to sample: solver `name`, requested `steps`, DDIM `eta`, timestep `spacing`, guidance `scale`."""
+    """How to sample: solver `name`, requested `steps`, DDIM `eta`, timestep `spacing`, guidance `scale`, and the
+    model's diffusers-style conventions (`steps_offset`, `set_alpha_to_one`, `clip_sample` / `clip_sample_range`)."""
 
     name: str
     steps: int
     eta: float
     spacing: str
     scale: float
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
 
-    def options(self) -> dict[str, float]:
-        return {"eta": self.eta} if self.name == "ddim" else {}
+    def options(self) -> dict[str, Any]:
+        return sampler_options(self.name, self.eta, self.set_alpha_to_one, self.clip_sample, self.clip_sample_range)
 
 
 def sampler_settings(opt: argparse.Namespace, params: DictConfig, model: torch.nn.Module) -> SamplerSettings:
@@ -235,7 +242,17 @@ def sampler_settings(opt: argparse.Namespace, params: DictConfig, model: torch.n
         print(f"warning: --scale {scale}, but the model was trained with ucg_rate 0: its unconditional prediction "
               f"never saw the null condition", file=sys.stderr)
     steps = opt.steps if opt.steps is not None else params.get("sampler_steps", 50)
-    return SamplerSettings(name, int(steps), float(eta), spacing, scale)
+    configured_spacing = SPACING_NAMES.get(params.get("timestep_spacing", "uniform"))
+    steps_offset = int(params.get("steps_offset", 0)) if spacing == configured_spacing else 0  # the configured one's
+    settings = SamplerSettings(name, int(steps), float(eta), spacing, scale, steps_offset,
+                               bool(params.get("set_alpha_to_one", True)), bool(params.get("clip_sample", False)),
+                               float(params.get("clip_sample_range", 1.0)))
+    try:
+        settings.options()
+    except ValueError as err:
+        raise ConfigError(f"{err}; the model's config sets it (override it with a dotlist, e.g. "
+                          f"model.params.set_alpha_to_one=true)") from None
+    return settings
 
 
 def new_sample_folder(parent: Path) -> Path:
@@ -414,7 +431,8 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
         return run_engine(opt, model, config, checkpoint, checkpoint_path, run_dir, device, ema, mask_labels)
     settings = sampler_settings(opt, model_config_for(config.model, training=False).params, model)
     try:
-        timesteps = timestep_schedule(model.diffusion.num_timesteps, settings.steps, settings.spacing)
+        timesteps = timestep_schedule(model.diffusion.num_timesteps, settings.steps, settings.spacing,
+                                      settings.steps_offset)
     except ValueError as err:
         raise ConfigError(f"--steps {settings.steps} / --spacing {settings.spacing}: {err}") from None
     conditions = load_conditions(opt.cond, model, config, opt.n_samples, mask_labels)

@@ -129,7 +129,8 @@ def test_samples_from_a_split_write_nifti_png_and_manifest(ldm_run, tmp_path):
     assert manifest["checkpoint"] == {"path": str(checkpoint), "global_step": 2,
                                       "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
     assert manifest["sampler"] == {"name": "ddim", "steps": 2, "eta": 0.0, "spacing": "trailing", "scale": 1.0,
-                                   "timesteps": [999, 499]}  # the demo config's trailing spacing
+                                   "steps_offset": 0, "set_alpha_to_one": True, "clip_sample": False,
+                                   "clip_sample_range": 1.0, "timesteps": [999, 499]}  # the demo config's trailing
     assert [s["seed"] for s in manifest["samples"]] == [7, 8, 9]
     assert [s["condition"] for s in manifest["samples"]] == ["split:test[0]", "split:test[1]", "split:test[2]"]
     assert all(s["seconds"] > 0 for s in manifest["samples"])

@@ -1,6 +1,7 @@
 """Convert pretrained weights between layouts, or print the model config they imply.
 
     python -m ldm.convert sd15.safetensors --config            # the unet_config / first_stage_config they fit
+    python -m ldm.convert sd15_pipeline/ --config              # ... and the sampler its scheduler/ folder sets
     python -m ldm.convert sd15.safetensors out/pipeline        # CompVis single file -> diffusers folder (unet/, vae/)
     python -m ldm.convert out/pipeline sd15_again.safetensors  # diffusers folder -> CompVis single file
     python -m ldm.convert logs/<run>/checkpoints/last.ckpt out.safetensors --ema   # a run of ours -> either
@@ -8,6 +9,10 @@
 A destination ending in .safetensors / .ckpt is a single file in the CompVis / Stable Diffusion layout
 (`model.diffusion_model.*`, `first_stage_model.*`); anything else is a diffusers folder. Errors are one line on
 stderr and exit code 2.
+
+--config prints model params: the networks' configs and, from a diffusers folder's scheduler/scheduler_config.json
+(or, for a Stable Diffusion 1.x / 2.x single file, SD's own scheduler settings), the noise schedule, the sampler and
+its conventions (`ldm.convert.scheduler`).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from omegaconf import OmegaConf
 from ldm.convert import unet as unet_convert
 from ldm.convert import vae as vae_convert
 from ldm.convert.diffusers_folder import write_component
+from ldm.convert.scheduler import (STABLE_DIFFUSION_SCHEDULER, sampler_options_from_scheduler, scheduler_config_of,
+                                   stable_diffusion_release)
 from ldm.convert.weights_io import PICKLED, SAFETENSORS, ConversionError, read_state_dict, write_state_dict
 from ldm.engine.checkpoint import CheckpointError
 from ldm.util import ConfigError
@@ -119,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         if opt.config:
             sections = {"unet": ("unet_config", "ldm.modules.diffusionmodules.openaimodel.UNetModel"),
                         "vae": ("first_stage_config", "ldm.models.autoencoder.AutoencoderKL")}
-            print(OmegaConf.to_yaml({sections[c][0]: {"target": sections[c][1], "params": params}
-                                     for c, (_, params) in found.items()}), end="")
+            networks = {sections[c][0]: {"target": sections[c][1], "params": params}
+                        for c, (_, params) in found.items()}
+            sampling = {} if ours else _sampling_params(source, found)
+            print(OmegaConf.to_yaml({**sampling, **networks}), end="")
         if opt.destination is not None:
             for path in _write(found, opt.destination, opt.scaling_factor):
                 print(f"wrote {path}")
@@ -128,6 +137,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _sampling_params(source: Path, found: dict[str, Any]) -> dict[str, Any]:
+    """Schedule and sampler params from a folder's scheduler config, or SD's for an SD 1.x / 2.x single file."""
+    if source.is_dir():
+        config = scheduler_config_of(source)
+        return {} if config is None else sampler_options_from_scheduler(config, str(source / "scheduler"))
+    release = stable_diffusion_release(found["unet"][1]) if "unet" in found else None
+    if release is None:
+        return {}
+    params = sampler_options_from_scheduler(STABLE_DIFFUSION_SCHEDULER, f"Stable Diffusion {release}")
+    if release == "2.x":  # the weights do not say which: 768-v predicts v, 512-base eps
+        del params["parameterization"]
+        print("note: Stable Diffusion 2.x: set parameterization (v for the 768-v models, eps for 512-base)",
+              file=sys.stderr)
+    return params
 
 
 def _is_ours(path: Path) -> bool:

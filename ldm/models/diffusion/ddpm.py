@@ -22,7 +22,7 @@ from ldm.models.diffusion.conditioning import (CONDITIONING_KEYS, MASK_TO_LATENT
                                                classifier_free_guidance, drop_conditions)
 from ldm.models.diffusion.gaussian_diffusion import LOSS_TYPES, GaussianDiffusion, sample_noise
 from ldm.models.diffusion.schedules import make_beta_schedule, rescale_zero_terminal_snr
-from ldm.models.diffusion.sampling import get_sampler, timestep_schedule
+from ldm.models.diffusion.sampling import get_sampler, sampler_options, timestep_schedule
 from ldm.models.test_metrics import TestMetrics, build_test_metrics, check_test_metrics
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -70,8 +70,12 @@ class DDPM(nn.Module):
     image_size: an int (every axis) or one size per axis; the spatial dims come from the network's `dims`. A network
     that states its own `image_size` (UNetModel's, as in CompVis configs) must state the same grid.
     sampler (ddpm, ddim, plms, dpmpp_2m) / sampler_steps / sampler_eta (ddim only) / timestep_spacing (uniform,
-    trailing, quad): how `test_step` samples; log_sampler_steps: the same for `log_images`; log_every_t: timestep
-    spacing of the diffusion and denoising rows in `log_images`. ema_decay: of the LitEma (with warm-up) when use_ema.
+    leading, linspace, trailing, quad) / steps_offset (leading only) / set_alpha_to_one (ddim, plms: false ends at
+    alpha_bar_0, Stable Diffusion's convention) / clip_sample with clip_sample_range (ddim, plms, ddpm: clamp x0):
+    how `test_step` samples, named as in diffusers' schedulers (`ldm.convert.scheduler` reads theirs); see
+    `sampling.timestep_schedule` and `sampling.sampler_options`. log_sampler_steps: the same for `log_images`;
+    log_every_t: timestep spacing of the diffusion and denoising rows in `log_images`. ema_decay: of the LitEma (with
+    warm-up) when use_ema.
     snr_gamma: min-SNR-gamma loss weighting (None: off); offset_noise: strength of the per-channel noise offset;
     rescale_betas_zero_snr: rescale the schedule to zero terminal SNR (needs parameterization v or x0).
     ckpt_path / ignore_keys / strict: initial weights, see `ldm.models.autoencoder.load_weights` (strict: a
@@ -89,7 +93,8 @@ class DDPM(nn.Module):
                  strict: bool = True, scheduler_config: Mapping[str, Any] | None = None, sampler: str = "ddim",
                  sampler_steps: int = 50, sampler_eta: float = 0.0, timestep_spacing: str = "uniform",
                  log_sampler_steps: int = 20, log_every_t: int = 100,
-                 test_metrics: Mapping[str, Any] | None = None):
+                 test_metrics: Mapping[str, Any] | None = None, steps_offset: int = 0, set_alpha_to_one: bool = True,
+                 clip_sample: bool = False, clip_sample_range: float = 1.0):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
@@ -123,9 +128,9 @@ class DDPM(nn.Module):
         if sampler != "ddim" and sampler_eta:
             raise ValueError(f"sampler_eta: only the ddim sampler has an eta, got sampler={sampler!r}")
         self.sampler = get_sampler(sampler)
-        self.sampler_options = {"eta": sampler_eta} if sampler == "ddim" else {}
-        self.test_timesteps = timestep_schedule(timesteps, sampler_steps, timestep_spacing)
-        self.log_timesteps = timestep_schedule(timesteps, log_sampler_steps, timestep_spacing)
+        self.sampler_options = sampler_options(sampler, sampler_eta, set_alpha_to_one, clip_sample, clip_sample_range)
+        self.test_timesteps = timestep_schedule(timesteps, sampler_steps, timestep_spacing, steps_offset)
+        self.log_timesteps = timestep_schedule(timesteps, log_sampler_steps, timestep_spacing, steps_offset)
         if log_every_t < 1:
             raise ValueError(f"log_every_t: must be >= 1, got {log_every_t}")
         self.log_every_t = log_every_t
@@ -331,7 +336,9 @@ class LatentDiffusion(DDPM):
                  scheduler_config: Mapping[str, Any] | None = None, sampler: str = "ddim", sampler_steps: int = 50,
                  sampler_eta: float = 0.0, timestep_spacing: str = "uniform", log_sampler_steps: int = 20,
                  log_every_t: int = 100, test_metrics: Mapping[str, Any] | None = None,
-                 cache_latents: Mapping[str, Any] | None = None, lora_config: Mapping[str, Any] | None = None):
+                 cache_latents: Mapping[str, Any] | None = None, lora_config: Mapping[str, Any] | None = None,
+                 steps_offset: int = 0, set_alpha_to_one: bool = True, clip_sample: bool = False,
+                 clip_sample_range: float = 1.0):
         lora = lora_options(lora_config)
         if lora is not None and cond_stage_trainable:
             raise ValueError("lora_config: only the UNet's LoRA weights train; set cond_stage_trainable: false")
@@ -343,7 +350,7 @@ class LatentDiffusion(DDPM):
                          channels, first_stage_key, use_ema and lora is None, ema_decay, monitor, None, (), True,
                          scheduler_config,
                          sampler, sampler_steps, sampler_eta, timestep_spacing, log_sampler_steps, log_every_t,
-                         test_metrics)
+                         test_metrics, steps_offset, set_alpha_to_one, clip_sample, clip_sample_range)
         self._check_conditioning_options(cond_stage_config, conditioning_key, cond_stage_trainable, ucg_rate,
                                          guidance_scale, mask_to_latent)
         self.first_stage_model = instantiate_from_config(first_stage_config)

@@ -14,6 +14,11 @@ PARAMETERIZATIONS = ("eps", "x0", "v")
 LOSS_TYPES = ("l1", "l2")
 
 
+def working_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype results take for data x: float64 for float64 data, float32 for anything narrower (bf16, fp16)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def sample_noise(x: torch.Tensor, offset_noise: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """N(0, I) noise like x: (B, C, *spatial), plus `offset_noise` times a per-(item, channel) constant.
 
@@ -30,7 +35,8 @@ class GaussianDiffusion:
     """Forward process, posterior, parameterization conversions and the training loss for one beta schedule.
 
     betas: (T,) float. Tables stay float64 and are moved to a tensor's device on first use (not module buffers, so
-    that casting the model to bf16 does not round alpha_bar); results are float32.
+    that casting the model to bf16 does not round alpha_bar); results are float32, or float64 for float64 data (what
+    the comparisons with reference schedulers run in).
     """
 
     def __init__(self, betas: torch.Tensor, parameterization: str = "eps"):
@@ -69,15 +75,16 @@ class GaussianDiffusion:
         alpha_bar = self.alpha_bar(t, 1)
         return (alpha_bar / (1 - alpha_bar)).float()
 
-    def _signal_noise(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) as (B, 1, ..., 1) float32."""
-        alpha_bar = self.alpha_bar(t, ndim)
-        return alpha_bar.sqrt().float(), (1 - alpha_bar).sqrt().float()
+    def _signal_noise(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) as (B, 1, ..., 1) in `like`'s `working_dtype`."""
+        alpha_bar = self.alpha_bar(t, like.ndim)
+        dtype = working_dtype(like)
+        return alpha_bar.sqrt().to(dtype), (1 - alpha_bar).sqrt().to(dtype)
 
     # ------------------------------------------------------------------------------------- forward process
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise: x0, noise (B, C, *spatial), t (B,)."""
-        signal, sigma = self._signal_noise(t, x0.ndim)
+        signal, sigma = self._signal_noise(t, x0)
         return signal * x0 + sigma * noise
 
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
@@ -93,7 +100,9 @@ class GaussianDiffusion:
         alpha_ts = alpha_bar_t / alpha_bar_s
         coef_x0 = alpha_bar_s.sqrt() * (1 - alpha_ts) / (1 - alpha_bar_t)
         coef_xt = alpha_ts.sqrt() * (1 - alpha_bar_s) / (1 - alpha_bar_t)
-        return coef_x0.float() * x0 + coef_xt.float() * x_t, self.posterior_variance(t, s, x_t.ndim).float()
+        dtype = working_dtype(x_t)
+        return (coef_x0.to(dtype) * x0 + coef_xt.to(dtype) * x_t,
+                self.posterior_variance(t, s, x_t.ndim).to(dtype))
 
     def posterior_variance(self, t: torch.Tensor, s: torch.Tensor, ndim: int) -> torch.Tensor:
         """Variance of q(x_s | x_t, x_0): (1 - alpha_bar_s) / (1 - alpha_bar_t) (1 - alpha_bar_t / alpha_bar_s),
@@ -104,33 +113,33 @@ class GaussianDiffusion:
     # -------------------------------------------------------------------------------- parameterizations
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
-        signal, sigma = self._signal_noise(t, x_t.ndim)
+        signal, sigma = self._signal_noise(t, x_t)
         return (x_t - sigma * eps) / signal
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """eps = (x_t - sqrt(alpha_bar) x0) / sqrt(1 - alpha_bar)."""
-        signal, sigma = self._signal_noise(t, x_t.ndim)
+        signal, sigma = self._signal_noise(t, x_t)
         return (x_t - signal * x0) / sigma
 
     def get_v(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022)."""
-        signal, sigma = self._signal_noise(t, x0.ndim)
+        signal, sigma = self._signal_noise(t, x0)
         return signal * noise - sigma * x0
 
     def predict_x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v."""
-        signal, sigma = self._signal_noise(t, x_t.ndim)
+        signal, sigma = self._signal_noise(t, x_t)
         return signal * x_t - sigma * v
 
     def predict_eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v."""
-        signal, sigma = self._signal_noise(t, x_t.ndim)
+        signal, sigma = self._signal_noise(t, x_t)
         return sigma * x_t + signal * v
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor,
                 model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, eps) that the network output means under this parameterization; all (B, C, *spatial)."""
-        model_output = model_output.float()
+        model_output = model_output.to(working_dtype(model_output))
         if self.parameterization == "eps":
             return self.predict_x0_from_eps(x_t, t, model_output), model_output
         if self.parameterization == "x0":
