@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -21,6 +20,7 @@ from ldm.models.autoencoder import load_weights
 from ldm.models.diffusion.conditioning import (CONDITIONING_KEYS, MASK_TO_LATENT, Conditioning, build_conditioning,
                                                classifier_free_guidance, drop_conditions)
 from ldm.models.diffusion.gaussian_diffusion import LOSS_TYPES, GaussianDiffusion, sample_noise
+from ldm.models.diffusion.latent_scale import LatentScale
 from ldm.models.diffusion.schedules import make_beta_schedule, rescale_zero_terminal_snr
 from ldm.models.diffusion.sampling import get_sampler, sampler_options, timestep_schedule
 from ldm.models.test_metrics import TestMetrics, build_test_metrics, check_test_metrics
@@ -292,7 +292,7 @@ class DDPM(nn.Module):
                 "samples": self.decode(samples), "denoise_row": as_strip(self.decode(torch.cat(denoised)))}
 
 
-class LatentDiffusion(DDPM):
+class LatentDiffusion(LatentScale, DDPM):
     """DDPM on `scale_factor * z`, z ~ the frozen first stage's posterior of batch[first_stage_key].
 
     cond_stage_config: `__is_unconditional__` (with conditioning_key None), `__is_first_stage__` (the conditioning
@@ -367,13 +367,7 @@ class LatentDiffusion(DDPM):
         self.ucg_rate = ucg_rate
         self.guidance_scale = guidance_scale
         self.mask_to_latent = mask_to_latent
-        self.scale_by_std = scale_by_std
-        # NaN until estimated: decoding with an unestimated factor must fail loudly, not produce garbage.
-        self.register_buffer("scale_factor", torch.tensor(float("nan") if scale_by_std else float(scale_factor)))
-        # Whether scale_factor is known to hold a value, kept on the host so that a training step does not wait for
-        # the GPU to tell (a load may bring any value: it makes the next check read the buffer again).
-        self._scale_factor_set = not scale_by_std
-        self.register_load_state_dict_post_hook(LatentDiffusion._forget_scale_factor_check)
+        self.init_scale_factor(scale_factor, scale_by_std)
         self.cache_latents = self._check_cache_latents(cache_latents)
         if ckpt_path is not None:
             load_weights(self, ckpt_path, ignore_keys, strict)
@@ -479,36 +473,6 @@ class LatentDiffusion(DDPM):
         datamodule.datasets["train"] = prepare_latent_cache(
             self.cache_latents["dir"], datamodule.datasets["train"], self.encode_moments, key, self.first_stage_key,
             carry, self.cache_latents["copies"], datamodule.batch_size, fabric)
-
-    @staticmethod
-    def _forget_scale_factor_check(module: "LatentDiffusion", incompatible_keys) -> None:
-        module._scale_factor_set = False
-
-    def scale_factor_is_set(self) -> bool:
-        """False while scale_factor is the NaN that scale_by_std starts from; reads the device only until True."""
-        if not self._scale_factor_set:
-            self._scale_factor_set = not bool(torch.isnan(self.scale_factor))
-        return self._scale_factor_set
-
-    def checked_scale_factor(self) -> torch.Tensor:
-        if not self.scale_factor_is_set():
-            raise RuntimeError("LatentDiffusion: scale_by_std is on but scale_factor has not been estimated yet; it is "
-                               "set by the first training step (or loaded from a checkpoint)")
-        return self.scale_factor
-
-    @torch.no_grad()
-    def estimate_scale_factor(self, z: torch.Tensor) -> None:
-        """scale_factor = 1 / std(z) over z: (B, C, *S) unscaled latents of every rank's batch."""
-        z = z.double()
-        moments = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device,
-                                                                         dtype=torch.float64)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(moments)
-        total, total_sq, count = moments
-        variance = (total_sq - total ** 2 / count) / (count - 1)
-        self.scale_factor.fill_(float(variance.rsqrt()))
-        self._scale_factor_set = True
-        print(f"LatentDiffusion: scale_by_std set scale_factor = {float(self.scale_factor):.6g}")
 
     def images(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """batch[first_stage_key]; for a cached batch, which holds none, the reconstruction of its posterior mean."""

@@ -18,6 +18,7 @@ from torch import nn
 from ldm.models.autoencoder import load_weights
 from ldm.models.diffusion.ddpm import as_strip, batch_entry, freeze, take
 from ldm.models.diffusion.edm.guiders import VanillaCFG
+from ldm.models.diffusion.latent_scale import LatentScale
 from ldm.models.test_metrics import TestMetrics, build_test_metrics, check_test_metrics
 from ldm.modules.conditioner import GeneralConditioner
 from ldm.modules.ema import LitEma
@@ -54,7 +55,7 @@ class OpenAIWrapper(nn.Module):
         return self.diffusion_model(x.to(dtype), t, context=cast.get("crossattn"), y=cast.get("vector"))
 
 
-class DiffusionEngine(nn.Module):
+class DiffusionEngine(LatentScale, nn.Module):
     """Diffusion in the latent space of a frozen first stage, latents z = scale_factor * encode(batch[input_key]).
 
     network_config: the UNet; denoiser_config: `Denoiser` / `DiscreteDenoiser` and its scaling; conditioner_config:
@@ -70,14 +71,18 @@ class DiffusionEngine(nn.Module):
     ignore_keys: prefixes left out of it (e.g. [conditioner.] for text encoders that load their own weights).
     monitor / test_metrics: as for `DDPM`. lora_config: LoRA on the network after ckpt_path loads, as for
     `LatentDiffusion` (only the LoRA weights train; the EMA averages them alone; files beside each checkpoint).
+    scale_by_std: scale_factor = 1 / std of the first training batch's latents (all ranks), kept as the buffer
+    `scale_factor` in checkpoints (`ldm.models.diffusion.latent_scale`); it replaces a given scale_factor, so giving
+    both is an error. Without it scale_factor is a plain float, as in sgm (whose checkpoints hold no `scale_factor`).
     """
 
     def __init__(self, network_config: Mapping[str, Any], denoiser_config: Mapping[str, Any],
                  first_stage_config: Mapping[str, Any], conditioner_config: Mapping[str, Any] | None = None,
                  sampler_config: Mapping[str, Any] | None = None, optimizer_config: Mapping[str, Any] | None = None,
                  scheduler_config: Mapping[str, Any] | None = None, loss_fn_config: Mapping[str, Any] | None = None,
-                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), use_ema: bool = False, ema_decay_rate: float = 0.9999,
-                 scale_factor: float = 1.0, disable_first_stage_autocast: bool = False, input_key: str = "jpg",
+                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), use_ema: bool = False,
+                 ema_decay_rate: float = 0.9999, scale_factor: float = 1.0, scale_by_std: bool = False,
+                 disable_first_stage_autocast: bool = False, input_key: str = "jpg",
                  log_keys: Sequence[str] | None = None, en_and_decode_n_samples_a_time: int | None = None,
                  latent_shape: Sequence[int] | None = None, monitor: str | None = "val/loss",
                  test_metrics: Mapping[str, Any] | None = None, lora_config: Mapping[str, Any] | None = None):
@@ -106,7 +111,10 @@ class DiffusionEngine(nn.Module):
         if not scale_factor > 0:
             raise ValueError(f"scale_factor: must be positive (latents are scale_factor * encode(x)), "
                              f"got {scale_factor}")
-        self.scale_factor = float(scale_factor)
+        if scale_by_std and scale_factor != 1.0:
+            raise ValueError(f"scale_factor: {scale_factor} is given but scale_by_std estimates it from the first "
+                             f"training batch; drop one of them")
+        self.init_scale_factor(scale_factor, scale_by_std, buffer=False)
         self.disable_first_stage_autocast = disable_first_stage_autocast
         self.input_key = input_key
         self.log_keys = None if log_keys is None else list(log_keys)
@@ -157,12 +165,16 @@ class DiffusionEngine(nn.Module):
         return torch.cat(outputs).float()
 
     def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, *S) -> latents scale_factor * z (a KL posterior's sample): (B, c, *S / f) float32."""
-        return self.scale_factor * self._first_stage("encode", x)
+        """Images (B, C, *S) -> latents scale_factor * z (a KL posterior's sample): (B, c, *S / f) float32. With
+        scale_by_std the first call in training mode sets scale_factor from these z."""
+        z = self._first_stage("encode", x)
+        if self.scale_by_std and self.training and not self.scale_factor_is_set():
+            self.estimate_scale_factor(z)
+        return self.checked_scale_factor() * z
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, c, *s) -> images decode(z / scale_factor): (B, C, *S) float32."""
-        return self._first_stage("decode", z / self.scale_factor)
+        return self._first_stage("decode", z / self.checked_scale_factor())
 
     def get_input(self, batch: Mapping[str, Any]) -> torch.Tensor:
         x = batch_entry(batch, self.input_key, "DiffusionEngine (input_key)")
@@ -223,8 +235,8 @@ class DiffusionEngine(nn.Module):
             return tuple(image.shape[1:])
         embed_dim = getattr(self.first_stage_model, "embed_dim", None)
         factor = getattr(getattr(self.first_stage_model, "encoder", None), "factor", None)
-        if embed_dim is None or factor is None:
-            return tuple(self.encode_first_stage(image).shape[1:])
+        if embed_dim is None or factor is None:  # not encode_first_stage: one item must not set scale_by_std's factor
+            return tuple(self._first_stage("encode", image).shape[1:])
         if any(size % factor for size in image.shape[2:]):
             raise ConfigError(f"{what} of spatial size {list(image.shape[2:])} are not divisible by the first "
                               f"stage's downsampling factor {factor}")
@@ -253,10 +265,11 @@ class DiffusionEngine(nn.Module):
         sigma_data = float(getattr(getattr(self.denoiser, "scaling", None), "sigma_data", 1.0))
         std = float(z.detach().float().std())
         if std > 0 and abs(math.log(std / sigma_data)) > math.log(self.LATENT_STD_TOLERANCE):
+            scale_factor = f"model.params.scale_factor to about {float(self.scale_factor) * sigma_data / std:.3g}"
+            fix = (f"scale_by_std gives the batch it estimates from std 1: set the scaling's sigma_data to 1, or "
+                   f"drop scale_by_std and set {scale_factor}" if self.scale_by_std else f"set {scale_factor}")
             warnings.warn(f"DiffusionEngine: the first training batch's latents (scale_factor * encode(x)) have std "
-                          f"{std:.3g} where the denoiser expects {sigma_data:g} (sigma_data); set "
-                          f"model.params.scale_factor to about {self.scale_factor * sigma_data / std:.3g}",
-                          stacklevel=2)
+                          f"{std:.3g} where the denoiser expects {sigma_data:g} (sigma_data); {fix}", stacklevel=2)
 
     def conditionings(self, batch: Mapping[str, Any]) -> tuple[Cond, Cond]:
         """(c, uc): the embedders trained with condition dropout give zeros in uc, as the dropout trained them."""

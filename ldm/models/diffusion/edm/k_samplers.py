@@ -115,7 +115,8 @@ def _dpmpp_2s_step(denoise, x, sigma, sigma_next, denoised):
 
 def _sample_with_churn(step: Step, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                        extra_args: dict[str, Any] | None, callback, disable: bool | None, s_churn: float,
-                       s_tmin: float, s_tmax: float, s_noise: float, noise_sampler: NoiseSampler | None) -> torch.Tensor:
+                       s_tmin: float, s_tmax: float, s_noise: float,
+                       noise_sampler: NoiseSampler | None) -> torch.Tensor:
     """Karras et al. 2022, Algorithm 2's loop: churn the level up to sigma_hat, denoise there, `step` to sigma_i+1."""
     extra_args, s_in, noise = extra_args or {}, x.new_ones([x.shape[0]]), _noise_sampler(x, noise_sampler)
     denoise = lambda x, sigma: model(x, sigma * s_in, **extra_args)  # noqa: E731
