@@ -5,6 +5,8 @@ batch_idx)`. `trainer` is the running `ldm.engine.loop.Trainer`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ldm.engine.images import batch_affines, save_images, to_grid
@@ -15,7 +17,8 @@ class ImageLogger:
 
     Train images every `batch_frequency` optimizer steps (and at steps 1, 2, 4, ... before that when
     `increase_log_steps`), validation images for the first batch of every validation. Every rank runs the model
-    (a sharded model needs all of them); rank zero writes the files.
+    (a sharded model needs all of them), each drawing its share of `max_images` from its own batch; rank zero
+    gathers them and writes the files.
     """
 
     def __init__(self, batch_frequency: int, max_images: int = 4, clamp: bool = True, increase_log_steps: bool = True,
@@ -38,14 +41,23 @@ class ImageLogger:
         module = trainer.module
         was_training = module.training
         module.eval()
+        world_size = trainer.fabric.world_size
+        share = math.ceil(self.max_images / world_size)  # each rank draws its share of the images from its batch
         with torch.no_grad():
-            images = module.log_images(batch, split=split, max_images=self.max_images)
+            images = module.log_images(batch, split=split, max_images=share)
         module.train(was_training)
+        images = {name: value[:share].detach().cpu() for name, value in images.items() if torch.is_tensor(value)}
+        affines, affine_shape = batch_affines(batch)
+        affines = None if affines is None else affines[:share].detach().cpu()
+        if world_size > 1:
+            gathered: list = [None] * world_size
+            torch.distributed.all_gather_object(gathered, (images, affines))
+            images = {name: torch.cat([part[name] for part, _ in gathered]) for name in images}
+            affines = None if affines is None else torch.cat([part for _, part in gathered])
         if not trainer.is_global_zero:
             return
-        images = {name: value[: self.max_images] for name, value in images.items() if torch.is_tensor(value)}
+        images = {name: value[: self.max_images] for name, value in images.items()}
         step = trainer.global_step
-        affines, affine_shape = batch_affines(batch)
         save_images(images, trainer.logdir / "images" / split, f"gs-{step:06d}_e-{trainer.epoch:03d}",
                     clamp=self.clamp, nifti=self.nifti, affines=affines, affine_shape=affine_shape)
         for name, value in images.items():

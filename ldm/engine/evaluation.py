@@ -16,12 +16,47 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ldm.engine.checkpoint import atomic_write
 from ldm.engine.interface import optional_hook
 
 TEST_METRICS = Path("metrics") / "test.json"
+
+
+def padding_rows(sampler: Any, batch_size: int, batch_idx: int, rows: int) -> list[bool]:
+    """Which of the `rows` rows of a rank's batch `batch_idx` (of a loader of `batch_size`) are padding: items its sampler repeats so that every
+    rank gets as many batches (and so takes part in as many collectives), which another rank holds already.
+
+    A `ShardedResumableSampler` gives rank r the items at positions r, r + W, r + 2W, ... of the padded epoch order
+    (W ranks): its position p is global position p * W + r, padding from the dataset's length on. A `BucketSampler`
+    pads with whole batches: global batch batch_idx * W + r, padding from its batch count on. Other samplers pad
+    nothing known here."""
+    from ldm.data.base import ShardedResumableSampler
+    from ldm.data.buckets import BucketSampler
+
+    if isinstance(sampler, BucketSampler):
+        return [batch_idx * sampler.world_size + sampler.rank >= sampler.batch_count] * rows
+    if isinstance(sampler, ShardedResumableSampler):
+        first = sampler.start + batch_idx * batch_size
+        return [(first + i) * sampler.world_size + sampler.rank >= sampler.length for i in range(rows)]
+    return [False] * rows
+
+
+def batch_size_of(batch: Any) -> int:
+    """Rows of a batch dict: the first dimension of its first tensor (0 if it holds none)."""
+    return next((len(value) for value in batch.values() if isinstance(value, torch.Tensor) and value.ndim), 0) \
+        if isinstance(batch, dict) else 0
+
+
+def kept_rows(batch: dict, keep: list[int]) -> dict:
+    """The batch's rows `keep`: tensors and lists as long as the batch are indexed, other entries kept as they are."""
+    rows = batch_size_of(batch)
+    index = torch.tensor(keep, dtype=torch.long)
+    return {key: value[index.to(value.device)] if isinstance(value, torch.Tensor) and value.ndim and len(value) == rows
+            else [value[i] for i in keep] if isinstance(value, (list, tuple)) and len(value) == rows else value
+            for key, value in batch.items()}
 
 
 def test_evaluator_of(model) -> Any:

@@ -23,7 +23,8 @@ from ldm.engine import checkpoint as ckpt
 from ldm.engine import cpu_bf16, sharded, weight_copies
 from ldm.engine.config import TrainerConfig, fabric_kwargs
 from ldm.engine.cuda_graph import graph_training_forward
-from ldm.engine.evaluation import TEST_METRICS, computed_metrics, report_test_metrics, test_evaluator_of
+from ldm.engine.evaluation import (TEST_METRICS, batch_size_of, computed_metrics, kept_rows, padding_rows,
+                                   report_test_metrics, test_evaluator_of)
 from ldm.engine.guard import NonFiniteLossError, StepGuard, describe_loss, gradient_norm, weights_finite
 from ldm.engine.images import batch_affines, save_images
 from ldm.engine.interface import optional_hook
@@ -626,27 +627,45 @@ class Trainer:
             tqdm.write(f"epoch {self.epoch}: " + ", ".join(f"{k.split('/')[-1]}={v:.3g}" for k, v in stats.items()))
 
     # ----------------------------------------------------------------------------------- validation / test
-    @torch.no_grad()
-    def validate(self, module, val_loader) -> dict:
-        """Mean of `validation_step` scalars over the (limited) validation set, reduced over ranks, logged as val/."""
-        module.eval()
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        for batch_idx, batch in enumerate(val_loader):
-            if 0 <= self.config.limit_val_batches <= batch_idx:
+    def _shared_batches(self, loader, limit: int, desc: str | None = None):
+        """(batch_idx, batch, rows) over this rank's share of an evaluation loader, at most `limit` batches (< 0: all):
+        the batch without its padding rows (`padding_rows`: items another rank holds) and how many rows are left. A
+        batch of padding alone comes whole with rows 0, to be run (every rank takes part in as many collectives) and
+        its results dropped. `desc`: a progress bar on rank 0."""
+        total = len(loader) if limit < 0 else min(limit, len(loader))
+        batches = tqdm(loader, total=total, desc=desc, disable=desc is None or not self.is_global_zero)
+        for batch_idx, batch in enumerate(batches):
+            if batch_idx >= total:
                 break
             batch = self._to_layout(batch)
+            padding = padding_rows(loader.sampler, loader.batch_size, batch_idx, batch_size_of(batch))
+            keep = [row for row, padded in enumerate(padding) if not padded]
+            if keep and len(keep) < len(padding):
+                batch = kept_rows(batch, keep)
+            yield batch_idx, batch, len(keep)
+
+    @torch.no_grad()
+    def validate(self, module, val_loader) -> dict:
+        """`validation_step` scalars averaged over the (limited) validation set, logged as val/: each rank runs its
+        share of the batches, each item counts once (a batch's scalars weigh as many rows as it holds), and the
+        weighted sums are reduced over ranks."""
+        module.eval()
+        sums: dict[str, torch.Tensor] = {}
+        rows_seen = 0
+        for batch_idx, batch, rows in self._shared_batches(val_loader, self.config.limit_val_batches):
             scalars = module.validation_step(batch, batch_idx)
             for key, value in scalars.items():
-                sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64).detach().cpu()
-            count += 1
+                sums[key] = sums.get(key, 0.0) + rows * torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+            rows_seen += rows
             for callback in self.callbacks:
                 if hasattr(callback, "on_validation_batch_end"):
                     callback.on_validation_batch_end(self, batch, batch_idx)
-        means = {k if k.startswith("val/") else f"val/{k}": v / max(count, 1) for k, v in sums.items()}
-        if self.fabric.world_size > 1 and means:
-            means = {k: self.fabric.all_reduce(v.to(self.fabric.device), reduce_op="mean").cpu() for k, v in means.items()}
-        means = {k: float(v) for k, v in means.items()}
+        keys = list(sums)
+        totals = torch.tensor([float(rows_seen)] + [float(sums[key]) for key in keys], dtype=torch.float64)
+        if self.fabric.world_size > 1 and keys:
+            totals = self.fabric.all_reduce(totals.to(self.fabric.device), reduce_op="sum").cpu()
+        means = {key if key.startswith("val/") else f"val/{key}": float(total / max(float(totals[0]), 1.0))
+                 for key, total in zip(keys, totals[1:])}
         self.logger.log_scalars(means, self.global_step)
         if self.is_global_zero and means:
             tqdm.write(f"validation @ step {self.global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in means.items()))
@@ -670,14 +689,11 @@ class Trainer:
         module.eval()
         evaluator = test_evaluator_of(model)
         written: list[Path] = []
-        limit = self.config.limit_test_batches
-        total = len(loader) if limit < 0 else min(limit, len(loader))
-        for batch_idx, batch in enumerate(tqdm(loader, total=total, desc="test", disable=not self.is_global_zero)):
-            if batch_idx >= total:
-                break
-            batch = self._to_layout(batch)
+        for batch_idx, batch, rows in self._shared_batches(loader, self.config.limit_test_batches, desc="test"):
             images = module.test_step(batch, batch_idx)
             self._ensure_run_folder()
+            if rows == 0:  # another rank's items: run for the collectives only
+                continue
             if evaluator is not None:
                 evaluator.update(batch, images)
             affines, affine_shape = batch_affines(batch)
