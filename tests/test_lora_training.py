@@ -229,3 +229,35 @@ def test_latent_diffusion_accepts_no_lora_as_before(pipeline):
     assert isinstance(model, LatentDiffusion) and model.lora is None
     assert not any("lora" in n for n in model.state_dict())
     assert all(p.requires_grad for p in model.model.parameters())
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_sdxl_like_lora_file_loads_into_diffusers(tmp_path, layout):
+    """sdxl_lora.yaml's files: an SDXL-like UNet (a level without attention, deeper transformers, text_time
+    embedding) with LoRA, its file read by diffusers as by the SD 1.x test above."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+
+    from ldm.modules.lora import save_lora
+    ref = reference_unet("sdxl_like")
+    ref.save_pretrained(tmp_path / "unet")
+    ours = add_lora(convert_unet.load_unet(tmp_path).eval(), rank=2, alpha=2)
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    save_lora(ours, tmp_path / "lora.safetensors", layout)
+    state = load_file(str(tmp_path / "lora.safetensors"))
+    if layout == "kohya":
+        state, alphas = _convert_non_diffusers_lora_to_diffusers(state)
+        ref.load_lora_adapter({k: v for k, v in state.items() if k.startswith("unet.")}, prefix="unet",
+                              network_alphas=alphas)
+    else:
+        ref.load_lora_adapter(state, prefix="unet")
+    x, t, context = torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([3, 917]), \
+        torch.randn(2, 7, 24, generator=generator)
+    text_embeds, time_ids = torch.randn(2, 16, generator=generator), torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)
+    y = torch.cat([text_embeds, ref.add_time_proj(time_ids.flatten()).reshape(2, -1)], dim=1)
+    with torch.no_grad():
+        expected = ref(x, t, context, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
+        torch.testing.assert_close(ours(x, t, context, y), expected, rtol=0, atol=1e-4)
