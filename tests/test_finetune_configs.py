@@ -126,6 +126,13 @@ def test_model_section_builds_with_small_networks(name):
         assert model.parameterization == "v" and model.cond_stage_model.layer == "penultimate"
     if name.startswith("sdxl"):
         assert model.conditioner.dropped_keys and model.optimizer_config["target"] == "torch.optim.AdamW"
+    else:  # the noise schedule and the test sampler's timesteps as the pipeline's scheduler config sets them
+        scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+        torch.testing.assert_close(model.diffusion.betas.float(), scheduler.betas, rtol=1e-6, atol=0)
+        scheduler.set_timesteps(50)
+        assert model.test_timesteps.tolist() == scheduler.timesteps.tolist()
+        assert model.sampler_options.get("set_alpha_to_one") is False
 
 
 def test_sdxl_conditioner_gives_the_unet_inputs_from_captioned_images(tmp_path):
