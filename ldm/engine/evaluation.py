@@ -59,6 +59,23 @@ def kept_rows(batch: dict, keep: list[int]) -> dict:
             for key, value in batch.items()}
 
 
+def rows_of_all_ranks(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-item tensors (N_r, ...) of every rank (CPU), as one set in the order of the items in the split: rank r's
+    row p is global position p * W + r (see `padding_rows`; padding already dropped), so the ranks' rows interleave.
+    A key missing on some rank contributes nothing from it. Every rank calls this; one process returns `rows`."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+            torch.distributed.get_world_size() == 1:
+        return rows
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, {key: value.detach().cpu() for key, value in rows.items()})
+    merged = {}
+    for key in dict.fromkeys(key for part in gathered for key in part):
+        parts = [part[key] for part in gathered if key in part]
+        order = sorted((p, r) for r, part in enumerate(parts) for p in range(len(part)))
+        merged[key] = torch.stack([parts[r][p] for p, r in order]) if order else parts[0]
+    return merged
+
+
 def test_evaluator_of(model) -> Any:
     """The model's `test_evaluator()` (None without the hook); an object without update/compute raises TypeError."""
     hook = optional_hook(model, "test_evaluator")

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ldm.engine.evaluation import rows_of_all_ranks
 from ldm.metrics import METRICS, MetricSuite
 from ldm.util import ConfigError
 
@@ -73,6 +74,10 @@ class TestMetrics:
         self.suite.update(real=real, fake=fake, condition=condition, labels=labels)
 
     def compute(self) -> dict[str, float]:
+        """The metrics over every rank's items: each rank's kept per-item values are gathered first, in the split's
+        order (subset draws, e.g. KID's and diversity's, then match one process's)."""
+        state = {key: torch.cat(values) for key, values in self.suite.state.items()}
+        self.suite.state = {key: [values] for key, values in rows_of_all_ranks(state).items()}
         return self.suite.compute()
 
 
