@@ -166,6 +166,25 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def _level_context_dims(context_dim: int | Sequence[int] | None, channel_mult: Sequence[int],
+                        attention_resolutions: Sequence[int]) -> list[int | None]:
+    """context_dim as one width per level of channel_mult; ValueError for a list of another length, or whose levels
+    with transformers (those in attention_resolutions, and the last, whose width the middle block takes) differ."""
+    levels = len(channel_mult)
+    if context_dim is None or isinstance(context_dim, int):
+        return [context_dim] * levels
+    widths = list(context_dim)
+    if len(widths) != levels or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ValueError(f"UNetModel: context_dim must be an int or one positive int per level of channel_mult "
+                         f"({levels}), got {widths}")
+    attended = sorted({level for level in range(levels) if 2 ** level in attention_resolutions} | {levels - 1})
+    if len({widths[level] for level in attended}) > 1:
+        raise ValueError(f"UNetModel: context_dim {widths} gives the levels with transformers ({attended}; the "
+                         f"middle block takes the last) different widths, but the UNet takes one context tensor, "
+                         f"which must match each of them (as in sgm); make them equal")
+    return widths
+
+
 class UNetModel(nn.Module):
     """Noise-prediction UNet: `forward(x, timesteps, context=None, y=None)` -> (B, out_channels, *spatial).
 
@@ -179,6 +198,9 @@ class UNetModel(nn.Module):
     `num_classes: sequential` with `adm_in_channels` an MLP of a vector y: (B, adm_in_channels) (SDXL's pooled text
     and size embeddings, any `GeneralConditioner` vector). `transformer_depth`: blocks per spatial transformer, one
     int or one per level (`transformer_depth_middle` for the middle block, default the last level's);
+    `context_dim`: the context's width, one int or one per level (sgm's list form, e.g. SDXL refiner's); a level's
+    transformers get its entry and the middle block the last, but the UNet takes one context tensor (B, L, D) as sgm's
+    does, so the entries of the levels with transformers must be one width D;
     `use_linear_in_transformer`: Linear projections in and out of the transformers (SD 2.x / SDXL);
     `spatial_transformer_attn_type` (sgm's key, `softmax` or `softmax-xformers`) is accepted for porting: the
     attention kernel is `attention_backend`'s choice either way.
@@ -195,7 +217,8 @@ class UNetModel(nn.Module):
                  num_head_channels: int = -1, num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
                  resblock_updown: bool = False, use_spatial_transformer: bool = False,
                  transformer_depth: int | Sequence[int] = 1, transformer_depth_middle: int | None = None,
-                 context_dim: int | None = None, legacy: bool = True, use_fp16: bool = False, kernels: str = "auto",
+                 context_dim: int | Sequence[int] | None = None, legacy: bool = True, use_fp16: bool = False,
+                 kernels: str = "auto",
                  attention_backend: str | None = None, recompute_cheap: bool = False,
                  adm_in_channels: int | None = None, use_linear_in_transformer: bool = False,
                  spatial_transformer_attn_type: str = "softmax"):
@@ -228,6 +251,7 @@ class UNetModel(nn.Module):
             raise ValueError(f"UNetModel: transformer_depth must be a positive int or one per level of channel_mult "
                              f"({len(channel_mult)}), got {transformer_depth}")
         depth_middle = depths[-1] if transformer_depth_middle is None else transformer_depth_middle
+        context_dims = _level_context_dims(context_dim, channel_mult, attention_resolutions)
         self.down_factor = 2 ** (len(channel_mult) - 1)
         sizes = [image_size] * dims if isinstance(image_size, int) else list(image_size)
         if len(sizes) != dims or any(s % self.down_factor for s in sizes):
@@ -243,10 +267,11 @@ class UNetModel(nn.Module):
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.num_classes = num_classes
-        self.context_dim = context_dim
+        self.context_dims = context_dims  # per level (None: no cross-attention)
+        self.context_dim = context_dims[-1]  # the one width a context must have
         self.use_checkpoint = use_checkpoint
 
-        def attention_block(ch: int, heads_if_no_width: int, depth: int) -> nn.Module:
+        def attention_block(ch: int, heads_if_no_width: int, depth: int, level: int) -> nn.Module:
             heads = heads_if_no_width if num_head_channels == -1 else ch // num_head_channels
             if not 1 <= heads <= ch:
                 raise ValueError(f"UNetModel: cannot split {ch} channels into attention heads with "
@@ -257,7 +282,7 @@ class UNetModel(nn.Module):
                                      f"num_head_channels={num_head_channels}")
                 return AttentionBlock(ch, heads)
             d_head = ch // heads if legacy or num_head_channels == -1 else num_head_channels
-            return SpatialTransformer(ch, heads, d_head, depth, dropout, context_dim, dims,
+            return SpatialTransformer(ch, heads, d_head, depth, dropout, context_dims[level], dims,
                                       use_linear=use_linear_in_transformer)
 
         def res_block(ch: int, out_ch: int, up: bool = False, down: bool = False) -> ResBlock:
@@ -282,7 +307,7 @@ class UNetModel(nn.Module):
                 layers = [res_block(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if factor in attention_resolutions:
-                    layers.append(attention_block(ch, num_heads, depths[level]))
+                    layers.append(attention_block(ch, num_heads, depths[level], level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -291,7 +316,8 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 factor *= 2
 
-        self.middle_block = TimestepEmbedSequential(res_block(ch, ch), attention_block(ch, num_heads, depth_middle),
+        self.middle_block = TimestepEmbedSequential(res_block(ch, ch),
+                                                    attention_block(ch, num_heads, depth_middle, len(channel_mult) - 1),
                                                     res_block(ch, ch))
 
         heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
@@ -303,7 +329,7 @@ class UNetModel(nn.Module):
                 if factor in attention_resolutions:
                     # The original gives transformers num_heads and self-attention blocks num_heads_upsample here.
                     layers.append(attention_block(ch, num_heads if use_spatial_transformer else heads_up,
-                                                  depths[level]))
+                                                  depths[level], level))
                 if level and i == num_res_blocks:
                     layers.append(res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, dims, with_conv=conv_resample))
                     factor //= 2
