@@ -26,7 +26,7 @@ def tiny_unet() -> UNetModel:
 
 
 def strategy_of(**trainer) -> object:
-    return fabric_kwargs(trainer_config_from({"accelerator": "cpu", "max_steps": 1, **trainer}))["strategy"]
+    return fabric_kwargs(trainer_config_from({"accelerator": "cuda", "max_steps": 1, **trainer}))["strategy"]
 
 
 def test_fsdp_wraps_the_unet_and_autoencoder_blocks():
@@ -95,6 +95,7 @@ def test_timeout_reaches_the_process_group(name, cls):
     ({"strategy": {"name": "fsdp", "state_dict_type": "local"}}, "state_dict_type: 'local'"),
     ({"strategy": "auto", "timeout_s": 60}, "timeout_s: set for strategy 'auto'"),
     ({"strategy": "ddp", "timeout_s": -1}, "timeout_s: expected a positive number"),
+    ({"strategy": "fsdp", "accelerator": "cpu"}, "fsdp runs on CUDA GPUs only"),
 ])
 def test_bad_strategy_options_name_the_culprit(trainer, culprit):
     with pytest.raises(ConfigError, match=culprit):

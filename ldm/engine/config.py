@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.engine.strategy import check_timeout, fabric_strategy, fsdp_options
+from ldm.engine.strategy import check_strategy, fabric_strategy
 from ldm.util import ConfigError
 
 MONITOR_MODES = ("min", "max")
@@ -73,8 +73,7 @@ class TrainerConfig:
             raise ConfigError(f"trainer.bf16_weight_copies: needs cuda_graph: true and precision: bf16-mixed (got "
                               f"cuda_graph: {str(self.cuda_graph).lower()}, precision: {self.precision}); the copies "
                               f"stand in for the casts of the graphed networks' weights under bf16 autocast")
-        fsdp_options(self.strategy)  # unknown names and options raise here, before any process starts
-        check_timeout(self.timeout_s, self.strategy)
+        check_strategy(self.strategy, self.timeout_s, self.accelerator)
         if self.max_steps < 0 and self.max_epochs < 0:
             raise ConfigError("trainer: set max_steps or max_epochs (both are -1, the run would never end)")
 

@@ -86,6 +86,15 @@ def wrapped_block_classes() -> set[type[nn.Module]]:
     return {ResBlock, AttentionBlock, SpatialTransformer, ResnetBlock, AutoencoderAttention}
 
 
+def check_strategy(strategy: Any, timeout_s: Any, accelerator: str) -> None:
+    """Raise ConfigError naming the key for options that cannot work together (before any process starts)."""
+    fsdp_options(strategy)
+    if strategy_name(strategy) == "fsdp" and accelerator == "cpu":
+        raise ConfigError("trainer.strategy: fsdp runs on CUDA GPUs only (Fabric and torch's FSDP refuse the CPU); "
+                          "use ddp with accelerator: cpu")
+    check_timeout(timeout_s, strategy)
+
+
 def check_timeout(timeout_s: Any, strategy: Any) -> None:
     if timeout_s is None:
         return
