@@ -261,3 +261,16 @@ def test_sdxl_like_lora_file_loads_into_diffusers(tmp_path, layout):
     with torch.no_grad():
         expected = ref(x, t, context, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
         torch.testing.assert_close(ours(x, t, context, y), expected, rtol=0, atol=1e-4)
+
+
+def test_lora_weights_that_are_not_whole_matrices_are_refused(tmp_path):
+    """What a rank holds of a sharded (FSDP) LoRA weight must not be written as the weight."""
+    from peft.tuners.lora import LoraLayer
+
+    from ldm.modules.lora import save_lora
+    unet = add_lora(UNetModel(**UNET["params"]), rank=2)
+    down = next(m for m in unet.modules() if isinstance(m, LoraLayer)).lora_A["default"].weight
+    down.data = down.data.flatten()[:5]
+    with pytest.raises(ValueError, match=r"shapes \(5,\) / .* not whole matrices"):
+        save_lora(unet, tmp_path / "lora.safetensors")
+    assert not (tmp_path / "lora.safetensors").exists()

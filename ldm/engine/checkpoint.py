@@ -5,7 +5,8 @@ A checkpoint is a plain dict readable without our code (CompVis tools read `stat
 `best` (the monitored key's best value and step, ldm/engine/monitor.py).
 
 In `checkpoints/`: `step=N.ckpt` (the newest `keep_last_k` kept), `last.ckpt` (the newest step file) and `best.ckpt`
-(the state at the best validation of the monitored key; rotation never deletes it).
+(the state at the best validation of the monitored key; rotation never deletes it). A model may write files of its own
+beside each (`save_beside_checkpoint`, e.g. `lora-step=N.safetensors`); rotation leaves those.
 """
 from __future__ import annotations
 

@@ -126,6 +126,9 @@ def lora_state(unet: nn.Module, layout: str = "kohya") -> tuple[dict[str, torch.
     state, alphas = {}, set()
     for ours, layer in layers.items():
         down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        if down.shape != (layer.r["default"], layer.in_features) or up.shape != (layer.out_features, down.shape[0]):
+            raise ValueError(f"lora_state: {ours} holds LoRA weights of shapes {tuple(down.shape)} / "
+                             f"{tuple(up.shape)}, not whole matrices (sharded parameters, e.g. under FSDP?)")
         alpha = layer.scaling["default"] * layer.r["default"]
         if layout == "kohya":
             key = _KOHYA_PREFIX + names[ours].replace(".", "_")
