@@ -83,3 +83,53 @@ def test_a_missing_shard_folder_is_named(tmp_path):
     atomic_torch_save({"global_step": 3, sharded.SHARDS_KEY: "step=3.shards"}, tmp_path / "step=3.ckpt")
     with pytest.raises(CheckpointError, match=r"step=3.ckpt: its shard folder .*step=3.shards does not exist"):
         load_checkpoint(tmp_path / "step=3.ckpt")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_the_trainer_saves_shards_beside_its_checkpoints_and_resumes_from_them(tmp_path, monkeypatch):
+    """The loop's side of sharded checkpoints in one CPU process: FSDP is stood in for by a plain module (the
+    trainer takes it as sharded) and Fabric's sharded save by torch.distributed.checkpoint's, which it calls."""
+    from lightning.fabric import Fabric
+    from omegaconf import OmegaConf
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from ldm.engine.config import trainer_config_from
+    from ldm.engine.loop import Trainer
+    from ldm.util import instantiate_from_config
+    from tests.engine.helpers import TOY_CONFIG
+    from tests.engine.toy import ToyRegressor
+
+    def sharded_save(fabric, path, state):
+        module = state["model"]._forward_module
+        optimizers = {key: get_optimizer_state_dict(module, value.optimizer) for key, value in state.items()
+                      if key.startswith("optimizer_")}
+        save({"model": get_model_state_dict(module), **optimizers}, checkpoint_id=path, no_dist=True)
+
+    monkeypatch.setattr(Fabric, "save", sharded_save)
+    monkeypatch.setattr(Trainer, "sharded", property(lambda trainer: True))
+
+    def trained(max_steps: int, resume: dict | None = None) -> tuple[Trainer, ToyRegressor]:
+        trainer = Trainer(trainer_config_from({"accelerator": "cpu", "max_steps": max_steps, "logger": [],
+                                               "checkpoint": {"every_n_steps": 2, "keep_last_k": 1}}))
+        trainer.config.strategy = {"name": "fsdp", "state_dict_type": "sharded"}  # FSDP's check of the CPU passed
+        trainer.attach(tmp_path, [], {})
+        torch.manual_seed(0)
+        model = ToyRegressor()
+        model.learning_rate = 0.1
+        trainer.fit(model, instantiate_from_config(OmegaConf.load(TOY_CONFIG).data), resume=resume)
+        return trainer, model
+
+    trainer, model = trained(4)
+    directory = tmp_path / "checkpoints"
+    assert trainer.sharded_checkpoints
+    assert sorted(p.name for p in directory.iterdir()) == ["last.ckpt", "step=4.ckpt", "step=4.shards"]
+    checkpoint = load_checkpoint(directory / "last.ckpt")
+    assert checkpoint["global_step"] == 4 and checkpoint["state_dict"].keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(checkpoint["state_dict"][name], tensor, rtol=0, atol=0)
+
+    trainer, model = trained(6, resume=checkpoint)
+    assert sorted(p.name for p in directory.iterdir()) == ["last.ckpt", "step=6.ckpt", "step=6.shards"]
+    # Adam's step count went on from the restored 4
+    assert load_checkpoint(directory / "last.ckpt")["optimizer_states"][0]["state"]["linear.weight"]["step"] == 6

@@ -219,13 +219,8 @@ class Trainer:
         if not self.sharded_checkpoints:
             model_state, optimizer_states = self._model_and_optimizer_states(optimizers)
             return {"state_dict": model_state, "optimizer_states": optimizer_states}
-        directory = self.logdir / "checkpoints"
         folder = sharded.shard_folder_name(self.global_step)
-        if self.is_global_zero:  # folders whose checkpoint files rotation deleted
-            directory.mkdir(parents=True, exist_ok=True)
-            sharded.remove_unreferenced(directory)
-        self.fabric.barrier()
-        sharded.save_shards(self.fabric, directory / folder, self.module, optimizers)
+        sharded.save_shards(self.fabric, self.logdir / "checkpoints" / folder, self.module, optimizers)
         return {sharded.SHARDS_KEY: folder}
 
     def state(self, optimizers, schedulers) -> dict:
@@ -276,6 +271,8 @@ class Trainer:
                 tqdm.write(f"best {self.best.key}={self.best.value:.6g} at step {self.global_step}: saved {best}")
             self._save_beside([path, directory / ckpt.LAST] if as_step else [])
             self._save_beside([directory / ckpt.BEST] if as_best else [])
+            if self.sharded_checkpoints:  # the shards of the checkpoint files rotation deleted
+                sharded.remove_unreferenced(directory)
         self.fabric.barrier()
 
     def _save_beside(self, checkpoints: list) -> None:

@@ -54,9 +54,9 @@ def referenced_folders(directory: Path) -> set[str]:
     return names
 
 
-def remove_unreferenced(directory: Path, keep: str | None = None) -> list[Path]:
-    """Delete shard folders in `directory` that no checkpoint file names (rotated away), except `keep`."""
-    wanted = referenced_folders(directory) | {keep}
+def remove_unreferenced(directory: Path) -> list[Path]:
+    """Delete shard folders in `directory` that no checkpoint file names (their files were rotated away)."""
+    wanted = referenced_folders(directory)
     removed = [folder for folder in directory.glob(f"*{SUFFIX}") if folder.is_dir() and folder.name not in wanted]
     for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
