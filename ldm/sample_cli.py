@@ -3,6 +3,7 @@
     python sample.py -r logs/<run> --batch_size 1 --n_samples 8 --sampler ddim --steps 50 --eta 0 --scale 1.0
     python sample.py -r logs/<run> --cond masks/            # one sample per mask file (label maps or one-hot)
     python sample.py -r model.ckpt --config model.yaml --cond split:test
+    python sample.py -r logs/<text run> --prompt "a handwritten seven" --negative_prompt "a handwritten one"
 
 Sample i starts from noise seeded with `seed + i`, which also drives its ancestral noise, so any sample can be drawn
 again alone, whatever the batch size. Written to --outdir (default <run>/samples/<timestamp>/): `sample_XXXX.nii.gz`
@@ -41,7 +42,8 @@ from ldm.models.diffusion.conditioning import Conditioning, classifier_free_guid
 from ldm.models.diffusion.edm.samplers import SAMPLERS as EDM_SAMPLERS
 from ldm.models.diffusion.engine import DiffusionEngine
 from ldm.models.diffusion.sampling import SAMPLERS, get_sampler, sampler_options, timestep_schedule
-from ldm.sample_conditions import Condition, ConditionError, conditioning_kind, load_conditions, stack_values
+from ldm.sample_conditions import (Condition, ConditionError, batch_conditionings, conditioning_kind, load_conditions,
+                                   read_prompts)
 from ldm.util import TRUST_VARIABLE, TRUSTED_PREFIXES, ConfigError, instantiate_from_config
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
@@ -61,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cond", default=None,
                         help="conditioning: a folder of mask NIfTI files, split:<name> (a split of the run's data "
                              "config) or labels:<i,j,...>; samples cycle through the conditions")
+    parser.add_argument("--prompt", default=None,
+                        help="a text-conditioned model: the prompt of every sample (instead of --cond)")
+    parser.add_argument("--prompt_file", default=None, metavar="FILE",
+                        help="a text-conditioned model: prompts, one per line; samples cycle through them")
+    parser.add_argument("--negative_prompt", default=None,
+                        help="encoded in place of the empty prompt as guidance's null condition (needs --scale != 1)")
     parser.add_argument("--mask_labels", default=None, metavar="L0,L1,...",
                         help="label values of the mask files, in channel order (default: the run's data config)")
     parser.add_argument("--n_samples", type=int, default=None,
@@ -315,6 +323,8 @@ class SampleWriter:
         self.entries.append({
             "index": index, "seed": seed, "seconds": round(seconds, 4), "files": files,
             "condition": None if condition is None else condition.source, "mask": mask,
+            **({"prompt": condition.value, "negative_prompt": condition.negative}
+               if condition is not None and isinstance(condition.value, str) else {}),
             "affine": None if image.ndim != 4 else ("identity" if condition is None or condition.affine is None
                                                     else f"from {condition.source}"),
         })
@@ -330,15 +340,6 @@ class SampleWriter:
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def conditionings(model: torch.nn.Module, conditions: Sequence[Condition] | None,
-                  device: torch.device) -> tuple[Conditioning, Conditioning]:
-    """(conditioning, null conditioning) for a batch of conditions, built as in training."""
-    if conditions is None:
-        return Conditioning(), Conditioning()
-    cond, null, _ = model.get_conditioning({model.cond_stage_key: stack_values(conditions, device)})
-    return cond, null
-
-
 class GuidedDenoiser:
     """The classifier-free-guided network as a function of tensors only: (x_t, t, *conditioning) -> output, where the
     conditioning is `arguments(cond, null)` (the set fields of cond, then of null when guidance needs it). With
@@ -383,7 +384,7 @@ def draw_batch(model: torch.nn.Module, settings: SamplerSettings, timesteps: tor
         x_T = channels_last_tensor(x_T)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
-        cond, null = conditionings(model, conditions, device)
+        cond, null = batch_conditionings(model, conditions, device)
         denoiser = denoiser or GuidedDenoiser(model, settings.scale)
         arguments = denoiser.arguments(cond, null)
         latents = get_sampler(settings.name)(lambda x, t: denoiser(x, t, *arguments), x_T, timesteps, model.diffusion,
@@ -427,6 +428,9 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
         set_decode_slab(model, opt.decode_slab)
     ema = use_ema_weights(model, opt.ema)
     if isinstance(model, DiffusionEngine):
+        if (opt.prompt, opt.prompt_file, opt.negative_prompt) != (None, None, None):
+            raise ConditionError("--prompt / --prompt_file / --negative_prompt: sample.py prompts LatentDiffusion runs "
+                                 "with a text encoder; a DiffusionEngine run takes no prompts yet")
         from ldm.sample_engine import run_engine
         return run_engine(opt, model, config, checkpoint, checkpoint_path, run_dir, device, ema, mask_labels)
     settings = sampler_settings(opt, model_config_for(config.model, training=False).params, model)
@@ -435,7 +439,8 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
                                       settings.steps_offset)
     except ValueError as err:
         raise ConfigError(f"--steps {settings.steps} / --spacing {settings.spacing}: {err}") from None
-    conditions = load_conditions(opt.cond, model, config, opt.n_samples, mask_labels)
+    conditions = load_conditions(opt.cond, model, config, opt.n_samples, mask_labels,
+                                 read_prompts(opt.prompt, opt.prompt_file), opt.negative_prompt, settings.scale)
     count = opt.n_samples or (len(conditions) if conditions else DEFAULT_UNCONDITIONAL_SAMPLES)
     outdir = Path(opt.outdir) if opt.outdir else new_sample_folder(run_dir / "samples")
     model.to(device)
@@ -446,11 +451,12 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
     if opt.cuda_graph and device.type != "cuda":
         print(f"--cuda_graph: {device} is not a CUDA device, sampling eagerly")
 
+    source = opt.cond or opt.prompt_file or repr(opt.prompt)
     print(f"sampling {count} x {type(model).__name__} {model.channels} x {list(model.image_size)} from "
           f"{checkpoint_path} ({'EMA' if ema else 'raw'} weights, step {checkpoint.get('global_step', '?')}): "
           f"{settings.name}, {len(timesteps)} steps, eta {settings.eta}, {settings.spacing} spacing, guidance "
           f"{settings.scale}, {describe_device(device)}, precision {opt.precision}, conditioning "
-          f"{'none' if conditions is None else f'{len(conditions)} from {opt.cond}'} -> {outdir}")
+          f"{'none' if conditions is None else f'{len(conditions)} from {source}'} -> {outdir}")
     writer = SampleWriter(outdir)
     denoiser = GuidedDenoiser(model, settings.scale, cuda_graph=opt.cuda_graph and device.type == "cuda")
     samples_bar = tqdm(total=count, desc="samples", unit="sample")

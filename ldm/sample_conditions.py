@@ -1,13 +1,16 @@
-"""What `sample.py --cond` conditions on: a folder of mask NIfTI files, a split of the run's dataset, or class labels.
+"""What `sample.py` conditions on: `--cond` a folder of mask NIfTI files, a split of the run's dataset, or class
+labels; `--prompt` / `--prompt_file` text prompts, with `--negative_prompt` in place of the empty prompt.
 
 Each becomes a list of `Condition`s, one per input, whose `value` is what a dataset item holds under the model's
 `cond_stage_key`, so sampling builds the UNet inputs exactly as training did (`LatentDiffusion.get_conditioning`).
 Masks are read like the training data's: reoriented to RAS, label maps turned into one-hot channels (or one binary
-channel), and checked against the model's mask channels and image size.
+channel), and checked against the model's mask channels and image size. A text condition's value is the prompt
+string; its `negative` prompt, when given, is encoded as the null condition that classifier-free guidance steers
+away from (as diffusers' `negative_prompt`), instead of the empty prompt the model was trained to drop captions to.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +19,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from ldm.models.diffusion.conditioning import Conditioning
+from ldm.modules.text_encoders import CLIPTextEmbedder
 from ldm.util import instantiate_from_config
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -28,24 +33,29 @@ class ConditionError(ValueError):
 @dataclass(frozen=True)
 class Condition:
     """One conditioning input: `value` as batch[cond_stage_key] without the batch axis (a mask (K, *spatial) float32,
-    a class label () int64), `source` (where it came from, for the manifest) and the voxel-to-world `affine` (4, 4)
-    of the grid it lives on (None: unknown)."""
+    a class label () int64, a prompt str), `source` (where it came from, for the manifest), the voxel-to-world
+    `affine` (4, 4) of the grid it lives on (None: unknown) and, for a prompt, the `negative` prompt that replaces
+    the null condition in guidance (None: the model's own null condition, the empty prompt)."""
 
-    value: torch.Tensor
+    value: torch.Tensor | str
     source: str
     affine: np.ndarray | None = None
+    negative: str | None = None
 
 
 # --------------------------------------------------------------------------------------------- the model's side
 def conditioning_kind(model: nn.Module) -> str:
-    """What the model is conditioned on: "none", "labels" (class labels), "image" (the conditioning image's own
-    latent, `__is_first_stage__`) or "mask" (a spatial map such as a segmentation)."""
+    """What the model is conditioned on: "none", "labels" (class labels), "text" (prompts, through a CLIP text
+    encoder), "image" (the conditioning image's own latent, `__is_first_stage__`) or "mask" (a spatial map such as a
+    segmentation)."""
     key = getattr(model, "conditioning_key", None)
     if key is None:
         return "none"
     stage = getattr(model, "cond_stage_model", None)
     if key == "adm" or hasattr(stage, "n_classes"):
         return "labels"
+    if isinstance(stage, CLIPTextEmbedder):
+        return "text"
     if getattr(model, "cond_stage_is_first_stage", False):
         return "image"
     return "mask"
@@ -129,7 +139,9 @@ def split_conditions(name: str, data_config: DictConfig, model: nn.Module, count
                                  f"(cond_stage_key; keys: {', '.join(map(str, item))})")
         affine = item.get("affine")
         where = f" ({item['path']})" if isinstance(item.get("path"), str) else ""
-        value = torch.as_tensor(item[model.cond_stage_key]).as_subclass(torch.Tensor)  # MetaTensor -> plain
+        value = item[model.cond_stage_key]
+        if not isinstance(value, str):  # a caption stays a string
+            value = torch.as_tensor(value).as_subclass(torch.Tensor)  # MetaTensor -> plain
         conditions.append(Condition(value, f"split:{split}[{index}]{where}",
                                     None if affine is None else np.asarray(affine, dtype=np.float64)))
     return conditions
@@ -234,8 +246,68 @@ def mask_folder(folder: Path, model: nn.Module, labels: Sequence[int] | None) ->
     return [read_mask(file, len(model.image_size), channels, labels, spatial) for file in files]
 
 
+# --------------------------------------------------------------------------------------------- text prompts
+def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str] | None:
+    """`--prompt` (one prompt) or `--prompt_file` (a UTF-8 file, one prompt per non-empty line, stripped) -> the
+    prompts; None without either."""
+    if prompt is not None and prompt_file is not None:
+        raise ConditionError("--prompt and --prompt_file: give one of them")
+    if prompt_file is None:
+        return None if prompt is None else [prompt]
+    try:
+        lines = Path(prompt_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConditionError(f"--prompt_file {prompt_file}: cannot read it ({type(err).__name__}: {err})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConditionError(f"--prompt_file {prompt_file}: holds no prompts (one per line)")
+    return prompts
+
+
+def describe_conditioning(model: nn.Module) -> str:
+    """What the model is conditioned on, in words, for messages: the kind, batch entry and conditioning stage."""
+    kind = conditioning_kind(model)
+    if kind == "none":
+        return "nothing (an unconditional model, conditioning_key null)"
+    words = {"labels": "class labels", "text": "text", "image": "an image", "mask": "a mask"}[kind]
+    stage = "the first stage" if kind == "image" else type(getattr(model, "cond_stage_model", None)).__name__
+    return (f"{words} (batch[{model.cond_stage_key!r}] through {stage}, conditioning_key="
+            f"{model.conditioning_key})")
+
+
+def check_text_options(prompts: Sequence[str] | None, negative_prompt: str | None, spec: str | None,
+                       model: nn.Module, guidance_scale: float) -> None:
+    """--prompt / --prompt_file / --negative_prompt need a text-conditioned model, no --cond beside the prompts, and
+    guidance (a negative prompt only enters the unconditional pass)."""
+    given = "--prompt" if prompts is not None else "--negative_prompt" if negative_prompt is not None else None
+    if given is None:
+        return
+    if conditioning_kind(model) != "text":
+        raise ConditionError(f"{given}: the model takes no text; it is conditioned on {describe_conditioning(model)}")
+    if prompts is not None and spec:
+        raise ConditionError(f"--prompt and --cond {spec} both say what to condition on: give one of them")
+    if negative_prompt is not None and guidance_scale == 1.0:
+        raise ConditionError("--negative_prompt replaces the null condition of classifier-free guidance, which "
+                             "--scale 1 turns off: give a guidance scale other than 1")
+
+
 # --------------------------------------------------------------------------------------------- entry point
 def load_conditions(spec: str | None, model: nn.Module, config: DictConfig, count: int | None,
+                    mask_labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
+                    negative_prompt: str | None = None, guidance_scale: float = 1.0) -> list[Condition] | None:
+    """The conditions `--cond spec` or `prompts` name for `model` (None for an unconditional model without either);
+    with `negative_prompt` each text condition carries it as its `negative`. `guidance_scale`: the sampling's."""
+    check_text_options(prompts, negative_prompt, spec, model, guidance_scale)
+    if prompts is not None:
+        conditions = [Condition(prompt, f"prompt: {prompt}") for prompt in prompts]
+    else:
+        conditions = cond_conditions(spec, model, config, count, mask_labels)
+    if negative_prompt is not None:
+        conditions = [replace(condition, negative=negative_prompt) for condition in conditions]
+    return conditions
+
+
+def cond_conditions(spec: str | None, model: nn.Module, config: DictConfig, count: int | None,
                     mask_labels: Sequence[int] | None = None) -> list[Condition] | None:
     """The conditions `--cond spec` names for `model` (None for an unconditional model without --cond)."""
     kind = conditioning_kind(model)
@@ -245,6 +317,9 @@ def load_conditions(spec: str | None, model: nn.Module, config: DictConfig, coun
                                  f"leave --cond out")
         return None
     if not spec:
+        if kind == "text":
+            raise ConditionError(f"the model is conditioned on {describe_conditioning(model)}: pass --prompt "
+                                 f"\"...\" (or --prompt_file, or --cond split:<name> for a split's captions)")
         examples = {"labels": "labels:0,1,2 or split:<name>", "image": "split:<name>",
                     "mask": "a folder of mask NIfTI files or split:<name>"}[kind]
         raise ConditionError(f"the model is conditioned on batch[{model.cond_stage_key!r}] (conditioning_key="
@@ -253,17 +328,32 @@ def load_conditions(spec: str | None, model: nn.Module, config: DictConfig, coun
         return split_conditions(spec[len("split:"):], config.data, model, count)
     if spec.startswith("labels:"):
         if kind != "labels":
-            raise ConditionError(f"--cond {spec}: the model is conditioned on a {kind} "
-                                 f"(batch[{model.cond_stage_key!r}]), not on class labels")
+            raise ConditionError(f"--cond {spec}: the model is conditioned on {describe_conditioning(model)}, not "
+                                 f"on class labels")
         return class_labels(spec[len("labels:"):], model)
     if kind != "mask":
+        instead = {"labels": "labels:<i,j,...> or split:<name>", "text": "--prompt or split:<name>"}
         raise ConditionError(f"--cond {spec}: a mask folder, but the model is conditioned on "
-                             f"{'class labels' if kind == 'labels' else 'an image'}; use "
-                             f"{'labels:<i,j,...> or ' if kind == 'labels' else ''}split:<name>")
+                             f"{describe_conditioning(model)}; use {instead.get(kind, 'split:<name>')}")
     labels = list(mask_labels) if mask_labels is not None else dataset_mask_labels(config.data)
     return mask_folder(Path(spec), model, labels)
 
 
-def stack_values(conditions: Sequence[Condition], device: torch.device) -> torch.Tensor:
-    """The batch[cond_stage_key] of several conditions: (B, ...) on `device`."""
+def stack_values(conditions: Sequence[Condition], device: torch.device) -> torch.Tensor | list[str]:
+    """The batch[cond_stage_key] of several conditions: (B, ...) on `device`, or B prompts."""
+    if all(isinstance(c.value, str) for c in conditions):
+        return [c.value for c in conditions]
     return torch.stack([c.value for c in conditions]).to(device)
+
+
+def batch_conditionings(model: nn.Module, conditions: Sequence[Condition] | None,
+                        device: torch.device) -> tuple[Conditioning, Conditioning]:
+    """(conditioning, null conditioning) for a batch of conditions, built as in training; conditions with a
+    `negative` prompt take its encoding as the null instead (each item its own, the empty prompt where None)."""
+    if conditions is None:
+        return Conditioning(), Conditioning()
+    cond, null, _ = model.get_conditioning({model.cond_stage_key: stack_values(conditions, device)})
+    if any(c.negative is not None for c in conditions):
+        negatives = [c.negative if c.negative is not None else "" for c in conditions]
+        null, _, _ = model.get_conditioning({model.cond_stage_key: negatives})
+    return cond, null

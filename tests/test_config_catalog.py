@@ -32,6 +32,7 @@ SPLITS = ("train", "validation", "test")
 FIRST_STAGE = {
     "demo/ldm_2d.yaml": "demo/ae_2d.yaml",
     "demo/ldm_3d.yaml": "demo/ae_3d.yaml",
+    "demo/text_2d.yaml": "demo/ae_2d.yaml",
     "latent-diffusion/brats_mask_concat_3d.yaml": "autoencoder/brats_kl_f4_3d.yaml",
     "latent-diffusion/brats_uncond_3d.yaml": "autoencoder/brats_kl_f4_3d.yaml",
     "latent-diffusion/class_cond_2d.yaml": "autoencoder/kl_f4.yaml",

@@ -260,8 +260,9 @@ class DDPM(nn.Module):
                                   self.cond_stage_key if conditioned else None)
 
     def conditioning_images(self, raw: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """{"conditioning": raw} when it is an image-like tensor of the data's dims (masks, images), else {}."""
-        if raw is not None and raw.ndim == len(self.image_size) + 2:
+        """{"conditioning": raw} when it is an image-like tensor of the data's dims (masks, images), else {} (class
+        labels, captions)."""
+        if isinstance(raw, torch.Tensor) and raw.ndim == len(self.image_size) + 2:
             return {"conditioning": raw.float()}
         return {}
 
