@@ -172,3 +172,13 @@ def test_prompt_on_a_model_without_text_is_an_error(tmp_path):
     assert_error(["-r", str(checkpoint), "--config", str(config), "--negative_prompt", "seven"],
                  r"--negative_prompt: the model takes no text; it is conditioned on a mask \(batch\['mask'\] "
                  r"through Identity, conditioning_key=concat\)")
+
+
+def test_prompt_on_a_diffusion_engine_run_is_an_error(tmp_path):
+    from omegaconf import OmegaConf
+
+    from tests.models.diffusion.test_engine import sgm_toy_config
+
+    checkpoint, config = save_untrained(tmp_path, OmegaConf.to_container(sgm_toy_config()))
+    assert_error(["-r", str(checkpoint), "--config", str(config), "--prompt", "seven"],
+                 r"--prompt / --prompt_file / --negative_prompt: .*a DiffusionEngine run takes no prompts yet")
