@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ldm.engine.evaluation import TEST_METRICS, padding_rows
 from ldm.data.base import ShardedResumableSampler
+from ldm.data.buckets import BucketSampler
 from tests.engine.helpers import cli_command, only_run_dir, run_cli, subprocess_env
 from tests.engine.toy import ToyRegressor
 
@@ -58,6 +59,11 @@ def test_padding_rows_mark_the_repeated_items_of_the_last_rank():
     assert [padding_rows(shard, 2, batch, 2) for shard in shards for batch in range(2)] == \
         [[False, False], [False, False], [False, False], [False, True]]
     assert list(shards[1]) == [1, 3, 5, 0]  # the sampler's own padding, which these rows describe
+    # buckets pad with whole batches: [0 1] [2 0] [3 4] + [0 1] again, rank 1 holding [2 0] and the repeat
+    buckets = [BucketSampler([0, 0, 0, 1, 1], 2, shuffle=False, rank=rank, world_size=2) for rank in range(2)]
+    assert [padding_rows(shard, 2, batch, 2) for shard in buckets for batch in range(2)] == \
+        [[False, False], [False, False], [False, False], [True, True]]
+    assert list(buckets[1]) == [2, 0, 0, 1]
 
 
 def test_two_ranks_validate_and_test_each_item_once_as_one_process_does(tmp_path):
