@@ -428,9 +428,6 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
         set_decode_slab(model, opt.decode_slab)
     ema = use_ema_weights(model, opt.ema)
     if isinstance(model, DiffusionEngine):
-        if (opt.prompt, opt.prompt_file, opt.negative_prompt) != (None, None, None):
-            raise ConditionError("--prompt / --prompt_file / --negative_prompt: sample.py prompts LatentDiffusion runs "
-                                 "with a text encoder; a DiffusionEngine run takes no prompts yet")
         from ldm.sample_engine import run_engine
         return run_engine(opt, model, config, checkpoint, checkpoint_path, run_dir, device, ema, mask_labels)
     settings = sampler_settings(opt, model_config_for(config.model, training=False).params, model)

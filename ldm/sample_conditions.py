@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -276,19 +276,64 @@ def describe_conditioning(model: nn.Module) -> str:
 
 
 def check_text_options(prompts: Sequence[str] | None, negative_prompt: str | None, spec: str | None,
-                       model: nn.Module, guidance_scale: float) -> None:
-    """--prompt / --prompt_file / --negative_prompt need a text-conditioned model, no --cond beside the prompts, and
-    guidance (a negative prompt only enters the unconditional pass)."""
+                       model: nn.Module, guidance_scale: float, text: bool | None = None) -> None:
+    """--prompt / --prompt_file / --negative_prompt need a text-conditioned model (`text`; default: a LatentDiffusion
+    with a text encoder), no --cond beside the prompts, and guidance (a negative prompt only enters the unconditional
+    pass)."""
     given = "--prompt" if prompts is not None else "--negative_prompt" if negative_prompt is not None else None
     if given is None:
         return
-    if conditioning_kind(model) != "text":
+    if not (text if text is not None else conditioning_kind(model) == "text"):
         raise ConditionError(f"{given}: the model takes no text; it is conditioned on {describe_conditioning(model)}")
     if prompts is not None and spec:
         raise ConditionError(f"--prompt and --cond {spec} both say what to condition on: give one of them")
     if negative_prompt is not None and guidance_scale == 1.0:
         raise ConditionError("--negative_prompt replaces the null condition of classifier-free guidance, which "
                              "--scale 1 turns off: give a guidance scale other than 1")
+
+
+# --------------------------------------------------------------------------------------------- DiffusionEngine prompts
+def engine_text_key(model: nn.Module) -> str | None:
+    """The batch key a DiffusionEngine's text embedders read (CLIPTextEmbedder and its subclasses; None: none)."""
+    keys = {key for spec, embedder in zip(model.conditioner.specs, model.conditioner.embedders)
+            if isinstance(embedder, CLIPTextEmbedder) for key in spec.input_keys}
+    if len(keys) > 1:
+        raise ConditionError(f"--prompt: the conditioner's text embedders read several keys ({', '.join(sorted(keys))})"
+                             f"; prompts fill one")
+    return next(iter(keys), None)
+
+
+def engine_prompt_items(model: nn.Module, prompts: Sequence[str] | None, negative_prompt: str | None,
+                        spec: str | None, guidance_scale: float) -> list[tuple[dict[str, str], Condition]]:
+    """(batch item {text key: prompt}, Condition) per prompt, for a DiffusionEngine whose conditioner reads text
+    only; checked as `check_text_options` checks a LatentDiffusion's."""
+    given = "--prompt" if prompts is not None else "--negative_prompt"
+    keys = model.conditioner.input_keys
+    key = engine_text_key(model)
+    if key is None:
+        raise ConditionError(f"{given}: the model takes no text; its conditioner reads {', '.join(keys) or 'nothing'}")
+    others = sorted(set(keys) - {key})
+    if others:
+        raise ConditionError(f"{given}: the conditioner also reads {', '.join(others)}, which prompts do not give; "
+                             f"use --cond split:<name>")
+    if prompts is None:
+        raise ConditionError("--negative_prompt: give the prompts with --prompt or --prompt_file")
+    check_text_options(prompts, negative_prompt, spec, model, guidance_scale, text=True)
+    return [({key: prompt}, Condition(prompt, f"prompt: {prompt}", negative=negative_prompt)) for prompt in prompts]
+
+
+def engine_batch_conditionings(model: nn.Module, items: Sequence[dict[str, Any]], negatives: Sequence[str] | None,
+                               device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A DiffusionEngine's (c, uc) for a batch of items: tensors stacked on `device`, prompts as a list. Without
+    negatives uc zeroes the embedders trained with dropout (sgm); with them the text embedders encode the negative
+    prompts instead (as diffusers' SDXL pipeline does with a negative prompt)."""
+    batch = {key: [item[key] for item in items] if isinstance(items[0][key], str)
+             else torch.stack([item[key] for item in items]).to(device) for key in items[0]}
+    if negatives is None:
+        return model.conditionings(batch)
+    key = engine_text_key(model)
+    zeroed = [k for k in model.conditioner.dropped_keys if k != key]
+    return model.conditioner.get_unconditional_conditioning(batch, {**batch, key: list(negatives)}, zeroed)
 
 
 # --------------------------------------------------------------------------------------------- entry point

@@ -4,7 +4,8 @@
 
 Conditions (`--cond`) are batch entries of the conditioner's input keys: `labels:i,j` for a conditioner with one
 class-label input, `split:<name>` (every input key of the split's items), or a folder of mask files for a
-conditioner with one spatial input. Sample i starts from unit noise seeded with `seed + i`; the solvers' ancestral
+conditioner with one spatial input; `--prompt` / `--prompt_file` (and `--negative_prompt`) for a conditioner
+that reads text only. Sample i starts from unit noise seeded with `seed + i`; the solvers' ancestral
 and churn noise, and the seed of the SDE solvers' Brownian tree, come from the global generator, seeded with the
 batch's first seed, so with --batch_size 1 every sample is reproducible alone.
 """
@@ -27,7 +28,8 @@ from ldm.models.diffusion.edm.guiders import IdentityGuider, VanillaCFG
 from ldm.models.diffusion.edm.samplers import ETA_SAMPLERS, SAMPLERS, EDMSampler
 from ldm.models.diffusion.engine import DiffusionEngine
 from ldm.modules.embedders import SpatialMaskEmbedder
-from ldm.sample_conditions import Condition, ConditionError, dataset_mask_labels, read_mask, sample_folder_masks
+from ldm.sample_conditions import (Condition, ConditionError, dataset_mask_labels, engine_batch_conditionings,
+                                   engine_prompt_items, read_mask, read_prompts, sample_folder_masks)
 from ldm.util import ConfigError, instantiate_from_config
 
 
@@ -142,17 +144,17 @@ def engine_conditions(spec: str | None, model: DiffusionEngine, config: DictConf
 
 @torch.no_grad()
 def draw_engine_batch(model: DiffusionEngine, sampler: EDMSampler, seeds: Sequence[int],
-                      items: Sequence[dict[str, torch.Tensor]] | None, device: torch.device,
-                      dtype: torch.dtype | None, progress: tqdm) -> torch.Tensor:
-    """Images (B, C, *S) in [-1, 1]; item i from unit noise seeded with seeds[i]."""
+                      items: Sequence[dict[str, torch.Tensor | str]] | None, device: torch.device,
+                      dtype: torch.dtype | None, progress: tqdm,
+                      negatives: Sequence[str] | None = None) -> torch.Tensor:
+    """Images (B, C, *S) in [-1, 1]; item i from unit noise seeded with seeds[i]; `negatives`: negative prompts."""
     noise = torch.cat([torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(seed))
                        for seed in seeds]).to(device)
     torch.manual_seed(seeds[0])
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
         if items:
-            batch = {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
-            cond, uc = model.conditionings(batch)
+            cond, uc = engine_batch_conditionings(model, items, negatives, device)
         else:
             cond, uc = {}, {}
         latents = sampler(model.denoise, noise, cond, uc, callback=lambda step: progress.update(1))
@@ -170,7 +172,11 @@ def run_engine(opt: argparse.Namespace, model: DiffusionEngine, config: DictConf
         raise ConfigError("model.params.latent_shape: not set; sample.py needs the (channels, *spatial) latent shape "
                           "to draw noise of")
     sampler, settings = engine_sampler(opt, model)
-    items = engine_conditions(opt.cond, model, config, opt.n_samples, mask_labels)
+    prompts = read_prompts(opt.prompt, opt.prompt_file)
+    if prompts is not None or opt.negative_prompt is not None:
+        items = engine_prompt_items(model, prompts, opt.negative_prompt, opt.cond, settings["scale"])
+    else:
+        items = engine_conditions(opt.cond, model, config, opt.n_samples, mask_labels)
     count = opt.n_samples or (len(items) if items else 8)
     outdir = Path(opt.outdir) if opt.outdir else new_sample_folder(run_dir / "samples")
     model.to(device)
@@ -186,7 +192,8 @@ def run_engine(opt: argparse.Namespace, model: DiffusionEngine, config: DictConf
         began = time.perf_counter()
         images = draw_engine_batch(model, sampler, [opt.seed + i for i in indices],
                                    None if chosen is None else [c[0] for c in chosen], device,
-                                   PRECISIONS[opt.precision], steps_bar)
+                                   PRECISIONS[opt.precision], steps_bar,
+                                   None if opt.negative_prompt is None else [opt.negative_prompt] * len(indices))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - began) / len(indices)

@@ -1,21 +1,23 @@
 """The text-to-image digits demo (configs/demo/text_2d.yaml): the digits' captions, a few training steps of the config
-with its tiny CLIP text encoder, and `sample.py --prompt / --prompt_file / --negative_prompt` on the run."""
+with its tiny CLIP text encoder, and `sample.py --prompt / --prompt_file / --negative_prompt` on the run and on a
+DiffusionEngine whose conditioner reads text."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.cli import load_config, main as train_main, model_config_for
 from ldm.data.digits import CAPTION_TEMPLATES, NUMBER_WORDS, Digits
-from ldm.modules.text_encoders import CLIPTextEmbedder
-from ldm.sample_conditions import Condition, batch_conditionings
+from ldm.sample_cli import build_model
+from ldm.sample_conditions import Condition, batch_conditionings, engine_batch_conditionings, engine_prompt_items
 from ldm.util import instantiate_from_config
 from tests.engine.helpers import REPO, load_last, only_run_dir
+from tests.models.diffusion.test_engine import sgm_toy_config
 from tests.test_sample_cli import STANDINS, assert_error, sample, save_untrained, unconditional_2d
 
 CONFIG = REPO / "configs" / "demo" / "text_2d.yaml"
@@ -126,7 +128,6 @@ def test_negative_prompt_replaces_the_empty_prompt_in_guidance(text_run, tmp_pat
         np.testing.assert_array_equal(pixels(empty, index), pixels(plain, index))
         assert np.abs(pixels(negative, index) - pixels(plain, index)).max() > 0
 
-    from ldm.sample_cli import build_model
     model = build_model(load_config(sorted(map(str, (text_run / "configs").glob("*.yaml"))), []),
                         load_last(text_run), text_run / "checkpoints" / "last.ckpt").eval()
     conditions = [Condition("three", "prompt: three", negative="eight"), Condition("one", "prompt: one")]
@@ -174,11 +175,51 @@ def test_prompt_on_a_model_without_text_is_an_error(tmp_path):
                  r"through Identity, conditioning_key=concat\)")
 
 
-def test_prompt_on_a_diffusion_engine_run_is_an_error(tmp_path):
-    from omegaconf import OmegaConf
+def text_engine_config() -> dict:
+    """sgm's toy DiffusionEngine (tests/models/diffusion/test_engine.py) conditioned on a prompt through a tiny CLIP
+    text transformer (cross-attention) instead of a class label."""
+    config = OmegaConf.to_container(sgm_toy_config(latent_shape=[1, 8, 8]))
+    network = config["params"]["network_config"]["params"]
+    for key in ("num_classes", "adm_in_channels"):
+        del network[key]
+    network.update(attention_resolutions=[1], use_spatial_transformer=True, transformer_depth=1, context_dim=16)
+    config["params"]["conditioner_config"]["params"]["emb_models"] = [{
+        "is_trainable": True, "input_key": "txt", "ucg_rate": 0.2,
+        "target": "ldm.modules.text_encoders.CLIPTextEmbedder",
+        "params": {"text_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                   "num_attention_heads": 2}, "max_length": 16, "freeze": False}}]
+    return config
 
-    from tests.models.diffusion.test_engine import sgm_toy_config
 
-    checkpoint, config = save_untrained(tmp_path, OmegaConf.to_container(sgm_toy_config()))
+def test_prompts_condition_a_diffusion_engine(tmp_path):
+    """A DiffusionEngine whose conditioner reads text: samples record their prompts; the unconditional half of
+    guidance is zeros (sgm) without a negative prompt and the conditioner's encoding of it with one."""
+    checkpoint, config = save_untrained(tmp_path, text_engine_config())
+    args = ["-r", str(checkpoint), "--config", str(config), *FAST, "--n_samples", "2"]
+    _, manifest = sample(tmp_path, "engine", *args, "--prompt", "seven", "--negative_prompt", "one")
+    assert [(s["prompt"], s["negative_prompt"]) for s in manifest["samples"]] == [("seven", "one")] * 2
+
+    model = build_model(load_config([str(config)], []), torch.load(checkpoint, weights_only=True), checkpoint).eval()
+    items = [item for item, _ in engine_prompt_items(model, ["seven", "two"], None, None, 3.0)]
+    encoder = model.conditioner.embedders[0]
+    with torch.no_grad():
+        cond, uc = engine_batch_conditionings(model, items, None, torch.device("cpu"))
+        torch.testing.assert_close(cond["crossattn"], encoder(["seven", "two"]))
+        assert torch.count_nonzero(uc["crossattn"]) == 0
+        cond, uc = engine_batch_conditionings(model, items, ["one", "eight"], torch.device("cpu"))
+        torch.testing.assert_close(cond["crossattn"], encoder(["seven", "two"]))
+        torch.testing.assert_close(uc["crossattn"], encoder(["one", "eight"]))
+
+
+def test_prompt_errors_on_diffusion_engine_runs(tmp_path):
+    (tmp_path / "labels").mkdir()
+    labels_engine = OmegaConf.to_container(sgm_toy_config(latent_shape=[1, 8, 8]))
+    checkpoint, config = save_untrained(tmp_path / "labels", labels_engine)
     assert_error(["-r", str(checkpoint), "--config", str(config), "--prompt", "seven"],
-                 r"--prompt / --prompt_file / --negative_prompt: .*a DiffusionEngine run takes no prompts yet")
+                 r"--prompt: the model takes no text; its conditioner reads cls")
+    (tmp_path / "text").mkdir()
+    checkpoint, config = save_untrained(tmp_path / "text", text_engine_config())
+    run = ["-r", str(checkpoint), "--config", str(config)]
+    assert_error([*run, "--negative_prompt", "one"], r"--negative_prompt: give the prompts with --prompt")
+    assert_error([*run, "--prompt", "one", "--cond", "split:test"], r"--prompt and --cond split:test")
+    assert_error([*run, "--prompt", "one", "--negative_prompt", "two", "--scale", "1"], r"--scale 1 turns off")
