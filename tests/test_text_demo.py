@@ -79,6 +79,8 @@ def test_config_trains_the_text_encoder_with_the_unet(text_run):
     stage = config.model.params.cond_stage_config
     assert stage.target == "ldm.modules.text_encoders.CLIPTextEmbedder"
     assert config.model.params.unet_config.params.context_dim == stage.params.text_config.hidden_size
+    for split in ("train", "validation", "test"):
+        assert tuple(config.data.params[split].params.caption_templates) == CAPTION_TEMPLATES
     state = load_last(text_run)["state_dict"]
     assert state["cond_stage_model.transformer.embeddings.token_embedding.weight"].shape == (138, 32)
 
