@@ -19,7 +19,7 @@ from tests.engine.helpers import only_run_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sgm"
 SDXL_UNET_PARAMETERS = 2_567_463_684  # diffusers' UNet2DConditionModel of the SDXL base (tests/modules)
-BRATS_UNET_PARAMETERS = 169_323_140   # the UNet of configs/latent-diffusion/brats_mask_concat_3d.yaml
+BRATS_UNET_PARAMETERS = 169_336_196   # the UNet of configs/latent-diffusion/brats_mask_concat_3d.yaml
 
 
 class PooledStandIn(nn.Module):

@@ -90,7 +90,7 @@ def layout_of(model: UNetModel, layout: str) -> list[Mapped]:
 
 def _layer(layer: nn.Module, ours: str, theirs: str, layout: str) -> list[Mapped]:
     if isinstance(layer, ResBlock):
-        if not isinstance(layer.resample, nn.Identity):
+        if not isinstance(layer.resample, nn.Identity) and layout != COMPVIS:  # CompVis': parameter-free too
             raise ConversionError(f"{ours}: ResNet blocks that resample (resblock_updown) have no {layout} layout "
                                   f"here")
         names = _RESBLOCK[layout]
@@ -103,9 +103,50 @@ def _layer(layer: nn.Module, ours: str, theirs: str, layout: str) -> list[Mapped
     if isinstance(layer, Upsample):
         return [mapped(f"{ours}.conv", f"{theirs}.conv")]
     if isinstance(layer, AttentionBlock):
-        raise ConversionError(f"{ours}: UNets with plain self-attention blocks (use_spatial_transformer: false) are "
-                              f"not converted: the original's q/k/v have biases that ours lack")
+        if layout != COMPVIS:
+            raise ConversionError(f"{ours}: plain self-attention blocks (use_spatial_transformer: false) have no "
+                                  f"{layout} layout here (diffusers' UNet2DConditionModel has none)")
+        if not layer.qkv_bias:
+            raise ConversionError(f"{ours}: built with attention_qkv_bias: false; the CompVis layout's qkv has biases")
+        # their fused qkv, split into q, k, v by split_fused_qkv before the mapping (and fused after it on export)
+        return [mapped(f"{ours}.norm", f"{theirs}.norm"), mapped(f"{ours}.attn.to_out", f"{theirs}.proj_out"),
+                *(mapped(f"{ours}.attn.to_{part}", f"{theirs}.qkv.{part}") for part in "qkv")]
     raise ConversionError(f"{ours}: no {layout} name for a {type(layer).__name__}")
+
+
+def _attention_blocks(model: UNetModel) -> dict[str, int]:
+    """{name: heads} of the plain self-attention blocks; in the CompVis layout their names are ours."""
+    return {name: block.attn.heads for name, block in model.named_modules() if isinstance(block, AttentionBlock)}
+
+
+def split_fused_qkv(model: UNetModel, state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """CompVis' AttentionBlock `qkv` 1x1 convolution (3C, C, 1), in the head-interleaved order of its default
+    (legacy) attention, rows [q_h, k_h, v_h] per head h, -> `qkv.q`, `qkv.k`, `qkv.v` (C, C) each, heads in order.
+    Its `proj_out` (C, C, 1) keeps its name."""
+    split = dict(state)
+    for name, heads in _attention_blocks(model).items():
+        for param in ("weight", "bias"):
+            key = f"{prefix}{name}.qkv.{param}"
+            if key not in split:
+                continue
+            fused = split.pop(key)
+            per_head = fused.reshape(heads, 3, fused.shape[0] // (3 * heads), *fused.shape[1:])
+            for index, part in enumerate("qkv"):
+                split[f"{prefix}{name}.qkv.{part}.{param}"] = per_head[:, index].flatten(0, 1)
+    return split
+
+
+def fuse_qkv(model: UNetModel, state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The inverse of `split_fused_qkv`, with the 1x1 convolutions' trailing kernel axis on qkv and proj_out."""
+    fused = dict(state)
+    for name, heads in _attention_blocks(model).items():
+        for param in ("weight", "bias"):
+            parts = [fused.pop(f"{prefix}{name}.qkv.{part}.{param}") for part in "qkv"]
+            stacked = torch.stack([p.unflatten(0, (heads, -1)) for p in parts], dim=1).flatten(0, 2)
+            fused[f"{prefix}{name}.qkv.{param}"] = stacked[..., None] if param == "weight" else stacked
+        proj_out = f"{prefix}{name}.proj_out.weight"
+        fused[proj_out] = fused[proj_out][..., None]
+    return fused
 
 
 def _transformer(layer: SpatialTransformer, ours: str, theirs: str) -> list[Mapped]:
@@ -193,9 +234,8 @@ def infer_config(state: Mapping[str, torch.Tensor], layout: str, prefix: str = "
         params.update(num_classes="sequential", adm_in_channels=int(state[f"{prefix}{vector}"].shape[1]))
     if transformers:
         first = transformers[0]
-        if f"{prefix}{first}.transformer_blocks.0.attn2.to_k.weight" not in state:
-            raise ConversionError(f"{source}: {prefix}{first} is a plain self-attention block (use_spatial_"
-                                  f"transformer: false), whose q/k/v biases ours lacks")
+        if f"{prefix}{first}.qkv.weight" in state:
+            return _plain_attention(params, num_heads, num_head_channels, f"{source}: {prefix}{first}")
         def depth(block: str | None) -> int:
             return 1 if block is None else sum(f"{prefix}{block}.transformer_blocks.{d}.norm1.weight" in state
                                                for d in range(64))
@@ -214,6 +254,17 @@ def infer_config(state: Mapping[str, torch.Tensor], layout: str, prefix: str = "
     if params["num_heads"] == -1 and params["num_head_channels"] == -1:
         params["num_heads"] = 1  # no attention anywhere: heads are never used
     return params
+
+
+def _plain_attention(params: dict[str, Any], num_heads: int | None, num_head_channels: int | None,
+                     where: str) -> dict[str, Any]:
+    """UNetModel params of a UNet with CompVis' plain self-attention blocks, whose heads must be given."""
+    if num_heads is None and num_head_channels is None:
+        raise ConversionError(f"{where} is a plain self-attention block (use_spatial_transformer: false): its heads "
+                              f"leave no trace in the weights; give num_heads or num_head_channels (the original "
+                              f"config's unet_config values)")
+    return {**params, "use_spatial_transformer": False, "num_heads": num_heads or -1,
+            "num_head_channels": num_head_channels or -1}
 
 
 def _emb_width(state: Mapping[str, torch.Tensor], prefix: str, levels, layout: str) -> int:
@@ -298,6 +349,8 @@ def state_to_ours(model: UNetModel, state: Mapping[str, torch.Tensor], layout: s
                   source: str) -> dict[str, torch.Tensor]:
     """Their tensors under `prefix` -> `model`'s state dict (all keys checked at once)."""
     shapes = {key: value.shape for key, value in model.state_dict().items()}
+    if layout == COMPVIS:
+        state = split_fused_qkv(model, state, prefix)
     return to_ours(layout_of(model, layout), state, shapes, prefix, source, "UNetModel")
 
 
@@ -312,7 +365,8 @@ def load_unet(path: str | Path, num_heads: int | None = None, num_head_channels:
 def export_state(model: UNetModel, layout: str, prefix: str = "") -> dict[str, torch.Tensor]:
     """`model`'s tensors named as in `layout` (`compvis`, with prefix `model.diffusion_model.` inside an SD
     checkpoint, or `diffusers`)."""
-    return from_ours(layout_of(model, layout), model.state_dict(), prefix)
+    theirs = from_ours(layout_of(model, layout), model.state_dict(), prefix)
+    return fuse_qkv(model, theirs, prefix) if layout == COMPVIS else theirs
 
 
 def diffusers_config(model: UNetModel) -> dict[str, Any]:

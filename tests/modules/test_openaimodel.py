@@ -119,8 +119,8 @@ def test_parameter_count_matches_hand_derivation():
         skip = conv(cin, cout, 1) if cin != cout else 0
         return norm(cin) + conv(cin, cout) + linear(emb, 2 * cout) + norm(cout) + conv(cout, cout) + skip
 
-    def attention_block(c):   # q, k, v without bias, output projection with bias
-        return norm(c) + 3 * c * c + linear(c, c)
+    def attention_block(c):   # q, k, v and output projections, all with bias (as the original's qkv convolution)
+        return norm(c) + 3 * linear(c, c) + linear(c, c)
 
     expected = (
         linear(mc, emb) + linear(emb, emb) + 3 * emb                             # time MLP, 3 class embeddings

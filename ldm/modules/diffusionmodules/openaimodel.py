@@ -2,7 +2,7 @@
 
 Differences from the CompVis original, on purpose:
 - in 3D, down- and upsampling halve and double all three spatial axes (the original kept depth, for video);
-- the self-attention block uses the same q/k/v projections as the transformer (`CrossAttention`, no q/k/v bias);
+- the self-attention block keeps its weights in the transformer's projections (`CrossAttention`: separate q, k, v);
 - precision belongs to the training loop, so `use_fp16` is rejected rather than converting blocks;
 - gradient checkpointing works per UNet block with `torch.utils.checkpoint` (non-reentrant).
 """
@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ldm.modules.attention import CrossAttention, SpatialTransformer, set_model_attention_backend
+from ldm.modules.attention import CrossAttention, SpatialTransformer, attention, set_model_attention_backend
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
 from ldm.modules.nn_dims import SkipConcat, conv_nd, conv_without_bias, residual_sum, spatial_dims, zero_module
 from ldm.modules.recomputed_conv import prepared_conv, set_recompute_cheap
@@ -109,20 +109,38 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the voxels of a feature map, as a residual block (zero-initialised output)."""
+    """Self-attention over the voxels of a feature map, as a residual block (zero-initialised output).
 
-    def __init__(self, channels: int, heads: int):
+    `qkv_bias`: q, k and v projections with biases, as the original's (its fused `qkv` 1x1 convolution has one);
+    false gives the transformer's bias-free projections. Weights live in `attn` (a `CrossAttention`'s to_q, to_k,
+    to_v, to_out), so LoRA and the converters see the same names in both blocks.
+    """
+
+    def __init__(self, channels: int, heads: int, qkv_bias: bool = True):
         super().__init__()
         if channels % heads:
             raise ValueError(f"AttentionBlock: channels={channels} is not divisible by heads={heads}")
         self.norm = _norm(channels, act=False)
         self.attn = CrossAttention(channels, None, heads, channels // heads)
+        if qkv_bias:
+            self.attn.to_q, self.attn.to_k, self.attn.to_v = (nn.Linear(channels, channels) for _ in range(3))
+        self.qkv_bias = qkv_bias
         zero_module(self.attn.to_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, *spatial) -> same shape."""
         y, x = self.norm(x, pass_input=True)  # the residual's gradient joins the norm's backward (Triton)
-        return x + self.attn(y.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+        tokens = y.flatten(2).transpose(1, 2)
+        attn = self.attn
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        if all(type(p) is nn.Linear for p in projections):  # one matmul; wrapped ones (LoRA) are called as modules
+            bias = torch.cat([p.bias for p in projections]) if self.qkv_bias else None
+            q, k, v = F.linear(tokens, torch.cat([p.weight for p in projections]), bias).chunk(3, dim=-1)
+        else:
+            q, k, v = (p(tokens) for p in projections)
+        out = attention(*(attn._split_heads(t) for t in (q, k, v)), attn.attention_backend)
+        out = attn.dropout(attn.to_out(out.transpose(1, 2).flatten(2)))
+        return x + out.transpose(1, 2).reshape(x.shape)
 
 
 def project_embedding(emb: torch.Tensor, blocks: Sequence[ResBlock]) -> dict[nn.Module, torch.Tensor]:
@@ -204,6 +222,8 @@ class UNetModel(nn.Module):
     `use_linear_in_transformer`: Linear projections in and out of the transformers (SD 2.x / SDXL);
     `spatial_transformer_attn_type` (sgm's key, `softmax` or `softmax-xformers`) is accepted for porting: the
     attention kernel is `attention_backend`'s choice either way.
+    `attention_qkv_bias`: the plain self-attention blocks' q, k, v have biases, as the original's (false: none, as
+    this UNet had before; runs trained so need it to load).
     `kernels` (`auto`, `triton`, `torch`) picks the GroupNorm implementation (ldm/modules/normalization.py),
     `attention_backend` the attention's (ldm/modules/attention.py; None: the process-wide choice).
     `recompute_cheap` keeps only the ResBlocks' norm inputs (and the upsamplers' inputs) for backward and recomputes
@@ -221,7 +241,7 @@ class UNetModel(nn.Module):
                  kernels: str = "auto",
                  attention_backend: str | None = None, recompute_cheap: bool = False,
                  adm_in_channels: int | None = None, use_linear_in_transformer: bool = False,
-                 spatial_transformer_attn_type: str = "softmax"):
+                 spatial_transformer_attn_type: str = "softmax", attention_qkv_bias: bool = True):
         super().__init__()
         if dims not in (2, 3):
             raise ValueError(f"UNetModel: dims must be 2 or 3, got {dims}")
@@ -280,7 +300,7 @@ class UNetModel(nn.Module):
                 if num_head_channels != -1 and ch % num_head_channels:
                     raise ValueError(f"UNetModel: {ch} channels are not divisible by "
                                      f"num_head_channels={num_head_channels}")
-                return AttentionBlock(ch, heads)
+                return AttentionBlock(ch, heads, attention_qkv_bias)
             d_head = ch // heads if legacy or num_head_channels == -1 else num_head_channels
             return SpatialTransformer(ch, heads, d_head, depth, dropout, context_dims[level], dims,
                                       use_linear=use_linear_in_transformer)
