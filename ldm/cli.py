@@ -21,6 +21,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from ldm.data.transforms import DataFileError
 from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint, load_model_state, non_finite_parameters
 from ldm.engine.config import trainer_config_from
+from ldm.engine.original_config import (default_run_length, is_original_config, port_lightning,
+                                        port_original_model)
 from ldm.engine.guard import NonFiniteLossError
 from ldm.engine.model_checks import check_latent_diffusion
 from ldm.engine.run_lock import RunFolderBusy, RunLock
@@ -118,20 +120,29 @@ def load_config(paths: list[str], dotlist: list[str]) -> DictConfig:
 
 
 def port_lightning_section(config: DictConfig) -> DictConfig:
-    """Move an original config's `lightning: {trainer, callbacks}` into our `trainer` section."""
+    """Translate an original config (CompVis latent-diffusion / stable-diffusion): its `lightning` section becomes
+    our `trainer` section and its model options ours (`ldm.engine.original_config`), printing a notice for each key
+    dropped as harmless. Only `model` is required here (sampling needs no data); training and testing check `data`."""
+    notices: list[str] = []
+    original = is_original_config(config)
     if "lightning" in config:
-        lightning = config.pop("lightning")
-        unknown = sorted(set(lightning.keys()) - {"trainer", "callbacks"})
-        if unknown:
-            raise ConfigError(f"lightning: unsupported key(s) {', '.join(unknown)} (supported: trainer, callbacks)")
-        ported = OmegaConf.merge(lightning.get("trainer", {}), {"callbacks": lightning.get("callbacks", {})})
-        config.trainer = OmegaConf.merge(ported, config.get("trainer", {}))
+        lightning = OmegaConf.to_container(config.pop("lightning"), resolve=True) or {}
+        if not isinstance(lightning, dict):
+            raise ConfigError(f"lightning: expected a mapping with trainer, callbacks, modelcheckpoint, got "
+                              f"{type(lightning).__name__}")
+        ported, notices = port_lightning(lightning)
+        config.trainer = OmegaConf.merge(ported, config.get("trainer", {}) or {})
+    if original and "data" in config:  # the original main.py trained with Lightning's default length
+        config.trainer = default_run_length(OmegaConf.to_container(config.get("trainer", {}) or {}, resolve=True),
+                                            notices)
     unknown = sorted(set(config.keys()) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown top-level config section(s) {', '.join(unknown)} (expected: {', '.join(SECTIONS)})")
-    for section in ("model", "data"):
-        if section not in config:
-            raise ConfigError(f"config has no '{section}' section (given: {', '.join(config.keys()) or 'none'})")
+    if "model" not in config:
+        raise ConfigError(f"config has no 'model' section (given: {', '.join(config.keys()) or 'none'})")
+    notices += port_original_model(config.model, original=original)
+    for notice in notices:
+        print(f"notice: {notice}")
     return config
 
 
@@ -309,6 +320,9 @@ def run(opt: argparse.Namespace, dotlist: list[str], flags: PreemptionFlags, cle
               f"continues in a new run folder under {parent}")
 
     config = load_config(opt.base, dotlist)
+    if "data" not in config:
+        raise ConfigError(f"config has no 'data' section (given: {', '.join(config.keys())}): training and testing "
+                          f"read one; sample.py needs none")
     trainer_cfg = trainer_config_from(config.get("trainer", {}))
     trainer = Trainer(trainer_cfg, seed=opt.seed, flags=flags)
     fabric = trainer.fabric

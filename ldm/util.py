@@ -39,6 +39,22 @@ MODULE_ALIASES: dict[str, list[str]] = {
     "sgm.modules.diffusionmodules.sampling": [f"{_EDM}.samplers"],
     "sgm.modules.diffusionmodules.guiders": [f"{_EDM}.guiders"],
     "sgm.modules.encoders.modules": ["ldm.modules.conditioner", "ldm.modules.embedders"],
+    # CompVis latent-diffusion's conditioning encoders (ClassEmbedder's `key`: ldm.engine.original_config)
+    "ldm.modules.encoders.modules": ["ldm.modules.encoders", "ldm.modules.text_encoders"],
+}
+
+_TEXT_INSTEAD = ("use ldm.modules.encoders.modules.FrozenCLIPEmbedder (ldm.modules.text_encoders: a CLIP text "
+                 "encoder, pretrained or with text_config a random one to train) with conditioning_key crossattn")
+# Targets of the original repositories that have no counterpart here, and what to use instead.
+REFUSED_TARGETS = {
+    "ldm.modules.encoders.modules.BERTEmbedder": f"(BERT tokenizer + transformer of txt2img-1p4B) is not available "
+                                                 f"here; {_TEXT_INSTEAD}",
+    "ldm.modules.encoders.modules.TransformerEmbedder": f"is not available here; {_TEXT_INSTEAD}",
+    "ldm.modules.encoders.modules.FrozenCLIPTextEmbedder": f"(OpenAI's clip package) is not available here; "
+                                                           f"{_TEXT_INSTEAD}",
+    "ldm.modules.encoders.modules.SpatialRescaler": "is not available here; for a mask or image on the latent grid "
+                                                    "use ldm.modules.encoders.MaskEncoder, or torch.nn.Identity with "
+                                                    "mask_to_latent",
 }
 
 
@@ -93,6 +109,8 @@ def get_obj_from_str(name: str, where: str = "target") -> Any:
     before anything is imported, and so must the module that defines `Attr`."""
     if not isinstance(name, str) or "." not in name:
         raise ConfigError(f"{where}: {name!r} is not a dotted import path like 'package.module.Class'")
+    if name in REFUSED_TARGETS:
+        raise ConfigError(f"{where}: {name!r} {REFUSED_TARGETS[name]}")
     module_name, attr = TARGET_ALIASES.get(name, name).rsplit(".", 1)
     checked = not config_trusted()
     if checked and module_name not in MODULE_ALIASES and not _is_trusted_module(module_name):

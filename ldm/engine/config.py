@@ -57,6 +57,7 @@ class TrainerConfig:
     logger: list = field(default_factory=lambda: ["tensorboard", "csv"])
 
     def __post_init__(self) -> None:
+        self.devices = parse_devices(self.devices, "trainer.devices")
         self.precision = str(self.precision)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -78,6 +79,23 @@ class TrainerConfig:
             raise ConfigError("trainer: set max_steps or max_epochs (both are -1, the run would never end)")
 
 
+def parse_devices(value: Any, where: str) -> int | list[int] | str:
+    """Lightning's device values: a count, a list of GPU indices, 'auto', or a string of either: '0,' and '0,1' are
+    indices, '2' a count, '-1' all."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = text if text == "auto" else [int(p) for p in text.split(",") if p.strip()] if "," in text \
+                else int(text)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not a device count, 'auto' or GPU indices like '0,1,'") from None
+    valid = value == "auto" or (isinstance(value, int) and not isinstance(value, bool)) or \
+        (isinstance(value, list) and value and all(isinstance(i, int) and i >= 0 for i in value))
+    if not valid:
+        raise ConfigError(f"{where}: {value!r} is not a device count, 'auto' or a list of GPU indices")
+    return value
+
+
 def _strict(cls: type, values: dict, where: str) -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
@@ -89,6 +107,7 @@ def _strict(cls: type, values: dict, where: str) -> Any:
         default = names[name].default
         expected = (int, float) if type(default) is float else type(default)
         if default is not dataclasses.MISSING and default is not None and type(default) in (int, float, bool) \
+                and names[name].type != "Any" \
                 and (not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool)):
             raise ConfigError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}")
     if isinstance(kwargs.get("checkpoint"), dict):
@@ -112,3 +131,4 @@ def fabric_kwargs(cfg: TrainerConfig) -> dict:
                   strategy=strategy, precision=cfg.precision)
     # Under `fabric run --devices 2 ...` the launcher's flags (LT_* variables) win over the config.
     return {name: value for name, value in kwargs.items() if os.environ.get(f"LT_{name.upper()}") is None}
+

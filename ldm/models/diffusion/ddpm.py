@@ -301,6 +301,8 @@ class LatentDiffusion(LatentScale, DDPM):
     `MaskEncoder`, `torch.nn.Identity` for a raw mask). How its output enters the UNet: `conditioning_key`; how a
     spatial conditioning reaches the latent grid: `mask_to_latent` (see `conditioning.to_latent_grid`).
     scale_by_std: scale_factor = 1 / std of the first training batch's latents (all ranks), kept as a buffer.
+    concat_mode (CompVis): with conditioning_key null, a cond_stage_config module enters by concat (true) or crossattn
+    (false); ignored for an unconditional model.
     ucg_rate: probability of training with the null conditioning; guidance_scale: classifier-free guidance at sampling.
     image_size and channels describe the latent grid. num_timesteps_cond: CompVis configs' 1 (the conditioning is not
     noised) is the only value accepted; CompVis' shortened conditioning schedule (> 1) is not implemented.
@@ -326,7 +328,8 @@ class LatentDiffusion(LatentScale, DDPM):
 
     def __init__(self, first_stage_config: Mapping[str, Any], cond_stage_config: Any, unet_config: Mapping[str, Any],
                  first_stage_key: str = "image", cond_stage_key: str = "image", conditioning_key: str | None = None,
-                 cond_stage_trainable: bool = False, scale_factor: float = 1.0, scale_by_std: bool = False,
+                 concat_mode: bool | None = None, cond_stage_trainable: bool = False, scale_factor: float = 1.0,
+                 scale_by_std: bool = False,
                  ucg_rate: float = 0.0, guidance_scale: float = 1.0, mask_to_latent: str = "nearest",
                  num_timesteps_cond: int = 1, timesteps: int = 1000, beta_schedule: str = "linear",
                  linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
@@ -352,6 +355,7 @@ class LatentDiffusion(LatentScale, DDPM):
                          scheduler_config,
                          sampler, sampler_steps, sampler_eta, timestep_spacing, log_sampler_steps, log_every_t,
                          test_metrics, steps_offset, set_alpha_to_one, clip_sample, clip_sample_range)
+        conditioning_key = self._conditioning_key_of(concat_mode, conditioning_key, cond_stage_config)
         self._check_conditioning_options(cond_stage_config, conditioning_key, cond_stage_trainable, ucg_rate,
                                          guidance_scale, mask_to_latent)
         self.first_stage_model = instantiate_from_config(first_stage_config)
@@ -396,6 +400,19 @@ class LatentDiffusion(LatentScale, DDPM):
         if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
             raise ValueError(f"cache_latents.copies: must be an integer >= 1, got {copies!r}")
         return {"dir": str(options["dir"]), "copies": copies}
+
+    @staticmethod
+    def _conditioning_key_of(concat_mode: bool | None, conditioning_key: str | None,
+                             cond_stage_config: Any) -> str | None:
+        """CompVis' concat_mode: with no conditioning_key, a conditioning module enters by concat (true) or
+        crossattn (false); an unconditional model stays unconditional."""
+        if concat_mode is None or cond_stage_config == "__is_unconditional__":
+            return conditioning_key
+        implied = "concat" if concat_mode else "crossattn"
+        if conditioning_key is not None and conditioning_key != implied:
+            raise ValueError(f"concat_mode: {str(concat_mode).lower()} contradicts conditioning_key "
+                             f"{conditioning_key!r}; drop concat_mode (conditioning_key decides)")
+        return implied
 
     @staticmethod
     def _check_conditioning_options(cond_stage_config: Any, conditioning_key: str | None, cond_stage_trainable: bool,
