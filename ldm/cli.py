@@ -133,7 +133,8 @@ def port_lightning_section(config: DictConfig) -> DictConfig:
         ported, notices = port_lightning(lightning)
         config.trainer = OmegaConf.merge(ported, config.get("trainer", {}) or {})
     if original and "data" in config:  # the original main.py trained with Lightning's default length
-        config.trainer = default_run_length(OmegaConf.to_container(config.get("trainer", {}) or {}, resolve=True),
+        trainer = config.get("trainer", None)
+        config.trainer = default_run_length({} if trainer is None else OmegaConf.to_container(trainer, resolve=True),
                                             notices)
     unknown = sorted(set(config.keys()) - set(SECTIONS))
     if unknown:

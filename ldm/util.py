@@ -52,9 +52,6 @@ REFUSED_TARGETS = {
     "ldm.modules.encoders.modules.TransformerEmbedder": f"is not available here; {_TEXT_INSTEAD}",
     "ldm.modules.encoders.modules.FrozenCLIPTextEmbedder": f"(OpenAI's clip package) is not available here; "
                                                            f"{_TEXT_INSTEAD}",
-    "ldm.modules.encoders.modules.SpatialRescaler": "is not available here; for a mask or image on the latent grid "
-                                                    "use ldm.modules.encoders.MaskEncoder, or torch.nn.Identity with "
-                                                    "mask_to_latent",
 }
 
 

@@ -117,6 +117,13 @@ def test_an_original_config_without_a_run_length_trains_for_lightnings_default(c
     assert config.trainer.max_steps == 3 and "max_epochs" not in config.trainer
 
 
+def test_a_model_zoo_config_without_lightning_section_gets_lightnings_default_too(tmp_path):
+    zoo = OmegaConf.load(fixture("cin-ldm-vq-f8"))  # models/ldm/*/config.yaml: model and data only
+    zoo.pop("lightning")
+    OmegaConf.save(zoo, tmp_path / "config.yaml")
+    assert load_config([str(tmp_path / "config.yaml")], []).trainer == {"max_epochs": LIGHTNING_DEFAULT_MAX_EPOCHS}
+
+
 def test_an_original_training_config_runs_with_train_ldm(tmp_path):
     code = train_main("train", ["--base", fixture("cin-ldm-vq-f8"), "-t", "--no-test", "-l", str(tmp_path),
                                 "trainer.max_steps=1", "trainer.logger=[csv]"])
@@ -134,6 +141,19 @@ def test_encoders_modules_targets_resolve_to_ours():
     with pytest.raises(ConfigError, match=r"cond_stage_config.target: 'ldm.modules.encoders.modules.BERTEmbedder' "
                                           r".*not available here; use ldm.modules.encoders.modules.FrozenCLIPEmb"):
         get_obj_from_str("ldm.modules.encoders.modules.BERTEmbedder", "cond_stage_config.target")
+
+
+def test_spatial_rescaler_interpolates_then_maps_channels():
+    rescaler = instantiate_from_config({"target": "ldm.modules.encoders.modules.SpatialRescaler", "params": {
+        "n_stages": 2, "in_channels": 5, "out_channels": 3}})  # semantic_synthesis256's, shrunk
+    x = torch.randn(2, 5, 16, 12)
+    quarter = F.interpolate(F.interpolate(x, scale_factor=0.5, mode="bilinear"), scale_factor=0.5, mode="bilinear")
+    expected = torch.einsum("oc,bchw->bohw", rescaler.channel_mapper.weight[:, :, 0, 0], quarter)
+    torch.testing.assert_close(rescaler(x), expected)
+    volume = instantiate_from_config({"target": "ldm.modules.encoders.SpatialRescaler",
+                                      "params": {"in_channels": 2, "dims": 3}})
+    x = torch.randn(1, 2, 4, 8, 8)
+    torch.testing.assert_close(volume(x), F.interpolate(x, scale_factor=0.5, mode="trilinear"))
 
 
 def test_class_embedder_key_becomes_the_cond_stage_key(tmp_path):

@@ -1,4 +1,5 @@
-"""Conditioning-stage encoders (`cond_stage_config` targets): class labels to tokens, masks to the latent grid.
+"""Conditioning-stage encoders (`cond_stage_config` targets): class labels to tokens, masks to the latent grid
+(a trained encoder, or CompVis' interpolating `SpatialRescaler`).
 
 A conditioning encoder may define `null_condition(c) -> c_null`, the learned "no condition" that classifier-free
 guidance trains and samples with; without it the null condition is zeros.
@@ -67,3 +68,34 @@ class MaskEncoder(nn.Module):
         """mask: (B, in_channels, *S) float -> (B, out_channels, *ceil(S / 2**n_stages))."""
         spatial_dims(mask, self.dims)
         return self.net(mask.to(self.net[0].weight.dtype))
+
+
+class SpatialRescaler(nn.Module):
+    """CompVis' conditioning rescaler: `n_stages` interpolations by `multiplier`, then (with `out_channels`) a 1x1
+    projection: (B, in_channels, *S) -> (B, out_channels or in_channels, *S * multiplier**n_stages).
+
+    `method`: F.interpolate's mode (`bilinear` in 2D means `trilinear` in 3D: the linear mode of the dims).
+    """
+
+    METHODS = ("nearest", "linear", "bilinear", "trilinear", "bicubic", "area")
+
+    def __init__(self, n_stages: int = 1, method: str = "bilinear", multiplier: float = 0.5, in_channels: int = 3,
+                 out_channels: int | None = None, bias: bool = False, dims: int = 2):
+        super().__init__()
+        check_dims(dims, "SpatialRescaler.dims")
+        if n_stages < 0:
+            raise ValueError(f"SpatialRescaler: n_stages must be >= 0, got {n_stages}")
+        if method not in self.METHODS:
+            raise ValueError(f"SpatialRescaler: method {method!r} is not one of {', '.join(self.METHODS)}")
+        self.n_stages, self.multiplier, self.dims = n_stages, multiplier, dims
+        linear = ("linear", "bilinear", "trilinear")
+        self.mode = linear[dims - 1] if method in linear else method
+        self.channel_mapper = None if out_channels is None else conv_nd(dims, in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_channels, *S) -> (B, out_channels, *S * multiplier**n_stages), float."""
+        spatial_dims(x, self.dims)
+        x = x if x.is_floating_point() else x.float()
+        for _ in range(self.n_stages):
+            x = nn.functional.interpolate(x, scale_factor=self.multiplier, mode=self.mode)
+        return x if self.channel_mapper is None else self.channel_mapper(x)
