@@ -1,8 +1,10 @@
 """Seconds per sample of the BraTS LDM (configs/latent-diffusion/brats_mask_concat_3d.yaml, random weights): DDIM
 with the denoiser eager against replayed from a CUDA graph (`sample.py --cuda_graph`), through sample.py's own
-`draw_batch`.
+`draw_batch`; with `--edm`, also the same UNet in sgm's formulation (configs/sgm/edm_brats_3d.yaml: EDM
+preconditioning, Heun over the Karras schedule, `--edm-steps` 25 = 49 network calls) through sample.py's
+`draw_engine_batch`.
 
-    python benchmarks/bench_sampling.py [--steps 50] [--samples 4] [--batch-size 1] [--scale 1.0] [--out DIR]
+    python benchmarks/bench_sampling.py [--steps 50] [--samples 4] [--batch-size 1] [--scale 1.0] [--edm] [--out DIR]
     python benchmarks/bench_sampling.py --quick      # a narrow model at a 32^3 image: a CPU smoke run
 
 Each variant draws `--samples` samples in batches of `--batch-size` for random tumour masks (one-hot, 4 classes, at
@@ -15,6 +17,7 @@ step). Writes DIR/bench_sampling.json ($OUT when set) and prints a markdown tabl
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -30,22 +33,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ldm.cli import model_config_for  # noqa: E402
 from ldm.engine.memory_format import model_to_channels_last  # noqa: E402
+from ldm.models.diffusion.edm.guiders import IdentityGuider, VanillaCFG  # noqa: E402
 from ldm.models.diffusion.sampling import timestep_schedule  # noqa: E402
+from ldm.sample_engine import draw_engine_batch  # noqa: E402
 from ldm.sample_cli import GuidedDenoiser, SamplerSettings, draw_batch  # noqa: E402
 from ldm.sample_conditions import Condition  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 CONFIG = ROOT / "configs" / "latent-diffusion" / "brats_mask_concat_3d.yaml"
+EDM_CONFIG = ROOT / "configs" / "sgm" / "edm_brats_3d.yaml"
 QUICK = ["model.params.image_size=8", "model.params.unet_config.params.image_size=8",
          "model.params.unet_config.params.model_channels=32", "model.params.first_stage_config.params.ddconfig.ch=32",
          "model.params.first_stage_config.params.ddconfig.resolution=32"]
+EDM_QUICK = ["model.params.latent_shape=[4,8,8,8]", "model.params.network_config.params.image_size=8",
+             "model.params.network_config.params.model_channels=32",
+             "model.params.first_stage_config.params.ddconfig.ch=32",
+             "model.params.first_stage_config.params.ddconfig.resolution=32"]
 
 
-def build_model(overrides: list[str], device: torch.device) -> torch.nn.Module:
-    """The config's LatentDiffusion with random weights (no stage-1 checkpoint, scale_factor 1), in eval mode."""
-    config = OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_dotlist(
-        ["model.params.first_stage_config.params.ckpt_path=null", "model.params.scale_by_std=false",
-         "model.params.use_ema=false", *overrides]))
+def build_model(overrides: list[str], device: torch.device, config_file: Path = CONFIG) -> torch.nn.Module:
+    """The config's LatentDiffusion (or DiffusionEngine) with random weights (no stage-1 checkpoint, scale_factor 1),
+    in eval mode."""
+    engine = config_file == EDM_CONFIG
+    config = OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(
+        ["model.params.first_stage_config.params.ckpt_path=null", "model.params.use_ema=false",
+         *(["model.params.scale_factor=1.0"] if engine else ["model.params.scale_by_std=false"]), *overrides]))
     torch.manual_seed(0)
     model = instantiate_from_config(model_config_for(config.model, training=False)).to(device).eval()
     if device.type == "cuda":
@@ -81,6 +93,27 @@ def draw(model, settings, timesteps, conditions, batch_size: int, device, cuda_g
     return seconds, images
 
 
+def draw_edm(model, steps: int, scale: float, conditions, batch_size: int, device) -> tuple[list, list]:
+    """(seconds per sample of each batch, the images) of the DiffusionEngine's Heun sampler at `steps` steps."""
+    sampler = copy.copy(model.sampler)
+    sampler.num_steps = steps
+    sampler.guider = VanillaCFG(scale) if scale != 1.0 else IdentityGuider()
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    key = model.conditioner.input_keys[0]
+    seconds, images = [], []
+    for start in range(0, len(conditions), batch_size):
+        batch = conditions[start:start + batch_size]
+        progress = tqdm(total=steps, leave=False, disable=True)
+        began = time.perf_counter()
+        out = draw_engine_batch(model, sampler, [start + i for i in range(len(batch))],
+                                [{key: c.value} for c in batch], device, dtype, progress)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append((time.perf_counter() - began) / len(batch))
+        images.append(out.float().cpu())
+    return seconds, images
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; --quick 2)")
@@ -88,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "(default 4; --quick 2)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0, help="classifier-free guidance scale")
+    parser.add_argument("--edm", action="store_true", help="also the EDM / Heun row (configs/sgm/edm_brats_3d.yaml)")
+    parser.add_argument("--edm-steps", type=int, default=None, help="Heun steps (default 25; --quick 2)")
     parser.add_argument("--quick", action="store_true", help="narrow networks, 32^3 images (CPU smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -103,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     conditions = random_masks(count, image_size)
     variants = [("eager", False)] + ([("cuda graph", True)] if device.type == "cuda" else [])
     rows, reference = [], None
+    latent = [model.channels, *model.image_size]
     for name, graphed in variants:
         seconds, images = draw(model, settings, timesteps, conditions, args.batch_size, device, graphed)
         timed = seconds[1:] or seconds
@@ -112,10 +148,17 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             row["max_abs_diff_vs_eager"] = max(float((a - b).abs().max()) for a, b in zip(images, reference))
         rows.append(row)
+    if args.edm:
+        edm_steps = args.edm_steps or (2 if args.quick else 25)
+        del model  # one model's weights on the device at a time
+        engine = build_model(EDM_QUICK if args.quick else [], device, EDM_CONFIG)
+        seconds, _ = draw_edm(engine, edm_steps, args.scale, conditions, args.batch_size, device)
+        rows.append(dict(variant=f"EDM Heun {edm_steps} steps ({2 * edm_steps - 1} network calls)",
+                         seconds_per_sample=statistics.median(seconds[1:] or seconds), batches=seconds))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     result = dict(device=device_name, torch=torch.__version__, steps=steps, samples=count,
                   batch_size=args.batch_size, scale=args.scale, image=list(image_size),
-                  latent=[model.channels, *model.image_size], rows=rows)
+                  latent=latent, rows=rows)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_sampling.json").write_text(json.dumps(result, indent=2))
     print(f"{device_name}, torch {torch.__version__}: DDIM {steps} steps, guidance {args.scale}, batch "
