@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ldm.engine.evaluation import TEST_METRICS, padding_rows
 from ldm.data.base import ShardedResumableSampler
 from ldm.data.buckets import BucketSampler
-from tests.engine.helpers import cli_command, only_run_dir, run_cli, subprocess_env
+from tests.engine.helpers import cli_command, load_last, only_run_dir, run_cli, subprocess_env
 from tests.engine.toy import ToyRegressor
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -66,7 +66,7 @@ def test_padding_rows_mark_the_repeated_items_of_the_last_rank():
     assert list(buckets[1]) == [2, 0, 0, 1]
 
 
-def test_two_ranks_validate_and_test_each_item_once_as_one_process_does(tmp_path):
+def test_two_ranks_validate_and_test_each_item_once_as_one_process_does(tmp_path, capsys):
     result = subprocess.run(cli_command(tmp_path / "two", *ARGS, "trainer.devices=2", "trainer.strategy=ddp"),
                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -83,3 +83,9 @@ def test_two_ranks_validate_and_test_each_item_once_as_one_process_does(tmp_path
     assert len(losses[0]) == 1 and losses[0] == pytest.approx(losses[1], rel=1e-6)
     # the validation images: 2 drawn on each rank, the first 3 of the 4 gathered ones in rank 0's grid
     assert (two / "images" / "val" / "inputs_gs-000002_e-000.png").is_file()
+
+    # the two-process run resumes in one process (its saved config says devices: 2)
+    assert run_cli(tmp_path, "-r", str(two), "-t", "--no_test", "trainer.max_steps=4", "trainer.devices=1",
+                   "trainer.strategy=auto") == 0
+    assert load_last(two)["global_step"] == 4 and len(load_last(two)["rng"]) == 1
+    assert "holds RNG states of 2 rank(s), this run has 1; reseeding" in capsys.readouterr().out
