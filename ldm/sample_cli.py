@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ldm.cli import load_config, model_config_for
-from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint
+from ldm.engine.checkpoint import LAST, CheckpointError, load_checkpoint, qkv_bias_hint
 from ldm.engine.images import save_nifti, save_png, to_grid
 from ldm.engine.inference_graph import GraphedInference
 from ldm.engine.memory_format import channels_last as channels_last_tensor, model_to_channels_last
@@ -193,7 +193,7 @@ def build_model(config: DictConfig, checkpoint: dict, checkpoint_path: Path) -> 
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {checkpoint_path} does not fit the config's {type(model).__name__}: "
                               f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
-                              f"{unexpected[:3]}")
+                              f"{unexpected[:3]}{qkv_bias_hint(missing, unexpected)}")
     return model.eval()
 
 

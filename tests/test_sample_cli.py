@@ -369,6 +369,8 @@ def test_errors_name_the_culprit(ldm_run, tmp_path):
     assert_error(["-r", str(ldm_run), "--batch_size", "0"], "--batch_size must be >= 1")
     assert_error(["-r", str(ldm_run), "model.params.use_ema=false"],
                  r"does not fit the config's LatentDiffusion: 0 missing keys \[\], \d+ unexpected keys \['model_ema")
+    assert_error(["-r", str(ldm_run), "model.params.unet_config.params.attention_qkv_bias=false"],
+                 r"unexpected keys .*only the UNet attention blocks' q/k/v biases differ: set attention_qkv_bias: true")
     assert_error(["-r", str(ldm_run), "model.params.unet_config.params.model_channels=64"],
                  r"does not fit the config's LatentDiffusion: size mismatch for model\.")
     checkpoint, config = unconditional_2d(tmp_path)

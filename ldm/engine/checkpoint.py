@@ -165,7 +165,20 @@ def state_mismatch(model: torch.nn.Module, state_dict: Mapping[str, Any]) -> tup
 def describe_mismatch(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
     parts = [f"{len(keys)} {what}: {_listed(keys)}" for what, keys in
              (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
-    return "; ".join(parts)
+    return "; ".join(parts) + qkv_bias_hint(missing, unexpected)
+
+
+_QKV_BIAS = re.compile(r"\.?attn\.?to_[qkv]\.?bias$")  # LitEma's copies drop the dots
+
+
+def qkv_bias_hint(missing: list[str], unexpected: list[str]) -> str:
+    """A hint when the only difference is the q/k/v biases of the UNet's plain attention blocks (a checkpoint from
+    before `attention_qkv_bias` existed, or one written with the other setting); else ""."""
+    for keys, others, value in ((missing, unexpected, "false"), (unexpected, missing, "true")):
+        if keys and not others and all(_QKV_BIAS.search(key) for key in keys):
+            return (f" (only the UNet attention blocks' q/k/v biases differ: set attention_qkv_bias: {value} in the "
+                    f"UNet's params, unet_config or network_config)")
+    return ""
 
 
 def ignored(key: str, ignore_keys: Sequence[str]) -> bool:
@@ -218,8 +231,9 @@ def load_selected_state(model: torch.nn.Module, state_dict: Mapping[str, Any], s
         loaded = sorted(set(kept) - set(unexpected))
         prefixes = covering_prefixes(missing + unexpected, loaded)
         raise CheckpointError(f"checkpoint {source} does not fit {name} (a different architecture or config?): "
-                              f"{'; '.join(parts)}. To load only what matches, skip these keys with ignore_keys "
-                              f"(here: [{_listed(prefixes, 8)}]) or set strict: false next to ckpt_path")
+                              f"{'; '.join(parts)}{qkv_bias_hint(missing, unexpected)}. To load only what matches, "
+                              f"skip these keys with ignore_keys (here: [{_listed(prefixes, 8)}]) or set strict: "
+                              f"false next to ckpt_path")
     model.load_state_dict(kept, strict=False)
     return missing, unexpected
 
