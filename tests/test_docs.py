@@ -135,6 +135,8 @@ def check_python(args: list[str]) -> None:
 
 def check_command(command: str) -> None:
     args = shlex.split(command)
+    while re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", args[0]):  # environment variables set for the command
+        args = args[1:]
     program, rest = args[0], args[1:]
     if program == "make":
         targets = re.findall(r"^\.PHONY:(.*)$", (ROOT / "Makefile").read_text(), re.M)[0].split()
