@@ -6,11 +6,13 @@
       classifier: null                         # a train_eval.py run (Classifier): for "accuracy"
       feature_extractor: segmenter             # for fid / kid: segmenter, classifier, or a name of ldm.metrics.features
       feature_options: {}                      # keyword arguments of that feature extractor
+      label_key: null                          # the batch entry of class labels for "accuracy" (default: the condition)
       kid_subset_size: 50                      # any further key is a keyword argument of ldm.metrics.MetricSuite
 
 The model's test step returns its generated images (samples, reconstructions); each batch's real images, and its
 condition when the model has one, come from the batch. A spatial condition of the images' rank is the mask that
-"dice" compares with; any other condition is taken as class labels for "accuracy".
+"dice" compares with; any other condition is taken as class labels for "accuracy", unless `label_key` names the batch
+entry that holds them (a text-conditioned model's condition is its captions, e.g. label_key: class_label).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ldm.metrics import METRICS, MetricSuite
 from ldm.util import ConfigError
 
 #: Keys of `test_metrics:` read here; the rest go to MetricSuite.
-OWN_KEYS = ("metrics", "segmenter", "classifier", "feature_extractor", "feature_options")
+OWN_KEYS = ("metrics", "segmenter", "classifier", "feature_extractor", "feature_options", "label_key")
 EVALUATOR_FEATURES = ("segmenter", "classifier")
 
 
@@ -52,11 +54,14 @@ class TestMetrics:
     """The loop's test evaluator: `update(batch, outputs)` after each test step, `compute()` at the end.
 
     real_key: the batch's real images (B, C, *S); output_key: the test step's generated images (B, C, *S);
-    condition_key: the batch's condition, a mask (B, K, *S) or labels (B,), or None.
+    condition_key: the batch's condition, a mask (B, K, *S) or labels (B,), or None; label_key: the batch's class
+    labels (B,) when they are not the condition.
     """
 
-    def __init__(self, suite: MetricSuite, real_key: str, output_key: str, condition_key: str | None = None):
+    def __init__(self, suite: MetricSuite, real_key: str, output_key: str, condition_key: str | None = None,
+                 label_key: str | None = None):
         self.suite, self.real_key, self.output_key, self.condition_key = suite, real_key, output_key, condition_key
+        self.label_key = label_key
 
     def update(self, batch: Mapping[str, Any], outputs: Mapping[str, torch.Tensor]) -> None:
         if self.output_key not in outputs:
@@ -69,8 +74,17 @@ class TestMetrics:
             value = batch[self.condition_key]
             if isinstance(value, torch.Tensor) and value.ndim == fake.ndim:
                 condition = value
-            else:
+            elif self.label_key is None:
+                if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+                    raise ConfigError(f"test_metrics: the condition batch[{self.condition_key!r}] is text, not class "
+                                      f"labels; name the batch entry of the labels with test_metrics.label_key "
+                                      f"(e.g. class_label)")
                 labels = torch.as_tensor(value)
+        if self.label_key is not None:
+            if self.label_key not in batch:
+                raise ConfigError(f"test_metrics.label_key: the test batches have no {self.label_key!r} entry "
+                                  f"(keys: {', '.join(batch)})")
+            labels = torch.as_tensor(batch[self.label_key])
         self.suite.update(real=real, fake=fake, condition=condition, labels=labels)
 
     def compute(self) -> dict[str, float]:
@@ -112,6 +126,7 @@ def build_test_metrics(config: Mapping[str, Any] | None, real_key: str, output_k
     if config is None:
         return None
     metrics = config.pop("metrics")
+    label_key = config.pop("label_key", None)
     networks = {role: load_scorer(config.pop(role), role) if config.get(role) is not None else config.pop(role, None)
                 for role in EVALUATOR_FEATURES}
     features = config.pop("feature_extractor", None)
@@ -129,4 +144,4 @@ def build_test_metrics(config: Mapping[str, Any] | None, real_key: str, output_k
                             **config)
     except ValueError as err:
         raise ConfigError(f"test_metrics: {err}") from None
-    return TestMetrics(suite, real_key, output_key, condition_key)
+    return TestMetrics(suite, real_key, output_key, condition_key, label_key)
