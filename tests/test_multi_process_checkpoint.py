@@ -54,7 +54,7 @@ def write_shards(rank: int, world_size: int, port: int, folder: str) -> None:
 def test_shards_of_two_ranks_load_whole_in_one_process(tmp_path):
     directory = tmp_path / "checkpoints"
     folder = directory / sharded.shard_folder_name(8)
-    mp.start_processes(write_shards, args=(2, free_port(), str(folder)), nprocs=2, start_method="fork")
+    mp.start_processes(write_shards, args=(2, free_port(), str(folder)), nprocs=2, start_method="spawn")
     assert len(list(folder.glob("*.distcp"))) == 2  # one file per rank
     save_rotating({"global_step": 8, "epoch": 1, sharded.SHARDS_KEY: folder.name}, directory, 8, keep_last_k=1)
 

@@ -41,8 +41,8 @@ def evaluate_on_rank(rank: int, world_size: int, port: int, results) -> None:
 
 
 def test_two_ranks_metrics_equal_one_process():
-    results = mp.Manager().dict()
-    mp.start_processes(evaluate_on_rank, args=(2, free_port(), results), nprocs=2, start_method="fork")
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(evaluate_on_rank, args=(2, free_port(), results), nprocs=2, start_method="spawn")
     alone = evaluate(list(range(7)), batch_size=3)
     assert set(alone) == {"psnr", "diversity_ssim", "diversity_ssim_real"}
     assert results[0] == pytest.approx(alone, rel=1e-6) and results[1] == results[0]
