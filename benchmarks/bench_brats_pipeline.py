@@ -19,7 +19,11 @@ Runs the real command lines on the real configs, changing only the data root, ru
 Each `--layouts` entry repeats 2-4 with trainer.channels_last set accordingly (with +expandable, the CUDA caching
 allocator in expandable-segments mode; with +recompute, recompute_cheap in the trained networks; with +graph,
 trainer.cuda_graph in stage 2: the UNet's forward and backward replayed as CUDA graphs, and sample.py --cuda_graph;
-with +copies besides +graph, trainer.bf16_weight_copies in stage 2, not under --smoke, whose fp32 it refuses).
+with +copies besides +graph, trainer.bf16_weight_copies in stage 2, not under --smoke, whose fp32 it refuses;
+with +cache, stage 2 a second time with model.params.cache_latents={dir, copies: 1}: the train split encoded once
+before training, then the UNet alone on the stored posterior moments, its step time and its ratio to the uncached
+step in a row of its own, with the one-off encoding's seconds: from the log's "latent cache ... encoding" line to
+the cache's index.json, hashing included).
 The loop logs per step the loader wait, peak allocated / reserved memory and the allocator's retries, which the table
 shows beside the step times, and the first step's duration (autotuning, compilation, capture: "first step s").
 
@@ -90,12 +94,25 @@ def random_vgg16(path: Path) -> str | None:
     return str(path)
 
 
-def run_cli(args: list[str], log: Path, env: dict | None = None) -> float:
-    """Runs `python args...` in the repo root, output to `log`; returns wall seconds; raises on failure."""
+def run_cli(args: list[str], log: Path, env: dict | None = None,
+            marks: dict[str, float | None] | None = None) -> float:
+    """Runs `python args...` in the repo root, output to `log`; returns wall seconds; raises on failure.
+
+    marks: {regex: None}, each filled with the wall-clock time (time.time()) at which the first output line matching
+    it arrived (the child writes unbuffered, so that is when it printed the line)."""
     began = time.perf_counter()
     print(f"running {' '.join(args[:3])} (output: {log})", flush=True)
-    with open(log, "w") as out:
-        code = subprocess.call([sys.executable, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    command = [sys.executable, *args]
+    with open(log, "w") as out, subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                 env=env, text=True, errors="replace") as child:
+        for line in child.stdout:
+            out.write(line)
+            out.flush()
+            for pattern, seen in (marks or {}).items():
+                if seen is None and re.search(pattern, line):
+                    marks[pattern] = time.time()
+        code = child.wait()
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
         raise RuntimeError(f"{' '.join(args[:3])} exited {code}; last lines of {log}:\n{tail}")
@@ -144,12 +161,14 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
     """variant: contiguous or channels_last, optionally +expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments),
     +recompute (recompute_cheap in the trained networks: the autoencoder, then the UNet), +graph
     (trainer.cuda_graph in stage 2, the UNet, and sample.py --cuda_graph; the autoencoder has no graphed training)
-    and +copies with +graph (trainer.bf16_weight_copies in stage 2; left out under --smoke, which trains in fp32)."""
+    and +copies with +graph (trainer.bf16_weight_copies in stage 2; left out under --smoke, which trains in fp32);
+    +cache: stage 2 again on a latent cache (the result's "ldm_cached" entry, see `train_ldm_cached`)."""
     layout, *options = variant.split("+")
-    if layout not in ("contiguous", "channels_last") or set(options) - {"expandable", "recompute", "graph", "copies"} \
+    if layout not in ("contiguous", "channels_last") \
+            or set(options) - {"expandable", "recompute", "graph", "copies", "cache"} \
             or ("copies" in options and "graph" not in options):
         raise ValueError(f"unknown variant {variant!r}: contiguous or channels_last, optionally +expandable, "
-                         f"+recompute, +graph, +copies (with +graph)")
+                         f"+recompute, +graph, +copies (with +graph), +cache")
     env = dict(os.environ)
     if "expandable" in options:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
@@ -163,17 +182,20 @@ def bench_layout(variant: str, tree: Path, work: Path, opt: argparse.Namespace, 
         ckpt, stage_one = train_autoencoder(variant, tree, work, opt, vgg, logs, common, recompute, env)
         result.update(stage_one)
 
+    ldm_args = [f"data.params.train.params.root={tree}", f"model.params.first_stage_config.params.ckpt_path={ckpt}",
+                f"trainer.max_steps={opt.ldm_steps}", *common, *(SMOKE_LDM if opt.smoke else []),
+                f"model.params.unet_config.params.recompute_cheap={str(recompute).lower()}",
+                f"trainer.cuda_graph={str('graph' in options).lower()}",
+                *(["trainer.bf16_weight_copies=true"] if "copies" in options and not opt.smoke else [])]
     ldm_logs = work / f"ldm_{variant}"
     run_cli(["train_ldm.py", "-b", str(LDM_CONFIG), "-t", "--no_test", "-l", str(ldm_logs), "-n", "bench",
-             f"data.params.train.params.root={tree}", f"model.params.first_stage_config.params.ckpt_path={ckpt}",
-             f"trainer.max_steps={opt.ldm_steps}", *common, *(SMOKE_LDM if opt.smoke else []),
-             f"model.params.unet_config.params.recompute_cheap={str(recompute).lower()}",
-             f"trainer.cuda_graph={str('graph' in options).lower()}",
-             *(["trainer.bf16_weight_copies=true"] if "copies" in options and not opt.smoke else [])],
-            logs / f"ldm_{variant}.log", env)
+             *ldm_args], logs / f"ldm_{variant}.log", env)
     ldm_run = only_run(ldm_logs)
     result["ldm"] = phase(read_metrics(ldm_run), 1 + opt.warmup, opt.ldm_steps)
     result["ldm"]["first_step_s"] = first_step_seconds(logs / f"ldm_{variant}.log")
+    if "cache" in options:
+        result["ldm_cached"] = train_ldm_cached(variant, work, opt, logs, ldm_args, env)
+        result["ldm_cached"]["vs_uncached"] = result["ldm_cached"]["step_ms"] / result["ldm"]["step_ms"]
 
     outdir = work / f"samples_{variant}"
     run_cli(["sample.py", "-r", str(ldm_run), "--cond", "split:test", "--n_samples", str(opt.samples),
@@ -210,6 +232,24 @@ def train_autoencoder(variant: str, tree: Path, work: Path, opt: argparse.Namesp
         "lpips": "random VGG16" if vgg and not opt.smoke else "off"}
 
 
+def train_ldm_cached(variant: str, work: Path, opt: argparse.Namespace, logs: Path, ldm_args: list[str],
+                     env: dict) -> dict:
+    """Stage 2 with the same overrides plus cache_latents {dir: a fresh folder, copies: 1}: the phase of its steps,
+    "first_step_s", "copies" and "encode_s" (the one-off encoding, hashing and writing of the train split: from the
+    log's notice that it starts to the index.json it writes last)."""
+    cache, ldm_logs = work / f"latent_cache_{variant}", work / f"ldm_{variant}_cached"
+    log = logs / f"ldm_{variant}_cached.log"
+    started = r"^latent cache .*encoding"
+    marks: dict[str, float | None] = {started: None}
+    run_cli(["train_ldm.py", "-b", str(LDM_CONFIG), "-t", "--no_test", "-l", str(ldm_logs), "-n", "bench",
+             *ldm_args, f"model.params.cache_latents={{dir: {cache}, copies: 1}}"], log, env, marks)
+    if marks[started] is None or not (cache / "index.json").is_file():
+        raise RuntimeError(f"stage 2 with cache_latents built no cache in {cache} (see {log})")
+    return phase(read_metrics(only_run(ldm_logs)), 1 + opt.warmup, opt.ldm_steps) | {
+        "first_step_s": first_step_seconds(log), "copies": 1,
+        "encode_s": (cache / "index.json").stat().st_mtime - marks[started]}
+
+
 def untrained_autoencoder(path: Path, smoke: bool) -> Path:
     """`--ldm-only`: stage 1's checkpoint without training, the autoencoder config's model at initialisation (the
     LDM's step time does not depend on the weights; its loss, which the LDM ignores, left out). Made once, at `path`."""
@@ -236,10 +276,14 @@ def table(results: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['layout']} | failed: {r['error'].splitlines()[0][:120]} | | | | | | | | |")
             continue
+        cached = r.get("ldm_cached", {})
         for key, name in (("ae", f"AE 2x4x128^3 (LPIPS {r.get('lpips')}, GAN idle)"),
                           ("ae_gan", "AE 2x4x128^3 + patch-GAN (2 optimizers)"),
-                          ("ldm", "LDM: encoder 4x4x128^3 + UNet 4x8x32^3")):
-            if key not in r:  # --ldm-only
+                          ("ldm", "LDM: encoder 4x4x128^3 + UNet 4x8x32^3"),
+                          ("ldm_cached", f"LDM on cached latents (copies {cached.get('copies')}): UNet 4x8x32^3, "
+                                         f"{cached.get('vs_uncached', 0):.2f}x the uncached step; encoding once "
+                                         f"{cached.get('encode_s', 0):.1f} s")):
+            if key not in r:  # --ldm-only, or no +cache
                 continue
             p = r[key]
             lines.append(f"| {r['layout']} | {name} | {p['steps']} ({p['n']}) | {p['step_ms']:.0f} | "
@@ -267,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: contiguous or channels_last, each optionally +expandable "
                              "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for its runs), +recompute "
                              "(recompute_cheap in the autoencoder and the UNet), +graph (trainer.cuda_graph "
-                             "for the UNet, sample.py --cuda_graph) and +copies with it "
-                             "(trainer.bf16_weight_copies)")
+                             "for the UNet, sample.py --cuda_graph), +copies with it "
+                             "(trainer.bf16_weight_copies) and +cache (stage 2 again on cached latents)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     opt = parser.parse_args(argv)
     import torch
