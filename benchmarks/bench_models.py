@@ -2,7 +2,7 @@
 
     python benchmarks/bench_models.py [--only ae|unet] [--cases ae96,ae128,unet] [--steps 9] [--warmup 3]
                                       [--channels-last] [--recompute-cheap] [--cuda-graph] [--graph-network]
-                                      [--kernels torch,triton]
+                                      [--kernels torch,triton] [--compile default,max-autotune]
                                       [--profile [TOP] [--trace]] [--quick] [--no-monai] [--out DIR]
 
 Cases (the reference problems the project compares against MONAI on; `ae256`, the largest volume the autoencoder must
@@ -14,8 +14,8 @@ train on an 80 GB GPU, runs only when named):
          4 x 4 x 32^3
 Both sides build the same architecture. Ours: `AutoencoderKL` whose decoder has as many res blocks per level as MONAI's
 (2; the CompVis decoder has one more, `--compvis-decoder` keeps it), and `UNetModel` without scale-shift norm (MONAI has
-none). Parameter counts are printed side by side; they differ only where the designs do: MONAI's UNet has q/k/v
-biases, and our AE encoder's last conv gives mean and log-variance together (2 x latent channels) for one quant conv.
+none). Parameter counts are printed side by side; they differ only where the designs do: our AE encoder's last conv
+gives mean and log-variance together (2 x latent channels) for one quant conv (the UNets' counts are equal).
 
 Every variant trains for `--warmup` + `--steps` steps: forward + backward + fused AdamW step (the same for both)
 under bf16 autocast with cudnn.benchmark (`--no-cudnn-benchmark`: without), `torch.cuda.synchronize()` around each
@@ -41,7 +41,13 @@ and decoder separately for ours, the whole model for MONAI's), loss and AdamW ea
 in one pass each way (ldm/engine/weight_cast.py; `--weight-casts autocast` or `both`: per layer, as autocast does).
 `--weight-copies` adds ours' netgraph variants with `trainer.bf16_weight_copies` ("WC"): the graphed weights read from
 bf16 copies that AdamW writes in its step (ldm/engine/weight_copies.py), no casts either way.
-Ratios are ours / the best MONAI variant (fastest for time, smallest for memory).
+`--compile MODES` (',' list of default, max-autotune, reduce-overhead) adds MONAI's and our eager variants (no graph,
+no GroupNorm tuning) with their networks `torch.compile`d in each mode ("MONAI compile", "ours torch compile
+max-autotune"; the networks --graph-network would capture, compiled in place), what a user who wants speed from MONAI
+would try first. Each compiled variant starts from a reset Dynamo cache; its first warm-up step compiles (the row's
+first_step_s, kept for every variant), so `--compile` needs `--warmup` >= 1. A compilation that fails is the row's
+status. In the CUDA-graph modes (reduce-overhead, max-autotune) "alloc" is not measured, as for netgraph.
+Ratios are ours / the best MONAI variant (fastest for time, smallest for memory), compiled ones included.
 
 Conv FLOPs: counted by PyTorch's FlopCounterMode over one eager forward + backward (convolutions and their backward,
 input gradients only where needed; above 128^3 voxels per sample at the input halved per axis, times the voxel ratio);
@@ -98,6 +104,9 @@ TIMESTEPS = 1000
 LEARNING_RATE = 1e-4
 GIB = 2 ** 30
 FLOP_COUNT_VOXELS = 128 ** 3   # larger inputs have their conv FLOPs counted at a smaller size and scaled
+# torch.compile modes `--compile` takes -> whether inductor replays the compiled networks as CUDA graphs (whose
+# memory lives in private pools: reserved, not allocated, as for netgraph)
+COMPILE_MODES = {"default": False, "reduce-overhead": True, "max-autotune": True}
 
 
 @dataclass(frozen=True)
@@ -147,16 +156,18 @@ class Variant:
     weight_casts: str = "once"      # netgraph: autocast's weight casts in one pass ("once") or per layer ("autocast")
     gn_tuning: str = ""             # ours: GroupNormTuning fields, e.g. "forward_tile=4096" ("": the defaults)
     weight_copies: bool = False     # ours, netgraph: graphed weights read from bf16 copies AdamW writes (WeightCopies)
+    compile: str = ""               # the networks torch.compile'd in this mode (COMPILE_MODES; "": eager)
 
     @property
     def label(self) -> str:
-        graph = " graph" if self.graph else " netgraph" if self.graph_network else ""
-        graph += " per-layer casts" if self.graph_network and self.weight_casts == "autocast" else ""
+        how = " graph" if self.graph else " netgraph" if self.graph_network else ""
+        how += " per-layer casts" if self.graph_network and self.weight_casts == "autocast" else ""
+        how += (" compile" + ("" if self.compile == "default" else f" {self.compile}")) if self.compile else ""
         if self.model == "monai":
-            return "MONAI" + (" flash" if self.flash else "") + graph
+            return "MONAI" + (" flash" if self.flash else "") + how
         return (f"ours {self.kernels}" + (" CL" if self.layout == "channels_last" else "")
                 + (" RC" if self.recompute else "") + (f" [{self.gn_tuning}]" if self.gn_tuning else "")
-                + (" WC" if self.weight_copies else "") + graph)
+                + (" WC" if self.weight_copies else "") + how)
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -250,7 +261,7 @@ def make_loss(case: Case, variant: Variant, model: nn.Module, x: torch.Tensor) -
 
 
 def graphed_networks(case: Case, variant: Variant, model: nn.Module) -> dict[str, nn.Module]:
-    """What --graph-network captures: each network the loss calls once per step."""
+    """What --graph-network captures and --compile compiles: each network the loss calls once per step."""
     if variant.model == "ours" and case.kind == "ae":
         return {"encoder": model.encoder, "decoder": model.decoder}
     return {variant.model: model}
@@ -448,11 +459,12 @@ def print_top_kernels(step: Callable[[], float], device: torch.device, title: st
 
 
 def peak_memory_gib(device: torch.device, variant: Variant) -> tuple[float | None, float | None]:
-    """(peak allocated, peak reserved) GiB since the last reset; allocated is None for netgraph variants, whose
-    activations live in the graphs' private pools (reserved, not allocated)."""
+    """(peak allocated, peak reserved) GiB since the last reset; allocated is None for netgraph variants and those
+    compiled in a CUDA-graph mode, whose activations live in the graphs' private pools (reserved, not allocated)."""
     if device.type != "cuda":
         return None, None
-    allocated = None if variant.graph_network else torch.cuda.max_memory_allocated(device) / GIB
+    in_pools = variant.graph_network or COMPILE_MODES.get(variant.compile, False)
+    allocated = None if in_pools else torch.cuda.max_memory_allocated(device) / GIB
     return allocated, torch.cuda.max_memory_reserved(device) / GIB
 
 
@@ -465,6 +477,8 @@ def free_memory(device: torch.device) -> None:
 def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torch.device, row: dict) -> None:
     """Builds one variant, trains it for warm-up + timed steps and fills `row` with what was measured."""
     torch.manual_seed(0)
+    if variant.compile:  # each compiled variant compiles afresh: none reuses (or uses up the recompile limit of)
+        torch._dynamo.reset()  # an earlier variant's compiled code
     started = time.perf_counter()
     if device.type == "cuda":  # what earlier variants left held (caches, workspaces): part of this one's reserved
         row["held_before_gib"] = torch.cuda.memory_reserved(device) / GIB
@@ -498,6 +512,10 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
         for name, network in graphed_networks(case, variant, model).items():
             graph_training_forward(network, name, cast_weights_once=variant.weight_casts == "once",
                                    weight_copies=copies)
+    if variant.compile:  # in place (nn.Module.compile): the loss calls the same modules, now compiled on first call
+        mode = variant.compile if args.compile_backend == "inductor" else None  # modes are inductor's
+        for network in graphed_networks(case, variant, model).values():
+            network.compile(mode=mode, backend=args.compile_backend)
     step = (make_graphed_step(model, loss_fn, device, args.precision) if variant.graph
             else make_step(model, loss_fn, device, args.precision, optimizers))
     warmup = []
@@ -507,6 +525,8 @@ def measure(case: Case, variant: Variant, args: argparse.Namespace, device: torc
         synchronize(device)
         warmup.append(1e3 * (time.perf_counter() - start))
         progress(f"warm-up step {len(warmup)}: {warmup[-1]:.0f} ms")
+        if len(warmup) == 1:  # a compiled variant's compilation; the first cuDNN autotuning for every variant
+            row["first_step_s"] = warmup[0] / 1e3
     if device.type == "cuda" and not variant.graph:  # a graph's peak is that of its capture (make_graphed_step)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -571,8 +591,8 @@ def fmt(value, spec: str) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| case | input | variant | params | step ms | alloc GiB | reserved GiB | time / MONAI best "
-             "| alloc / MONAI best | reserved / MONAI best | conv TFLOP/s | % matmul | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| alloc / MONAI best | reserved / MONAI best | conv TFLOP/s | % matmul | first step s | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         percent = None if r.get("conv_fraction_of_matmul") is None else 100 * r["conv_fraction_of_matmul"]
         lines.append(
@@ -580,7 +600,8 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('peak_gib'), '.2f')} | {fmt(r.get('reserved_gib'), '.2f')} "
             f"| {fmt(r.get('time_vs_monai_best'), '.2f')} | {fmt(r.get('memory_vs_monai_best'), '.2f')} "
             f"| {fmt(r.get('reserved_vs_monai_best'), '.2f')} "
-            f"| {fmt(r.get('conv_tflops'), '.1f')} | {fmt(percent, '.1f')} | {r['status']} |")
+            f"| {fmt(r.get('conv_tflops'), '.1f')} | {fmt(percent, '.1f')} | {fmt(r.get('first_step_s'), '.1f')} "
+            f"| {r['status']} |")
     return "\n".join(lines)
 
 
@@ -618,6 +639,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also run ours' netgraph variants with the graphed weights read from bf16 copies that "
                              "AdamW writes, no casts (trainer.bf16_weight_copies, ldm/engine/weight_copies.py; needs "
                              "--graph-network and bf16)")
+    parser.add_argument("--compile", default="", metavar="MODES",
+                        help=f"also run MONAI's and our eager variants with their networks torch.compile'd in each of "
+                             f"these ','-separated modes ({', '.join(COMPILE_MODES)}); the first warm-up step "
+                             f"compiles (the row's first_step_s)")
+    parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: a backend that
+    # compiles no code (eager, aot_eager)
     parser.add_argument("--match", default=None, metavar="REGEX",
                         help="run only the variants whose label matches REGEX (re.search), e.g. one variant's memory "
                              "with no other variant's leftovers held in the process")
@@ -655,6 +682,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [k for k in args.kernels.split(",") if k not in ("torch", "triton")]
     if unknown:
         parser.error(f"--kernels: unknown {unknown} (choose torch, triton)")
+    unknown = [m for m in args.compile.split(",") if m and m not in COMPILE_MODES]
+    if unknown:
+        parser.error(f"--compile: unknown {unknown} (choose from {', '.join(COMPILE_MODES)})")
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup >= 1: the first step compiles, and no timed step should")
+    if args.compile and args.compile_backend != "inductor":
+        from torch._dynamo import list_backends
+
+        if args.compile_backend not in list_backends(exclude_tags=()):
+            parser.error(f"--compile-backend: unknown {args.compile_backend!r}")
     unknown = [n for n in args.cases.split(",") if n not in CASES]
     if unknown:
         parser.error(f"--cases: unknown {unknown} (choose from {', '.join(CASES)})")
@@ -693,6 +730,10 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
                  if mode.get("graph_network") and mode["weight_casts"] == "once"]
     flash = [True] if args.only_flash else [False] if args.no_flash else [False, True]
     monai = [Variant("monai", flash=f, **mode) for f in flash for mode in modes]
+    compiled = [c for c in args.compile.split(",") if c]  # each eager variant (no graph, no GroupNorm tuning) compiled
+    monai += [Variant("monai", flash=f, compile=c) for c in compiled for f in flash]
+    ours += [Variant("ours", k, layout, recompute=r, compile=c)
+             for c in compiled for layout in layouts for k in kernels for r in recompute]
     if args.no_monai:
         monai = []
     chosen = monai + ours

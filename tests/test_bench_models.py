@@ -86,11 +86,11 @@ def test_profile_prints_the_top_ops(capsys):
 
 def test_full_size_cases_match_monai_architecture():
     """At the anchors' sizes (built on the meta device) ours differs from MONAI only where the designs do: the AE
-    encoder's output conv (mean and log-variance: 2 x latent channels) and quant conv; MONAI's UNet q/k/v biases."""
+    encoder's output conv (mean and log-variance: 2 x latent channels) and quant conv; the UNets are equal."""
     from benchmarks.bench_models import CASES, build_monai, build_ours, parameter_count
 
     expected = {"ae96": (3_273_349, 3_266_401), "ae128": (13_034_661, 13_020_801),
-                "ae256": (13_034_661, 13_020_801), "unet": (166_485_764, 166_498_820)}
+                "ae256": (13_034_661, 13_020_801), "unet": (166_498_820, 166_498_820)}
     with torch.device("meta"):
         for name, case in CASES.items():
             ours, monai = build_ours(case, "torch", compvis_decoder=False), build_monai(case, flash=False)
@@ -159,3 +159,47 @@ def test_traces_go_to_an_output_folder_that_did_not_exist(tmp_path):
                        "0", "--profile", "2", "--trace", "--out", str(out)])
     assert [r["status"] for r in rows] == ["ok"]
     assert (out / "trace_unet-quick_ours_torch.json.gz").is_file() and (out / "bench_models.json").is_file()
+
+
+COMPILED_GRAPHS = []
+
+
+def counting_eager(graph_module, example_inputs):
+    """A torch.compile backend that runs Dynamo's graphs as they are (no code generated) and keeps them."""
+    COMPILED_GRAPHS.append(graph_module)
+    return graph_module.forward
+
+
+def test_compile_adds_compiled_rows_that_train_as_eager(tmp_path, capsys):
+    """--compile default: a compiled row beside each eager one (MONAI's and ours), compiled in its first warm-up step
+    (Dynamo captures MONAI's network and our encoder and decoder), with the eager row's losses on the same seed. The
+    backend is one that compiles nothing, so the test needs no C++ compiler."""
+    from torch._dynamo import list_backends, register_backend
+
+    if "bench_counting_eager" not in list_backends(exclude_tags=()):
+        register_backend(counting_eager, name="bench_counting_eager")
+    COMPILED_GRAPHS.clear()
+    rows = bench_main(["--quick", "--only", "ae", "--no-flash", "--kernels", "torch", "--steps", "1",
+                       "--compile", "default", "--compile-backend", "bench_counting_eager", "--out", str(tmp_path)])
+    assert [r["variant"] for r in rows] == ["MONAI", "MONAI compile", "ours torch", "ours torch compile"]
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert len(COMPILED_GRAPHS) >= 3  # MONAI's autoencoder, our encoder, our decoder
+    for model in ("monai", "ours"):
+        eager, compiled = (next(r for r in rows if r["model"] == model and r["compile"] == c) for c in ("", "default"))
+        assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+        assert compiled["first_step_s"] > 0 and compiled["time_vs_monai_best"] > 0
+    assert min(r["time_vs_monai_best"] for r in rows if r["model"] == "monai") == pytest.approx(1.0)
+    assert "| ae-quick | 1x1x16x16x16 | ours torch compile |" in capsys.readouterr().out
+
+
+def test_compile_modes_are_checked():
+    from benchmarks.bench_models import parse_args, variants
+
+    args = parse_args(["--compile", "default,max-autotune", "--kernels", "torch", "--only-flash"])
+    assert [v.label for v in variants(args, torch.device("cpu"))] == [
+        "MONAI flash", "MONAI flash compile", "MONAI flash compile max-autotune",
+        "ours torch", "ours torch compile", "ours torch compile max-autotune"]
+    for wrong in (["--compile", "fast"], ["--compile", "default", "--warmup", "0"],
+                  ["--compile", "default", "--compile-backend", "nonesuch"]):
+        with pytest.raises(SystemExit):
+            parse_args(wrong)
