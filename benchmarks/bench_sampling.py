@@ -2,9 +2,11 @@
 with the denoiser eager against replayed from a CUDA graph (`sample.py --cuda_graph`), through sample.py's own
 `draw_batch`; with `--edm`, also the same UNet in sgm's formulation (configs/sgm/edm_brats_3d.yaml: EDM
 preconditioning, Heun over the Karras schedule, `--edm-steps` 25 = 49 network calls) through sample.py's
-`draw_engine_batch`.
+`draw_engine_batch`; with `--monai`, MONAI 1.6's `LatentDiffusionInferer` (DDIM, same steps, concat mode) on MONAI
+networks of the same architecture (AutoencoderKL and DiffusionModelUNet sized from the config, random weights, flash
+attention on CUDA, MONAI's own contiguous layout), the mask area-pooled to the latent grid as ours does.
 
-    python benchmarks/bench_sampling.py [--steps 50] [--samples 4] [--batch-size 1] [--scale 1.0] [--edm] [--out DIR]
+    python benchmarks/bench_sampling.py [--steps 50] [--samples 4] [--batch-size 1] [--scale 1.0] [--edm] [--monai] [--out DIR]
     python benchmarks/bench_sampling.py --quick      # a narrow model at a 32^3 image: a CPU smoke run
 
 Each variant draws `--samples` samples in batches of `--batch-size` for random tumour masks (one-hot, 4 classes, at
@@ -114,6 +116,53 @@ def draw_edm(model, steps: int, scale: float, conditions, batch_size: int, devic
     return seconds, images
 
 
+def build_monai(config_file: Path, overrides: list[str], device: torch.device):
+    """(MONAI AutoencoderKL, DiffusionModelUNet, DDIMScheduler) of the LDM config's architecture and schedule."""
+    from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
+    from monai.networks.nets import DiffusionModelUNet
+    from monai.networks.schedulers import DDIMScheduler
+
+    params = OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(overrides)).model.params
+    dd, unet = params.first_stage_config.params.ddconfig, params.unet_config.params
+    torch.manual_seed(0)
+    autoencoder = MonaiAutoencoderKL(
+        spatial_dims=3, in_channels=dd.in_channels, out_channels=dd.out_ch,
+        channels=[dd.ch * m for m in dd.ch_mult], num_res_blocks=[dd.num_res_blocks] * len(dd.ch_mult),
+        latent_channels=dd.z_channels, norm_num_groups=32, attention_levels=[False] * len(dd.ch_mult),
+        with_encoder_nonlocal_attn=True, with_decoder_nonlocal_attn=True, use_flash_attention=device.type == "cuda")
+    network = DiffusionModelUNet(
+        spatial_dims=3, in_channels=unet.in_channels, out_channels=unet.out_channels,
+        channels=[unet.model_channels * m for m in unet.channel_mult], num_res_blocks=unet.num_res_blocks,
+        attention_levels=[2 ** i in unet.attention_resolutions for i in range(len(unet.channel_mult))],
+        num_head_channels=unet.num_head_channels, resblock_updown=False, use_flash_attention=device.type == "cuda")
+    # CompVis' "linear" schedule is linear in sqrt(beta): MONAI's scaled_linear_beta
+    scheduler = DDIMScheduler(num_train_timesteps=params.timesteps, schedule="scaled_linear_beta",
+                              beta_start=params.linear_start, beta_end=params.linear_end, clip_sample=False)
+    return autoencoder.to(device).eval(), network.to(device).eval(), scheduler
+
+
+@torch.no_grad()
+def draw_monai(networks, steps: int, conditions, latent: list[int], device) -> list[float]:
+    """Seconds per sample (batch 1) of MONAI's LatentDiffusionInferer with DDIM at `steps` steps."""
+    from monai.inferers import LatentDiffusionInferer
+
+    autoencoder, network, scheduler = networks
+    scheduler.set_timesteps(steps, device=device)
+    inferer = LatentDiffusionInferer(scheduler, scale_factor=1.0)
+    seconds = []
+    for index, condition in enumerate(conditions):
+        mask = torch.nn.functional.adaptive_avg_pool3d(condition.value[None].float(), latent[1:]).to(device)
+        noise = torch.randn(1, *latent, generator=torch.Generator().manual_seed(index)).to(device)
+        began = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            inferer.sample(input_noise=noise, autoencoder_model=autoencoder, diffusion_model=network,
+                           scheduler=scheduler, conditioning=mask, mode="concat", verbose=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - began)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; --quick 2)")
@@ -122,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0, help="classifier-free guidance scale")
     parser.add_argument("--edm", action="store_true", help="also the EDM / Heun row (configs/sgm/edm_brats_3d.yaml)")
+    parser.add_argument("--monai", action="store_true", help="also MONAI's LatentDiffusionInferer (DDIM, same steps)")
     parser.add_argument("--edm-steps", type=int, default=None, help="Heun steps (default 25; --quick 2)")
     parser.add_argument("--quick", action="store_true", help="narrow networks, 32^3 images (CPU smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -142,19 +192,30 @@ def main(argv: list[str] | None = None) -> dict:
     for name, graphed in variants:
         seconds, images = draw(model, settings, timesteps, conditions, args.batch_size, device, graphed)
         timed = seconds[1:] or seconds
-        row = dict(variant=name, seconds_per_sample=statistics.median(timed), batches=seconds)
+        row = dict(variant=name, seconds_per_sample=statistics.median(timed), batches=seconds,
+                   params=sum(p.numel() for p in model.parameters()))
         if reference is None:
             reference = images
         else:
             row["max_abs_diff_vs_eager"] = max(float((a - b).abs().max()) for a, b in zip(images, reference))
         rows.append(row)
+    if args.monai:
+        del model  # one model's weights on the device at a time
+        model = None
+        monai = build_monai(CONFIG, QUICK if args.quick else [], device)
+        seconds = draw_monai(monai, steps, conditions, latent, device)
+        rows.append(dict(variant="MONAI LatentDiffusionInferer", seconds_per_sample=statistics.median(seconds[1:]
+                                                                                                       or seconds),
+                         batches=seconds, params=sum(p.numel() for net in monai[:2] for p in net.parameters())))
+        del monai
     if args.edm:
         edm_steps = args.edm_steps or (2 if args.quick else 25)
         del model  # one model's weights on the device at a time
         engine = build_model(EDM_QUICK if args.quick else [], device, EDM_CONFIG)
         seconds, _ = draw_edm(engine, edm_steps, args.scale, conditions, args.batch_size, device)
         rows.append(dict(variant=f"EDM Heun {edm_steps} steps ({2 * edm_steps - 1} network calls)",
-                         seconds_per_sample=statistics.median(seconds[1:] or seconds), batches=seconds))
+                         seconds_per_sample=statistics.median(seconds[1:] or seconds), batches=seconds,
+                         params=sum(p.numel() for p in engine.parameters())))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     result = dict(device=device_name, torch=torch.__version__, steps=steps, samples=count,
                   batch_size=args.batch_size, scale=args.scale, image=list(image_size),
@@ -164,10 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{device_name}, torch {torch.__version__}: DDIM {steps} steps, guidance {args.scale}, batch "
           f"{args.batch_size}, latent {result['latent']} -> image {list(image_size)}, {count} samples per variant "
           f"(the first batch a warm-up)")
-    print("| variant | s per sample | max abs diff vs eager |\n|---|---|---|")
+    print("| variant | parameters (AE + UNet) | s per sample | max abs diff vs eager |\n|---|---|---|---|")
     for row in rows:
         diff = row.get("max_abs_diff_vs_eager")
-        print(f"| {row['variant']} | {row['seconds_per_sample']:.3f} | {'-' if diff is None else f'{diff:.2g}'} |")
+        print(f"| {row['variant']} | {row['params'] / 1e6:.2f}M | {row['seconds_per_sample']:.3f} | "
+              f"{'-' if diff is None else f'{diff:.2g}'} |")
     return result
 
 
