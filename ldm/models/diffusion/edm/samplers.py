@@ -20,7 +20,7 @@ DEFAULT_GUIDER = {"target": "ldm.models.diffusion.edm.guiders.IdentityGuider"}
 
 class EDMSampler:
     """Base: `num_steps` noise levels of `discretization_config` (then 0), `guider_config` around the denoiser;
-    `verbose` shows a progress bar. Subclasses name their solver and its options."""
+    `verbose` shows a progress bar. Subclasses name their solver and put its keyword options in `options`."""
 
     solver = staticmethod(k_samplers.sample_euler)
 
@@ -32,9 +32,10 @@ class EDMSampler:
             raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
         self.num_steps = num_steps
         self.verbose = verbose
+        self.options: dict[str, Any] = {}
 
     def solver_options(self) -> dict[str, Any]:
-        return {}
+        return dict(self.options)
 
     def sigmas(self, num_steps: int | None, device: torch.device | str) -> torch.Tensor:
         """(n + 1,) float64 levels, the last 0."""
@@ -62,9 +63,6 @@ class _ChurnSampler(EDMSampler):
         super().__init__(discretization_config, num_steps, guider_config, verbose)
         self.options = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
 
-    def solver_options(self) -> dict[str, Any]:
-        return dict(self.options)
-
 
 class StochasticSampler(EDMSampler):
     """Base of the solvers with fresh noise each step, scaled by eta (0: the ODE) and s_noise: the ancestral ones
@@ -74,9 +72,6 @@ class StochasticSampler(EDMSampler):
                  num_steps: int | None = None, guider_config: Mapping[str, Any] | None = None, verbose: bool = False):
         super().__init__(discretization_config, num_steps, guider_config, verbose)
         self.options = {"eta": eta, "s_noise": s_noise}
-
-    def solver_options(self) -> dict[str, Any]:
-        return dict(self.options)
 
 
 class EulerEDMSampler(_ChurnSampler):
@@ -149,10 +144,7 @@ class LinearMultistepSampler(EDMSampler):
         super().__init__(discretization_config, num_steps, guider_config, verbose)
         if order < 1:
             raise ValueError(f"order: must be >= 1, got {order}")
-        self.order = order
-
-    def solver_options(self) -> dict[str, Any]:
-        return {"order": self.order}
+        self.options["order"] = order
 
 
 #: The names `sample.py --sampler` accepts for a DiffusionEngine run.
