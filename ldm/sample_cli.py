@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import datetime
 import glob
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from ldm.models.diffusion.engine import DiffusionEngine
 from ldm.models.diffusion.sampling import SAMPLERS, get_sampler, sampler_options, timestep_schedule
 from ldm.sample_conditions import (Condition, ConditionError, batch_conditionings, conditioning_kind, load_conditions,
                                    read_prompts)
-from ldm.util import TRUST_VARIABLE, TRUSTED_PREFIXES, ConfigError, instantiate_from_config
+from ldm.util import TRUST_VARIABLE, TRUSTED_PREFIXES, ConfigError, file_sha256, instantiate_from_config
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 SPACING_NAMES = {"uniform": "uniform", "leading": "leading", "linspace": "linspace", "trailing": "trailing",
@@ -273,14 +272,6 @@ def new_sample_folder(parent: Path) -> Path:
     return folder
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
@@ -478,7 +469,7 @@ def run(opt: argparse.Namespace, dotlist: list[str]) -> Path:
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": ["sample.py", *getattr(opt, "argv", [])],
         "run": str(run_dir),
-        "checkpoint": {"path": str(checkpoint_path), "sha256": sha256_of(checkpoint_path),
+        "checkpoint": {"path": str(checkpoint_path), "sha256": file_sha256(checkpoint_path),
                        "global_step": checkpoint.get("global_step")},
         "model": {"target": type(model).__name__, "channels": model.channels, "latent_size": list(model.image_size),
                   "ema_weights": ema},

@@ -30,7 +30,7 @@ from ldm.models.diffusion.engine import DiffusionEngine
 from ldm.modules.embedders import SpatialMaskEmbedder
 from ldm.sample_conditions import (Condition, ConditionError, dataset_mask_labels, engine_batch_conditionings,
                                    engine_prompt_items, read_mask, read_prompts, sample_folder_masks)
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, file_sha256, instantiate_from_config
 
 
 def engine_sampler(opt: argparse.Namespace, model: DiffusionEngine) -> tuple[EDMSampler, dict[str, Any]]:
@@ -166,7 +166,7 @@ def run_engine(opt: argparse.Namespace, model: DiffusionEngine, config: DictConf
                checkpoint_path: Path, run_dir: Path, device: torch.device, ema: bool,
                mask_labels: Sequence[int] | None) -> Path:
     """sample.py's loop for a DiffusionEngine; returns the output folder."""
-    from ldm.sample_cli import PRECISIONS, SampleWriter, describe_device, new_sample_folder, sha256_of
+    from ldm.sample_cli import PRECISIONS, SampleWriter, describe_device, new_sample_folder
 
     if model.latent_shape is None:
         raise ConfigError("model.params.latent_shape: not set; sample.py needs the (channels, *spatial) latent shape "
@@ -206,7 +206,7 @@ def run_engine(opt: argparse.Namespace, model: DiffusionEngine, config: DictConf
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": ["sample.py", *getattr(opt, "argv", [])],
         "run": str(run_dir),
-        "checkpoint": {"path": str(checkpoint_path), "sha256": sha256_of(checkpoint_path),
+        "checkpoint": {"path": str(checkpoint_path), "sha256": file_sha256(checkpoint_path),
                        "global_step": checkpoint.get("global_step")},
         "model": {"target": "DiffusionEngine", "latent_shape": list(model.latent_shape), "ema_weights": ema},
         "sampler": settings,

@@ -1,9 +1,11 @@
 """Build objects from `target:` + `params:` configs, with errors that name the config path."""
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -210,3 +212,12 @@ def instantiate_from_config(config: Any, **extra_params: Any) -> Any:
         raise
     except (ValueError, TypeError, FileNotFoundError) as err:  # the constructor refused a value (or found no file
         raise ConfigError(f"{params_where}: {cls.__qualname__}: {err}") from err  # at a path): name the config
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

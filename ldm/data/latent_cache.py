@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.data.base import ItemSeededDataset, item_seed
+from ldm.util import file_sha256
 
 LATENT_MOMENTS = "latent_moments"  # batch entry of a cached item: the posterior's [mean, logvar], (2 * C, *latent)
 FORMAT = 1
@@ -40,14 +41,6 @@ def weights_digest(module: torch.nn.Module) -> str:
 def config_digest(config: Any) -> str:
     """SHA-256 of a JSON-able config (dicts compared by content, not key order)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_cache(directory: Path, key: Mapping[str, str]) -> str | None:
